@@ -1,0 +1,39 @@
+"""rain-adapter: RAIN-Merging adapters for large reasoning models, with a run-time λ knob.
+
+    from rain_adapter import RainAdapter
+    model = RainAdapter.attach(lrm, "rain-qwen14b")
+    model.set_lambda(0.6)
+"""
+
+from .config import ConfigError, RainConfig
+from .delta import ModuleDelta
+from .layers import RainLinear
+from .model import RainAdapter, RainModel
+from .store import (
+    AdapterError,
+    AdapterNotFoundError,
+    compute_fingerprint,
+    load_adapter,
+    resolve_adapter,
+    save_adapter,
+)
+from .paths import adapter_home
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "AdapterNotFoundError",
+    "ConfigError",
+    "ModuleDelta",
+    "RainAdapter",
+    "RainConfig",
+    "RainLinear",
+    "RainModel",
+    "__version__",
+    "adapter_home",
+    "compute_fingerprint",
+    "load_adapter",
+    "resolve_adapter",
+    "save_adapter",
+]

@@ -1,0 +1,22 @@
+"""Shared test set-up: offline, deterministic, small."""
+
+from __future__ import annotations
+
+import os
+
+# Never touch the network from tests; an adapter name that is not local must fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_adapter_home(tmp_path_factory, monkeypatch):
+    """Each test sees its own empty $RAIN_ADAPTER_HOME (the toy-world cache is separate)."""
+    monkeypatch.setenv("RAIN_ADAPTER_HOME", str(tmp_path_factory.mktemp("rain_home")))
+    yield
