@@ -1,0 +1,309 @@
+"""Stage 2 coefficients: α formula, folding rules, the passes end to end (rain_adapter.coefficients)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rain_adapter import coefficients as coef
+from rain_adapter.arch import attention_geometry, module_layer, module_role
+from rain_adapter.attention import attention_pair_stats
+from rain_adapter.coefficients import (
+    Stage2Error, alpha_from_stats, fold_alpha, fold_alpha_all, format_alpha_table, run_stage2,
+)
+from rain_adapter.delta import ModuleDelta
+from rain_adapter.fixtures import make_tokenizer
+from rain_adapter.spans import prepare_instruction_samples
+from rain_adapter.tiny import random_deltas, tiny_model
+
+
+# ----------------------------------------------------------------------------------------------
+# α formula
+# ----------------------------------------------------------------------------------------------
+def test_alpha_formula_hand_computed():
+    a1 = torch.tensor([[0.4, 0.2, 0.1, 0.3]])
+    u1 = torch.tensor([[0.2, 0.0, 0.5, 1.0]])
+    # g = a - 0.5 u = [0.3, 0.2, -0.15, -0.2]; H = 1 + u = [1.2, 1, 1.5, 2]; raw = [0.25, 0.2, -0.1, -0.1]
+    alpha, raw, m = alpha_from_stats(a1, u1, rho=0.5, alpha_max=5.0)
+    torch.testing.assert_close(raw, torch.tensor([[0.25, 0.2, -0.1, -0.1]]))
+    assert m == pytest.approx(0.0625)
+    torch.testing.assert_close(alpha, torch.tensor([[4.0, 3.2, 0.0, 0.0]]))
+    alpha, _, _ = alpha_from_stats(a1, u1, rho=0.5, alpha_max=1.5)          # clip high
+    torch.testing.assert_close(alpha, torch.tensor([[1.5, 1.5, 0.0, 0.0]]))
+    alpha, _, m = alpha_from_stats(a1, u1, rho=0.5, alpha_norm="none")      # paper's raw scale
+    assert m == 1.0
+    torch.testing.assert_close(alpha, torch.tensor([[0.25, 0.2, 0.0, 0.0]]))
+    # gain: g = (a1 - a0) - rho (u1 - u0); H = 1 + u1
+    a0 = torch.tensor([[0.1, 0.1, 0.1, 0.1]])
+    u0 = torch.tensor([[0.2, 0.0, 0.1, 0.2]])
+    # g = [0.3, 0.1, -0.2, -0.2]; raw = [0.25, 0.1, -0.1333, -0.1]; mean = 0.0291667
+    alpha, raw, m = alpha_from_stats(a1, u1, rho=0.5, alpha_grad="gain", a0=a0, u0=u0, alpha_max=10.0)
+    torch.testing.assert_close(raw, torch.tensor([[0.25, 0.1, -0.2 / 1.5, -0.1]]))
+    assert m == pytest.approx((0.25 + 0.1 - 0.2 / 1.5 - 0.1) / 4)
+    torch.testing.assert_close(alpha, torch.tensor([[0.25 / m, 0.1 / m, 0.0, 0.0]]))
+
+
+def test_alpha_formula_errors():
+    z = torch.zeros(2, 4)
+    with pytest.raises(Stage2Error, match="all alignment statistics a are zero"):
+        alpha_from_stats(z, z)
+    with pytest.raises(Stage2Error, match="NaN"):
+        alpha_from_stats(torch.full((2, 4), float("nan")), z)
+    with pytest.raises(Stage2Error, match="cannot normalise"):
+        alpha_from_stats(torch.full((1, 4), 0.1), torch.full((1, 4), 0.5), rho=1.0)
+    with pytest.raises(Stage2Error, match="needs the λ = 0"):
+        alpha_from_stats(torch.ones(1, 4), z[:1], alpha_grad="gain")
+    with pytest.raises(Stage2Error, match="alpha_grad"):
+        alpha_from_stats(torch.ones(1, 4), z[:1], alpha_grad="slope")
+    with pytest.raises(Stage2Error, match="alpha_norm"):
+        alpha_from_stats(torch.ones(1, 4), z[:1], alpha_norm="max")
+
+
+# ----------------------------------------------------------------------------------------------
+# folding
+# ----------------------------------------------------------------------------------------------
+def _explicit(name: str, D: torch.Tensor, b: torch.Tensor | None, alpha: torch.Tensor, H: int, KV: int, hD: int):
+    """Per-head scaling written head by head (the folding rules of DESIGN §6.3)."""
+    role = module_role(name)
+    D = D.double().clone()
+    b = None if b is None else b.double().clone()
+    a = alpha.double()
+    if role == "q":
+        for h in range(H):
+            D[h * hD:(h + 1) * hD] *= a[h]
+            if b is not None:
+                b[h * hD:(h + 1) * hD] *= a[h]
+    elif role in ("k", "v"):
+        n_rep = H // KV
+        for j in range(KV):
+            kv_alpha = torch.stack([a[h] for h in range(H) if h // n_rep == j]).mean()
+            D[j * hD:(j + 1) * hD] *= kv_alpha
+            if b is not None:
+                b[j * hD:(j + 1) * hD] *= kv_alpha
+    elif role == "o":
+        for h in range(H):
+            D[:, h * hD:(h + 1) * hD] *= a[h]
+        if b is not None:
+            b *= a.mean()
+    else:
+        D *= a.mean()
+        if b is not None:
+            b *= a.mean()
+    return D, b
+
+
+def test_kv_alpha_is_mean_of_sharing_q_heads():
+    hD, H, KV = 2, 4, 2
+    md = ModuleDelta(delta=torch.ones(KV * hD, 3))
+    out = fold_alpha("model.layers.0.self_attn.k_proj", md, torch.tensor([1.0, 2.0, 3.0, 4.0]), H, KV, hD)
+    torch.testing.assert_close(out.delta[:, 0], torch.tensor([1.5, 1.5, 3.5, 3.5]))   # kv = h // n_rep
+    out = fold_alpha("model.layers.0.mlp.up_proj", ModuleDelta(delta=torch.ones(2, 2)),
+                     torch.tensor([1.0, 2.0, 3.0, 4.0]), H, KV, hD)
+    torch.testing.assert_close(out.delta, torch.full((2, 2), 2.5))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_folding_matches_explicit_per_head_scaling(arch):
+    from rain_adapter.config import RainConfig
+    from rain_adapter.model import RainAdapter
+
+    model = tiny_model(arch, seed=2)
+    H, KV, hD = attention_geometry(model.config)
+    L = model.config.num_hidden_layers
+    alpha = 0.2 + 1.3 * torch.rand(L, H, generator=torch.Generator().manual_seed(4))
+    dense = random_deltas(model, seed=1, bias=True, scale=0.2)
+    low = random_deltas(model, seed=2, rank=3, bias=True, scale=0.2)
+
+    f_dense = fold_alpha_all(dense, alpha, H, KV, hD)
+    f_low = fold_alpha_all(low, alpha, H, KV, hD)
+    explicit = {}
+    for name in dense:
+        a = alpha[module_layer(name)]
+        D, b = _explicit(name, dense[name].delta, dense[name].bias, a, H, KV, hD)
+        torch.testing.assert_close(f_dense[name].delta.double(), D)
+        if b is not None:
+            torch.testing.assert_close(f_dense[name].bias.double(), b)
+        explicit[name] = (D, b)
+        # low-rank: B rows (q/k/v/mlp) or A columns (o) scaled == the same per-head scaling of B A
+        assert f_low[name].is_lowrank and f_low[name].rank == 3
+        D_low, _ = _explicit(name, low[name].dense(), None, a, H, KV, hD)
+        torch.testing.assert_close(f_low[name].dense(torch.float64), D_low)
+
+    # in a forward pass: attaching the folded deltas at λ = 1 == the merged per-head-scaled weights
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    merged = copy.deepcopy(model).double()
+    mods = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, (D, b) in explicit.items():
+            mods[name].weight += D
+            if b is not None:
+                mods[name].bias += b
+        ref = merged(ids, use_cache=False).logits
+        cfg = RainConfig(target_modules=sorted({module_role(n) for n in f_dense}), layers=list(range(L)))
+        rain = RainAdapter.attach(model, (cfg, f_dense), lam=1.0, check_fingerprint=False)
+        try:
+            got = rain(ids, use_cache=False).logits
+        finally:
+            rain.detach()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_shape_mismatch_is_clear():
+    with pytest.raises(Stage2Error, match="q_proj: out dim 10"):
+        fold_alpha("model.layers.0.self_attn.q_proj", ModuleDelta(delta=torch.ones(10, 4)), torch.ones(4), 4, 2, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the passes end to end
+# ----------------------------------------------------------------------------------------------
+def _records():
+    recs = []
+    topics = ["cats", "the sea", "mountains", "coffee", "trains"]
+    for i, t in enumerate(topics):
+        recs.append({
+            "id": i, "prompt": f"Write two lines about {t}. End with the word Done.",
+            "reason": f"The user wants lines about {t} and the ending word.",
+            "response": f"Here is a short piece.\nLine one on {t}.\nLine two on {t}.\nThanks for asking. Done",
+            "related_prompt_list": [
+                {"instruction_id": "length", "prompt_spans": [f"Write two lines about {t}"],
+                 "response_spans": [f"Line one on {t}", f"Line two on {t}"], "unrelated_response_spans": []},
+                {"instruction_id": "end", "prompt_spans": ["End with the word Done"],
+                 "response_spans": ["Done"], "unrelated_response_spans": ["Line one"]},
+            ],
+            "unrelated_response_spans": ["Here is a short piece", "Thanks for asking"],
+        })
+    recs.append({**recs[0], "id": 99, "response": "z" * 600 + recs[0]["response"]})   # too long
+    return recs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def _model(arch="qwen2", seed=0):
+    return tiny_model(arch, seed=seed, vocab_size=len(make_tokenizer()), max_position_embeddings=4096)
+
+
+def test_run_stage2_level_matches_manual_and_leaves_model_untouched(tok):
+    model = _model("qwen2")
+    model.config._attn_implementation = "sdpa"
+    deltas = random_deltas(model, seed=3, scale=0.3, bias=True)
+    ids = torch.randint(0, 200, (1, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+    folded, summary = run_stage2(model, tok, deltas, _records(), max_seq_len=400, progress=False)
+
+    # model back as it was
+    assert not any(type(m).__name__ == "RainLinear" for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+    # summary
+    H, KV, hD = attention_geometry(model.config)
+    assert summary["alpha_grad"] == "level" and summary["alpha_norm"] == "mean" and summary["rho"] == 0.5
+    assert summary["samples"]["records"] == 6 and summary["samples"]["skipped_too_long"] == 1
+    assert summary["samples"]["samples_used"] == 5
+    assert summary["pairs_a"] == 10 and summary["pairs_u"] == 10 and summary["frac_a_positive"] == 1.0
+    assert summary["mean_a"] > 0 and summary["mean_u"] > 0
+    alpha = torch.tensor([summary["alpha"][str(i)] for i in range(2)])
+    assert alpha.shape == (2, H) and (alpha >= 0).all() and (alpha <= 1.5).all()
+    assert "top heads" in format_alpha_table(summary)
+    assert "not applied (--no-stage2" in format_alpha_table({"applied": False, "reason": "--no-stage2", "alpha": 1.0})
+
+    # α by hand: merged weights (W + D, λ = 1) on a plain model, eager, stats per pair, E over pairs
+    merged = copy.deepcopy(model)
+    merged.config._attn_implementation = "eager"
+    mods = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, d in deltas.items():
+            mods[name].weight += d.delta
+            if d.bias is not None:
+                mods[name].bias += d.bias
+    samples, _ = prepare_instruction_samples(_records(), tok, max_seq_len=400)
+    from rain_adapter.attention import AttentionPair
+
+    a_list, u_list = [], []
+    for s in samples:
+        pairs, kinds = [], []
+        for g in s.groups:
+            if g.related_tokens.numel():
+                pairs.append(AttentionPair(g.related_tokens, g.prompt_tokens))
+                kinds.append("a")
+            if g.unrelated_tokens.numel():
+                pairs.append(AttentionPair(g.unrelated_tokens, g.prompt_tokens))
+                kinds.append("u")
+        st = attention_pair_stats(merged, s.input_ids, pairs)
+        a_list += [st[i] for i, k in enumerate(kinds) if k == "a"]
+        u_list += [st[i] for i, k in enumerate(kinds) if k == "u"]
+    a = torch.stack(a_list).double().mean(0)
+    u = torch.stack(u_list).double().mean(0)
+    assert summary["mean_a"] == pytest.approx(float(a.mean()), rel=1e-4)
+    raw = (a - 0.5 * u) / (1 + u)
+    expect = (raw / raw.mean()).clamp(0, 1.5)
+    torch.testing.assert_close(alpha.double(), expect, rtol=1e-4, atol=1e-5)
+
+    # the folded deltas are fold_alpha_all of the stored table
+    ref = fold_alpha_all(deltas, alpha, H, KV, hD)
+    assert set(folded) == set(deltas)
+    for name in deltas:
+        torch.testing.assert_close(folded[name].delta, ref[name].delta, rtol=1e-5, atol=1e-7)
+
+
+def test_run_stage2_gain_lowrank_llama(tok):
+    model = _model("llama", seed=1)
+    deltas = random_deltas(model, targets=["q", "k", "v", "o", "down"], layers=[1], rank=4, seed=5, scale=0.5)
+    folded, summary = run_stage2(model, tok, deltas, _records(), alpha_grad="gain", alpha_norm="none",
+                                 rho=0.25, max_seq_len=400, max_samples=3, progress=False)
+    assert summary["alpha_grad"] == "gain" and "mean_a0" in summary
+    assert summary["samples"]["records"] == 3
+    assert all(folded[n].is_lowrank and folded[n].rank == 4 for n in deltas)
+    # deltas change attention: λ = 1 and λ = 0 statistics differ
+    assert summary["mean_a"] != pytest.approx(summary["mean_a0"], rel=1e-6)
+
+
+def test_run_stage2_all_zero_statistics_is_an_error(tok, monkeypatch):
+    model = _model("qwen2")
+    deltas = random_deltas(model, seed=0)
+
+    def zeros(model, ids, pairs, **kw):
+        return torch.zeros(len(pairs), model.config.num_hidden_layers, model.config.num_attention_heads)
+
+    monkeypatch.setattr(coef, "attention_pair_stats", zeros)
+    with pytest.raises(Stage2Error, match=r"a > 0 on only 0/\d+"):
+        run_stage2(model, tok, deltas, _records(), max_seq_len=400, progress=False)
+    assert not any(type(m).__name__ == "RainLinear" for m in model.modules())   # detached on error
+
+
+def test_run_stage2_nothing_usable(tok):
+    model = _model("qwen2")
+    deltas = random_deltas(model, seed=0)
+    from rain_adapter.spans import SpanError
+
+    with pytest.raises(SpanError, match="max_seq_len=50"):
+        run_stage2(model, tok, deltas, _records(), max_seq_len=50, progress=False)
+    recs = [{**r, "related_prompt_list": [{"prompt_spans": ["nope"], "response_spans": ["nada"]}],
+             "unrelated_response_spans": []} for r in _records()]
+    with pytest.raises(SpanError, match="none of the"):
+        run_stage2(model, tok, deltas, recs, max_seq_len=400, progress=False)
+    with pytest.raises(Stage2Error, match="alpha_grad"):
+        run_stage2(model, tok, deltas, _records(), alpha_grad="nope", progress=False)
+
+
+def test_run_stage2_on_shared_set(tok):
+    from rain_adapter.spans import default_instruction_calib_path
+
+    try:
+        path = default_instruction_calib_path()
+    except Exception as e:
+        pytest.skip(f"shared calibration data not available: {e}")
+    if not path.is_file():
+        pytest.skip("shared instruction calibration set not available")
+    model = _model("qwen2")
+    deltas = random_deltas(model, seed=0, scale=0.2)
+    folded, summary = run_stage2(model, tok, deltas, path, max_samples=3, max_seq_len=4096, progress=False)
+    assert summary["samples"]["samples_used"] >= 1 and summary["frac_a_positive"] >= 0.9
+    assert set(folded) == set(deltas)
