@@ -1,0 +1,175 @@
+"""Load test of `rain serve` on loopback with a tiny model: mixed vs single λ, then kill -9 under load.
+
+    python bench/serve_load.py [--clients 8] [--seconds 10] [--max-tokens 16] [--out results.json]
+
+1. builds a tiny Qwen2 + random adapter in a temp dir and starts `rain serve` as a subprocess on
+   127.0.0.1 (free port; readiness by polling /health);
+2. N client threads send greedy chat requests for a bounded time: first with λ drawn from
+   {0, 0.5, 1, 1.5, 2} per request (mixed), then all with λ = 1 (single); reports failures,
+   throughput (req/s, generated tok/s), latency p50/p99 and the mean rows per generate call;
+3. starts the load again (max_tokens 4, so many requests complete), kill -9's the server mid-load, restarts it on the same SQLite log and
+   checks that every request that got a 200 response before the kill is in the log.
+Only loopback; client count and duration are bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from rain_adapter.serve.runner import free_port, wait_healthy
+from rain_adapter.serve.tiny import build_tiny_serving
+
+HOST = "127.0.0.1"
+PROMPTS = ["What is 2+2?", "Write a haiku about rain.", "List three colours.", "Explain gravity briefly.",
+           "Translate 'hello' to French.", "Why is the sky blue? Answer in one sentence."]
+
+
+def start_server(model_dir: Path, adapter_dir: Path, db: Path, port: int, max_tokens: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "rain_adapter.serve.cli", "serve", "--model", str(model_dir), "--adapter",
+           str(adapter_dir), "--host", HOST, "--port", str(port), "--db", str(db), "--max-batch-size", "8",
+           "--batch-window-ms", "10", "--max-tokens-cap", str(max_tokens), "--log-level", "warning",
+           "--device", "cpu", "--dtype", "float32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_healthy(f"http://{HOST}:{port}", timeout=120, proc=proc)
+    return proc
+
+
+def run_load(port: int, clients: int, seconds: float, max_tokens: int, lambdas: list[float],
+             stop: threading.Event | None = None, seed: int = 0) -> dict:
+    url = f"http://{HOST}:{port}/v1/chat/completions"
+    stop = stop or threading.Event()
+    deadline = time.monotonic() + seconds
+    lock = threading.Lock()
+    lat, toks, acked, failures = [], [], [], []
+
+    def client(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        with httpx.Client(timeout=120) as c:
+            while time.monotonic() < deadline and not stop.is_set():
+                body = {"model": "adapter", "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+                        "max_tokens": max_tokens, "temperature": 0, "rain_lambda": rng.choice(lambdas),
+                        "user": f"u{i}"}
+                t0 = time.perf_counter()
+                try:
+                    r = c.post(url, json=body)
+                    dt = time.perf_counter() - t0
+                    if r.status_code == 200:
+                        j = r.json()
+                        with lock:
+                            lat.append(dt)
+                            toks.append(j["usage"]["completion_tokens"])
+                            acked.append(j["id"])
+                    else:
+                        with lock:
+                            failures.append(f"{r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as e:
+                    with lock:
+                        failures.append(f"{type(e).__name__}: {e}")
+                    if stop.is_set() or stop.wait(2.0):  # server gone (kill -9 phase): stop this client
+                        return
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    a = np.asarray(lat) if lat else np.asarray([np.nan])
+    return {"clients": clients, "seconds": round(wall, 2), "ok": len(lat), "failed": len(failures),
+            "failures_sample": failures[:3], "req_per_s": round(len(lat) / wall, 2),
+            "gen_tok_per_s": round(sum(toks) / wall, 1), "p50_s": round(float(np.percentile(a, 50)), 3),
+            "p99_s": round(float(np.percentile(a, 99)), 3), "acked": acked}
+
+
+def mean_batch(db: Path, ids: list[str]) -> float | None:
+    con = sqlite3.connect(db)
+    try:
+        q = ",".join("?" * len(ids))
+        v = con.execute(f"SELECT AVG(batch_size) FROM requests WHERE id IN ({q})", ids).fetchone()[0] if ids else None
+    finally:
+        con.close()
+    return round(v, 2) if v is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--kill-after", type=float, default=10.0, help="seconds of load before kill -9")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    clients = max(1, min(args.clients, 64))
+    seconds = max(1.0, min(args.seconds, 120.0))
+
+    results: dict = {"clients": clients, "seconds": seconds, "max_tokens": args.max_tokens}
+    with tempfile.TemporaryDirectory(prefix="rain_serve_load_") as tmp:
+        tmp = Path(tmp)
+        model_dir, adapter_dir = build_tiny_serving(tmp)
+        db = tmp / "log.sqlite"
+        port = free_port()
+        proc = start_server(model_dir, adapter_dir, db, port, args.max_tokens)
+        try:
+            run_load(port, 2, 2.0, args.max_tokens, [1.0])  # warm-up
+            for name, lams in (("mixed_lambda", [0.0, 0.5, 1.0, 1.5, 2.0]), ("single_lambda", [1.0])):
+                r = run_load(port, clients, seconds, args.max_tokens, lams)
+                r["mean_rows_per_generate"] = mean_batch(db, r["acked"])
+                results[name] = {k: v for k, v in r.items() if k != "acked"}
+                print(name, json.dumps(results[name]), flush=True)
+            # kill -9 under load
+            stop = threading.Event()
+            box: dict = {}
+            th = threading.Thread(target=lambda: box.update(
+                run_load(port, clients, seconds + args.kill_after + 30, 4, [0.0, 1.0, 2.0], stop,
+                         seed=7)))
+            th.start()
+            time.sleep(args.kill_after)  # let load build up (a duration, not synchronisation)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            stop.set()
+            th.join()
+            acked = box["acked"]
+            proc = start_server(model_dir, adapter_dir, db, port, args.max_tokens)
+            con = sqlite3.connect(db)
+            logged = {r[0] for r in con.execute("SELECT id FROM requests")}
+            con.close()
+            missing = [a for a in acked if a not in logged]
+            ok_after = httpx.post(f"http://{HOST}:{port}/v1/chat/completions", timeout=60, json={
+                "model": "adapter", "messages": [{"role": "user", "content": "back?"}], "max_tokens": 4,
+                "temperature": 0}).status_code
+            results["kill9"] = {"acked_before_kill": len(acked), "missing_from_log": len(missing),
+                                "failed_in_flight_at_kill": box["failed"], "restart_status": ok_after}
+            print("kill9", json.dumps(results["kill9"]), flush=True)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    ok = (results["mixed_lambda"]["failed"] == 0 and results["single_lambda"]["failed"] == 0
+          and results["kill9"]["missing_from_log"] == 0)
+    print("PASS" if ok else "FAIL", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

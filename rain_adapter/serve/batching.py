@@ -1,0 +1,327 @@
+"""Dynamic batching of generation requests with one λ per batch row.
+
+Requests that arrive within ``batch_window_ms`` of the first waiting one (up to
+``max_batch_size``) and whose sampling parameters are compatible are run as ONE
+``generate`` call: prompts are left-padded to ``[B, T]``, the adapter gets a
+``[B]`` tensor of per-row λ through ``RainModel.set_lambda``, and a per-row
+tracker (a ``StoppingCriteria``) turns the newest token of every row into
+incremental text, applies each row's own ``max_tokens`` and ``stop`` strings,
+and finishes rows independently.
+
+Batching mode: *dynamic batching per generate call*.  transformers 5.24 ships
+continuous batching (``generate_batch`` / ``ContinuousBatchingManager``), but it
+packs all requests into one ``[1, total_tokens]`` varlen row over a paged cache,
+so a per-row λ would have to become a per-*token* λ driven by the manager's
+private ``cumulative_seqlens_q`` bookkeeping; RainLinear's λ is per batch row,
+and the CB request→token mapping is not a public API.  We therefore batch per
+generate call: a request that arrives while a batch is decoding waits for the
+next call.
+
+Compatibility (who may share a call): all greedy requests; sampling requests
+with equal ``(temperature, top_p)`` and no seed.  A request with a ``seed`` runs
+alone so that its output does not depend on its neighbours.
+
+Threading: one worker thread owns the model.  The asyncio side submits a
+:class:`GenJob` and reads :class:`GenEvent` s from ``job.events`` (an
+``asyncio.Queue`` filled through ``loop.call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+log = logging.getLogger("rain_adapter.serve")
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Per-request generation parameters (OpenAI names)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def compat_key(self, job_id: str) -> tuple:
+        """Requests with equal keys may share one ``generate`` call."""
+        if self.greedy:
+            return ("greedy",)
+        if self.seed is not None:
+            return ("seeded", job_id)
+        return ("sample", float(self.temperature), float(self.top_p))
+
+
+@dataclass
+class GenEvent:
+    """kind: "delta" (text), "done" (finish_reason, completion_tokens), "error" (message)."""
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    t: float = 0.0
+    error: BaseException | None = None
+
+
+@dataclass
+class GenJob:
+    """One request: ``prompt_ids`` (list of token ids), per-row λ, params; events go to ``events``."""
+
+    job_id: str
+    prompt_ids: list[int]
+    lam: float
+    params: GenParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    t_arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    # filled by the worker
+    t_first_token: float | None = None
+    batch_size: int = 0
+
+    def emit(self, ev: GenEvent) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+        except RuntimeError:  # loop closed (shutdown); nothing to deliver to
+            pass
+
+
+class _RowState:
+    """Incremental detokenisation and stop handling of one batch row."""
+
+    def __init__(self, job: GenJob, tokenizer, skip_ids: set[int], eos_ids: set[int]):
+        self.job = job
+        self.tok = tokenizer
+        self.skip_ids = skip_ids
+        self.eos_ids = eos_ids
+        self.ids: list[int] = []
+        self.text = ""          # decoded text of self.ids (without skipped ids), up to a stop string
+        self.emitted = 0        # characters of self.text already sent
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.holdback = max((len(s) for s in job.params.stop), default=1) - 1
+
+    def feed(self, token: int, now: float) -> None:
+        if self.finished:
+            return
+        job = self.job
+        if job.cancelled:
+            self._finish("cancelled")
+            return
+        if job.t_first_token is None:
+            job.t_first_token = now
+        if token in self.eos_ids:
+            self._finish("stop")
+            return
+        self.ids.append(token)
+        if token not in self.skip_ids:
+            text = self.tok.decode([t for t in self.ids if t not in self.skip_ids],
+                                   skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self.text = text
+        for s in job.params.stop:
+            pos = self.text.find(s, max(0, self.emitted - len(s)))
+            if pos >= 0:
+                self.text = self.text[:pos]
+                self._finish("stop")
+                return
+        if len(self.ids) >= job.params.max_tokens:
+            self._finish("length")
+            return
+        self._emit_ready(final=False)
+
+    def _emit_ready(self, final: bool) -> None:
+        text = self.text
+        end = len(text) if final else len(text) - self.holdback
+        if not final:
+            while end > self.emitted and text[end - 1] == "\ufffd":  # incomplete UTF-8 sequence
+                end -= 1
+        if end > self.emitted:
+            self.job.emit(GenEvent("delta", text=text[self.emitted:end]))
+            self.emitted = end
+
+    def _finish(self, reason: str) -> None:
+        self.finished = True
+        self.finish_reason = reason
+        self._emit_ready(final=True)
+        self.job.emit(GenEvent("done", finish_reason=reason, completion_tokens=len(self.ids),
+                               t=time.perf_counter()))
+
+
+class _RowTracker:
+    """A ``StoppingCriteria``: feeds every row's newest token to its :class:`_RowState`.
+
+    Returns ``is_done [B]`` (bool) so rows finish independently; generate stops when all are done.
+    """
+
+    def __init__(self, rows: Sequence[_RowState]):
+        self.rows = list(rows)
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        last = input_ids[:, -1].tolist()
+        now = time.perf_counter()
+        for row, tok in zip(self.rows, last):
+            row.feed(int(tok), now)
+        return torch.tensor([r.finished for r in self.rows], dtype=torch.bool, device=input_ids.device)
+
+
+class BatchScheduler:
+    """Groups compatible jobs into one left-padded ``generate`` call with per-row λ.
+
+    ``model``: a ``RainModel`` (``set_lambda`` of a ``[B]`` tensor) or a bare HF model (λ ignored).
+    ``on_batch(size, seconds)`` is called after each generate call (metrics).
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, batch_window_ms: float = 10.0,
+                 on_batch: Callable[[int, float], None] | None = None):
+        if max_batch_size < 1:
+            raise ValueError("rain_adapter.serve.batching: max_batch_size must be >= 1")
+        self.model = model
+        self.tok = tokenizer
+        self.max_batch_size = int(max_batch_size)
+        self.window = max(0.0, float(batch_window_ms)) / 1000.0
+        self.on_batch = on_batch
+        self._queue: collections.deque[GenJob] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="rain-batcher", daemon=True)
+        self.pad_id, self.eos_ids, self.skip_ids = self._special_ids()
+        self.device = getattr(model, "device", torch.device("cpu"))
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+    def submit(self, job: GenJob) -> None:
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("rain_adapter.serve.batching: the scheduler is shutting down")
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def busy(self) -> bool:
+        return self._busy
+
+    def shutdown(self, timeout: float | None = 60.0) -> None:
+        """Finish every queued and running job, then stop the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # ---------------------------------------------------------------- internals
+    def _special_ids(self) -> tuple[int, set[int], set[int]]:
+        tok = self.tok
+        gen_cfg = getattr(self.model, "generation_config", None)
+        eos: set[int] = set()
+        for src in (getattr(gen_cfg, "eos_token_id", None), tok.eos_token_id):
+            if src is None:
+                continue
+            eos.update(src if isinstance(src, (list, tuple)) else [src])
+        pad = tok.pad_token_id
+        if pad is None:
+            pad = getattr(gen_cfg, "pad_token_id", None)
+        if pad is None:
+            pad = min(eos) if eos else 0
+        skip = {i for i in (pad, tok.bos_token_id) if i is not None} | eos
+        return int(pad), {int(e) for e in eos}, {int(s) for s in skip}
+
+    def _take_batch(self) -> list[GenJob] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            first = self._queue.popleft()
+            self._busy = True
+        key = first.params.compat_key(first.job_id)
+        batch = [first]
+        deadline = time.monotonic() + self.window
+        with self._cond:
+            while len(batch) < self.max_batch_size:
+                for j in list(self._queue):
+                    if len(batch) >= self.max_batch_size:
+                        break
+                    if j.params.compat_key(j.job_id) == key:
+                        self._queue.remove(j)
+                        batch.append(j)
+                remaining = deadline - time.monotonic()
+                if len(batch) >= self.max_batch_size or remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            live = [j for j in batch if not j.cancelled]
+            for j in batch:
+                if j.cancelled:
+                    j.emit(GenEvent("done", finish_reason="cancelled", t=time.perf_counter()))
+            try:
+                if live:
+                    t0 = time.perf_counter()
+                    self._generate(live)
+                    if self.on_batch is not None:
+                        self.on_batch(len(live), time.perf_counter() - t0)
+            except BaseException as exc:  # noqa: BLE001 - reported to every waiting request
+                log.exception("rain serve: generate failed for a batch of %d", len(live))
+                for j in live:
+                    j.emit(GenEvent("error", error=exc, t=time.perf_counter()))
+            finally:
+                self._busy = False
+
+    @torch.inference_mode()
+    def _generate(self, jobs: list[GenJob]) -> None:
+        """Left-pad prompts to ``[B, T]``, set per-row λ ``[B]``, run one generate call."""
+        B = len(jobs)
+        T = max(len(j.prompt_ids) for j in jobs)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, T), dtype=torch.long)
+        for i, j in enumerate(jobs):
+            n = len(j.prompt_ids)
+            input_ids[i, T - n:] = torch.tensor(j.prompt_ids, dtype=torch.long)
+            attn[i, T - n:] = 1
+            j.batch_size = B
+        rows = [_RowState(j, self.tok, self.skip_ids, self.eos_ids) for j in jobs]
+        tracker = _RowTracker(rows)
+        p = jobs[0].params
+        kw: dict[str, Any] = dict(
+            max_new_tokens=max(j.params.max_tokens for j in jobs),
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids) if self.eos_ids else None,
+            stopping_criteria=[tracker],
+        )
+        if p.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=float(p.temperature), top_p=float(p.top_p), top_k=None)
+            if p.seed is not None:
+                torch.manual_seed(int(p.seed))
+        if hasattr(self.model, "set_lambda"):
+            self.model.set_lambda(torch.tensor([j.lam for j in jobs], dtype=torch.float32))
+        from transformers import StoppingCriteriaList
+
+        kw["stopping_criteria"] = StoppingCriteriaList([tracker])
+        self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device), **kw)
+        now = time.perf_counter()
+        for r in rows:  # rows that generate ended without our tracker seeing the end
+            if not r.finished:
+                r.job.t_first_token = r.job.t_first_token or now
+                r._finish("length")

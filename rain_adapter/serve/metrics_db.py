@@ -1,0 +1,99 @@
+"""Durable per-request log in SQLite (WAL).
+
+Tables::
+
+    requests(id TEXT PK, created REAL, endpoint, model, user, arm, lam REAL, assignment, stream INT,
+             prompt_tokens INT, completion_tokens INT, latency_s REAL, ttft_s REAL, finish_reason,
+             format_valid INT, compliant INT NULL, checks_json, batch_size INT, status)
+    feedback(id INTEGER PK, request_id TEXT, score REAL, created REAL, comment TEXT)
+
+Every write commits before it returns (``synchronous=FULL`` by default), and the server writes a
+request's row before it sends the response, so a ``kill -9`` never loses an acknowledged request.
+One connection, guarded by a lock; callers may use it from any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, created REAL NOT NULL, endpoint TEXT, model TEXT, user TEXT,
+    arm TEXT, lam REAL, assignment TEXT, stream INTEGER,
+    prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL, ttft_s REAL,
+    finish_reason TEXT, format_valid INTEGER, compliant INTEGER, checks_json TEXT,
+    batch_size INTEGER, status TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_arm ON requests(arm);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, score REAL NOT NULL,
+    created REAL NOT NULL, comment TEXT
+);
+CREATE INDEX IF NOT EXISTS feedback_req ON feedback(request_id);
+"""
+
+_COLS = ("id", "created", "endpoint", "model", "user", "arm", "lam", "assignment", "stream",
+         "prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "finish_reason",
+         "format_valid", "compliant", "checks_json", "batch_size", "status")
+
+
+class MetricsDB:
+    """The request log. ``path``: a file (created with its parent directory)."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL"):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._con = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._con.execute("PRAGMA journal_mode=WAL")
+        self._con.execute(f"PRAGMA synchronous={synchronous}")
+        self._con.executescript(_SCHEMA)
+
+    def log_request(self, row: dict[str, Any]) -> None:
+        """Insert (or replace) one request row; committed when this returns."""
+        row = dict(row)
+        if isinstance(row.get("checks_json"), (list, dict)):
+            row["checks_json"] = json.dumps(row["checks_json"])
+        for k in ("format_valid", "compliant", "stream"):
+            if isinstance(row.get(k), bool):
+                row[k] = int(row[k])
+        row.setdefault("created", time.time())
+        vals = [row.get(c) for c in _COLS]
+        with self._lock:
+            self._con.execute(
+                f"INSERT OR REPLACE INTO requests ({','.join(_COLS)}) VALUES ({','.join('?' * len(_COLS))})", vals)
+
+    def has_request(self, request_id: str) -> bool:
+        with self._lock:
+            return self._con.execute("SELECT 1 FROM requests WHERE id=?", (request_id,)).fetchone() is not None
+
+    def add_feedback(self, request_id: str, score: float, comment: str | None = None) -> None:
+        with self._lock:
+            self._con.execute("INSERT INTO feedback (request_id, score, created, comment) VALUES (?,?,?,?)",
+                              (request_id, float(score), time.time(), comment))
+
+    def request_ids(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._con.execute("SELECT id FROM requests")}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """All request rows with ``feedback`` = mean feedback score of the request (or None)."""
+        with self._lock:
+            cur = self._con.execute(
+                f"SELECT {','.join('r.' + c for c in _COLS)}, f.s FROM requests r LEFT JOIN "
+                "(SELECT request_id, AVG(score) AS s FROM feedback GROUP BY request_id) f ON f.request_id = r.id "
+                "ORDER BY r.created")
+            return [dict(zip(_COLS + ("feedback",), r)) for r in cur.fetchall()]
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close."""
+        with self._lock:
+            try:
+                self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._con.close()

@@ -1,0 +1,193 @@
+"""Unit tests of the serve pieces that need no HTTP server: arms, statistics, request log, checks,
+row tracking of the batcher, and the `rain ab report` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from rain_adapter.serve.arms import Arm, ArmAssigner, load_arms, parse_arms
+from rain_adapter.serve.checks import parse_rain_checks, run_checks, think_format_valid
+from rain_adapter.serve.errors import APIError
+from rain_adapter.serve.metrics_db import MetricsDB
+from rain_adapter.serve.report import ab_report, format_report, mean_ci, percentile_ci, plot_report, two_proportion_z, wilson
+
+
+def test_arms_sticky_and_proportional_over_10000_ids():
+    arms = [Arm("a", 0.0, 1.0), Arm("b", 0.5, 2.0), Arm("c", 1.0, 1.0)]
+    asg = ArmAssigner(arms)
+    ids = [f"user-{i}" for i in range(10_000)]
+    first = [asg.assign(u)[0].name for u in ids]
+    # sticky: same user -> same arm, also from a fresh assigner (stable hash, not Python's salted hash)
+    fresh = ArmAssigner(list(arms))
+    assert first == [fresh.assign(u)[0].name for u in ids]
+    assert all(asg.assign(u)[1] == "sticky" for u in ids[:10])
+    counts = {n: first.count(n) for n in "abc"}
+    expect = {"a": 2500, "b": 5000, "c": 2500}
+    # each share within 4 binomial standard deviations
+    for n, e in expect.items():
+        sd = math.sqrt(10_000 * (e / 10_000) * (1 - e / 10_000))
+        assert abs(counts[n] - e) < 4 * sd, counts
+    # the assignment is a fixed function of the id: pin one value
+    import hashlib
+
+    u = int(hashlib.sha256(b"rain-arms:user-0").hexdigest()[:16], 16) / 2**64
+    assert first[0] == ("a" if u < 0.25 else "b" if u < 0.75 else "c")
+
+
+def test_arms_random_without_user_is_proportional():
+    asg = ArmAssigner([Arm("x", 0.0, 3.0), Arm("y", 1.0, 1.0)], rng=random.Random(0))
+    picks = [asg.assign(None) for _ in range(10_000)]
+    assert all(how == "random" for _, how in picks)
+    share = sum(a.name == "x" for a, _ in picks) / 10_000
+    assert abs(share - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 10_000)
+
+
+def test_arms_files_and_errors(tmp_path):
+    y = tmp_path / "arms.yaml"
+    y.write_text("arms:\n  - {name: control, lambda: 0.0, weight: 1}\n  - {name: rain, lambda: 1.0}\n")
+    assert load_arms(y) == [Arm("control", 0.0, 1.0), Arm("rain", 1.0, 1.0)]
+    j = tmp_path / "arms.json"
+    j.write_text(json.dumps([{"name": "a", "lambda": 0.5, "weight": 2}]))
+    assert load_arms(j) == [Arm("a", 0.5, 2.0)]
+    for bad, words in [([], "non-empty"), ([{"name": "a"}], "lambda"), ([{"name": "a", "lambda": 1, "weight": 0}],
+                       "weight"), ([{"name": "a", "lambda": 1}, {"name": "a", "lambda": 2}], "unique")]:
+        with pytest.raises(ValueError, match=words):
+            parse_arms(bad, "f.yaml")
+
+
+def test_wilson_and_tests_known_values():
+    p, lo, hi = wilson(8, 10)
+    assert p == 0.8 and lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson(0, 0) == (None, None, None)
+    p, lo, hi = wilson(0, 20)
+    assert p == 0 and lo == 0 and 0 < hi < 0.2
+    z, pv = two_proportion_z(60, 100, 40, 100)
+    assert z == pytest.approx(2.8284, abs=1e-3) and pv == pytest.approx(0.00468, abs=1e-4)
+    assert two_proportion_z(5, 5, 5, 5) == (None, None)
+    m, lo, hi = mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5 and hi - m == pytest.approx(1.96 * math.sqrt(5 / 3) / 2, rel=1e-3)
+    est, lo, hi = percentile_ci(list(range(1, 101)), 50)
+    assert lo <= est <= hi and est == pytest.approx(50.5)
+
+
+def _rows(n=200, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        arm, p = ("a", 0.9) if i % 2 else ("b", 0.5)
+        rows.append(dict(id=f"r{i}", arm=arm, lam=0.0 if arm == "b" else 1.0, status="ok",
+                         format_valid=int(rng.random() < p), compliant=int(rng.random() < p),
+                         latency_s=rng.uniform(0.1, 1.0), ttft_s=0.05, feedback=rng.choice([None, 1.0, 5.0])))
+    rows.append(dict(id="bad", arm="a", status="error"))
+    return rows
+
+
+def test_ab_report_and_png(tmp_path):
+    rep = ab_report(_rows())
+    assert rep["n_total"] == 200 and rep["n_failed"] == 1
+    a, b = rep["arms"]["a"], rep["arms"]["b"]
+    assert a["n"] == b["n"] == 100 and a["lambda"] == 1.0
+    for arm in (a, b):
+        for key in ("format_valid_rate", "compliance_rate", "mean_feedback", "latency_p50_s", "latency_p99_s"):
+            v, (lo, hi) = arm[key]["value"], arm[key]["ci95"]
+            assert lo <= v <= hi, key
+    t = [t for t in rep["tests"] if t["metric"] == "format_valid"][0]
+    assert t["p_value"] < 0.01  # 0.9 vs 0.5 over 100 each
+    txt = format_report(rep)
+    assert "two-proportion" in txt and "a vs b" in txt
+    png = plot_report(rep, tmp_path / "ab.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_db_roundtrip_and_feedback(tmp_path):
+    db = MetricsDB(tmp_path / "x" / "log.sqlite")
+    db.log_request(dict(id="r1", arm="a", lam=1.0, status="ok", format_valid=True, compliant=None,
+                        checks_json=[{"instruction_id": "x", "ok": True}], latency_s=0.5))
+    db.add_feedback("r1", 3)
+    db.add_feedback("r1", 5)
+    assert db.has_request("r1") and not db.has_request("r2")
+    (row,) = db.rows()
+    assert row["feedback"] == 4 and row["format_valid"] == 1 and json.loads(row["checks_json"])[0]["ok"]
+    # committed on return: visible to another connection before close
+    assert sqlite3.connect(tmp_path / "x" / "log.sqlite").execute("SELECT count(*) FROM requests").fetchone() == (1,)
+    assert sqlite3.connect(tmp_path / "x" / "log.sqlite").execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    db.close()
+    assert MetricsDB(tmp_path / "x" / "log.sqlite").request_ids() == {"r1"}
+
+
+def test_think_format_and_checks():
+    assert think_format_valid("reasoning here</think>\n\nThe answer.")
+    assert not think_format_valid("reasoning here</think>   \n")
+    assert not think_format_valid("no closing tag at all")
+    checks = parse_rain_checks([{"instruction_id": "punctuation:no_comma", "kwargs": {}},
+                                {"id": "keywords:existence", "kwargs": {"keywords": ["cat"]}}])
+    ok, res = run_checks(checks, "think, think</think>A cat sat")
+    assert ok is True and [r["ok"] for r in res] == [True, True]
+    ok, _ = run_checks(checks, "x</think>A dog, sat")
+    assert ok is False
+    assert run_checks([], "anything") == (None, [])
+    # IFEval record layout
+    rec = parse_rain_checks({"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]})
+    assert rec == [{"instruction_id": "punctuation:no_comma", "kwargs": {}}]
+    for bad in ("x", [3], [{"instruction_id": "not:a_check"}]):
+        with pytest.raises(APIError) as ei:
+            parse_rain_checks(bad)
+        assert ei.value.status == 400 and ei.value.param == "rain_checks"
+
+
+def test_row_tracker_stops_and_holds_back_partial_stop():
+    """Per-row streaming: stop strings end only their row; partial matches are not emitted early."""
+    from rain_adapter.fixtures import make_tokenizer
+    from rain_adapter.serve.batching import GenJob, GenParams, _RowState, _RowTracker
+
+    tok = make_tokenizer()
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [GenJob("a", [1], 0.0, GenParams(max_tokens=50, stop=("END",)), loop, asyncio.Queue()),
+                GenJob("b", [1], 1.0, GenParams(max_tokens=3), loop, asyncio.Queue())]
+        eos = {tok.eos_token_id}
+        rows = [_RowState(j, tok, eos | {tok.pad_token_id}, eos) for j in jobs]
+        tr = _RowTracker(rows)
+        import torch
+
+        text_a = "hi ENDx"
+        seq = [tok(c, add_special_tokens=False)["input_ids"][0] for c in text_a]
+        done = None
+        for step, t in enumerate(seq):
+            ids = torch.tensor([[t], [seq[min(step, 2)]]])
+            done = tr(ids)
+            if done.all():
+                break
+        loop.run_until_complete(asyncio.sleep(0))
+        evs_a = [jobs[0].events.get_nowait() for _ in range(jobs[0].events.qsize())]
+        evs_b = [jobs[1].events.get_nowait() for _ in range(jobs[1].events.qsize())]
+    finally:
+        loop.close()
+    assert "".join(e.text for e in evs_a if e.kind == "delta") == "hi "
+    assert evs_a[-1].kind == "done" and evs_a[-1].finish_reason == "stop"
+    assert evs_b[-1].finish_reason == "length" and evs_b[-1].completion_tokens == 3
+    assert done.tolist() == [True, True]
+
+
+def test_ab_report_cli(tmp_path):
+    db = MetricsDB(tmp_path / "log.sqlite")
+    for r in _rows(40):
+        db.log_request(r)
+    db.close()
+    out = subprocess.run([sys.executable, "-m", "rain_adapter.serve.cli", "ab", "report", "--db",
+                          str(tmp_path / "log.sqlite"), "--png", str(tmp_path / "r.png"), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    assert set(rep["arms"]) == {"a", "b"} and (tmp_path / "r.png").exists()
+    missing = subprocess.run([sys.executable, "-m", "rain_adapter.serve.cli", "ab", "report", "--db",
+                              str(tmp_path / "none.sqlite")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no request log" in missing.stderr
