@@ -1,0 +1,210 @@
+"""Import a PEFT LoRA directory as RAIN low-rank deltas (scale folded), so the λ knob works on it.
+
+PEFT's LoRA forward for a linear module k is ``y = x Wᵀ + b + s_k · (x A_kᵀ) B_kᵀ (+ s_k · b_B)``
+with ``A_k = lora_A [r_k, in]``, ``B_k = lora_B [out, r_k]`` and
+
+    s_k = α_k / r_k          (default)
+    s_k = α_k / √r_k         (use_rslora = true)
+
+where r_k / α_k come from ``rank_pattern`` / ``alpha_pattern`` (PEFT's own key matching: a key
+matches a module path that equals it or ends with ``.<key>``, keys are regexes) or fall back to
+``r`` / ``lora_alpha``. We store ``D_k = (s_k B_k) A_k``: ``ModuleDelta(A=A_k, B=s_k·B_k,
+bias=s_k·b_B)``, so ``RainAdapter.attach(lrm, peft_dir, lam=λ)`` computes ``x Wᵀ + b + λ s_k x (B_k
+A_k)ᵀ``: λ = 1 is the LoRA as PEFT applies it, λ = 0 the bare model.
+
+Supported: plain LoRA on the decoder linears (q, k, v, o, gate, up, down), per-module
+rank / alpha patterns, rslora, ``lora_bias``. Refused with an error naming the field: DoRA
+(``use_dora``), embedding / lm_head targets, ``modules_to_save``, ``trainable_token_indices``,
+``fan_in_fan_out``, ``layer_replication``, ``target_parameters``, QALoRA, aLoRA, and any other
+``peft_type``. Weights must be safetensors (``adapter_model.bin`` is pickle: refused).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .arch import ROLES, module_layer, module_role
+from .config import RainConfig
+from .delta import ModuleDelta
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
+
+
+class PeftImportError(ValueError):
+    """A PEFT directory we cannot import; the message names the file and the field / key."""
+
+
+def _truthy(v: Any) -> bool:
+    if v is None or v is False:
+        return False
+    if isinstance(v, (list, dict, tuple, str)) and len(v) == 0:
+        return False
+    return True
+
+
+#: config fields whose non-empty values change the math in ways a (B A) delta cannot express
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA (weight-decomposed LoRA) rescales the merged weight's column norms; not a low-rank delta",
+    "modules_to_save": "fully fine-tuned modules (modules_to_save) are not a low-rank delta",
+    "trainable_token_indices": "trainable token embeddings are not supported",
+    "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D layout) is not supported; RAIN targets nn.Linear",
+    "layer_replication": "layer_replication changes the model's layer structure",
+    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts) is not supported",
+    "use_qalora": "QALoRA is not supported",
+    "alora_invocation_tokens": "aLoRA (activated LoRA) applies only after invocation tokens; not a plain delta",
+    "use_bdlora": "block-diagonal LoRA is not supported",
+}
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key`` semantics: key matches ``(.*\\.)?key$`` against the module path."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    path = root / PEFT_CONFIG_NAME
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PeftImportError(f"{root}: no {PEFT_CONFIG_NAME}") from None
+    except json.JSONDecodeError as e:
+        raise PeftImportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise PeftImportError(f"{path}: expected a JSON object")
+    ptype = cfg.get("peft_type")
+    if str(ptype).upper() != "LORA":
+        raise PeftImportError(f"{path}: field 'peft_type' is {ptype!r}; only LORA adapters can be imported")
+    for fld, why in _UNSUPPORTED_FIELDS.items():
+        if _truthy(cfg.get(fld)):
+            raise PeftImportError(f"{path}: field {fld!r} = {cfg[fld]!r} is unsupported: {why}")
+    return cfg
+
+
+def _read_tensors(root: Path) -> dict[str, Tensor]:
+    f = root / PEFT_WEIGHTS_NAME
+    if not f.is_file():
+        bins = sorted(x.name for x in root.glob("adapter_model*.bin"))
+        extra = f" (found {bins}: pickle files are not read; re-save with safe_serialization=True)" if bins else ""
+        raise PeftImportError(f"{root}: no {PEFT_WEIGHTS_NAME}{extra}")
+    out = {}
+    with safe_open(str(f), framework="pt", device="cpu") as fh:
+        for k in fh.keys():
+            out[k] = fh.get_tensor(k)
+    return out
+
+
+def load_peft_lora(path: str | Path) -> tuple[RainConfig, dict[str, ModuleDelta]]:
+    """Read a PEFT LoRA directory into ``(RainConfig, {module: ModuleDelta(A, s·B, s·b_B)})``.
+
+    Module names are the LRM's paths (``model.layers.3.self_attn.q_proj``); the config has
+    ``method = "peft-import"``, ``storage = "lowrank"``, an empty fingerprint (PEFT stores none) and
+    the source PEFT settings under ``extra["peft"]``.
+    """
+    root = Path(path)
+    cfg = _read_config(root)
+    flat = _read_tensors(root)
+    src = str(root / PEFT_WEIGHTS_NAME)
+
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, t in flat.items():
+        if "lora_embedding" in key:
+            raise PeftImportError(f"{src}: key {key!r}: LoRA on embeddings is unsupported (RAIN targets decoder linears)")
+        if "lora_magnitude_vector" in key:
+            raise PeftImportError(f"{src}: key {key!r}: DoRA magnitude vectors are unsupported")
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise PeftImportError(f"{src}: unexpected tensor key {key!r} (expected <module>.lora_A/lora_B.weight)")
+        module = m.group("module")
+        if module.startswith(PEFT_PREFIX):
+            module = module[len(PEFT_PREFIX):]
+        slot = {("lora_A", "weight"): "A", ("lora_B", "weight"): "B", ("lora_B", "bias"): "bias"}.get(
+            (m.group("kind"), m.group("param")))
+        if slot is None:
+            raise PeftImportError(f"{src}: unexpected tensor key {key!r}")
+        if not torch.isfinite(t).all():
+            raise PeftImportError(f"{src}: key {key!r} holds NaN or Inf")
+        parts.setdefault(module, {})[slot] = t
+    if not parts:
+        raise PeftImportError(f"{src}: no LoRA tensors found")
+
+    r0 = int(cfg.get("r", 8))
+    alpha0 = cfg.get("lora_alpha", 8)
+    rslora = bool(cfg.get("use_rslora", False))
+    deltas: dict[str, ModuleDelta] = {}
+    ranks: dict[str, int] = {}
+    roles, layers = set(), set()
+    for module, p in sorted(parts.items()):
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf in ("embed_tokens", "lm_head", "wte", "embed_out"):
+            raise PeftImportError(
+                f"{src}: module {module!r}: LoRA on {leaf} is unsupported (RAIN targets the decoder linears "
+                f"{list(ROLES)})"
+            )
+        try:
+            role, layer = module_role(module), module_layer(module)
+        except ValueError as e:
+            raise PeftImportError(f"{src}: module {module!r}: not a supported target ({e})") from None
+        if "A" not in p or "B" not in p:
+            raise PeftImportError(f"{src}: module {module!r}: needs both lora_A.weight and lora_B.weight")
+        A, B = p["A"], p["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise PeftImportError(
+                f"{src}: module {module!r}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not chain"
+            )
+        r = int(A.shape[0])
+        r_cfg = int(_pattern_value(cfg.get("rank_pattern") or {}, module, r0))
+        if r_cfg != r:
+            raise PeftImportError(
+                f"{src}: module {module!r}: lora_A has rank {r} but the config ('r' / 'rank_pattern') says {r_cfg}"
+            )
+        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha0))
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        bias = p.get("bias")
+        if bias is not None and not bool(bias.any()):
+            bias = None          # lora_bias=True writes zeros for every module; a zero delta is no delta
+        deltas[module] = ModuleDelta(
+            A=A.clone(),
+            B=(B.float() * scale).to(B.dtype),
+            bias=None if bias is None else (bias.float() * scale).to(bias.dtype),
+        )
+        ranks[module] = r
+        roles.add(role)
+        layers.add(layer)
+
+    uniq = set(ranks.values())
+    dtype = str(next(iter(deltas.values())).A.dtype).replace("torch.", "")
+    config = RainConfig(
+        base_model_name_or_path=str(cfg.get("base_model_name_or_path") or ""),
+        target_modules=[r for r in ROLES if r in roles],
+        layers=sorted(layers),
+        storage="lowrank",
+        method="peft-import",
+        rank=uniq.pop() if len(uniq) == 1 else ranks,
+        default_lambda=1.0,
+        dtype=dtype,
+        extra={"peft": {
+            "path": str(root), "r": r0, "lora_alpha": alpha0, "use_rslora": rslora,
+            "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {},
+            "lora_bias": bool(cfg.get("lora_bias", False)),
+            "scale_folded": "B := (lora_alpha/r or lora_alpha/sqrt(r) with rslora) * lora_B",
+        }},
+    )
+    return config, deltas
+
+
+__all__ = ["PeftImportError", "load_peft_lora"]
