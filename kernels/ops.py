@@ -1,0 +1,219 @@
+"""Launchers of the Triton kernels and their ``torch.library`` custom ops.
+
+``rain::dense_linear(x, weight, bias?, scale, delta, bias_delta?) -> y`` and
+``rain::lowrank_linear(x, weight, bias?, scale, lora_A, lora_B, bias_delta?) -> y`` with
+x ``[M, K]``, weight / delta ``[N, K]``, lora_A ``[r, K]``, lora_B ``[N, r]``, scale ``[M]`` (or
+``[1]``) float32 on the device, y ``[M, N]`` in x's dtype. Both have fake (meta) implementations
+so ``torch.compile`` traces through them. Path per call: ``TRITON_INTERPRET=1`` → one small fixed
+config (CPU tests); M ≤ 16 → the split-K decode path (``decode.py``); otherwise the autotuned
+tile kernels (``dense.py``, ``lowrank.py``). Low-rank picks ``split`` (shrink + GEMM with epilogue)
+or ``fused`` (one launch) per shape: timed once per shape on CUDA, remembered, and
+``RAIN_LOWRANK_VARIANT=split|fused`` forces one.
+"""
+import os
+import warnings
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from . import decode
+from ._common import INTERPRET_CFG, dot_precision, interpreting, next_pow2
+from .dense import dense_kernel, dense_kernel_tuned
+from .lowrank import lowrank_kernel, lowrank_kernel_tuned, shrink_kernel
+
+__all__ = ["launch_dense", "launch_lowrank", "dense_linear", "lowrank_linear"]
+
+_FUSED_MAX_R = 128
+# Test switch: RAIN_KERNEL_POISON=1 (read at import) fills every buffer the launchers allocate
+# (output, split-K workspace, shrink output) with NaN, so a tile that is never written shows up.
+_POISON = os.environ.get("RAIN_KERNEL_POISON", "0") == "1"
+_variant_cache: dict = {}
+_warned: set = set()
+
+
+def _empty(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if _POISON else out
+
+
+def _same_dtype(t: Optional[Tensor], dtype: torch.dtype, name: str) -> Optional[Tensor]:
+    if t is None or t.dtype == dtype:
+        return t
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(f"rain_adapter.kernels: {name} is {t.dtype}, x is {dtype}; casting on every "
+                      f"call (store it in the input dtype)", stacklevel=3)
+    return t.to(dtype)
+
+
+def _scale(scale: Tensor, x: Tensor) -> tuple[Tensor, int]:
+    s = scale.to(device=x.device, dtype=torch.float32)
+    return s, (s.stride(0) if s.shape[0] == x.shape[0] and x.shape[0] > 1 else 0)
+
+
+def _bias_args(bias: Optional[Tensor], x: Tensor) -> tuple[Tensor, bool]:
+    return (bias, True) if bias is not None else (x, False)  # dummy pointer when absent
+
+
+def _may_time(x: Tensor) -> bool:
+    return (x.is_cuda and not interpreting() and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def launch_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, delta: Tensor,
+                 bias_delta: Optional[Tensor] = None, *, split_k: Optional[int] = None) -> Tensor:
+    """y ``[M, N]`` = x Wᵀ + b + s ⊙ (x Dᵀ + bias_delta); ``split_k`` forces the split count."""
+    M, K = x.shape
+    N = weight.shape[0]
+    out = _empty((M, N), x.dtype, x.device)
+    if M == 0 or N == 0:
+        return out
+    weight = _same_dtype(weight, x.dtype, "weight")
+    delta = _same_dtype(delta, x.dtype, "delta")
+    s, stride_s = _scale(scale, x)
+    b, has_b = _bias_args(bias, x)
+    bd, has_bd = _bias_args(bias_delta, x)
+    prec = dot_precision(x.dtype)
+    small = M <= decode.DECODE_M
+    if split_k is None:
+        split_k = decode.split_k_for(N, K, x.device) if (small and x.is_cuda and not interpreting()) else 1
+    target = out if split_k == 1 else _empty((split_k, M, N), torch.float32, x.device)
+    so = target.stride(0) if split_k > 1 else 0
+    args = (x, weight, delta, b, bd, s, target, M, N, K, decode.m_key(M),
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), delta.stride(0), delta.stride(1),
+            stride_s, so, target.stride(-2), target.stride(-1))
+    flags = dict(HAS_BIAS=has_b, HAS_BD=has_bd, SPLIT_K=split_k, PREC=prec)
+    if interpreting():
+        cfg = INTERPRET_CFG
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+        dense_kernel[grid](*args, **flags, **cfg)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
+        kern = decode.dense_decode_tuned if small else dense_kernel_tuned
+        kern[grid](*args, **flags)
+    if split_k > 1:
+        decode.reduce_splits(target, out)
+    return out
+
+
+def _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, variant, split_k) -> Tensor:
+    M, K = x.shape
+    N = weight.shape[0]
+    R = A.shape[0]
+    out = _empty((M, N), x.dtype, x.device)
+    prec = dot_precision(x.dtype)
+    small = M <= decode.DECODE_M
+    fuse = variant == "fused"
+    if fuse:
+        t = s  # unused dummy pointer
+        stride_tm = stride_tr = 0
+    else:
+        # shrink: t [M, R] fp32
+        sk = split_k or 1  # an explicit split count (tests) applies to the shrink too
+        if split_k is None and small and x.is_cuda and not interpreting():
+            sk = max(1, min(16, K // 512))
+            sk = 1 << (sk.bit_length() - 1)
+        t = (torch.zeros((M, R), dtype=torch.float32, device=x.device) if sk > 1
+             else _empty((M, R), torch.float32, x.device))
+        bm = 16 if small or interpreting() else 64
+        br = min(64, max(16, next_pow2(R)))
+        bk = 32 if interpreting() else 128
+        sgrid = (triton.cdiv(M, bm), triton.cdiv(R, br), sk)
+        shrink_kernel[sgrid](x, A, s, t, M, R, K, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+                             stride_s, t.stride(0), t.stride(1), SPLIT_K=sk, PREC=prec,
+                             BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, num_warps=4)
+        stride_tm, stride_tr = t.stride(0), t.stride(1)
+    block_r = max(16, next_pow2(R)) if fuse else min(64, max(16, next_pow2(R)))
+    if split_k is None:
+        split_k = decode.split_k_for(N, K, x.device) if (small and x.is_cuda and not interpreting()) else 1
+    target = out if split_k == 1 else _empty((split_k, M, N), torch.float32, x.device)
+    so = target.stride(0) if split_k > 1 else 0
+    args = (x, weight, A, B, t, b, bd, s, target, M, N, K, R, decode.m_key(M),
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
+            B.stride(0), B.stride(1), stride_tm, stride_tr, stride_s, so, target.stride(-2), target.stride(-1))
+    flags = dict(HAS_BIAS=has_b, HAS_BD=has_bd, FUSE_SHRINK=fuse, SPLIT_K=split_k, PREC=prec, BLOCK_R=block_r)
+    if interpreting():
+        cfg = INTERPRET_CFG
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+        lowrank_kernel[grid](*args, **flags, **cfg)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
+        kern = decode.lowrank_decode_tuned if small else lowrank_kernel_tuned
+        kern[grid](*args, **flags)
+    if split_k > 1:
+        decode.reduce_splits(target, out)
+    return out
+
+
+def _choose_variant(x: Tensor, N: int, R: int, run) -> str:
+    forced = os.environ.get("RAIN_LOWRANK_VARIANT", "auto").strip().lower()
+    if forced in ("split", "fused"):
+        return "split" if (forced == "fused" and R > _FUSED_MAX_R) else forced
+    if R > _FUSED_MAX_R:
+        return "split"
+    M, K = x.shape
+    key = (next_pow2(M), N, K, R, x.dtype, x.device)
+    if key in _variant_cache:
+        return _variant_cache[key]
+    guess = "fused" if M <= decode.DECODE_M else "split"
+    if not _may_time(x):
+        return guess
+    from triton.testing import do_bench
+    times = {v: do_bench(lambda v=v: run(v), warmup=5, rep=20) for v in ("split", "fused")}
+    best = min(times, key=times.get)
+    _variant_cache[key] = best
+    return best
+
+
+def launch_lowrank(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, lora_A: Tensor,
+                   lora_B: Tensor, bias_delta: Optional[Tensor] = None, *,
+                   variant: Optional[str] = None, split_k: Optional[int] = None) -> Tensor:
+    """y ``[M, N]`` = x Wᵀ + b + s ⊙ ((x Aᵀ) Bᵀ + bias_delta); ``variant`` = split | fused forces one."""
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    if M == 0 or N == 0:
+        return torch.empty((M, N), dtype=x.dtype, device=x.device)
+    weight = _same_dtype(weight, x.dtype, "weight")
+    A = _same_dtype(lora_A, x.dtype, "lora_A")
+    B = _same_dtype(lora_B, x.dtype, "lora_B")
+    s, stride_s = _scale(scale, x)
+    b, has_b = _bias_args(bias, x)
+    bd, has_bd = _bias_args(bias_delta, x)
+
+    def run(v: str) -> Tensor:
+        return _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, v, split_k)
+
+    if variant is None:
+        variant = _choose_variant(x, N, R, run)
+    if variant not in ("split", "fused"):
+        raise ValueError(f"rain_adapter.kernels.ops: variant must be split|fused, got {variant!r}")
+    if variant == "fused" and R > _FUSED_MAX_R:
+        variant = "split"
+    return run(variant)
+
+
+@torch.library.custom_op("rain::dense_linear", mutates_args=())
+def dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, delta: Tensor,
+                 bias_delta: Optional[Tensor]) -> Tensor:
+    """Custom op: y = x Wᵀ + b + scale ⊙ (x Dᵀ + bias_delta) (Triton)."""
+    return launch_dense(x, weight, bias, scale, delta, bias_delta)
+
+
+@dense_linear.register_fake
+def _dense_linear_fake(x, weight, bias, scale, delta, bias_delta):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("rain::lowrank_linear", mutates_args=())
+def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, lora_A: Tensor,
+                   lora_B: Tensor, bias_delta: Optional[Tensor]) -> Tensor:
+    """Custom op: y = x Wᵀ + b + scale ⊙ ((x Aᵀ) Bᵀ + bias_delta) (Triton)."""
+    return launch_lowrank(x, weight, bias, scale, lora_A, lora_B, bias_delta)
+
+
+@lowrank_linear.register_fake
+def _lowrank_linear_fake(x, weight, bias, scale, lora_A, lora_B, bias_delta):
+    return x.new_empty((x.shape[0], weight.shape[0]))
