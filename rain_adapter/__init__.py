@@ -17,12 +17,28 @@ from .store import (
     resolve_adapter,
     save_adapter,
 )
-from .paths import adapter_home
+from .paths import adapter_home, shared_calibration_dir
+from .build import BuildError, build_adapter
+from .coefficients import Stage2Error, run_stage2
+from .lowrank import compress
+from .export import ExportError, export_merged, export_peft
+from .peft_import import PeftImportError, load_peft_lora
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "BuildError",
+    "ExportError",
+    "PeftImportError",
+    "Stage2Error",
+    "build_adapter",
+    "compress",
+    "export_merged",
+    "export_peft",
+    "load_peft_lora",
+    "run_stage2",
+    "shared_calibration_dir",
     "AdapterNotFoundError",
     "ConfigError",
     "ModuleDelta",

@@ -137,16 +137,26 @@ def alpha_from_stats(a1: Tensor, u1: Tensor, *, rho: float = 0.5, alpha_grad: st
 # ----------------------------------------------------------------------------------------------
 # folding
 # ----------------------------------------------------------------------------------------------
+O_ALPHA_MODES = ("mean", "head")
+
+
 def fold_alpha(name: str, md: ModuleDelta, alpha: Tensor, n_heads: int, n_kv_heads: int,
-               head_dim: int) -> ModuleDelta:
+               head_dim: int, *, o_alpha: str = "mean") -> ModuleDelta:
     """Fold the per-head α ``[n_heads]`` of the module's layer into its delta.
 
     q: rows of head h (``[h·hD, (h+1)·hD)``, out dim) × α_h — dense ``delta`` rows, low-rank ``B``
-    rows, bias entries.  k / v: rows of kv head j × mean_{h // n_rep = j} α_h.  o: *input* columns of
-    head h × α_h — dense ``delta`` columns, low-rank ``A`` columns; its bias (an output) × layer mean.
-    gate / up / down: × mean(α) (low-rank: ``B`` only).  Computed in float32, returned in the
-    delta's dtype.
+    rows, bias entries.  k / v: rows of kv head j × mean_{h // n_rep = j} α_h.  gate / up / down:
+    × mean(α) (low-rank: ``B`` only).
+
+    o: ``o_alpha="mean"`` (default) scales the whole delta by the layer mean; ``"head"`` scales the
+    *input* columns of head h by α_h (DESIGN §6.3 as first written). Column scaling breaks Stage 1's
+    constraint: D⊥X = 0 does not imply D⊥ diag(α) X = 0, so the thinking-position outputs of o_proj
+    would change again (measured on the tiny triple: 8.9e-5 relative change vs 2.5e-8 with row
+    scaling). Row scaling (q, k, v, MLP, o with "mean") keeps diag(s) D⊥ X = 0 exactly.
+    Computed in float32, returned in the delta's dtype.
     """
+    if o_alpha not in O_ALPHA_MODES:
+        raise Stage2Error(f"o_alpha must be one of {O_ALPHA_MODES}, got {o_alpha!r}")
     role = module_role(name)
     alpha = alpha.detach().float().cpu()
     if alpha.shape != (n_heads,):
@@ -171,7 +181,7 @@ def fold_alpha(name: str, md: ModuleDelta, alpha: Tensor, n_heads: int, n_kv_hea
         if md.is_lowrank:
             return replace(md, B=scale(md.B, rows, 0), bias=scale(md.bias, rows, 0))
         return replace(md, delta=scale(md.delta, rows, 0), bias=scale(md.bias, rows, 0))
-    if role == "o":
+    if role == "o" and o_alpha == "head":
         cols = alpha.repeat_interleave(head_dim)
         if cols.numel() != in_dim:
             raise Stage2Error(f"{name}: in dim {in_dim} != {n_heads} heads × head_dim {head_dim}")
@@ -185,14 +195,14 @@ def fold_alpha(name: str, md: ModuleDelta, alpha: Tensor, n_heads: int, n_kv_hea
 
 
 def fold_alpha_all(deltas: dict[str, ModuleDelta], alpha: Tensor, n_heads: int, n_kv_heads: int,
-                   head_dim: int) -> dict[str, ModuleDelta]:
+                   head_dim: int, *, o_alpha: str = "mean") -> dict[str, ModuleDelta]:
     """:func:`fold_alpha` for every module; ``alpha`` is ``[n_layers, n_heads]``."""
     out = {}
     for name, md in deltas.items():
         layer = module_layer(name)
         if not 0 <= layer < alpha.shape[0]:
             raise Stage2Error(f"{name}: layer {layer} has no α (table has {alpha.shape[0]} layers)")
-        out[name] = fold_alpha(name, md, alpha[layer], n_heads, n_kv_heads, head_dim)
+        out[name] = fold_alpha(name, md, alpha[layer], n_heads, n_kv_heads, head_dim, o_alpha=o_alpha)
     return out
 
 
@@ -258,8 +268,8 @@ def _model_device(model) -> torch.device:
 
 def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_calib, *, rho: float = 0.5,
                alpha_grad: str = "level", alpha_norm: str = "mean", alpha_max: float = 1.5,
-               max_samples: int | None = None, max_seq_len: int = 4096, device=None, progress: bool = True
-               ) -> tuple[dict[str, ModuleDelta], dict]:
+               max_samples: int | None = None, max_seq_len: int = 4096, device=None, progress: bool = True,
+               o_alpha: str = "mean") -> tuple[dict[str, ModuleDelta], dict]:
     """Stage 2 end to end: (α-folded deltas, ``config["stage2"]`` summary).
 
     ``model``: the LRM (HF causal LM, not already wrapped); the deltas are attached through
@@ -316,7 +326,7 @@ def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_cal
                                         a0=m["a0"] if alpha_grad == "gain" else None,
                                         u0=m["u0"] if alpha_grad == "gain" else None,
                                         alpha_norm=alpha_norm, alpha_max=alpha_max)
-    folded = fold_alpha_all(deltas, alpha, n_heads, n_kv, head_dim)
+    folded = fold_alpha_all(deltas, alpha, n_heads, n_kv, head_dim, o_alpha=o_alpha)
 
     def table(t: Tensor) -> dict[str, list[float]]:
         return {str(i): [round(float(x), 6) for x in t[i]] for i in range(t.shape[0])}
@@ -325,7 +335,9 @@ def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_cal
         "method": "instruction-attention",
         "alpha_grad": alpha_grad, "alpha_norm": alpha_norm, "rho": float(rho), "alpha_max": float(alpha_max),
         "max_seq_len": int(max_seq_len), "max_samples": max_samples,
-        "granularity": "head (q rows, o cols); kv head = mean of its q heads; mlp = layer mean",
+        "o_alpha": o_alpha,
+        "granularity": ("head (q rows" + (", o cols" if o_alpha == "head" else "") + "); kv head = mean of its "
+                        "q heads; mlp" + ("" if o_alpha == "head" else " and o") + " = layer mean"),
         "n_heads": n_heads, "n_kv_heads": n_kv, "head_dim": head_dim,
         "alpha": table(alpha),
         "alpha_layer_mean": {str(i): round(float(alpha[i].mean()), 6) for i in range(n_layers)},

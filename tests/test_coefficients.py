@@ -64,7 +64,8 @@ def test_alpha_formula_errors():
 # ----------------------------------------------------------------------------------------------
 # folding
 # ----------------------------------------------------------------------------------------------
-def _explicit(name: str, D: torch.Tensor, b: torch.Tensor | None, alpha: torch.Tensor, H: int, KV: int, hD: int):
+def _explicit(name: str, D: torch.Tensor, b: torch.Tensor | None, alpha: torch.Tensor, H: int, KV: int, hD: int,
+              o_alpha: str = "mean"):
     """Per-head scaling written head by head (the folding rules of DESIGN §6.3)."""
     role = module_role(name)
     D = D.double().clone()
@@ -82,7 +83,7 @@ def _explicit(name: str, D: torch.Tensor, b: torch.Tensor | None, alpha: torch.T
             D[j * hD:(j + 1) * hD] *= kv_alpha
             if b is not None:
                 b[j * hD:(j + 1) * hD] *= kv_alpha
-    elif role == "o":
+    elif role == "o" and o_alpha == "head":
         for h in range(H):
             D[:, h * hD:(h + 1) * hD] *= a[h]
         if b is not None:
@@ -92,6 +93,31 @@ def _explicit(name: str, D: torch.Tensor, b: torch.Tensor | None, alpha: torch.T
         if b is not None:
             b *= a.mean()
     return D, b
+
+
+@pytest.mark.parametrize("role", ["q", "k", "v", "o", "gate", "up", "down"])
+def test_default_folding_keeps_the_stage1_constraint(role):
+    """Row scaling keeps D X = 0 at the protected inputs; o's per-head column scaling would not."""
+    from rain_adapter.arch import target_names
+    from rain_adapter.tiny import tiny_config
+
+    g = torch.Generator().manual_seed(11)
+    cfg = tiny_config("qwen2")
+    H, KV, hD = attention_geometry(cfg)
+    name = next(n for n in target_names(cfg, [role], [0]))
+    out_dim = {"q": H * hD, "k": KV * hD, "v": KV * hD, "o": 64, "gate": 128, "up": 128, "down": 64}[role]
+    in_dim = {"o": H * hD, "down": 128}.get(role, 64)
+    X = torch.randn(in_dim, 10, generator=g, dtype=torch.float64)        # protected inputs [in, n]
+    U, _, _ = torch.linalg.svd(X, full_matrices=False)
+    D = torch.randn(out_dim, in_dim, generator=g, dtype=torch.float64)
+    D = D - (D @ U) @ U.T                                                 # Stage 1: D X = 0
+    alpha = torch.tensor([0.2, 1.5, 0.7, 1.1], dtype=torch.float64)
+    folded = fold_alpha(name, ModuleDelta(delta=D), alpha, H, KV, hD)
+    # fold_alpha computes in float32: the residual is float32 round-off, not a violation
+    assert float((folded.delta @ X).norm() / (D.norm() * X.norm())) < 1e-6
+    if role == "o":
+        broken = fold_alpha(name, ModuleDelta(delta=D), alpha, H, KV, hD, o_alpha="head")
+        assert float((broken.delta @ X).norm() / (D.norm() * X.norm())) > 1e-3
 
 
 def test_kv_alpha_is_mean_of_sharing_q_heads():
@@ -105,7 +131,8 @@ def test_kv_alpha_is_mean_of_sharing_q_heads():
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_folding_matches_explicit_per_head_scaling(arch):
+@pytest.mark.parametrize("o_alpha", ["mean", "head"])
+def test_folding_matches_explicit_per_head_scaling(arch, o_alpha):
     from rain_adapter.config import RainConfig
     from rain_adapter.model import RainAdapter
 
@@ -116,19 +143,19 @@ def test_folding_matches_explicit_per_head_scaling(arch):
     dense = random_deltas(model, seed=1, bias=True, scale=0.2)
     low = random_deltas(model, seed=2, rank=3, bias=True, scale=0.2)
 
-    f_dense = fold_alpha_all(dense, alpha, H, KV, hD)
-    f_low = fold_alpha_all(low, alpha, H, KV, hD)
+    f_dense = fold_alpha_all(dense, alpha, H, KV, hD, o_alpha=o_alpha)
+    f_low = fold_alpha_all(low, alpha, H, KV, hD, o_alpha=o_alpha)
     explicit = {}
     for name in dense:
         a = alpha[module_layer(name)]
-        D, b = _explicit(name, dense[name].delta, dense[name].bias, a, H, KV, hD)
+        D, b = _explicit(name, dense[name].delta, dense[name].bias, a, H, KV, hD, o_alpha)
         torch.testing.assert_close(f_dense[name].delta.double(), D)
         if b is not None:
             torch.testing.assert_close(f_dense[name].bias.double(), b)
         explicit[name] = (D, b)
         # low-rank: B rows (q/k/v/mlp) or A columns (o) scaled == the same per-head scaling of B A
         assert f_low[name].is_lowrank and f_low[name].rank == 3
-        D_low, _ = _explicit(name, low[name].dense(), None, a, H, KV, hD)
+        D_low, _ = _explicit(name, low[name].dense(), None, a, H, KV, hD, o_alpha)
         torch.testing.assert_close(f_low[name].dense(torch.float64), D_low)
 
     # in a forward pass: attaching the folded deltas at λ = 1 == the merged per-head-scaled weights

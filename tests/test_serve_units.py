@@ -69,6 +69,11 @@ def test_wilson_and_tests_known_values():
     assert wilson(0, 0) == (None, None, None)
     p, lo, hi = wilson(0, 20)
     assert p == 0 and lo == 0 and 0 < hi < 0.2
+    # the interval contains p̂ at the edges for every n (round-off once gave lo = 2.8e-17 > p̂ = 0 at n = 12)
+    for n in range(1, 200):
+        for k in (0, n):
+            p, lo, hi = wilson(k, n)
+            assert lo <= p <= hi
     z, pv = two_proportion_z(60, 100, 40, 100)
     assert z == pytest.approx(2.8284, abs=1e-3) and pv == pytest.approx(0.00468, abs=1e-4)
     assert two_proportion_z(5, 5, 5, 5) == (None, None)

@@ -30,7 +30,9 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float | None, float | None, 
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    # The interval always contains p̂; clamp so float round-off at p̂ = 0 or 1 (k = 0 gives
+    # centre - half ≈ 3e-17) cannot put p̂ outside it (negative error bars in the plot).
+    return p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def mean_ci(x: Sequence[float], z: float = Z95) -> tuple[float | None, float | None, float | None]:
