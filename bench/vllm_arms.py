@@ -47,8 +47,16 @@ def build(workdir: Path, arch: str = "llama", rank: int = 4, seed: int = 0) -> t
 
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    # vLLM wants a real-looking config: the fixtures' triple config has bos/eos/pad ids and a long context
-    model = AutoModelForCausalLM.from_config(tiny_triple_config(arch, vocab_size=len(tok)), dtype=torch.float32).eval()
+    # vLLM wants a real-looking config: the fixtures' triple config has bos/eos/pad ids and a long context.
+    # vLLM's CPU attention supports head_dim 32/64/128..., not the tiny default 16: 2 heads of 64.
+    cfg = tiny_triple_config(arch, vocab_size=len(tok), hidden_size=128, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=256)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    # Random weights give near-tied logits, so two correct engines can pick different greedy tokens
+    # (seen: vLLM vs transformers on the *bare* model disagreed on 1 of 3 prompts). A larger lm_head
+    # widens the top-1 margins so the comparison tests the LoRA arms, not float round-off.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
     lrm = workdir / "lrm"
     model.save_pretrained(lrm)
     tok.save_pretrained(lrm)
@@ -80,7 +88,7 @@ def reference(lrm: Path, adapter: Path, prompts: list[list[int]], max_tokens: in
             ids = torch.tensor([p])
             with torch.no_grad():
                 g = rm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                                rain_lambda=lam, eos_token_id=None, pad_token_id=0, min_new_tokens=max_tokens)
+                                rain_lambda=lam, eos_token_id=None, pad_token_id=0)
             out[name].append(g[0, len(p):].tolist())
     return out
 
@@ -125,8 +133,10 @@ def serve_and_query(lrm: Path, arms: Path, prompts: list[list[int]], max_tokens:
             out[name] = []
             for p in prompts:
                 r = _post(f"{base}/v1/completions", {
-                    "model": name, "prompt": p, "max_tokens": max_tokens, "min_tokens": max_tokens,
+                    "model": name, "prompt": p, "max_tokens": max_tokens,
                     "temperature": 0.0, "logprobs": 0, "return_tokens_as_token_ids": True,
+                    # ignore_eos: never stop at EOS but do not suppress it either (min_tokens would
+                    # suppress it, while transformers with eos_token_id=None just keeps going)
                     "ignore_eos": True, "skip_special_tokens": False,
                 })
                 toks = r["choices"][0]["logprobs"]["tokens"]
@@ -162,7 +172,8 @@ def run(workdir: Path, *, max_tokens: int = 12, port: int = 8765, n_prompts: int
     distinct = len({json.dumps(v) for v in ref.values()})
     return {"arms": per_arm, "distinct_arm_outputs": distinct, "max_tokens": max_tokens,
             "seconds_reference": t_ref, "seconds_vllm_incl_startup": t_vllm,
-            "all_equal": all(v["sequences_equal"] == v["of"] for v in per_arm.values())}
+            "all_equal": all(v["sequences_equal"] == v["of"] for v in per_arm.values()),
+            "sequences": {name: {"attach": ref[name], "vllm": got[name]} for name in ref}}
 
 
 def main(argv: list[str] | None = None) -> int:
