@@ -16,10 +16,21 @@ Two modes giving the same features:
 :func:`iter_layer_features` yields ``(layer, {module: X})`` layer by layer so the caller can
 project and free a layer's features before the next one (in sequential mode the features of later
 layers do not exist yet).
+
+Memory (measured on a 97.6M-parameter Qwen2, ~3k-token samples, CPU): the forward's own working
+set is one layer's activations (~0.2 GB); the feature matrices are small (n·in floats). What used
+to grow was the glibc heap: transient activations of varying length, interleaved with the small
+feature rows kept by the hooks, fragmented the heap so freed memory was neither reused nor
+returned (anonymous memory grew ~30 MB per layer per sample, 0.3 → 1.3 GB over 3 samples). So the
+features go into buffers preallocated before the forward (no allocation that outlives a hook
+call), runs are under ``torch.inference_mode``, the forward stops as soon as the last needed input
+was captured, and :func:`trim_heap` hands freed heap pages back after every batch / layer.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -52,10 +63,69 @@ def _pad(batch: list[CalibItem], pad_id: int, device) -> tuple[Tensor, Tensor]:
     return ids.to(device), mask.to(device)
 
 
-def _gather(x: Tensor, batch: list[CalibItem]) -> Tensor:
-    """Rows of ``x [B, T, in]`` at each sample's Ω → ``[Σ|Ω|, in]`` float32 CPU."""
-    rows = [x[b, torch.tensor(it.positions, device=x.device)] for b, it in enumerate(batch)]
-    return torch.cat(rows, 0).detach().to("cpu", torch.float32)
+class _RowSink:
+    """Feature buffers ``{key: X [n, in] float32 CPU}`` allocated once, before any forward, and
+    filled batch by batch in calibration order (rows of sample i at ``offset[i]:offset[i+1]``).
+
+    Nothing a hook allocates outlives the hook call, so the heap holds no small long-lived blocks
+    between the forward's large transient ones (see the module docstring)."""
+
+    def __init__(self, items: Sequence[CalibItem], widths: Mapping, batch_size: int):
+        self.items = list(items)
+        self.offset = [0]
+        for it in self.items:
+            self.offset.append(self.offset[-1] + len(it.positions))
+        n = self.offset[-1]
+        self.bufs: dict = {k: (torch.empty(n, w, dtype=torch.float32) if w else None) for k, w in widths.items()}
+        self.batch_size = batch_size
+        self._index: dict = {}
+
+    def _idx(self, i: int, device) -> Tensor:
+        key = (i, str(device))
+        if key not in self._index:
+            self._index[key] = torch.tensor(self.items[i].positions, dtype=torch.long, device=device)
+        return self._index[key]
+
+    def put(self, key, x: Tensor, batch_no: int) -> None:
+        """Copy the rows of ``x [B, T, in]`` at each sample's Ω into ``bufs[key]``."""
+        buf = self.bufs[key]
+        if buf is None:  # width unknown up front (not an nn.Linear-like module): allocate now
+            buf = self.bufs[key] = torch.empty(self.offset[-1], x.shape[-1], dtype=torch.float32)
+        first = batch_no * self.batch_size
+        for b in range(x.shape[0]):
+            i = first + b
+            buf[self.offset[i]:self.offset[i + 1]].copy_(x[b].index_select(0, self._idx(i, x.device)))
+
+
+def _width(module: nn.Module) -> int | None:
+    """``in`` of a linear (or a RainLinear wrapping one); None when it cannot be told up front."""
+    for m in (module, getattr(module, "base", None)):
+        w = getattr(m, "in_features", None)
+        if isinstance(w, int):
+            return w
+    return None
+
+
+_LIBC: list = []
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim(0)``; a no-op without glibc).
+
+    Called between batches / layers of the feature passes: without it the RSS of a long build
+    ratchets up with heap fragmentation although the live tensors stay small."""
+    if not _LIBC:
+        lib = None
+        try:
+            name = ctypes.util.find_library("c")
+            cand = ctypes.CDLL(name) if name else None
+            if cand is not None and hasattr(cand, "malloc_trim"):
+                lib = cand
+        except OSError:
+            lib = None
+        _LIBC.append(lib)
+    if _LIBC[0] is not None:
+        _LIBC[0].malloc_trim(0)
 
 
 def _groups(names: Sequence[str]) -> dict[int, dict[str, list[str]]]:
@@ -121,21 +191,26 @@ def collect_features(model, modules, calib, **kw) -> dict[str, Tensor]:
 
 
 def _one_pass(model, groups, modules, calib, batch_size, pad_id, progress) -> dict[tuple[int, str], Tensor]:
+    """All layers in one forward per batch; stops right after the last needed input is captured."""
     from tqdm.auto import tqdm
 
-    rows: dict[tuple[int, str], list[Tensor]] = {(l, g): [] for l, gs in groups.items() for g in gs}
-    current: list[list[CalibItem]] = [[]]
+    keys = [(l, g) for l, gs in groups.items() for g in gs]
+    sink = _RowSink(calib.items, {(l, g): _width(modules[groups[l][g][0]]) for l, g in keys}, batch_size)
+    state = {"batch": 0, "seen": set()}
     handles = []
 
     def hook_for(key):
         def hook(mod, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
-            rows[key].append(_gather(x, current[0]))
+            sink.put(key, x, state["batch"])
+            state["seen"].add(key)
+            if len(state["seen"]) == len(keys):
+                raise _Stop  # every feature of this batch is in: the rest of the forward is not needed
         return hook
 
-    for (l, g), _ in rows.items():
-        first = groups[l][g][0]
-        handles.append(modules[first].register_forward_pre_hook(hook_for((l, g))))
+    for key in keys:
+        l, g = key
+        handles.append(modules[groups[l][g][0]].register_forward_pre_hook(hook_for(key)))
     last = decoder_layers(model)[max(groups)]
 
     def stop(mod, args, out):
@@ -145,22 +220,31 @@ def _one_pass(model, groups, modules, calib, batch_size, pad_id, progress) -> di
     dev = _model_device(model)
     decoder = getattr(model, "model", model)
     try:
-        with torch.no_grad():
-            for batch in tqdm(_batches(calib.items, batch_size), desc="features", disable=not progress):
-                current[0] = batch
+        with torch.inference_mode():
+            for bi, batch in enumerate(tqdm(_batches(calib.items, batch_size), desc="features", disable=not progress)):
+                state["batch"], state["seen"] = bi, set()
                 ids, mask = _pad(batch, pad_id, dev)
                 try:
                     decoder(input_ids=ids, attention_mask=mask, use_cache=False)
                 except _Stop:
                     pass
+                missing = [k for k in keys if k not in state["seen"]]
+                if missing:
+                    l, g = missing[0]
+                    raise RuntimeError(f"features: module {groups[l][g][0]!r} did not run in the LRM forward")
+                del ids, mask
+                trim_heap()
     finally:
         for h in handles:
             h.remove()
-    return {k: torch.cat(v, 0) for k, v in rows.items()}
+    return sink.bufs
 
 
 def _sequential(model, groups, modules, calib, batch_size, device, pad_id, progress):
-    """Layer-by-layer capture: inputs of layer 0 once, then one decoder layer at a time."""
+    """Layer-by-layer capture: inputs of layer 0 once, then one decoder layer at a time.
+
+    Holds the hidden states of every batch (``[B, T, hidden]`` each, on the CPU) plus one layer's
+    work; the last targeted layer stops as soon as its last needed input was captured."""
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
@@ -184,7 +268,7 @@ def _sequential(model, groups, modules, calib, batch_size, device, pad_id, progr
     h = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     decoder = getattr(model, "model", model)
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for batch in batches:
                 ids, mask = _pad(batch, pad_id, dev)
                 try:
@@ -193,6 +277,7 @@ def _sequential(model, groups, modules, calib, batch_size, device, pad_id, progr
                     pass
     finally:
         h.remove()
+    trim_heap()
 
     last = max(groups)
     for l in tqdm(range(last + 1), desc="features (sequential)", disable=not progress):
@@ -200,30 +285,43 @@ def _sequential(model, groups, modules, calib, batch_size, device, pad_id, progr
         home = next(layer.parameters()).device
         layer.to(run_dev)
         lg = groups.get(l, {})
-        rows: dict[str, list[Tensor]] = {g: [] for g in lg}
-        current: list[list[CalibItem]] = [[]]
+        sink = _RowSink(calib.items, {g: _width(modules[ns[0]]) for g, ns in lg.items()}, batch_size)
+        state = {"batch": 0, "seen": set()}
         handles = []
 
         def hook_for(g):
             def hook(mod, args):
-                rows[g].append(_gather(args[0], current[0]))
+                sink.put(g, args[0], state["batch"])
+                state["seen"].add(g)
+                if l == last and len(state["seen"]) == len(lg):
+                    raise _Stop  # the last layer's output is not needed
             return hook
 
         for g, ns in lg.items():
             handles.append(modules[ns[0]].register_forward_pre_hook(hook_for(g)))
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 for i, batch in enumerate(batches):
-                    current[0] = batch
-                    out = layer(states[i].to(run_dev), **_to(kwargs_list[i], run_dev))
-                    if isinstance(out, (tuple, list)):
-                        out = out[0]
+                    state["batch"], state["seen"] = i, set()
+                    try:
+                        out = layer(states[i].to(run_dev), **_to(kwargs_list[i], run_dev))
+                    except _Stop:
+                        out = None
+                    missing = [g for g in lg if g not in state["seen"]]
+                    if missing:
+                        raise RuntimeError(f"features: module {lg[missing[0]][0]!r} did not run in its decoder layer")
                     if l < last:
+                        if isinstance(out, (tuple, list)):
+                            out = out[0]
                         states[i] = out.detach().to("cpu")
+                    del out
         finally:
             for hd in handles:
                 hd.remove()
             layer.to(home)
+        if l == last:
+            states.clear()
+            kwargs_list.clear()
+        trim_heap()
         if lg:
-            feats = {g: torch.cat(r, 0) for g, r in rows.items()}
-            yield l, {n: feats[g] for g, ns in lg.items() for n in ns}
+            yield l, {n: sink.bufs[g] for g, ns in lg.items() for n in ns}

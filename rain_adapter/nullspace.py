@@ -25,6 +25,8 @@ number of protected input directions), ``protected_energy`` (fraction of Σ s² 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +36,11 @@ PROJECTIONS = ("hard", "ridge", "none")
 DEFAULT_PROTECT_ENERGY = 0.99
 DEFAULT_RIDGE = 0.1
 DEFAULT_RTOL: float | None = None  # None → max(n, in)·eps(dtype), torch.linalg.pinv's default
+#: CPU SVDs below this many flops (k²·m for an [n, in] X, k = min, m = max) run on one thread: they
+#: are latency-bound chains of small LAPACK steps, each an OpenMP barrier. Measured on a 2-core CPU
+#: shared with another job: a [192, 2560] float32 SVD takes 39 ms on 1 thread and 4.4 s on 2
+#: (threads spin at barriers waiting for a descheduled sibling); 91 of them were 40% of a build.
+SMALL_SVD_FLOPS = 2e9
 
 
 @dataclass
@@ -56,8 +63,24 @@ def feature_basis(X: Tensor, *, dtype: torch.dtype = torch.float32) -> tuple[Ten
         raise ValueError(f"features must be [n, in], got {tuple(X.shape)}")
     if not torch.isfinite(X).all():
         raise ValueError("features contain NaN/inf (check the LRM forward in this dtype)")
-    _, s, vh = torch.linalg.svd(X.to(dtype), full_matrices=False)
+    k, m = sorted(X.shape)
+    with _cpu_threads(1 if X.device.type == "cpu" and k * k * m < SMALL_SVD_FLOPS else None):
+        _, s, vh = torch.linalg.svd(X.to(dtype), full_matrices=False)
     return vh.mT, s
+
+
+@contextmanager
+def _cpu_threads(n: int | None) -> Iterator[None]:
+    """Temporarily cap torch's intra-op CPU threads at ``n`` (None: leave them), then restore."""
+    old = torch.get_num_threads()
+    if n is None or old <= n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def default_rtol(n: int, d: int, dtype: torch.dtype) -> float:

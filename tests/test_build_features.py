@@ -42,3 +42,22 @@ def test_modes_agree_with_reference(arch):
     f = collect_features(model, sub, cs, progress=False)
     assert list(f) == ["model.layers.0.self_attn.o_proj"]
     torch.testing.assert_close(f["model.layers.0.self_attn.o_proj"], ref["model.layers.0.self_attn.o_proj"])
+
+
+def test_trim_heap_and_missing_module_error():
+    """trim_heap is safe to call anywhere; a targeted module that never runs is a clear error
+    (not a silently short feature matrix)."""
+    from transformers import AutoModelForCausalLM
+
+    from rain_adapter.features import trim_heap
+
+    trim_heap()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_triple_config("qwen2"), dtype=torch.float32).eval()
+    cs = prepare_reasoning_calibration(make_tokenizer(), make_reasoning_samples(2, seed=1), min_samples=1)
+    mods = target_linears(model, ["q"], [0])
+    stray = {"model.layers.0.self_attn.q_proj": torch.nn.Linear(64, 64)}  # not part of the forward
+    with pytest.raises(RuntimeError, match="did not run"):
+        collect_features(model, stray, cs, progress=False)
+    f = collect_features(model, mods, cs, progress=False)
+    assert f["model.layers.0.self_attn.q_proj"].shape == (2 * 12, 64)

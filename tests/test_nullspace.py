@@ -78,3 +78,20 @@ def test_bad_args():
     X2[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         project(D, X2)
+
+
+def test_small_svd_runs_single_threaded_and_restores_threads():
+    """Small CPU SVDs are capped at one thread (latency-bound; see SMALL_SVD_FLOPS) and the
+    caller's thread count is restored; the basis is the same SVD."""
+    from rain_adapter.nullspace import feature_basis
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        X = torch.randn(24, 96, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        V, s = feature_basis(X, dtype=torch.float64)
+        assert torch.get_num_threads() == 2
+        torch.testing.assert_close(s, torch.linalg.svdvals(X))
+        torch.testing.assert_close((X @ V) @ V.mT, X)  # V spans X's row space
+    finally:
+        torch.set_num_threads(old)
