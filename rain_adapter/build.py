@@ -145,6 +145,9 @@ def build_adapter(
     alpha_grad: str = "level",
     alpha_norm: str = "mean",
     alpha_max: float = 1.5,
+    o_alpha: str = "mean",
+    stage2_max_samples: int | None = None,
+    stage2_max_seq_len: int | None = None,
     progress: bool = True,
     verbose: bool = True,
 ) -> Path:
@@ -321,9 +324,13 @@ def build_adapter(
                 raise NotImplementedError(f"Stage 2 is not available ({e}); use --no-stage2") from e
             if sequential and device is not None:
                 model.to(device)
-            deltas, stage2 = run_stage2(model, tokenizer, deltas, instruction_calib, rho=rho, alpha_grad=alpha_grad,
-                                        alpha_norm=alpha_norm, alpha_max=alpha_max, max_samples=max_samples,
-                                        max_seq_len=max_seq_len, device=device, progress=progress)
+            # Stage 2 samples hold the whole response, so they may need their own limits.
+            deltas, stage2 = run_stage2(
+                model, tokenizer, deltas, instruction_calib, rho=rho, alpha_grad=alpha_grad,
+                alpha_norm=alpha_norm, alpha_max=alpha_max, o_alpha=o_alpha,
+                max_samples=max_samples if stage2_max_samples is None else stage2_max_samples,
+                max_seq_len=max_seq_len if stage2_max_seq_len is None else stage2_max_seq_len,
+                device=device, progress=progress)
         else:
             final_method = "rain-stage1"
             stage2 = {"applied": False,
@@ -442,6 +449,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--alpha-grad", default="level", choices=["level", "gain"])
     g.add_argument("--alpha-norm", default="mean", choices=["mean", "none"])
     g.add_argument("--alpha-max", type=float, default=1.5)
+    g.add_argument("--o-alpha", default="mean", choices=["mean", "head"],
+                   help="o_proj: layer-mean α (default; keeps the Stage 1 constraint) or per-head input columns")
+    g.add_argument("--stage2-max-samples", type=int, default=None, help="default: --max-samples")
+    g.add_argument("--stage2-max-seq-len", type=int, default=None, help="default: --max-seq-len")
     g = p.add_argument_group("storage and compute")
     g.add_argument("--storage", default="dense", choices=["dense", "lowrank"])
     g.add_argument("--rank", type=int, default=None)
@@ -465,7 +476,9 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume, sequential=args.sequential, storage=args.storage, rank=args.rank,
         rank_energy=args.rank_energy, max_rank=args.max_rank, merge_bias=args.merge_bias, overwrite=args.overwrite,
         density=args.density, drop=args.drop, seed=args.seed, rho=args.rho, alpha_grad=args.alpha_grad,
-        alpha_norm=args.alpha_norm, alpha_max=args.alpha_max, progress=not args.no_progress,
+        alpha_norm=args.alpha_norm, alpha_max=args.alpha_max, o_alpha=args.o_alpha,
+        stage2_max_samples=args.stage2_max_samples, stage2_max_seq_len=args.stage2_max_seq_len,
+        progress=not args.no_progress,
     )
     return 0
 

@@ -237,3 +237,25 @@ def test_bad_inputs_leave_no_output(triple, calib, tmp_path):
     with pytest.raises(CalibrationError, match="usable"):
         build_adapter(triple.lrm, triple.itm, triple.base, out, reasoning_calib=calib, min_samples=5, progress=False)
     assert nothing_written()
+
+
+def test_stage2_keeps_the_thinking_outputs(triple, calib, tmp_path):
+    """Stage 1 + Stage 2: α folding must not undo the null-space constraint (o_proj included)."""
+    try:
+        from rain_adapter.paths import shared_calibration_dir
+        inst = shared_calibration_dir() / "instruction_calibration_set.jsonl"
+    except FileNotFoundError:
+        pytest.skip("shared calibration data not found")
+    kw = dict(projection="hard", protect_energy=1.0, instruction_calib=inst, max_samples=3, max_seq_len=100_000)
+    out = _build(triple, calib, tmp_path / "s2", **kw)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["method"] == "rain" and cfg["stage2"]["o_alpha"] == "mean"
+    alpha = torch.tensor([cfg["stage2"]["alpha"][k] for k in sorted(cfg["stage2"]["alpha"])])
+    assert alpha.std() > 0  # heads really get different α, so the check below means something
+    res, _ = _residuals(triple, calib, out)
+    assert max(res.values()) <= 1e-4, res
+    # DESIGN's first rule (o_proj input columns × α_h) breaks it: the regression this guards against
+    head = _build(triple, calib, tmp_path / "s2head", o_alpha="head", **kw)
+    res_head, _ = _residuals(triple, calib, head)
+    o_names = [n for n in res if n.endswith("o_proj")]
+    assert all(res_head[n] > 10 * res[n] for n in o_names), (res, res_head)
