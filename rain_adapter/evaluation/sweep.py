@@ -1,0 +1,273 @@
+"""λ sweeps: greedy generation at several λ in one batch, scored per λ and method.
+
+``rain sweep --model PATH --adapter A [--adapter B …] --lambdas 0:1.5:0.25 --prompts FILE
+[--out DIR] [--max-new-tokens N]``
+
+Prompts file: JSONL (or a JSON list) of IFEval-style rows ``{prompt, instruction_id_list, kwargs,
+answer?}``. Each batch holds (prompt, λ) pairs for several λ at once: the adapter is attached once
+(:meth:`RainAdapter.attach`) and ``set_lambda`` gets one λ per row. Per (method, λ): compliance
+(prompt-level strict, thinking stripped), instruction-level compliance, thinking-format validity,
+thinking rate and accuracy (rows with ``answer``). Writes ``sweep.csv``, ``responses.jsonl`` and
+``sweep.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checks import aggregate, score_response
+
+METRICS = ("compliance", "instruction_level", "format_validity", "thinking_rate", "accuracy", "n")
+
+
+def parse_lambdas(spec: str) -> list[float]:
+    """``"0:1.5:0.25"`` (start:stop:step, stop included) or ``"0,0.5,1"`` → list of floats."""
+    spec = spec.strip()
+    if ":" in spec:
+        parts = spec.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"--lambdas {spec!r}: expected start:stop:step")
+        start, stop, step = (float(p) for p in parts)
+        if step <= 0 or stop < start:
+            raise ValueError(f"--lambdas {spec!r}: need step > 0 and stop >= start")
+        n = int(math.floor((stop - start) / step + 1e-9)) + 1
+        return [round(start + i * step, 10) for i in range(n)]
+    try:
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--lambdas {spec!r}: {e}") from e
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Read a JSONL / JSON list of prompt rows; each needs ``prompt`` (``instruction_id_list`` and
+    ``kwargs`` default to empty)."""
+    path = Path(path)
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
+            raise ValueError(f"{path}: row {i} has no string field 'prompt'")
+        r.setdefault("instruction_id_list", [])
+        r.setdefault("kwargs", [{} for _ in r["instruction_id_list"]])
+        if len(r["kwargs"]) != len(r["instruction_id_list"]):
+            raise ValueError(f"{path}: row {i}: kwargs and instruction_id_list differ in length")
+    return rows[:limit] if limit else rows
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    """The chat template's generation prompt for one user message (raw prompt without a template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    return prompt
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: Sequence[str], *, lambdas: Sequence[float] | None = None,
+                       max_new_tokens: int = 128, batch_size: int = 64, progress: bool = True,
+                       desc: str = "generate") -> list[str]:
+    """Greedy continuations (special tokens skipped, ``</think>`` kept) of each chat-rendered prompt.
+
+    ``lambdas`` (one per prompt) is handed to a RainModel as a per-row λ; None for a bare model.
+    Left padding; the chat template supplies BOS, so ``add_special_tokens=False``.
+    """
+    if lambdas is not None and len(lambdas) != len(prompts):
+        raise ValueError("generate_responses: need one λ per prompt")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list[str] = [""] * len(texts)
+    device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
+    skip = _skip_ids(tokenizer)
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        idx = order[s:s + batch_size]
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                                  top_k=None, pad_token_id=tokenizer.pad_token_id)
+        if lambdas is not None:
+            kw["rain_lambda"] = torch.tensor([float(lambdas[i]) for i in idx], dtype=torch.float32)
+        gen = model.generate(**enc, **kw)
+        new = gen[:, enc["input_ids"].shape[1]:]
+        for i, row in zip(idx, new):
+            out[i] = tokenizer.decode([t for t in row.tolist() if t not in skip], skip_special_tokens=False)
+    return out
+
+
+def _skip_ids(tokenizer) -> set[int]:
+    """Special token ids to drop from decoded text; the thinking markers are kept even when a
+    tokenizer marks them special (the think-format check needs them)."""
+    keep = {tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>")}
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    return special - keep
+
+
+def evaluate_rows(rows: Sequence[dict[str, Any]], responses: Sequence[str]) -> dict[str, float]:
+    """Aggregate metrics (see :func:`rain_adapter.evaluation.checks.aggregate`) of responses to rows."""
+    return aggregate([score_response(r, resp) for r, resp in zip(rows, responses)])
+
+
+def sweep_attached(rain_model, tokenizer, rows: Sequence[dict[str, Any]], lambdas: Sequence[float], *,
+                   method: str, max_new_tokens: int = 128, batch_size: int = 64, progress: bool = True,
+                   responses_out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Sweep λ on a RainModel: every (row, λ) pair generated in mixed-λ batches; one record per λ."""
+    pairs = [(r, lam) for lam in lambdas for r in rows]
+    lo, hi = getattr(getattr(rain_model, "rain_config", None), "lambda_range", None) or (-math.inf, math.inf)
+    outside = sorted({float(x) for x in lambdas if not lo <= float(x) <= hi})
+    if outside:  # one note instead of a warning per generate call
+        print(f"note: {method}: λ {outside} outside the adapter's lambda_range [{lo}, {hi}]", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*outside the adapter's lambda_range.*")
+        resp = generate_responses(rain_model, tokenizer, [r["prompt"] for r, _ in pairs],
+                                  lambdas=[lam for _, lam in pairs], max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, progress=progress, desc=f"sweep {method}")
+    records = []
+    for lam in lambdas:
+        sel = [(r, x) for (r, la), x in zip(pairs, resp) if la == lam]
+        rec = {"method": method, "lambda": float(lam), **evaluate_rows([r for r, _ in sel], [x for _, x in sel])}
+        records.append(rec)
+        if responses_out is not None:
+            responses_out.extend({"method": method, "lambda": float(lam), "prompt": r["prompt"], "response": x}
+                                 for r, x in sel)
+    return records
+
+
+def method_name(adapter: str | Path) -> str:
+    """``<config.method>`` of an adapter directory, or its name."""
+    try:
+        from rain_adapter.store import resolve_adapter
+
+        root = resolve_adapter(adapter)
+        cfg = json.loads((root / "adapter_config.json").read_text())
+        return str(cfg.get("method") or Path(root).name)
+    except Exception:
+        return Path(str(adapter)).name
+
+
+def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Sequence[dict[str, Any]],
+                   lambdas: Sequence[float], *, names: Sequence[str] | None = None, max_new_tokens: int = 128,
+                   batch_size: int = 64, progress: bool = True,
+                   responses_out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Attach each adapter in turn to ``model`` (an HF causal LM), sweep λ, detach."""
+    from rain_adapter.model import RainAdapter
+
+    records: list[dict[str, Any]] = []
+    names = list(names) if names else []
+    used: set[str] = set()
+    for i, ad in enumerate(adapters):
+        name = names[i] if i < len(names) else method_name(ad)
+        base_name, k = name, 2
+        while name in used:
+            name, k = f"{base_name}-{k}", k + 1
+        used.add(name)
+        rm = RainAdapter.attach(model, str(ad) if isinstance(ad, Path) else ad)
+        try:
+            records += sweep_attached(rm, tokenizer, rows, lambdas, method=name, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size, progress=progress, responses_out=responses_out)
+        finally:
+            rm.detach()
+    return records
+
+
+def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "lambda", *METRICS], extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) and k not in ("lambda", "n") else v)
+                        for k, v in r.items()})
+    return path
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width text table of sweep records."""
+    head = f"{'method':<18}{'λ':>6}{'comply':>8}{'inst':>7}{'format':>8}{'think':>7}{'acc':>7}{'n':>5}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        def f(k: str) -> str:
+            v = r.get(k, float("nan"))
+            return "   -" if v != v else f"{v:.2f}"
+        lines.append(f"{r['method']:<18}{r['lambda']:>6.2f}{f('compliance'):>8}{f('instruction_level'):>7}"
+                     f"{f('format_validity'):>8}{f('thinking_rate'):>7}{f('accuracy'):>7}{int(r.get('n', 0)):>5}")
+    return "\n".join(lines)
+
+
+def load_model(path: str | Path, device: str | None = None, dtype: str = "float32"):
+    """An HF causal LM and its tokenizer, in ``dtype`` on ``device`` (eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    if device:
+        model.to(device)
+    model.eval()
+    return model, tok
+
+
+def run(args: argparse.Namespace) -> int:
+    lambdas = parse_lambdas(args.lambdas)
+    rows = load_prompts(args.prompts, args.limit)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, args.device, args.dtype)
+    out = Path(args.out)
+    t0 = time.time()
+    responses: list[dict[str, Any]] = []
+    records = sweep_adapters(model, tok, args.adapter, rows, lambdas, names=args.name,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             progress=not args.quiet, responses_out=responses)
+    write_csv(records, out / "sweep.csv")
+    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
+    png = None
+    try:
+        from .plots import plot_sweep
+
+        png = plot_sweep(records, out / "sweep.png")
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install rain-adapter[eval])")
+    print(format_table(records))
+    print(f"{len(rows)} prompts × {len(lambdas)} λ × {len(args.adapter)} adapters in {time.time() - t0:.1f}s; "
+          f"wrote {out / 'sweep.csv'}" + (f", {png}" if png else ""))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``rain sweep``."""
+    p = subparsers.add_parser("sweep", help="generate at several λ per adapter and score instruction "
+                              "compliance, thinking format and accuracy",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the LRM (HF directory or hub id)")
+    p.add_argument("--adapter", action="append", required=True, help="adapter dir / name (repeatable)")
+    p.add_argument("--name", action="append", help="display name per --adapter (default: its method)")
+    p.add_argument("--lambdas", default="0:1.5:0.25", help="start:stop:step or a comma list (default 0:1.5:0.25)")
+    p.add_argument("--prompts", required=True, help="JSONL of {prompt, instruction_id_list, kwargs, answer?}")
+    p.add_argument("--out", default="rain-sweep", help="output directory (default ./rain-sweep)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64, help="rows per generate call (mixed λ)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
