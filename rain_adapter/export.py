@@ -57,7 +57,7 @@ from torch import Tensor
 
 from .config import RainConfig
 from .delta import ModuleDelta
-from .store import AdapterError, atomic_dir, load_adapter, weight_hash
+from .store import AdapterError, adapter_from, atomic_dir, weight_hash
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -270,12 +270,7 @@ def export_peft(
     With ``lambdas``: ``out/rain-<λ>/`` per arm and ``out/README.md`` with the vLLM command.
     ``lam`` defaults to the adapter's ``default_lambda``. Returns ``out``.
     """
-    if isinstance(adapter, tuple):
-        config, deltas = adapter
-        source = "<in-memory>"
-    else:
-        config, deltas = load_adapter(adapter)
-        source = str(adapter)
+    config, deltas, source = adapter_from(adapter)
     if lam is not None and lambdas is not None:
         raise ExportError("give --lambda or --lambdas, not both")
     if isinstance(dtype, str):
@@ -380,12 +375,7 @@ def export_merged(
     """Write the LRM with ``W + λ D`` merged in, as a plain HF checkpoint streamed shard by shard."""
     from tqdm.auto import tqdm
 
-    if isinstance(adapter, tuple):
-        config, deltas = adapter
-        source = "<in-memory>"
-    else:
-        config, deltas = load_adapter(adapter)
-        source = str(adapter)
+    config, deltas, source = adapter_from(adapter)
     lam = config.default_lambda if lam is None else float(lam)
     _check_lambdas([lam], config)
     root = _resolve_lrm(lrm)

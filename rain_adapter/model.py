@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .config import RainConfig
 from .delta import ModuleDelta
 from .layers import LambdaState, RainLinear
-from .store import AdapterError, check_fingerprint, load_adapter
+from .store import AdapterError, adapter_from, check_fingerprint
 
 LambdaLike = float | Sequence[float] | Tensor
 
@@ -169,12 +169,7 @@ class RainAdapter:
         """
         if isinstance(model, RainModel):
             raise ValueError("model already has a RAIN adapter attached; detach() it first")
-        if isinstance(adapter, tuple):
-            config, deltas = adapter
-            source = "<in-memory>"
-        else:
-            config, deltas = load_adapter(adapter)
-            source = str(adapter)
+        config, deltas, source = adapter_from(adapter)
         if not deltas:
             raise AdapterError(f"{source}: adapter holds no module deltas")
         modules = dict(model.named_modules())

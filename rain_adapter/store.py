@@ -342,7 +342,19 @@ def load_adapter(
     return config, deltas
 
 
+def adapter_from(
+    adapter: "str | Path | tuple[RainConfig, dict[str, ModuleDelta]]",
+) -> tuple[RainConfig, dict[str, ModuleDelta], str]:
+    """``(config, deltas, source)`` from a name / path (loaded) or an in-memory ``(config, deltas)`` pair."""
+    if isinstance(adapter, tuple):
+        config, deltas = adapter
+        return config, deltas, "<in-memory>"
+    config, deltas = load_adapter(adapter)
+    return config, deltas, str(adapter)
+
+
 __all__ = [
+    "adapter_from",
     "AdapterError",
     "AdapterNotFoundError",
     "ConfigError",
