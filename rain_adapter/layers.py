@@ -2,6 +2,10 @@
 
     y = x Wᵀ + b + s ⊙ (x Dᵀ + d_b)          s = λ of the row (α is folded into D)
 
+λ is per batch row (:meth:`LambdaState.set`) or, for packed continuous-batching inputs
+``[1, total_tokens]``, per token (:meth:`LambdaState.set_tokens`: one λ per row of ``x`` flattened
+to ``[M, in]``).
+
 The wrapped layer is kept untouched in ``self.base``; the delta lives in non-persistent buffers
 (dense ``D [out, in]`` or low-rank ``A [r, in]``, ``B [out, r]``). λ comes from a
 :class:`LambdaState` shared by every RainLinear of one model, held as a device tensor so that
@@ -39,7 +43,8 @@ def _as_lambda_tensor(lam: float | Sequence[float] | Tensor) -> Tensor:
 
 
 class LambdaState:
-    """The λ of one attached model: ``[1]`` (uniform) or ``[n]`` (one per batch row).
+    """The λ of one attached model: ``[1]`` (uniform), ``[n]`` (one per batch row) or, after
+    :meth:`set_tokens`, ``[M]`` (one per token row of ``x`` flattened to ``[M, in]``; ``per_token``).
 
     A uniform λ is updated in place (``copy_``) so a CUDA graph captured once stays right;
     per-device copies are cached so a model split across devices pays one copy per change.
@@ -50,20 +55,37 @@ class LambdaState:
         self._cpu = _as_lambda_tensor(lam)
         self._per_device: dict[torch.device, Tensor] = {}
         self.all_zero = bool((self._cpu == 0).all())
+        self.per_token = False
 
-    def set(self, lam: float | Sequence[float] | Tensor) -> None:
-        t = _as_lambda_tensor(lam)
+    def _check_range(self, t: Tensor) -> None:
         if self.lambda_range is not None:
             lo, hi = self.lambda_range
             if bool(((t < lo) | (t > hi)).any()):
-                warnings.warn(f"λ {t.tolist()} outside the adapter's lambda_range [{lo}, {hi}]", stacklevel=3)
-        if t.shape == self._cpu.shape:
+                warnings.warn(f"λ {t.tolist()} outside the adapter's lambda_range [{lo}, {hi}]", stacklevel=4)
+
+    def set(self, lam: float | Sequence[float] | Tensor) -> None:
+        t = _as_lambda_tensor(lam)
+        self._check_range(t)
+        self.per_token = False
+        # an inference tensor (set under torch.inference_mode) cannot be updated in place outside it
+        frozen = self._cpu.is_inference() and not torch.is_inference_mode_enabled()
+        if t.shape == self._cpu.shape and not frozen:
             self._cpu.copy_(t)
             for dev_t in self._per_device.values():
                 dev_t.copy_(t, non_blocking=True)
         else:
             self._cpu = t
             self._per_device = {}
+        self.all_zero = bool((t == 0).all())
+
+    def set_tokens(self, lam: Sequence[float] | Tensor) -> None:
+        """Per-token λ ``[M]``: row ``m`` of every wrapped layer's input flattened to ``[M, in]`` gets
+        ``lam[m]`` (packed ``[1, M]`` continuous-batching inputs). Forwards whose ``M`` differs raise."""
+        t = _as_lambda_tensor(lam)
+        self._check_range(t)
+        self._cpu = t
+        self._per_device = {}
+        self.per_token = True
         self.all_zero = bool((t == 0).all())
 
     @property
@@ -98,6 +120,15 @@ def row_scale(lam: Tensor, x_shape: torch.Size) -> Tensor:
         lam = lam.repeat_interleave(batch // n)
     per_batch = m // batch
     return lam[:, None].expand(batch, per_batch).reshape(m)
+
+
+def token_scale(lam: Tensor, x_shape: torch.Size, name: str = "") -> Tensor:
+    """Per-token λ ``[M]`` -> the scale of ``x`` flattened to ``[M, in]`` (lengths must match)."""
+    m = math.prod(x_shape[:-1])
+    if lam.numel() != m:
+        raise ValueError(f"module {name!r}: per-token λ has {lam.numel()} values but the input has {m} token rows "
+                         f"(shape {list(x_shape)})")
+    return lam
 
 
 class RainLinear(nn.Module):
@@ -139,7 +170,8 @@ class RainLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.state.all_zero:  # λ = 0 everywhere: exactly the bare layer
             return self.base(x)
-        scale = row_scale(self.state.on(x.device), x.shape)
+        lam = self.state.on(x.device)
+        scale = token_scale(lam, x.shape, self.name) if self.state.per_token else row_scale(lam, x.shape)
         y = rain_linear(
             x.reshape(-1, x.shape[-1]),
             self.base.weight,

@@ -77,19 +77,26 @@ class RainModel:
         self._check_attached()
         self._state.set(lam)
 
+    def set_token_lambda(self, lam: Sequence[float] | Tensor) -> None:
+        """Set one λ per token: ``lam [M]`` for inputs whose token rows flatten to ``M`` (packed
+        continuous-batching inputs ``[1, M]``). Stays until the next ``set_lambda`` / ``set_token_lambda``;
+        a forward with a different token count raises."""
+        self._check_attached()
+        self._state.set_tokens(lam)
+
     def get_lambda(self) -> Tensor:
-        """The current λ as a float32 CPU tensor ``[1]`` or ``[batch]``."""
+        """The current λ as a float32 CPU tensor ``[1]``, ``[batch]`` or (per-token mode) ``[M]``."""
         return self._state.value
 
     @contextmanager
     def lambda_scope(self, lam: LambdaLike) -> Iterator["RainModel"]:
         """``with model.lambda_scope(0.5): ...`` sets λ inside the block and restores it after."""
-        old = self._state.value
+        old, old_per_token = self._state.value, self._state.per_token
         self.set_lambda(lam)
         try:
             yield self
         finally:
-            self._state.set(old)
+            (self._state.set_tokens if old_per_token else self._state.set)(old)
 
     def generate(self, *args, rain_lambda: LambdaLike | None = None, **kwargs):
         """``model.generate`` with an optional λ (float or one per input row) for this call."""

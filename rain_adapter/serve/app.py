@@ -54,6 +54,7 @@ class ServeState:
     batch_window_ms: float = 10.0
     context_length: int | None = None
     default_temperature: float = 1.0
+    batching: str = "dynamic"  # "dynamic" (batching.BatchScheduler) | "continuous" (continuous.ContinuousScheduler)
     scheduler: BatchScheduler | None = None
     metrics: ServeMetrics | None = None
     assigner: ArmAssigner | None = None
@@ -130,8 +131,13 @@ def create_app(state: ServeState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if state.scheduler is None:
-            state.scheduler = BatchScheduler(state.model, state.tokenizer, max_batch_size=state.max_batch_size,
-                                             batch_window_ms=state.batch_window_ms, on_batch=state.metrics.on_batch)
+            sched_cls = BatchScheduler
+            if state.batching == "continuous":
+                from .continuous import ContinuousScheduler as sched_cls
+            elif state.batching != "dynamic":
+                raise ValueError(f"rain_adapter.serve.app: batching must be 'dynamic' or 'continuous', got {state.batching!r}")
+            state.scheduler = sched_cls(state.model, state.tokenizer, max_batch_size=state.max_batch_size,
+                                        batch_window_ms=state.batch_window_ms, on_batch=state.metrics.on_batch)
         try:
             yield
         finally:

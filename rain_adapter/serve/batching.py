@@ -8,14 +8,10 @@ tracker (a ``StoppingCriteria``) turns the newest token of every row into
 incremental text, applies each row's own ``max_tokens`` and ``stop`` strings,
 and finishes rows independently.
 
-Batching mode: *dynamic batching per generate call*.  transformers 5.24 ships
-continuous batching (``generate_batch`` / ``ContinuousBatchingManager``), but it
-packs all requests into one ``[1, total_tokens]`` varlen row over a paged cache,
-so a per-row λ would have to become a per-*token* λ driven by the manager's
-private ``cumulative_seqlens_q`` bookkeeping; RainLinear's λ is per batch row,
-and the CB request→token mapping is not a public API.  We therefore batch per
-generate call: a request that arrives while a batch is decoding waits for the
-next call.
+Batching mode: *dynamic batching per generate call* (the default; a request that
+arrives while a batch is decoding waits for the next call).  ``rain serve
+--batching continuous`` uses transformers' continuous batching with a per-token λ
+instead (:mod:`rain_adapter.serve.continuous`); sampling requests still come here.
 
 Compatibility (who may share a call): all greedy requests; sampling requests
 with equal ``(temperature, top_p)`` and no seed.  A request with a ``seed`` runs

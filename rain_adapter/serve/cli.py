@@ -2,6 +2,7 @@
 
     rain serve --model PATH --adapter NAME [--lambda L] [--arms FILE] [--host 127.0.0.1 --port 8000]
                [--api-key KEY] [--db PATH] [--max-batch-size 8 --batch-window-ms 10 --max-tokens-cap 1024]
+               [--batching dynamic|continuous]
     rain ab report --db PATH [--png OUT] [--json]
 
 Also runnable without the ``rain`` entry point: ``python -m rain_adapter.serve.cli serve ...``.
@@ -35,6 +36,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--db", default="rain_requests.sqlite", help="SQLite request log (WAL)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-window-ms", type=float, default=10.0)
+    p.add_argument("--batching", choices=("dynamic", "continuous"), default="dynamic",
+                   help="dynamic: one generate call per batch with per-row λ; continuous: transformers' continuous "
+                        "batching with a per-token λ (greedy requests; sampling ones use dynamic batching)")
     p.add_argument("--max-tokens-cap", type=int, default=1024)
     p.add_argument("--default-temperature", type=float, default=1.0,
                    help="temperature when a request gives none (OpenAI's default is 1.0)")
@@ -100,7 +104,7 @@ def run_serve(args) -> int:
     state = serve_state_from(model, tok, model_name=name, db_path=args.db, arms=arms, lam=args.lam,
                              api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                              max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
-                             default_temperature=args.default_temperature)
+                             default_temperature=args.default_temperature, batching=args.batching)
     app = create_app(state)
     log.info("rain serve: %s on http://%s:%d (arms: %s, λ range %s, db %s)", name, args.host, args.port,
              ", ".join(f"{a.name}={a.lam}" for a in state.arms), list(state.lambda_range), args.db)

@@ -1,0 +1,349 @@
+"""Continuous batching with a per-token λ (optional scheduler: ``rain serve --batching continuous``).
+
+transformers' continuous batching (``ContinuousBatchingManager``, paged KV cache) packs every
+scheduled request into ONE varlen row: each forward gets ``input_ids [1, M]`` and
+``cu_seq_lens_q [R + 1]`` (request r owns tokens ``cu[r]:cu[r+1]``), in the order of the batch's
+``requests_in_batch`` (``ContinuousBatchingIOs``, the list ``prepare_batch_tensors`` packed). A
+forward pre-hook on the wrapped HF model (plain ``nn.Module.register_forward_pre_hook``, kwargs
+included) turns that into a per-token λ ``[M]``::
+
+    λ_tok[cu[r]:cu[r+1]] = λ(request r)          padding tokens (cu plateau) get λ = 0
+
+and hands it to ``RainModel.set_token_lambda`` before the decoder runs. The hook cross-checks the
+request list against ``cu_seq_lens_q`` (every query length) and raises on any mismatch, so a change
+in transformers' internals fails loudly instead of silently mixing λ between requests.
+
+Constraints this module enforces (each would break per-request λ):
+
+* ``allow_block_sharing=False``: prefix caching would reuse KV computed under another request's λ
+  (K/V projections carry the adapter).
+* no CUDA graphs, no ``torch.compile``, no async double-buffering: graph replays skip Python hooks
+  and async batching prepares batch N+1 while N runs.
+* greedy decoding only in the manager; sampling requests are served by the dynamic scheduler
+  (``batching.BatchScheduler``) while the manager is paused (``manager.pause()``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Callable
+
+import torch
+
+from .batching import BatchScheduler, GenEvent, GenJob, _RowState
+
+log = logging.getLogger("rain_adapter.serve")
+
+_CHILD = "__child#"
+
+
+def cb_config(*, max_requests: int = 8, max_batch_tokens: int = 256, num_blocks: int | None = None,
+              page_size: int = 32, device: torch.device | str | None = None):
+    """A ``ContinuousBatchingConfig`` that is safe for per-token λ (see the module doc).
+
+    ``num_blocks=None`` lets transformers size the paged cache from free accelerator memory; on CPU
+    (``device``) it defaults to 64 blocks of ``page_size`` tokens (sizing from host RAM is slow and huge).
+    """
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    if num_blocks is None and device is not None and torch.device(device).type == "cpu":
+        num_blocks = 64
+
+    return ContinuousBatchingConfig(
+        page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
+        max_requests_per_batch=max_requests, allow_block_sharing=False, use_async_batching=False,
+        use_cuda_graph=False, default_compile_level=0, auto_switch_to_flash=False)
+
+
+def _check_manager(manager) -> None:
+    cfg = manager.continuous_batching_config
+    bad = []
+    if cfg.allow_block_sharing and getattr(manager, "_use_prefix_sharing", True):
+        bad.append("allow_block_sharing=True (prefix KV computed under another λ would be reused)")
+    if cfg.use_async_batching:
+        bad.append("use_async_batching=True")
+    if any(cfg.use_cuda_graph if isinstance(cfg.use_cuda_graph, tuple) else [bool(cfg.use_cuda_graph)]):
+        bad.append("use_cuda_graph (graph replays skip the λ hook)")
+    if cfg.varlen_compile_config is not None or cfg.decode_compile_config is not None:
+        bad.append("torch.compile configs")
+    if bad:
+        raise ValueError("rain_adapter.serve.continuous: per-token λ needs a continuous batching config without "
+                         + "; ".join(bad) + " — build it with cb_config()")
+
+
+class TokenLambdaHook:
+    """Forward pre-hook: per-token λ ``[M]`` for each continuous-batching forward of ``rain_model``.
+
+    ``lam_of(request_id) -> float`` gives a request's λ (KeyError for an unknown request).
+    Forwards without ``cu_seq_lens_q`` (plain ``generate`` while the manager is paused) are left alone.
+    """
+
+    def __init__(self, rain_model, manager, lam_of: Callable[[str], float]) -> None:
+        if not hasattr(rain_model, "set_token_lambda"):
+            raise TypeError("rain_adapter.serve.continuous: the model needs a RAIN adapter (RainModel)")
+        _check_manager(manager)
+        self.rain_model = rain_model
+        self.manager = manager
+        self.lam_of = lam_of
+        self.forwards = 0
+        self._handle = rain_model.model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def _lam(self, request_id: str) -> float:
+        base = request_id.split(_CHILD, 1)[0]
+        return float(self.lam_of(base))
+
+    def token_lambda(self, kwargs: dict) -> torch.Tensor:
+        """The ``[M]`` λ of one packed forward (see the module doc for the mapping)."""
+        from transformers.generation.continuous_batching.input_outputs import ContinuousBatchingIOs
+
+        io = self.manager.batch_processor.inputs_and_outputs
+        if type(io) is not ContinuousBatchingIOs:
+            raise RuntimeError(f"rain_adapter.serve.continuous: unsupported IO class {type(io).__name__} "
+                               "(async batching is not supported with per-token λ)")
+        reqs = list(io.requests_in_batch)
+        m = int(kwargs["input_ids"].shape[-1])
+        cu = [int(c) for c in kwargs["cu_seq_lens_q"].tolist()]
+        n = len(reqs)
+        qlens = [int(fs.query_length) for fs in reqs]
+        expect = [0]
+        for q in qlens:
+            expect.append(expect[-1] + q)
+        if cu[: n + 1] != expect or any(c != expect[-1] for c in cu[n + 1:]) or expect[-1] > m:
+            raise RuntimeError(
+                "rain_adapter.serve.continuous: transformers' batch bookkeeping does not match the forward "
+                f"(cu_seq_lens_q={cu}, query lengths of requests_in_batch={qlens}, tokens={m}); refusing to guess λ")
+        lam = torch.zeros(m, dtype=torch.float32)
+        for r, fs in enumerate(reqs):
+            lam[expect[r]:expect[r + 1]] = self._lam(fs.state.request_id)
+        return lam
+
+    def __call__(self, module, args, kwargs):
+        if kwargs.get("cu_seq_lens_q") is None or "input_ids" not in kwargs:
+            return None
+        self.rain_model.set_token_lambda(self.token_lambda(kwargs))
+        self.forwards += 1
+        return None
+
+
+def _greedy_generation_config(model, max_new_tokens: int, eos_token_id):
+    from transformers import GenerationConfig
+
+    eos = eos_token_id if eos_token_id is not None else -1
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                            pad_token_id=0 if pad is None else pad)
+
+
+@torch.no_grad()
+def continuous_generate(model, prompts: Sequence[Sequence[int]], lambdas: Sequence[float], *,
+                        max_new_tokens: int = 16, eos_token_id: int | list[int] | None = None,
+                        config=None, timeout: float = 120.0) -> list[list[int]]:
+    """Greedy continuous batching of ``prompts`` with one λ each; returns the generated ids per prompt.
+
+    ``model``: a ``RainModel``. Same tokens as ``model.generate(p, rain_lambda=l, do_sample=False)``
+    per prompt (up to float reassociation in the packed attention).
+    """
+    if len(prompts) != len(lambdas):
+        raise ValueError(f"rain_adapter.serve.continuous: {len(prompts)} prompts but {len(lambdas)} λ")
+    hf = model.model
+    manager = hf.init_continuous_batching(
+        generation_config=_greedy_generation_config(hf, max_new_tokens, eos_token_id),
+        continuous_batching_config=config or cb_config(max_requests=max(1, len(prompts)), device=hf.device))
+    lam_by_id = {f"rain_{i}": float(l) for i, l in enumerate(lambdas)}
+    hook = TokenLambdaHook(model, manager, lam_by_id.__getitem__)
+    old = model.get_lambda()
+    manager.start()
+    results: dict[str, list[int]] = {}
+    try:
+        for i, p in enumerate(prompts):
+            manager.add_request(list(p), request_id=f"rain_{i}", max_new_tokens=max_new_tokens)
+        deadline = time.monotonic() + timeout
+        while len(results) < len(prompts):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rain_adapter.serve.continuous: {len(prompts) - len(results)} requests unfinished")
+            out = manager.get_result(timeout=0.5)
+            if out is None:
+                if not manager.is_running():
+                    raise RuntimeError("rain_adapter.serve.continuous: the generation loop stopped "
+                                       f"({manager.background_thread_status.fatal_error})")
+                continue
+            if out.error:
+                raise RuntimeError(f"rain_adapter.serve.continuous: request {out.request_id} failed: {out.error}")
+            if out.is_finished():
+                results[out.request_id] = list(out.generated_tokens)
+    finally:
+        manager.stop(block=True, timeout=30)
+        manager.destroy()
+        hook.remove()
+        model.set_lambda(old)
+    return [results[f"rain_{i}"] for i in range(len(prompts))]
+
+
+class _PausedBatchScheduler(BatchScheduler):
+    """The dynamic scheduler for sampling requests; each generate call runs with the CB loop paused."""
+
+    def __init__(self, *args, pause: Callable, **kw):
+        self._pause = pause
+        super().__init__(*args, **kw)
+
+    def _generate(self, jobs: list[GenJob]) -> None:
+        with self._pause():
+            super()._generate(jobs)
+
+
+class ContinuousScheduler:
+    """Drop-in for :class:`BatchScheduler` (``submit`` / ``queue_depth`` / ``busy`` / ``shutdown``).
+
+    Greedy jobs go to transformers' continuous batching with a per-token λ: a request joins the
+    running batch at the next step instead of waiting for the current generate call to end. Sampling
+    jobs go to a dynamic :class:`BatchScheduler` that runs while the CB loop is paused.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, batch_window_ms: float = 10.0,
+                 on_batch: Callable[[int, float], None] | None = None, max_new_tokens: int = 1024,
+                 max_batch_tokens: int = 512, num_blocks: int | None = None, page_size: int = 32):
+        if not hasattr(model, "set_token_lambda"):
+            raise TypeError("rain_adapter.serve.continuous: --batching continuous needs an adapter (RainModel)")
+        self.model = model
+        self.tok = tokenizer
+        self.on_batch = on_batch
+        self._fallback = _PausedBatchScheduler(model, tokenizer, max_batch_size=max_batch_size,
+                                               batch_window_ms=batch_window_ms, on_batch=on_batch,
+                                               pause=self._pause)
+        self.pad_id, self.eos_ids, self.skip_ids = self._fallback.pad_id, self._fallback.eos_ids, self._fallback.skip_ids
+        hf = model.model
+        self.manager = hf.init_continuous_batching(
+            generation_config=_greedy_generation_config(hf, max_new_tokens, sorted(self.eos_ids) or None),
+            continuous_batching_config=cb_config(max_requests=max_batch_size, max_batch_tokens=max_batch_tokens,
+                                                 num_blocks=num_blocks, page_size=page_size, device=hf.device))
+        self._lams: dict[str, float] = {}
+        # λ of requests we finished early (stop string / client gone) and cancelled: the CB loop may still
+        # schedule them for a step or two before it processes the cancellation, so keep their λ a while
+        self._retired: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._retired_cap = max(1024, 16 * max_batch_size)
+        self._rows: dict[str, tuple[_RowState, int]] = {}   # request id -> (row, tokens already fed)
+        self._lock = threading.Condition()
+        self._stopping = False
+        self.hook = TokenLambdaHook(model, self.manager, self._lam_of)
+        self.manager.start()
+        self._thread = threading.Thread(target=self._consume, name="rain-cb-consumer", daemon=True)
+        self._thread.start()
+
+    def _lam_of(self, request_id: str) -> float:
+        with self._lock:
+            lam = self._lams.get(request_id)
+            if lam is None:
+                lam = self._retired.get(request_id)
+        if lam is None:
+            raise KeyError(f"rain_adapter.serve.continuous: no λ for request {request_id!r}")
+        return lam
+
+    def _pause(self):
+        return self.manager.pause()
+
+    # ------------------------------------------------------------------ public
+    def submit(self, job: GenJob) -> None:
+        if not job.params.greedy:
+            self._fallback.submit(job)
+            return
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("rain_adapter.serve.continuous: the scheduler is shutting down")
+            self._lams[job.job_id] = float(job.lam)
+            self._rows[job.job_id] = (_RowState(job, self.tok, self.skip_ids, self.eos_ids), 0)
+            job.batch_size = len(self._rows)
+        rid = self.manager.add_request(list(job.prompt_ids), request_id=job.job_id,
+                                       max_new_tokens=job.params.max_tokens, streaming=True,
+                                       eos_token_id=sorted(self.eos_ids) or -1)
+        if rid is None:
+            self._drop(job.job_id)
+            raise RuntimeError("rain_adapter.serve.continuous: the continuous batching manager refused the request")
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            waiting = sum(1 for row, _ in self._rows.values() if row.job.t_first_token is None)
+        return waiting + self._fallback.queue_depth()
+
+    def busy(self) -> bool:
+        return bool(self._rows) or self._fallback.busy()
+
+    def shutdown(self, timeout: float | None = 60.0) -> None:
+        """Finish every in-flight job, then stop the CB loop, the consumer and the fallback scheduler."""
+        self._fallback.shutdown(timeout)
+        deadline = time.monotonic() + (timeout or 1e9)
+        with self._lock:
+            self._stopping = True
+            while self._rows and time.monotonic() < deadline and self.manager.is_running():
+                self._lock.wait(0.1)
+        self.manager.stop(block=True, timeout=timeout)
+        self.manager.destroy()
+        self.hook.remove()
+        self._thread.join(timeout)
+
+    # ---------------------------------------------------------------- internals
+    def _drop(self, rid: str, cancelled: bool = False) -> None:
+        with self._lock:
+            self._rows.pop(rid, None)
+            lam = self._lams.pop(rid, None)
+            if cancelled and lam is not None:
+                self._retired[rid] = lam
+                while len(self._retired) > self._retired_cap:
+                    self._retired.popitem(last=False)
+            self._lock.notify_all()
+
+    def _consume(self) -> None:
+        while True:
+            out = self.manager.get_result(timeout=0.1)
+            if out is None:
+                if self._stopping and not self._rows:
+                    return
+                if not self.manager.is_running():
+                    err = self.manager.background_thread_status.fatal_error
+                    self._fail_all(RuntimeError(f"continuous batching loop stopped ({err})"))
+                    if self._stopping:
+                        return
+                continue
+            with self._lock:
+                entry = self._rows.get(out.request_id)
+            if entry is None:  # finished on our side (stop string / cancel) or unknown
+                continue
+            row, seen = entry
+            if out.error:
+                row.job.emit(GenEvent("error", error=RuntimeError(out.error), t=time.perf_counter()))
+                self._drop(out.request_id)
+                continue
+            now = time.perf_counter()
+            toks = list(out.generated_tokens)
+            for t in toks[seen:]:
+                row.feed(int(t), now)
+                if row.finished:
+                    break
+            with self._lock:
+                if out.request_id in self._rows:
+                    self._rows[out.request_id] = (row, len(toks))
+            if out.is_finished() and not row.finished:
+                row._finish("length")
+            if row.finished:
+                early = not out.is_finished()
+                if early:
+                    self.manager.cancel_request(out.request_id)
+                if self.on_batch is not None:
+                    self.on_batch(row.job.batch_size, now - row.job.t_arrival)
+                self._drop(out.request_id, cancelled=early)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            rows = list(self._rows.items())
+        for rid, (row, _) in rows:
+            row.job.emit(GenEvent("error", error=exc, t=time.perf_counter()))
+            self._drop(rid)
+
+
+__all__ = ["ContinuousScheduler", "TokenLambdaHook", "cb_config", "continuous_generate"]
