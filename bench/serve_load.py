@@ -38,11 +38,12 @@ PROMPTS = ["What is 2+2?", "Write a haiku about rain.", "List three colours.", "
            "Translate 'hello' to French.", "Why is the sky blue? Answer in one sentence."]
 
 
-def start_server(model_dir: Path, adapter_dir: Path, db: Path, port: int, max_tokens: int) -> subprocess.Popen:
+def start_server(model_dir: Path, adapter_dir: Path, db: Path, port: int, max_tokens: int,
+                 batching: str = "dynamic") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rain_adapter.serve.cli", "serve", "--model", str(model_dir), "--adapter",
            str(adapter_dir), "--host", HOST, "--port", str(port), "--db", str(db), "--max-batch-size", "8",
            "--batch-window-ms", "10", "--max-tokens-cap", str(max_tokens), "--log-level", "warning",
-           "--device", "cpu", "--dtype", "float32"]
+           "--device", "cpu", "--dtype", "float32", "--batching", batching]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_healthy(f"http://{HOST}:{port}", timeout=120, proc=proc)
     return proc
@@ -113,17 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kill-after", type=float, default=10.0, help="seconds of load before kill -9")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--batching", choices=["dynamic", "continuous"], default="dynamic",
+                    help="the server's batching mode (rain serve --batching)")
     args = ap.parse_args(argv)
     clients = max(1, min(args.clients, 64))
     seconds = max(1.0, min(args.seconds, 120.0))
 
-    results: dict = {"clients": clients, "seconds": seconds, "max_tokens": args.max_tokens}
+    results: dict = {"clients": clients, "seconds": seconds, "max_tokens": args.max_tokens,
+                     "batching": args.batching}
     with tempfile.TemporaryDirectory(prefix="rain_serve_load_") as tmp:
         tmp = Path(tmp)
         model_dir, adapter_dir = build_tiny_serving(tmp)
         db = tmp / "log.sqlite"
         port = free_port()
-        proc = start_server(model_dir, adapter_dir, db, port, args.max_tokens)
+        proc = start_server(model_dir, adapter_dir, db, port, args.max_tokens, args.batching)
         try:
             run_load(port, 2, 2.0, args.max_tokens, [1.0])  # warm-up
             for name, lams in (("mixed_lambda", [0.0, 0.5, 1.0, 1.5, 2.0]), ("single_lambda", [1.0])):
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             th.join()
             acked = box["acked"]
-            proc = start_server(model_dir, adapter_dir, db, port, args.max_tokens)
+            proc = start_server(model_dir, adapter_dir, db, port, args.max_tokens, args.batching)
             con = sqlite3.connect(db)
             logged = {r[0] for r in con.execute("SELECT id FROM requests")}
             con.close()
