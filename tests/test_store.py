@@ -14,7 +14,6 @@ from rain_adapter import (
     ConfigError,
     ModuleDelta,
     RainAdapter,
-    RainConfig,
     RainLinear,
     load_adapter,
     resolve_adapter,
