@@ -320,8 +320,6 @@ def export_peft(
 # ---------------------------------------------------------------------------------------------
 # merged checkpoint
 # ---------------------------------------------------------------------------------------------
-_WEIGHT_INDEX = "model.safetensors.index.json"
-_WEIGHT_SINGLE = "model.safetensors"
 
 
 def _resolve_lrm(lrm: str | Path) -> Path:
@@ -339,27 +337,16 @@ def _resolve_lrm(lrm: str | Path) -> Path:
 
 
 def lrm_weight_files(root: Path) -> tuple[list[str], dict[str, str]]:
-    """(shard file names in order, {tensor key: file}) of an HF safetensors checkpoint."""
-    index = root / _WEIGHT_INDEX
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ExportError(f"{index}: unreadable index ({e})") from None
-        files = list(dict.fromkeys(sorted(wm.values())))
-        missing = [f for f in files if not (root / f).is_file()]
-        if missing:
-            raise ExportError(f"{index}: names shard(s) that do not exist: {missing}")
-        return files, dict(wm)
-    single = root / _WEIGHT_SINGLE
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as fh:
-            return [_WEIGHT_SINGLE], {k: _WEIGHT_SINGLE for k in fh.keys()}
-    bins = sorted(x.name for x in root.glob("*.bin"))
-    raise ExportError(
-        f"{root}: no {_WEIGHT_SINGLE} or {_WEIGHT_INDEX}"
-        + (f" (found {bins}: pickle checkpoints are not read; re-save the LRM with safetensors)" if bins else "")
-    )
+    """(shard file names in order, {tensor key: file name}) of an HF safetensors checkpoint.
+
+    Read through :class:`~rain_adapter.taskvector.CheckpointReader`, the one reader of HF
+    checkpoints (index, single file or loose shards; missing shards and pickle-only dirs refused).
+    """
+    from .taskvector import CheckpointReader
+
+    reader = CheckpointReader(root, "LRM")
+    wmap = {k: reader.file_of(k).name for k in reader.keys()}
+    return list(dict.fromkeys(sorted(wmap.values()))), wmap
 
 
 def export_merged(
