@@ -1,7 +1,7 @@
 """Benchmark of the RAIN linear against merged weights and unfused baselines.
 
     python bench/kernels.py [--quick] [--models 7b,14b] [--storage lowrank,dense] [--rank 64]
-                            [--m 1,4,16,...] [--threads N]
+                            [--m 1,4,16,...] [--threads N] [--graphs]
 
 Per Qwen2.5-7B / -14B linear shape (q, k/v, o, gate/up, down; ``[out, in]``) and batch rows M,
 times y = x Wᵀ + b + s ⊙ (x Dᵀ) (dense D) or s ⊙ ((x Aᵀ) Bᵀ) (low rank, rank r):
@@ -13,8 +13,11 @@ times y = x Wᵀ + b + s ⊙ (x Dᵀ) (dense D) or s ⊙ ((x Aᵀ) Bᵀ) (low ra
   the PyTorch path on CPU), and ``ours-u`` with one uniform λ for the whole batch.
 
 Ratios are time / merged; ``GB/s`` is the bytes ours must read (W, the delta, x, y) over its time,
-reported at decode (M ≤ 16). On CUDA: bf16, ``triton.testing.do_bench`` (L2 flushed). On CPU:
-float32, a smaller M set, the PyTorch path, median wall time. Prints a markdown table to stdout.
+reported at decode (M ≤ 16). On CUDA: bf16, ``triton.testing.do_bench`` (L2 flushed), each call
+launched from Python, or with ``--graphs`` captured once in a CUDA graph and replayed (GPU time
+without launch overhead: at decode the base GEMV takes microseconds, about what launching two or
+three Triton kernels from Python costs). On CPU: float32, a smaller M set, the PyTorch path,
+median wall time. Prints a markdown table to stdout.
 """
 from __future__ import annotations
 
@@ -43,11 +46,30 @@ def linear_shapes(model: str) -> list[tuple[str, int, int]]:
             ("down", h, inter)]
 
 
-def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
+def _timer(device: torch.device, reps: int, graphs: bool = False) -> Callable[[Callable[[], object]], float]:
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return lambda fn: do_bench(fn, warmup=25, rep=100)
+        if not graphs:
+            return lambda fn: do_bench(fn, warmup=25, rep=100)
+
+        def graph_time(fn):
+            # warm up outside the capture (autotuning, the low-rank variant choice), then time
+            # replays: GPU time without the host's launch overhead, as a graph-captured decode
+            # step (vLLM, torch.compile "reduce-overhead") would run it
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            return do_bench(g.replay, warmup=25, rep=100)
+
+        return graph_time
 
     def cpu_time(fn):
         fn()
@@ -124,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--roles", default=None, help="comma-separated roles, e.g. q,down")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")
+    p.add_argument("--graphs", action="store_true",
+                   help="CUDA: time CUDA-graph replays of every variant (no host launch overhead)")
     a = p.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -140,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         ms = M_GPU if cuda else M_CPU
     roles = set(a.roles.split(",")) if a.roles else ({"q", "k/v", "down"} if a.quick else None)
     reps = a.reps or (5 if a.quick else 9)
-    timer = _timer(device, reps)
+    timer = _timer(device, reps, graphs=a.graphs and cuda)
 
+    timing = (("triton do_bench of CUDA-graph replays (ms)" if a.graphs else "triton do_bench (ms)")
+              if cuda else f"median of {reps} (ms)")
     if cuda:
         dev = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
         path = "Triton" if triton_available() else "PyTorch (triton missing)"
@@ -150,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         path = "PyTorch path (no GPU: CPU numbers measure the plain PyTorch fallback)"
     print(f"# rain_linear benchmark\n\ndevice: {dev}; dtype: {str(dtype).replace('torch.', '')}; "
           f"ours = {path}; torch {torch.__version__}; timing: "
-          f"{'triton do_bench (ms)' if cuda else f'median of {reps} (ms)'}\n")
+          f"{timing}\n")
     print("| model | module | out×in | storage | M | merged ms | addmm × | peft × | ours × | "
           "ours-u × | ours GB/s (decode) |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -18,7 +18,7 @@ from ._common import next_pow2, num_sms
 from .dense import dense_kernel
 from .lowrank import lowrank_kernel
 
-__all__ = ["DECODE_M", "DECODE_BLOCK_M", "DECODE_BLOCK_N", "split_k_for", "reduce_splits",
+__all__ = ["DECODE_M", "DECODE_BLOCK_M", "DECODE_BLOCK_N", "split_k_for", "shrink_split_for", "reduce_splits",
            "dense_decode_tuned", "lowrank_decode_tuned"]
 
 DECODE_M = 16          # M ≤ DECODE_M takes this path on CUDA
@@ -27,21 +27,31 @@ DECODE_BLOCK_N = 64
 
 
 def _configs(two_operands: bool) -> list[triton.Config]:
-    sets = ((128, 4, 4), (128, 4, 3), (256, 4, 2), (64, 4, 6)) if two_operands else \
+    sets = ((128, 4, 4), (128, 4, 3), (256, 8, 2), (64, 4, 6)) if two_operands else \
            ((256, 4, 3), (128, 4, 4), (256, 8, 4), (128, 4, 6))
     return [triton.Config(dict(BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_BLOCK_N, BLOCK_K=bk, GROUP_M=1),
                           num_warps=w, num_stages=st) for bk, w, st in sets]
 
 
-dense_decode_tuned = triton.autotune(configs=_configs(True), key=["M_KEY", "N", "K"])(dense_kernel)
-lowrank_decode_tuned = triton.autotune(configs=_configs(False),
-                                       key=["M_KEY", "N", "K", "R", "FUSE_SHRINK"])(lowrank_kernel)
+dense_decode_tuned = triton.autotune(
+    configs=_configs(True), key=["M_KEY", "N", "K"])(dense_kernel)
+lowrank_decode_tuned = triton.autotune(
+    configs=_configs(False), key=["M_KEY", "N", "K", "R", "FUSE_SHRINK"])(lowrank_kernel)
 
 
-def split_k_for(N: int, K: int, device: torch.device) -> int:
-    """Split count so that cdiv(N, 64) · SPLIT_K ≈ 2 programs per SM, each K range ≥ 512."""
+def shrink_split_for(K: int) -> int:
+    """Split count of the low-rank shrink t = x Aᵀ at decode: K ranges of ≥ 512, at most 16."""
+    sk = max(1, min(16, K // 512))
+    return 1 << (sk.bit_length() - 1)
+
+
+def split_k_for(N: int, K: int, device: torch.device | None = None, sms: int | None = None) -> int:
+    """Split count so that cdiv(N, 64) · SPLIT_K ≈ 2 programs per SM, each K range ≥ 512.
+
+    ``sms``: the multiprocessor count (default: ``device``'s)."""
     tiles = triton.cdiv(N, DECODE_BLOCK_N)
-    sms = num_sms(device.index if device.index is not None else 0)
+    if sms is None:
+        sms = num_sms(device.index if device is not None and device.index is not None else 0)
     want = max(1, (2 * sms) // tiles)
     split = 1
     while split * 2 <= min(want, 16) and K // (split * 2) >= 512:

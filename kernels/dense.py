@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import main_configs, tile_scale
+from ._common import base_loop, main_configs, store_tile, tile_coords, tile_scale
 
 __all__ = ["dense_kernel", "dense_kernel_tuned"]
 
@@ -34,27 +34,8 @@ def dense_kernel(
     HAS_BIAS: tl.constexpr, HAS_BD: tl.constexpr, SPLIT_K: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M row-tiles share the W/D column tiles while they sit in L2
-    per_group = GROUP_M * num_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    gsize = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % per_group) % gsize)
-    pid_n = (pid % per_group) // gsize
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = offs_m % M  # wrapped rows/cols: loads stay in bounds without masks, stores are masked
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
-
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    k_per = tl.cdiv(k_tiles, SPLIT_K) * BLOCK_K
-    k_lo = pid_k * k_per
-    k_hi = min(K, k_lo + k_per)
+    offs_m, offs_n, rm, rn, k_lo, k_hi = tile_coords(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
 
     s, all_zero, uniform, s_u = tile_scale(s_ptr, stride_s, offs_m, M)
@@ -63,12 +44,7 @@ def dense_kernel(
     w_base = w_ptr + rn[None, :] * stride_wn
     d_base = d_ptr + rn[None, :] * stride_dn
     if all_zero:
-        for k in range(k_lo, k_hi, BLOCK_K):
-            kk = k + offs_k
-            km = kk < k_hi
-            x = tl.load(x_base + kk[None, :] * stride_xk, mask=km[None, :], other=0.0)
-            w = tl.load(w_base + kk[:, None] * stride_wk, mask=km[:, None], other=0.0)
-            acc = tl.dot(x, w, acc, input_precision=PREC)
+        acc = base_loop(acc, x_base, w_base, stride_xk, stride_wk, k_lo, k_hi, PREC, BLOCK_K)
     elif uniform:
         for k in range(k_lo, k_hi, BLOCK_K):
             kk = k + offs_k
@@ -90,18 +66,8 @@ def dense_kernel(
             acc_d = tl.dot(x, d, acc_d, input_precision=PREC)
         acc = tl.where(s[:, None] != 0.0, acc + s[:, None] * acc_d, acc)
 
-    n_lim = tl.where(pid_k == 0, N, 0)  # bias terms: split 0 only
-    nmask = offs_n < n_lim
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        acc = acc + b[None, :]
-    if HAS_BD:
-        bd = tl.load(bd_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        acc = tl.where(s[:, None] != 0.0, acc + s[:, None] * bd[None, :], acc)
-
-    o_ptrs = out_ptr + pid_k * stride_osplit + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    o_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+    store_tile(acc, s, offs_m, offs_n, pid_k, bias_ptr, bd_ptr, out_ptr, M, N,
+               stride_osplit, stride_om, stride_on, HAS_BIAS, HAS_BD)
 
 
 dense_kernel_tuned = triton.autotune(configs=main_configs(two_operands=True),

@@ -13,7 +13,9 @@ Two variants, chosen per shape in ``ops.py``:
   loop (one launch; the shrink is recomputed by every column tile, which only pays when M is small
   and the A re-reads hit L2). Needs r ≤ 128.
 
-A tile whose rows all have λ = 0 skips the shrink and the epilogue (device-side branch).
+A tile whose rows all have λ = 0 skips the shrink and the epilogue (device-side branch); in a
+mixed tile the update has its own accumulator and rows with λ = 0 keep the base exactly, even
+if A or B held a NaN (the PyTorch path's ``torch.where`` gives the same).
 Split-K (``SPLIT_K > 1``, decode) writes fp32 partials to a workspace ``[SPLIT_K, M, N]``; the
 epilogue of the ``split`` variant and the bias terms go to split 0, the fused variant adds each
 split's partial (x_k A_kᵀ) Bᵀ (linear, so the sum is exact up to rounding).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import main_configs, tile_scale
+from ._common import base_loop, main_configs, store_tile, tile_coords, tile_scale
 
 __all__ = ["shrink_kernel", "lowrank_kernel", "lowrank_kernel_tuned"]
 
@@ -69,19 +71,6 @@ def shrink_kernel(
 
 
 @triton.jit
-def _base_loop(acc, x_base, w_base, stride_xk, stride_wk, k_lo, k_hi,
-               PREC: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_k = tl.arange(0, BLOCK_K)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        kk = k + offs_k
-        km = kk < k_hi
-        x = tl.load(x_base + kk[None, :] * stride_xk, mask=km[None, :], other=0.0)
-        w = tl.load(w_base + kk[:, None] * stride_wk, mask=km[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PREC)
-    return acc
-
-
-@triton.jit
 def lowrank_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, t_ptr, bias_ptr, bd_ptr, s_ptr, out_ptr,
     M, N, K, R, M_KEY,
@@ -91,25 +80,8 @@ def lowrank_kernel(
     SPLIT_K: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    gsize = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % per_group) % gsize)
-    pid_n = (pid % per_group) // gsize
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = offs_m % M
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    k_per = tl.cdiv(k_tiles, SPLIT_K) * BLOCK_K
-    k_lo = pid_k * k_per
-    k_hi = min(K, k_lo + k_per)
+    offs_m, offs_n, rm, rn, k_lo, k_hi = tile_coords(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
     s, all_zero, uniform, s_u = tile_scale(s_ptr, stride_s, offs_m, M)
     x_base = x_ptr + rm[:, None] * stride_xm
@@ -117,7 +89,7 @@ def lowrank_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
     if all_zero:
-        acc = _base_loop(acc, x_base, w_base, stride_xk, stride_wk, k_lo, k_hi, PREC, BLOCK_K)
+        acc = base_loop(acc, x_base, w_base, stride_xk, stride_wk, k_lo, k_hi, PREC, BLOCK_K)
     elif FUSE_SHRINK:
         # one K loop: acc += x Wᵀ and t += x Aᵀ (A tile [BLOCK_K, BLOCK_R], BLOCK_R ≥ R)
         offs_k = tl.arange(0, BLOCK_K)
@@ -135,12 +107,15 @@ def lowrank_kernel(
         bt = tl.load(b_ptr + rn[None, :] * stride_bn + offs_r[:, None] * stride_br,
                      mask=rmask[:, None], other=0.0)
         ts = tl.where(s[:, None] != 0.0, s[:, None] * t, 0.0)  # λ folded into t (fp32)
-        acc = tl.dot(ts.to(bt.dtype), bt, acc, input_precision=PREC)
+        upd = tl.dot(ts.to(bt.dtype), bt, input_precision=PREC)
+        acc = tl.where(s[:, None] != 0.0, acc + upd, acc)
     else:
-        acc = _base_loop(acc, x_base, w_base, stride_xk, stride_wk, k_lo, k_hi, PREC, BLOCK_K)
+        acc = base_loop(acc, x_base, w_base, stride_xk, stride_wk, k_lo, k_hi, PREC, BLOCK_K)
         if pid_k == 0:
-            # epilogue: acc += (s ⊙ t) Bᵀ, t [BLOCK_M, r] read in BLOCK_R chunks; λ is folded
-            # into t in fp32 (rows with λ = 0 add exact zeros) so no second accumulator is needed
+            # epilogue: acc += (s ⊙ t) Bᵀ, t [BLOCK_M, r] read in BLOCK_R chunks, λ folded into t
+            # in fp32. The update has its own accumulator so rows with λ = 0 keep acc exactly,
+            # whatever B holds (0 · NaN would otherwise reach them through the dot)
+            upd = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r0 in range(0, R, BLOCK_R):
                 rr = r0 + offs_r
                 rmask = rr < R
@@ -149,21 +124,12 @@ def lowrank_kernel(
                 bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
                              mask=rmask[:, None], other=0.0)
                 ts = tl.where(s[:, None] != 0.0, s[:, None] * tt, 0.0)
-                acc = tl.dot(ts.to(bt.dtype), bt, acc, input_precision=PREC)
+                upd = tl.dot(ts.to(bt.dtype), bt, upd, input_precision=PREC)
+            acc = tl.where(s[:, None] != 0.0, acc + upd, acc)
 
-    n_lim = tl.where(pid_k == 0, N, 0)  # bias terms: split 0 only
-    nmask = offs_n < n_lim
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        acc = acc + b[None, :]
-    if HAS_BD:
-        bd = tl.load(bd_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        acc = tl.where(s[:, None] != 0.0, acc + s[:, None] * bd[None, :], acc)
-
-    o_ptrs = out_ptr + pid_k * stride_osplit + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    o_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+    store_tile(acc, s, offs_m, offs_n, pid_k, bias_ptr, bd_ptr, out_ptr, M, N,
+               stride_osplit, stride_om, stride_on, HAS_BIAS, HAS_BD)
 
 
-lowrank_kernel_tuned = triton.autotune(configs=main_configs(two_operands=False),
-                                       key=["M_KEY", "N", "K", "R", "FUSE_SHRINK"])(lowrank_kernel)
+lowrank_kernel_tuned = triton.autotune(
+    configs=main_configs(two_operands=False), key=["M_KEY", "N", "K", "R", "FUSE_SHRINK"])(lowrank_kernel)

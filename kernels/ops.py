@@ -62,6 +62,37 @@ def _may_time(x: Tensor) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
+def _splits_and_target(x: Tensor, out: Tensor, N: int, split_k: Optional[int]) -> tuple[int, Tensor, int]:
+    """Split-K count (given, or the decode path's choice on CUDA), the buffer the tile kernel
+    writes (``out``, or an fp32 workspace ``[split_k, M, N]``) and its split stride."""
+    M, K = x.shape
+    if split_k is None:
+        on_gpu = x.is_cuda and not interpreting()
+        split_k = decode.split_k_for(N, K, x.device) if (M <= decode.DECODE_M and on_gpu) else 1
+    if split_k == 1:
+        return 1, out, 0
+    ws = _empty((split_k, M, N), torch.float32, x.device)
+    return split_k, ws, ws.stride(0)
+
+
+def _launch_tiles(plain, decode_tuned, main_tuned, args: tuple, flags: dict, M: int, N: int,
+                  split_k: int, target: Tensor, out: Tensor) -> Tensor:
+    """Launch a tile kernel over a (tiles of [M, N], split_k) grid and reduce the splits.
+
+    Under the interpreter: ``plain`` with the fixed small config; else the autotuned decode set
+    (M ≤ 16) or main set. Returns ``out``."""
+    if interpreting():
+        cfg = INTERPRET_CFG
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+        plain[grid](*args, **flags, **cfg)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
+        (decode_tuned if M <= decode.DECODE_M else main_tuned)[grid](*args, **flags)
+    if split_k > 1:
+        decode.reduce_splits(target, out)
+    return out
+
+
 def launch_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, delta: Tensor,
                  bias_delta: Optional[Tensor] = None, *, split_k: Optional[int] = None) -> Tensor:
     """y ``[M, N]`` = x Wᵀ + b + s ⊙ (x Dᵀ + bias_delta); ``split_k`` forces the split count."""
@@ -75,27 +106,13 @@ def launch_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tenso
     s, stride_s = _scale(scale, x)
     b, has_b = _bias_args(bias, x)
     bd, has_bd = _bias_args(bias_delta, x)
-    prec = dot_precision(x.dtype)
-    small = M <= decode.DECODE_M
-    if split_k is None:
-        split_k = decode.split_k_for(N, K, x.device) if (small and x.is_cuda and not interpreting()) else 1
-    target = out if split_k == 1 else _empty((split_k, M, N), torch.float32, x.device)
-    so = target.stride(0) if split_k > 1 else 0
+    split_k, target, so = _splits_and_target(x, out, N, split_k)
     args = (x, weight, delta, b, bd, s, target, M, N, K, decode.m_key(M),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), delta.stride(0), delta.stride(1),
             stride_s, so, target.stride(-2), target.stride(-1))
-    flags = dict(HAS_BIAS=has_b, HAS_BD=has_bd, SPLIT_K=split_k, PREC=prec)
-    if interpreting():
-        cfg = INTERPRET_CFG
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
-        dense_kernel[grid](*args, **flags, **cfg)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
-        kern = decode.dense_decode_tuned if small else dense_kernel_tuned
-        kern[grid](*args, **flags)
-    if split_k > 1:
-        decode.reduce_splits(target, out)
-    return out
+    flags = dict(HAS_BIAS=has_b, HAS_BD=has_bd, SPLIT_K=split_k, PREC=dot_precision(x.dtype))
+    return _launch_tiles(dense_kernel, decode.dense_decode_tuned, dense_kernel_tuned, args, flags,
+                         M, N, split_k, target, out)
 
 
 def _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, variant, split_k) -> Tensor:
@@ -113,8 +130,7 @@ def _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, variant, s
         # shrink: t [M, R] fp32
         sk = split_k or 1  # an explicit split count (tests) applies to the shrink too
         if split_k is None and small and x.is_cuda and not interpreting():
-            sk = max(1, min(16, K // 512))
-            sk = 1 << (sk.bit_length() - 1)
+            sk = decode.shrink_split_for(K)
         t = (torch.zeros((M, R), dtype=torch.float32, device=x.device) if sk > 1
              else _empty((M, R), torch.float32, x.device))
         bm = 16 if small or interpreting() else 64
@@ -126,25 +142,14 @@ def _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, variant, s
                              BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, num_warps=4)
         stride_tm, stride_tr = t.stride(0), t.stride(1)
     block_r = max(16, next_pow2(R)) if fuse else min(64, max(16, next_pow2(R)))
-    if split_k is None:
-        split_k = decode.split_k_for(N, K, x.device) if (small and x.is_cuda and not interpreting()) else 1
-    target = out if split_k == 1 else _empty((split_k, M, N), torch.float32, x.device)
-    so = target.stride(0) if split_k > 1 else 0
+    split_k, target, so = _splits_and_target(x, out, N, split_k)
     args = (x, weight, A, B, t, b, bd, s, target, M, N, K, R, decode.m_key(M),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
             B.stride(0), B.stride(1), stride_tm, stride_tr, stride_s, so, target.stride(-2), target.stride(-1))
-    flags = dict(HAS_BIAS=has_b, HAS_BD=has_bd, FUSE_SHRINK=fuse, SPLIT_K=split_k, PREC=prec, BLOCK_R=block_r)
-    if interpreting():
-        cfg = INTERPRET_CFG
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
-        lowrank_kernel[grid](*args, **flags, **cfg)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
-        kern = decode.lowrank_decode_tuned if small else lowrank_kernel_tuned
-        kern[grid](*args, **flags)
-    if split_k > 1:
-        decode.reduce_splits(target, out)
-    return out
+    flags = dict(HAS_BIAS=has_b, HAS_BD=has_bd, FUSE_SHRINK=fuse, SPLIT_K=split_k, PREC=prec,
+                 BLOCK_R=block_r)
+    return _launch_tiles(lowrank_kernel, decode.lowrank_decode_tuned, lowrank_kernel_tuned, args, flags,
+                         M, N, split_k, target, out)
 
 
 def _choose_variant(x: Tensor, N: int, R: int, run) -> str:

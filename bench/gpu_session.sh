@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU half of the kernel work, in as few device calls as possible (each ≤ 10 minutes).
+#
+#   bash bench/gpu_session.sh tests     # GPU kernel tests (bf16/fp16 full shapes, CUDA graph, compile)
+#   bash bench/gpu_session.sh bench7    # bench/kernels.py, Qwen2.5-7B shapes
+#   bash bench/gpu_session.sh bench14   # bench/kernels.py, Qwen2.5-14B shapes
+#   bash bench/gpu_session.sh all       # the three in one call (needs ~10 min: use on a warm cache)
+#
+# Runs on the lent machine's own python3 (its torch / triton; nothing can be downloaded there):
+# the package goes in with --no-deps, and when that is refused `kernels/` is linked in place so
+# `rain_adapter.kernels` imports from the source tree. Logs and tables go to $OUT (the device
+# tool returns that folder) or ./gpu_out.
+set -uo pipefail
+what=${1:-all}
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY=${PYTHON:-python3}
+
+{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+  'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt" | tail -1
+
+if ! $PY -c "import rain_adapter.kernels" 2>/dev/null; then
+  if ! $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
+    echo "pip install refused (see install.log): linking kernels/ into the package"
+    ln -sfn ../kernels rain_adapter/kernels
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  fi
+fi
+
+rc=0
+if [[ $what == tests || $what == all ]]; then
+  $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+fi
+for m in 7 14; do
+  if [[ $what == bench$m || $what == all ]]; then
+    # graph replays (GPU time, the targets) for every shape; launched from Python for a subset
+    $PY bench/kernels.py --models ${m}b --graphs 2>&1 | tee "$OUT/bench_kernels_${m}b_graphs.md"
+    rc=$(( rc | ${PIPESTATUS[0]} ))
+    $PY bench/kernels.py --models ${m}b --roles q,down --m 1,16,4096 2>&1 | tee "$OUT/bench_kernels_${m}b_eager.md"
+    rc=$(( rc | ${PIPESTATUS[0]} ))
+  fi
+done
+exit $rc
