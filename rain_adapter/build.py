@@ -36,7 +36,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .baselines import DEFAULT_DENSITY, DEFAULT_DROP, METHODS, check_method, needs_projection, transform
+from .baselines import (DEFAULT_DENSITY, DEFAULT_DROP, METHODS, check_method, module_generator, needs_projection,
+                        transform)
 from .calibration import DEFAULT_MIN_SAMPLES, DEFAULT_RADIUS, prepare_reasoning_calibration
 from .delta import ModuleDelta
 from .features import trim_heap
@@ -262,7 +263,8 @@ def build_adapter(
             md = task_vector(itm_r, base_r, n, merge_bias=merge_bias)
             if use_proj:
                 P, st = project(md.delta, feats[n], projection=projection, protect_energy=protect_energy,
-                                ridge=ridge, dtype=compute_dtype, device=device)
+                                ridge=ridge, dtype=compute_dtype, device=device,
+                                generator=module_generator(seed, n))
                 ld[n], ls[n] = ModuleDelta(delta=P, bias=md.bias), st.to_dict()
             else:
                 td = transform(method, n, md, density=density, drop=drop, seed=seed)
@@ -353,7 +355,7 @@ def build_adapter(
     stage1 = {
         "method": method,
         "projection": projection if use_proj else None,
-        "protect_energy": protect_energy if use_proj and projection == "hard" else None,
+        "protect_energy": protect_energy if use_proj and projection in ("hard", "random") else None,
         "ridge": ridge if use_proj and projection == "ridge" else None,
         "rtol": "max(n, in)*eps(svd_dtype)",
         "svd_dtype": svd_dtype,
@@ -369,6 +371,8 @@ def build_adapter(
         stage1["density"] = density
     if method == "dare-ties":
         stage1.update({"drop": drop, "seed": seed})
+    if use_proj and projection == "random":
+        stage1["seed"] = seed
     used_roles = list(dict.fromkeys(module_role(n) for n in module_names))
     config = RainConfig(
         base_model_name_or_path=str(lrm), itm_name_or_path=str(itm), itm_base_name_or_path=str(base),
@@ -429,7 +433,9 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("stage 1")
     g.add_argument("--reasoning-calib", default=None, help="JSON/JSONL {prompt, reasoning, response} (default: shared set)")
     g.add_argument("--radius", type=int, default=DEFAULT_RADIUS, help="inner neighbours of <think>/</think> (default 5)")
-    g.add_argument("--projection", default="hard", choices=PROJECTIONS)
+    g.add_argument("--projection", default="hard", choices=PROJECTIONS,
+                   help="hard (default), ridge, none, or random: a control that removes as many "
+                        "input directions as hard, drawn at random (seeded by --seed)")
     g.add_argument("--protect-energy", type=float, default=DEFAULT_PROTECT_ENERGY,
                    help=f"hard: fraction of feature energy protected (default {DEFAULT_PROTECT_ENERGY}; 1.0 = exact)")
     g.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help=f"ridge: rho / mean(s^2) (default {DEFAULT_RIDGE})")
@@ -441,7 +447,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--sequential", action="store_true", help="layer-by-layer feature capture (model larger than device)")
     g.add_argument("--density", type=float, default=DEFAULT_DENSITY, help="ties / dare-ties: fraction of entries kept")
     g.add_argument("--drop", type=float, default=DEFAULT_DROP, help="dare-ties: drop probability")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="dare-ties drops, --projection random's subspaces")
     g = p.add_argument_group("stage 2")
     g.add_argument("--instruction-calib", default=None, help="instruction calibration JSONL (runs Stage 2)")
     g.add_argument("--no-stage2", action="store_true")

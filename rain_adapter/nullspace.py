@@ -13,6 +13,10 @@ V ``[in, k]``, k = min(n, in) (the left singular vectors of the paper's ``X [in,
             below the residual target.
     ridge:  Δ⊥ = Δ − (Δ V) diag(s² / (s² + ρ)) Vᵀ,   ρ = ``ridge`` · mean(s²)
     none:   Δ⊥ = Δ
+    random: a control, not a method: Δ⊥ = Δ − (Δ Q) Qᵀ with Q ``[in, m]`` an orthonormal basis of
+            a random m-dimensional subspace (m as for ``hard``; Gaussian, seeded per module). It
+            removes as many input directions as ``hard`` but ones unrelated to the thinking
+            features, so comparing the two separates "which directions" from "how much of Δ".
 
 No ``[in, in]`` matrix is formed (beyond V itself when n ≥ in). Computed in float32 by default,
 float64 on request. A bias delta is not projected (it shifts every position alike); it is only
@@ -32,7 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-PROJECTIONS = ("hard", "ridge", "none")
+PROJECTIONS = ("hard", "ridge", "none", "random")
 #: Chosen on behaviour in the toy world (bench/RESULTS.md): accuracy at equal compliance was best
 #: at E = 0.9-0.95 and lower at 0.99 (which also pushed compliance out to λ ≈ 4). DESIGN's
 #: provisional 0.99 protects more of the thinking-position outputs at the cost of more of Δ.
@@ -112,9 +116,10 @@ def protected_count(s: Tensor, protect_energy: float, rtol: float = 1e-4) -> int
 def project(delta: Tensor, X: Tensor, *, projection: str = "hard",
             protect_energy: float = DEFAULT_PROTECT_ENERGY, ridge: float = DEFAULT_RIDGE,
             rtol: float | None = DEFAULT_RTOL, dtype: torch.dtype = torch.float32, device=None,
-            ) -> tuple[Tensor, ProjectionStats]:
+            generator: torch.Generator | None = None) -> tuple[Tensor, ProjectionStats]:
     """Project ``delta [out, in]`` away from the row space of ``X [n, in]``; returns
-    ``(Δ⊥ [out, in] in delta's dtype on delta's device, stats)``."""
+    ``(Δ⊥ [out, in] in delta's dtype on delta's device, stats)``. ``generator`` (CPU) draws the
+    ``random`` control's subspace (ignored otherwise; default: seed 0)."""
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     if delta.ndim != 2 or X.ndim != 2 or delta.shape[1] != X.shape[1]:
@@ -136,6 +141,14 @@ def project(delta: Tensor, X: Tensor, *, projection: str = "hard",
         Vm = V[:, :m]
         P = D - (D @ Vm) @ Vm.mT
         energy = float((s[:m].double() ** 2).sum()) / energy_total
+    elif projection == "random":
+        m = protected_count(s, protect_energy, rtol)
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        Q, _ = torch.linalg.qr(torch.randn(D.shape[1], m, generator=g, dtype=torch.float64))
+        Q = Q.to(dev, dtype)
+        P = D - (D @ Q) @ Q.mT
+        # share of the feature energy that the random directions happen to hold
+        energy = float(torch.linalg.matrix_norm((Xd @ Q).double()) ** 2) / energy_total
     else:
         if ridge <= 0:
             raise ValueError(f"ridge must be > 0, got {ridge}")

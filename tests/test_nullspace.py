@@ -95,3 +95,23 @@ def test_small_svd_runs_single_threaded_and_restores_threads():
         torch.testing.assert_close((X @ V) @ V.mT, X)  # V spans X's row space
     finally:
         torch.set_num_threads(old)
+
+
+def test_random_control_removes_as_many_directions_but_not_the_features():
+    """``random``: Δ (I − Q Qᵀ) for an orthonormal random Q [in, m] with m = hard's count; the
+    same generator gives the same subspace, and the thinking features are not protected."""
+    D, X = _data(7, rank=10)
+    hard, st_h = project(D, X, projection="hard", protect_energy=1.0, dtype=torch.float64)
+    g = lambda: torch.Generator().manual_seed(123)  # noqa: E731
+    rnd, st_r = project(D, X, projection="random", protect_energy=1.0, dtype=torch.float64, generator=g())
+    again, _ = project(D, X, projection="random", protect_energy=1.0, dtype=torch.float64, generator=g())
+    assert torch.equal(rnd, again)
+    assert st_r.protected_rank == st_h.protected_rank == 10
+    # float64 reference: the same Q drawn explicitly
+    Q, _ = torch.linalg.qr(torch.randn(40, 10, generator=g(), dtype=torch.float64))
+    torch.testing.assert_close(rnd, D @ (torch.eye(40, dtype=torch.float64) - Q @ Q.T))
+    # rank-10 removal either way (rows of the removed part live in a 10-dim space) ...
+    assert torch.linalg.matrix_rank(D - rnd) == 10
+    # ... but only hard zeroes Δ at the features; random leaves most of it
+    assert st_h.residual < 1e-10 and st_r.residual > 0.5
+    assert 0 < st_r.protected_energy < 0.9

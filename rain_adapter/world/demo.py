@@ -30,6 +30,8 @@ from rain_adapter.evaluation.sweep import (
     write_csv,
 )
 
+from rain_adapter.nullspace import PROJECTIONS
+
 from .soundness import evaluate_world, is_sound, max_new_tokens
 from .train import WorldConfig, WorldPaths, ci_config, ensure_world, set_threads
 
@@ -252,7 +254,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="world seed (a different world)")
     p.add_argument("--protect-energy", type=float, default=DEMO_PROTECT_ENERGY,
                    help=f"passed to rain build (default {DEMO_PROTECT_ENERGY} in the demo)")
-    p.add_argument("--projection", default=None, choices=("hard", "ridge", "none"), help="passed to rain build")
+    p.add_argument("--projection", default=None, choices=PROJECTIONS,
+                   help="passed to rain build (random: the control of DESIGN §6.2's claim)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the adapters")
     p.add_argument("--retrain", action="store_true", help="retrain the world")
     p.add_argument("--quiet", action="store_true")
