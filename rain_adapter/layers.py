@@ -102,6 +102,11 @@ class LambdaState:
         return t
 
 
+def _capturing(x: Tensor) -> bool:
+    """True while ``x``'s CUDA stream is capturing a graph (never for CPU tensors)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def row_scale(lam: Tensor, x_shape: torch.Size) -> Tensor:
     """λ ``[n]`` -> one scale per row of ``x`` flattened to ``[M, in]``.
 
@@ -168,7 +173,11 @@ class RainLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.state.all_zero:  # λ = 0 everywhere: exactly the bare layer
+        # λ = 0 everywhere: exactly the bare layer. Not while a CUDA graph is being captured: the
+        # graph would hold the bare path and ignore a later set_lambda (the kernels read λ from
+        # the device buffer, so a graph captured through them stays right for any λ)
+        if self.state.all_zero and not _capturing(x):
+            self.state.on(x.device)  # have λ's device copy ready before any capture (no H2D copy in it)
             return self.base(x)
         lam = self.state.on(x.device)
         scale = token_scale(lam, x.shape, self.name) if self.state.per_token else row_scale(lam, x.shape)

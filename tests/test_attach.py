@@ -70,6 +70,59 @@ def test_lambda_zero_is_bit_for_bit_the_bare_model(arch):
     assert not torch.allclose(mixed[1], ref[1])
 
 
+def test_lambda_zero_shortcut_is_off_while_a_cuda_graph_captures(monkeypatch):
+    """At λ = 0 RainLinear returns the bare layer without touching λ, except during CUDA-graph
+    capture: there it goes through rain_linear (which reads λ from the device buffer), so a graph
+    captured at λ = 0 applies a later set_lambda. Capture is simulated (no GPU here)."""
+    import rain_adapter.layers as layers
+
+    model = tiny_model("qwen2", seed=3)
+    x = ids()
+    with torch.no_grad():
+        ref = model(x).logits.clone()
+    rm = RainAdapter.attach(model, make_adapter(model, seed=4), lam=0.0)
+    calls = []
+    real = layers.rain_linear
+    monkeypatch.setattr(layers, "rain_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        rm(x)
+    assert not calls  # the shortcut, outside capture
+    monkeypatch.setattr(layers, "_capturing", lambda x: True)
+    with torch.no_grad():
+        out = rm(x).logits
+    assert len(calls) == 7 * model.config.num_hidden_layers and torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rank", [None, 4])
+def test_gpu_model_graph_captured_at_zero_follows_set_lambda(rank):
+    model = tiny_model("qwen2", seed=3)
+    adapter = make_adapter(model, rank=rank, seed=4)
+    rm = RainAdapter.attach(model.cuda().to(torch.bfloat16), adapter, lam=0.0)
+    x = ids().cuda()
+    eager = {}
+    with torch.no_grad():
+        for lam in (0.7, 0.0):
+            rm.set_lambda(lam)
+            eager[lam] = rm(x).logits.float().clone()
+        s = torch.cuda.Stream()  # warm up on a side stream (autotuning stays out of the capture)
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                rm(x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):  # captured at λ = 0
+            out = rm(x).logits
+        for lam in (0.7, 0.0):
+            rm.set_lambda(lam)
+            g.replay()
+            torch.cuda.synchronize()
+            assert rel_err(out.float(), eager[lam]) < 2e-2, lam
+    assert rel_err(eager[0.7], eager[0.0]) > 0.05  # the two λ really differ
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("rank", [None, 4])
 @pytest.mark.parametrize("lam", [1.0, 0.37])
