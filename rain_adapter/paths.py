@@ -28,7 +28,8 @@ def shared_calibration_dir() -> Path:
     """The method authors' calibration sets.
 
     Looked up in ``$RAIN_CALIB_DIR``, then ``<repo>/../shared/data/rain_calibration`` (the layout of a
-    checkout), then ``./shared/data/rain_calibration``.
+    checkout), then ``./shared/data/rain_calibration``, then the copy shipped in the package
+    (``rain_adapter/data/rain_calibration``, MIT, see its LICENSE).
     """
     candidates = []
     env = os.environ.get("RAIN_CALIB_DIR")
@@ -38,6 +39,7 @@ def shared_calibration_dir() -> Path:
         _REPO_ROOT.parent / "shared" / "data" / "rain_calibration",
         Path.cwd().parent / "shared" / "data" / "rain_calibration",
         Path.cwd() / "shared" / "data" / "rain_calibration",
+        Path(__file__).resolve().parent / "data" / "rain_calibration",
     ]
     for c in candidates:
         if (c / "reasoning_calibration_set.json").is_file():

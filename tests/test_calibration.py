@@ -78,3 +78,22 @@ def test_bad_inputs(tmp_path, tok):
         prepare_reasoning_calibration(tok, samples, min_samples=3)
     with pytest.raises(CalibrationError, match="max_seq_len"):
         prepare_reasoning_calibration(tok, make_reasoning_samples(4), max_seq_len=10, min_samples=1)
+
+
+def test_packaged_calibration_sets_are_found_without_a_checkout(tmp_path, monkeypatch):
+    """An installed package (no ../shared beside it, no RAIN_CALIB_DIR) uses its own copy."""
+    import json
+
+    from pathlib import Path
+
+    import rain_adapter.paths as paths
+
+    monkeypatch.delenv("RAIN_CALIB_DIR", raising=False)
+    monkeypatch.setattr(paths, "_REPO_ROOT", tmp_path / "site-packages")
+    monkeypatch.chdir(tmp_path)
+    d = paths.shared_calibration_dir()
+    assert d == Path(paths.__file__).resolve().parent / "data" / "rain_calibration"
+    assert (d / "LICENSE").read_text().startswith("MIT License")
+    assert len(json.loads((d / "reasoning_calibration_set.json").read_text())) > 100
+    with open(d / "instruction_calibration_set.jsonl") as f:
+        assert sum(1 for line in f if line.strip()) > 100
