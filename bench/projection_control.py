@@ -3,6 +3,7 @@
     for s in 0 1 2; do
       rain demo --seed $s --out runs/base$s
       rain demo --seed $s --methods rain,rain-stage1 --projection random --out runs/rand$s
+      rain demo --seed $s --methods rain,rain-stage1 --project-layers 0-1 --out runs/pl$s
     done
     python bench/projection_control.py runs
 
@@ -38,6 +39,9 @@ def row(world: int, name: str, rs: list[dict]) -> str:
             f"{peak['accuracy']:.2f} | {min(r['format_validity'] for r in rs):.2f} |")
 
 
+VARIANTS = (("base", "null space"), ("rand", "random control"), ("pl", "null space, first half only"))
+
+
 def main(argv: list[str]) -> int:
     root = Path(argv[0] if argv else "runs")
     print("| world | method | max compliance (at λ) | acc @ c=0.25 | acc @ c=0.5 | acc at max c | "
@@ -45,11 +49,13 @@ def main(argv: list[str]) -> int:
     print("|---:|---|---|---:|---:|---:|---:|")
     for base in sorted(p for p in root.glob("base*") if p.is_dir()):
         w = int(base.name[4:])
-        b, r = load(base / "sweep.csv"), load(root / f"rand{w}" / "sweep.csv")
+        runs = {tag: load(root / f"{tag}{w}" / "sweep.csv") for tag, _ in VARIANTS
+                if (root / f"{tag}{w}" / "sweep.csv").is_file()}
         for m in ("rain", "rain-stage1"):
-            print(row(w, f"{m} (null space)", b[m]))
-            print(row(w, f"{m} (random control)", r[m]))
-        print(row(w, "task-arithmetic", b["task-arithmetic"]))
+            for tag, label in VARIANTS:
+                if tag in runs and m in runs[tag]:
+                    print(row(w, f"{m} ({label})", runs[tag][m]))
+        print(row(w, "task-arithmetic", runs["base"]["task-arithmetic"]))
     return 0
 
 

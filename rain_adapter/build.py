@@ -119,6 +119,7 @@ def build_adapter(
     targets: Sequence[str] | None = None,
     layers: Sequence[int] | None = None,
     skip_first_layers: int = 0,
+    project_layers: Sequence[int] | None = None,
     radius: int = DEFAULT_RADIUS,
     projection: str = "hard",
     protect_energy: float = DEFAULT_PROTECT_ENERGY,
@@ -213,6 +214,12 @@ def build_adapter(
     if not layer_ids:
         raise BuildError(f"no layers left to merge (layers={layers}, skip_first_layers={skip_first_layers})")
     modules = target_linears(model, roles, layer_ids)
+    # Stage 1 on a subset of layers (None: all): the other layers keep the plain task vector
+    proj_layers = set(layer_ids) if project_layers is None else {int(i) for i in project_layers}
+    if project_layers is not None and use_proj:
+        bad = sorted(proj_layers - set(range(n_layers)))
+        if bad:
+            raise BuildError(f"--project-layers: {bad} not in the model's layers 0-{n_layers - 1}")
     module_names = list(modules)
     from .store import compute_fingerprint
     fingerprint = compute_fingerprint(model, module_names)  # the LRM's weights: fixed for the whole build
@@ -233,6 +240,7 @@ def build_adapter(
         "projection": projection if use_proj else None, "protect_energy": protect_energy, "ridge": ridge,
         "radius": radius, "svd_dtype": svd_dtype, "merge_bias": merge_bias, "density": density, "drop": drop,
         "seed": seed, "calib_hash": calib.info["calib_hash"] if calib else None, "dtype": dtype,
+        "project_layers": sorted(proj_layers) if project_layers is not None else None,
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     done: set[int] = set()
@@ -261,7 +269,10 @@ def build_adapter(
         ld, ls = {}, {}
         for n in by_layer[l]:
             md = task_vector(itm_r, base_r, n, merge_bias=merge_bias)
-            if use_proj:
+            if use_proj and l not in proj_layers:
+                dn = float(md.delta.norm())
+                ld[n], ls[n] = md, {"projected": False, "kept_norm": 1.0 if dn > 0 else 0.0}
+            elif use_proj:
                 P, st = project(md.delta, feats[n], projection=projection, protect_energy=protect_energy,
                                 ridge=ridge, dtype=compute_dtype, device=device,
                                 generator=module_generator(seed, n))
@@ -275,18 +286,19 @@ def build_adapter(
     def run_layers() -> None:
         if not todo:
             return
-        if use_proj:
+        feat_todo = [l for l in todo if use_proj and l in proj_layers]
+        for l in tqdm([l for l in todo if l not in feat_todo], desc=f"{method} (layers)",
+                      disable=not progress or len(feat_todo) == len(todo)):
+            process_layer(l, None)  # no features needed: plain Δ or a baseline transform
+            trim_heap()
+        if feat_todo:
             from .features import iter_layer_features
-            todo_mods = {n: modules[n] for l in todo for n in by_layer[l]}
+            todo_mods = {n: modules[n] for l in feat_todo for n in by_layer[l]}
             it = iter_layer_features(model, todo_mods, calib, sequential=sequential, batch_size=batch_size,
                                      device=device, pad_id=tokenizer.pad_token_id, progress=progress)
-            for l, feats in tqdm(it, total=len(todo), desc="stage 1 (layers)", disable=not progress):
+            for l, feats in tqdm(it, total=len(feat_todo), desc="stage 1 (layers)", disable=not progress):
                 process_layer(l, feats)
                 del feats
-                trim_heap()
-        else:
-            for l in tqdm(todo, desc=f"{method} (layers)", disable=not progress):
-                process_layer(l, None)
                 trim_heap()
 
     try:
@@ -373,6 +385,8 @@ def build_adapter(
         stage1.update({"drop": drop, "seed": seed})
     if use_proj and projection == "random":
         stage1["seed"] = seed
+    if use_proj and project_layers is not None:
+        stage1["project_layers"] = sorted(proj_layers & set(layer_ids))
     used_roles = list(dict.fromkeys(module_role(n) for n in module_names))
     config = RainConfig(
         base_model_name_or_path=str(lrm), itm_name_or_path=str(itm), itm_base_name_or_path=str(base),
@@ -436,6 +450,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--projection", default="hard", choices=PROJECTIONS,
                    help="hard (default), ridge, none, or random: a control that removes as many "
                         "input directions as hard, drawn at random (seeded by --seed)")
+    g.add_argument("--project-layers", type=_int_list, default=None,
+                   help="project only these layers, e.g. 0-13 (default all; the others keep the plain "
+                        "task vector; in the toy world the first half did best, bench/RESULTS.md)")
     g.add_argument("--protect-energy", type=float, default=DEFAULT_PROTECT_ENERGY,
                    help=f"hard: fraction of feature energy protected (default {DEFAULT_PROTECT_ENERGY}; 1.0 = exact)")
     g.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help=f"ridge: rho / mean(s^2) (default {DEFAULT_RIDGE})")
@@ -475,7 +492,8 @@ def _run(args: argparse.Namespace) -> int:
     build_adapter(
         args.lrm, args.itm, args.base, args.out, reasoning_calib=args.reasoning_calib,
         instruction_calib=args.instruction_calib, method=args.method, preset=args.preset, targets=args.targets,
-        layers=args.layers, skip_first_layers=args.skip_first_layers, radius=args.radius,
+        layers=args.layers, skip_first_layers=args.skip_first_layers, project_layers=args.project_layers,
+        radius=args.radius,
         projection=args.projection, protect_energy=args.protect_energy, ridge=args.ridge, svd_dtype=args.svd_dtype,
         max_samples=args.max_samples, min_samples=args.min_samples, max_seq_len=args.max_seq_len,
         batch_size=args.batch_size, dtype=args.dtype, device=args.device, no_stage2=args.no_stage2,

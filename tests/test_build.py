@@ -99,6 +99,26 @@ def test_no_projection_breaks_constraint(triple, calib, tmp_path):
     assert all(abs(s["kept_norm"] - 1) < 1e-6 for s in cfg["stage1"]["modules"].values())
 
 
+def test_project_layers_projects_only_those(triple, calib, tmp_path):
+    """--project-layers 0: layer 0 keeps the thinking outputs (residual ≤ 1e-4 through attach),
+    layer 1 carries the plain task vector (residual 1, kept norm 1); bad layer ids are refused."""
+    from rain_adapter.arch import module_layer
+
+    out = _build(triple, calib, tmp_path / "pl", projection="hard", protect_energy=1.0, project_layers=[0])
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["stage1"]["project_layers"] == [0]
+    st = cfg["stage1"]["modules"]
+    res, _ = _residuals(triple, calib, out)
+    for n, r in res.items():
+        if module_layer(n) == 0:
+            assert r <= 1e-4 and st[n]["residual"] <= 1e-4, (n, r)
+        else:
+            assert abs(r - 1) < 1e-4 and st[n] == {"projected": False, "kept_norm": 1.0}, (n, r, st[n])
+    with pytest.raises(Exception, match="project-layers"):
+        _build(triple, calib, tmp_path / "bad", project_layers=[0, 7])
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
 def test_energy_and_ridge_tradeoff(triple, calib, tmp_path):
     a = json.loads((_build(triple, calib, tmp_path / "e90", protect_energy=0.9) / "adapter_config.json").read_text())
     b = json.loads((_build(triple, calib, tmp_path / "r", projection="ridge", ridge=0.1) / "adapter_config.json").read_text())

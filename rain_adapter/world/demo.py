@@ -236,6 +236,10 @@ def run(args: argparse.Namespace) -> int:
         build_kw["protect_energy"] = args.protect_energy
     if args.projection is not None:
         build_kw["projection"] = args.projection
+    if args.project_layers is not None:
+        from rain_adapter.build import _int_list
+
+        build_kw["project_layers"] = _int_list(args.project_layers)
     res = run_demo(cfg, out=Path(args.out) if args.out else None, methods=args.methods.split(","),
                    lambdas=parse_lambdas(args.lambdas), limit=args.limit or None, rebuild=args.rebuild,
                    retrain=args.retrain, progress=not args.quiet, **build_kw)
@@ -256,6 +260,7 @@ def add_parser(subparsers) -> None:
                    help=f"passed to rain build (default {DEMO_PROTECT_ENERGY} in the demo)")
     p.add_argument("--projection", default=None, choices=PROJECTIONS,
                    help="passed to rain build (random: the control of DESIGN §6.2's claim)")
+    p.add_argument("--project-layers", default=None, help="passed to rain build, e.g. 0-1 (default all)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the adapters")
     p.add_argument("--retrain", action="store_true", help="retrain the world")
     p.add_argument("--quiet", action="store_true")
