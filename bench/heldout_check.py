@@ -1,0 +1,69 @@
+"""Held-out check of the toy-world Stage 1 variants on the prompts the demo never scored.
+
+    python bench/heldout_check.py [--seeds 0,1,2]
+
+The demo and the ablation scored the first 48 of each world's 120 evaluation prompts; the
+``--project-layers`` variant was picked on them. This re-scores the cached adapters (RAIN with the
+null space on every layer, RAIN with it on the first half only, RAIN with the random control, task
+arithmetic) on prompts 48–119 (72 held-out prompts), λ ∈ 0.25:3:0.25, and prints the max
+compliance and the accuracy at compliance 0.25 / 0.5. Needs the demo runs of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+from rain_adapter.evaluation.sweep import load_model, load_prompts, parse_lambdas, sweep_adapters
+from rain_adapter.world.demo import _interp
+from rain_adapter.world.soundness import max_new_tokens
+from rain_adapter.world.train import world_paths
+
+from stage1_ablation import world_for_seed  # noqa: E402  (bench/ is the script's folder)
+
+
+def pick(root: Path, prefix: str, **want) -> Path:
+    for d in sorted((root / "adapters").glob(prefix + "-*")):
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        st = cfg.get("stage1") or {}
+        if cfg.get("method") == prefix and all(st.get(k) == v for k, v in want.items()):
+            return d
+    raise SystemExit(f"{root}: no cached {prefix} adapter with {want}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    a = p.parse_args()
+    warnings.filterwarnings("ignore", message=".*outside the adapter's lambda_range.*")
+    print("| world | adapter | max compliance (λ) | acc @ c=0.25 | acc @ c=0.5 | min format |")
+    print("|---:|---|---|---:|---:|---:|")
+    for seed in (int(s) for s in a.seeds.split(",")):
+        paths = world_paths(world_for_seed(seed))
+        info = json.loads(paths.info.read_text())
+        L = info["config"]["num_layers"]
+        adapters = {
+            "rain (null space, all layers)": pick(paths.root, "rain", projection="hard", project_layers=None),
+            "rain (null space, first half)": pick(paths.root, "rain", projection="hard",
+                                                  project_layers=list(range(L // 2))),
+            "rain (random control)": pick(paths.root, "rain", projection="random"),
+            "task-arithmetic": pick(paths.root, "task-arithmetic"),
+        }
+        rows = load_prompts(paths.eval_reasoning)[48:]
+        model, tok = load_model(paths.lrm)
+        names = list(adapters)
+        recs = sweep_adapters(model, tok, [adapters[n] for n in names], rows, parse_lambdas("0.25:3:0.25"),
+                              names=names, max_new_tokens=max_new_tokens(info["config"]["n_digits"], True),
+                              batch_size=128, progress=False)
+        for n in names:
+            rs = sorted((r for r in recs if r["method"] == n), key=lambda r: r["lambda"])
+            peak = max(rs, key=lambda r: (r["compliance"], -r["lambda"]))
+            f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+            print(f"| {seed} | {n} | {peak['compliance']:.2f} (λ {peak['lambda']:g}) | "
+                  f"{f(_interp(rs, 0.25, 'accuracy'))} | {f(_interp(rs, 0.5, 'accuracy'))} | "
+                  f"{min(r['format_validity'] for r in rs):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
