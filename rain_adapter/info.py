@@ -41,8 +41,17 @@ def describe(name_or_path: str) -> str:
         f"bias deltas  {sum(d.bias is not None for d in deltas.values())}",
     ]
     if config.stage1:
-        s1 = {k: v for k, v in config.stage1.items() if k not in ("modules", "per_module")}
-        lines.append("stage 1      " + json.dumps(s1, default=str)[:400])
+        s1 = {k: v for k, v in config.stage1.items() if k not in ("modules", "per_module", "calib_path")}
+        lines.append("stage 1      " + ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in s1.items()
+                                                 if v is not None))
+        mods = config.stage1.get("modules") or {}
+        res = [m["residual"] for m in mods.values() if "residual" in m]
+        plain = sum(1 for m in mods.values() if m.get("projected") is False)
+        if res:
+            kept = [m["kept_norm"] for m in mods.values() if "residual" in m]
+            lines.append(f"             projected {len(res)} module(s): residual ‖Δ⊥X‖/‖ΔX‖ median "
+                         f"{sorted(res)[len(res) // 2]:.3g} (max {max(res):.3g}), kept ‖Δ⊥‖/‖Δ‖ median "
+                         f"{sorted(kept)[len(kept) // 2]:.3f}" + (f"; {plain} left unprojected" if plain else ""))
     if config.stage2:
         try:
             from .coefficients import format_alpha_table
