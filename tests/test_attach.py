@@ -97,24 +97,27 @@ def test_lambda_zero_shortcut_is_off_while_a_cuda_graph_captures(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rank", [None, 4])
 def test_gpu_model_graph_captured_at_zero_follows_set_lambda(rank):
+    """Capture the attached model's forward (use_cache off: HF's cache bookkeeping is not under
+    test) while λ = 0, then replay after set_lambda: the replay follows λ."""
     model = tiny_model("qwen2", seed=3)
     adapter = make_adapter(model, rank=rank, seed=4)
     rm = RainAdapter.attach(model.cuda().to(torch.bfloat16), adapter, lam=0.0)
     x = ids().cuda()
+    fwd = lambda: rm(x, use_cache=False).logits  # noqa: E731
     eager = {}
     with torch.no_grad():
         for lam in (0.7, 0.0):
             rm.set_lambda(lam)
-            eager[lam] = rm(x).logits.float().clone()
+            eager[lam] = fwd().float().clone()
         s = torch.cuda.Stream()  # warm up on a side stream (autotuning stays out of the capture)
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                rm(x)
+                fwd()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):  # captured at λ = 0
-            out = rm(x).logits
+            out = fwd()
         for lam in (0.7, 0.0):
             rm.set_lambda(lam)
             g.replay()
