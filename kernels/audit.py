@@ -149,7 +149,7 @@ def _report(spec: LaunchSpec) -> KernelReport:
     field = lambda key: int(re.search(rf"\b{key}:(\d+)", res).group(1))  # noqa: E731
     ops = lambda op: len(re.findall(rf"\b{op}\b", sass))  # noqa: E731
     cfg = ", ".join(f"{k_}={v}" for k_, v in spec.consts.items() if k_.startswith("BLOCK") or
-                    k_ in ("SPLIT_K", "FUSE_SHRINK"))
+                    k_ in ("SPLIT_K", "FUSE_SHRINK", "T_SPLITS"))
     return KernelReport(
         name=spec.name, config=f"{cfg}, warps={spec.num_warps}, stages={spec.num_stages}",
         regs=field("REG"), stack=field("STACK"), local=field("LOCAL"),
@@ -190,6 +190,7 @@ def launch_specs(dtypes: tuple[str, ...] = ("bf16",), rank: int = 64) -> list[La
                     dict(x_ptr=p, w_ptr=p, d_ptr=p, bias_ptr=p, bd_ptr=p, s_ptr="*fp32", out_ptr=out_t),
                     dict(common, stride_dn=K, stride_dk=1), dict(flags, **kw), w, st))
             lr_cfgs = decode.lowrank_decode_tuned.configs if tuned else lowrank_kernel_tuned.configs
+            sk = decode.shrink_split_for(K) if tuned else 1  # the shrink's K splits (split variant)
             for fuse in (False, True):
                 br = max(16, decode.next_pow2(R)) if fuse else block_r
                 for c in lr_cfgs:
@@ -199,15 +200,16 @@ def launch_specs(dtypes: tuple[str, ...] = ("bf16",), rank: int = 64) -> list[La
                         dict(x_ptr=p, w_ptr=p, a_ptr=p, b_ptr=p, t_ptr="*fp32", bias_ptr=p, bd_ptr=p,
                              s_ptr="*fp32", out_ptr=out_t),
                         dict(common, R=R, stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1,
-                             stride_tm=0 if fuse else R, stride_tr=0 if fuse else 1),
-                        dict(flags, HAS_BD=False, FUSE_SHRINK=fuse, BLOCK_R=br, **kw), w, st))
+                             stride_tsplit=0 if fuse else M * R, stride_tm=0 if fuse else R,
+                             stride_tr=0 if fuse else 1),
+                        dict(flags, HAS_BD=False, FUSE_SHRINK=fuse, T_SPLITS=1 if fuse else sk, BLOCK_R=br,
+                             **kw), w, st))
             # the shrink of the split variant, as ops._lowrank_once launches it
-            sk = decode.shrink_split_for(K) if tuned else 1
             specs.append(LaunchSpec(
                 f"shrink {label} {dt}", shrink_kernel,
                 dict(x_ptr=p, a_ptr=p, s_ptr="*fp32", t_ptr="*fp32"),
                 dict(M=M, R=R, K=K, stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_s=1,
-                     stride_tm=R, stride_tr=1),
+                     stride_tsplit=M * R, stride_tm=R, stride_tr=1),
                 dict(SPLIT_K=sk, PREC="tf32", BLOCK_M=16 if tuned else 64, BLOCK_R=block_r,
                      BLOCK_K=128), 4, 3))
         # the split-K reduce of the decode path (no K loop, nothing to pipeline)

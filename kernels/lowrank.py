@@ -1,14 +1,15 @@
 """Low-rank Triton kernels: y = x Wᵀ + b + s ⊙ ((x Aᵀ) Bᵀ + bias_delta).
 
 Shapes: x ``[M, K]``, W ``[N, K]``, A ``[r, K]`` (PEFT lora_A), B ``[N, r]`` (PEFT lora_B),
-s ``[M]`` float32 (device pointer), t ``[M, r]`` float32, y ``[M, N]``.
+s ``[M]`` float32 (device pointer), t ``[T_SPLITS, M, r]`` float32, y ``[M, N]``.
 
 Two variants, chosen per shape in ``ops.py``:
 
-- ``split``: ``shrink_kernel`` computes t = x Aᵀ (fp32 accumulate and store; split-K with fp32
-  atomics into a zeroed t for small M), then ``lowrank_kernel`` (FUSE_SHRINK=False) runs the base
-  GEMM tile and adds (s ⊙ t) Bᵀ in its epilogue, into the same fp32 accumulator, before the
-  single store (s ⊙ t is formed in fp32, then cast to the input dtype for the epilogue dot).
+- ``split``: ``shrink_kernel`` computes t = x Aᵀ (fp32 accumulate; for small M split over K,
+  each split storing its own partial ``t[split]``: no atomics, no zeroing launch, the same bits
+  every run), then ``lowrank_kernel`` (FUSE_SHRINK=False) runs the base GEMM tile and adds
+  (s ⊙ Σ_split t[split]) Bᵀ in its epilogue (the partials summed in a fixed order while loading)
+  before the single store (s ⊙ t is formed in fp32, then cast to the input dtype for the dot).
 - ``fused``: ``lowrank_kernel`` (FUSE_SHRINK=True) accumulates x Aᵀ next to x Wᵀ in the same K
   loop (one launch; the shrink is recomputed by every column tile, which only pays when M is small
   and the A re-reads hit L2). Needs r ≤ 128.
@@ -34,11 +35,12 @@ __all__ = ["shrink_kernel", "lowrank_kernel", "lowrank_kernel_tuned"]
 def shrink_kernel(
     x_ptr, a_ptr, s_ptr, t_ptr,
     M, R, K,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_s, stride_tm, stride_tr,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_s, stride_tsplit, stride_tm, stride_tr,
     SPLIT_K: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """t[M, R] (fp32) = x Aᵀ; grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R), SPLIT_K)."""
+    """t[split, M, R] (fp32) = x[:, K range of split] A[:, same]ᵀ; grid (cdiv(M, BLOCK_M),
+    cdiv(R, BLOCK_R), SPLIT_K). Σ_split t[split] = x Aᵀ (summed by the consumer)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -62,12 +64,9 @@ def shrink_kernel(
             a = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
                         mask=km[:, None], other=0.0)
             acc = tl.dot(x, a, acc, input_precision=PREC)
-    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    t_ptrs = t_ptr + pid_k * stride_tsplit + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
     t_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-    if SPLIT_K == 1:
-        tl.store(t_ptrs, acc, mask=t_mask)
-    else:
-        tl.atomic_add(t_ptrs, acc, mask=t_mask, sem="relaxed")
+    tl.store(t_ptrs, acc, mask=t_mask)
 
 
 @triton.jit
@@ -75,9 +74,9 @@ def lowrank_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, t_ptr, bias_ptr, bd_ptr, s_ptr, out_ptr,
     M, N, K, R, M_KEY,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_tm, stride_tr, stride_s, stride_osplit, stride_om, stride_on,
+    stride_tsplit, stride_tm, stride_tr, stride_s, stride_osplit, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, HAS_BD: tl.constexpr, FUSE_SHRINK: tl.constexpr,
-    SPLIT_K: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    SPLIT_K: tl.constexpr, T_SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_k = tl.program_id(1)
@@ -119,8 +118,10 @@ def lowrank_kernel(
             for r0 in range(0, R, BLOCK_R):
                 rr = r0 + offs_r
                 rmask = rr < R
-                tt = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
-                             mask=rmask[None, :], other=0.0)
+                t_base = t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr
+                tt = tl.load(t_base, mask=rmask[None, :], other=0.0)
+                for sp in tl.static_range(1, T_SPLITS):  # the shrink's K splits, in order
+                    tt += tl.load(t_base + sp * stride_tsplit, mask=rmask[None, :], other=0.0)
                 bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
                              mask=rmask[:, None], other=0.0)
                 ts = tl.where(s[:, None] != 0.0, s[:, None] * tt, 0.0)

@@ -125,28 +125,28 @@ def _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, variant, s
     fuse = variant == "fused"
     if fuse:
         t = s  # unused dummy pointer
-        stride_tm = stride_tr = 0
+        sk, stride_ts, stride_tm, stride_tr = 1, 0, 0, 0
     else:
-        # shrink: t [M, R] fp32
+        # shrink: t [sk, M, R] fp32, one partial per K split (summed by the tile kernel)
         sk = split_k or 1  # an explicit split count (tests) applies to the shrink too
         if split_k is None and small and x.is_cuda and not interpreting():
             sk = decode.shrink_split_for(K)
-        t = (torch.zeros((M, R), dtype=torch.float32, device=x.device) if sk > 1
-             else _empty((M, R), torch.float32, x.device))
+        t = _empty((sk, M, R), torch.float32, x.device)
         bm = 16 if small or interpreting() else 64
         br = min(64, max(16, next_pow2(R)))
         bk = 32 if interpreting() else 128
         sgrid = (triton.cdiv(M, bm), triton.cdiv(R, br), sk)
         shrink_kernel[sgrid](x, A, s, t, M, R, K, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
-                             stride_s, t.stride(0), t.stride(1), SPLIT_K=sk, PREC=prec,
+                             stride_s, t.stride(0), t.stride(1), t.stride(2), SPLIT_K=sk, PREC=prec,
                              BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, num_warps=4)
-        stride_tm, stride_tr = t.stride(0), t.stride(1)
+        stride_ts, stride_tm, stride_tr = t.stride(0), t.stride(1), t.stride(2)
     block_r = max(16, next_pow2(R)) if fuse else min(64, max(16, next_pow2(R)))
     split_k, target, so = _splits_and_target(x, out, N, split_k)
     args = (x, weight, A, B, t, b, bd, s, target, M, N, K, R, decode.m_key(M),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
-            B.stride(0), B.stride(1), stride_tm, stride_tr, stride_s, so, target.stride(-2), target.stride(-1))
-    flags = dict(HAS_BIAS=has_b, HAS_BD=has_bd, FUSE_SHRINK=fuse, SPLIT_K=split_k, PREC=prec,
+            B.stride(0), B.stride(1), stride_ts, stride_tm, stride_tr, stride_s, so, target.stride(-2),
+            target.stride(-1))
+    flags = dict(HAS_BIAS=has_b, HAS_BD=has_bd, FUSE_SHRINK=fuse, SPLIT_K=split_k, T_SPLITS=sk, PREC=prec,
                  BLOCK_R=block_r)
     return _launch_tiles(lowrank_kernel, decode.lowrank_decode_tuned, lowrank_kernel_tuned, args, flags,
                          M, N, split_k, target, out)
