@@ -54,7 +54,7 @@ def main_configs(two_operands: bool) -> list[triton.Config]:
     # A config too big for the device's shared memory is skipped by Triton's autotuner
     # (OutOfResources); the last, small one is what fits every kernel when the inputs are fp32.
     for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4),
-                              (64, 64, 128, 4, 3), (32, 128, 128, 8, 4), (64, 64, 64, 4, 2)):
+                              (64, 64, 128, 4, 3), (32, 128, 64, 8, 4), (64, 64, 64, 4, 2)):
         out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
                                  num_warps=w, num_stages=st if not two_operands else max(2, st - 1)))
     return out

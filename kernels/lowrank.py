@@ -115,7 +115,7 @@ def lowrank_kernel(
             # in fp32. The update has its own accumulator so rows with λ = 0 keep acc exactly,
             # whatever B holds (0 · NaN would otherwise reach them through the dot)
             upd = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
+            for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: T_SPLITS loads each
                 rr = r0 + offs_r
                 rmask = rr < R
                 t_base = t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr
