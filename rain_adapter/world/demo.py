@@ -236,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
         build_kw["protect_energy"] = args.protect_energy
     if args.projection is not None:
         build_kw["projection"] = args.projection
+    if args.build_seed is not None:
+        build_kw["seed"] = args.build_seed
     if args.project_layers is not None:
         from rain_adapter.build import _int_list
 
@@ -260,6 +262,8 @@ def add_parser(subparsers) -> None:
                    help=f"passed to rain build (default {DEMO_PROTECT_ENERGY} in the demo)")
     p.add_argument("--projection", default=None, choices=PROJECTIONS,
                    help="passed to rain build (random: the control of DESIGN §6.2's claim)")
+    p.add_argument("--build-seed", type=int, default=None,
+                   help="rain build --seed (DARE drops, --projection random's subspaces)")
     p.add_argument("--project-layers", default=None, help="passed to rain build, e.g. 0-1 (default all)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the adapters")
     p.add_argument("--retrain", action="store_true", help="retrain the world")
