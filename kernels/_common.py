@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["interpreting", "tl_dtype", "dot_precision", "next_pow2", "num_sms",
-           "main_configs", "SM90_SMEM_OPTIN", "tile_scale", "tile_coords", "store_tile", "base_loop",
+           "main_configs", "SM90_SMEM_OPTIN", "tile_scale", "tile_coords", "k_range", "store_tile", "base_loop",
            "INTERPRET_CFG"]
 
 # One small fixed config for TRITON_INTERPRET=1 (CPU tests): no autotuning there.
@@ -89,10 +89,17 @@ def tile_coords(M, N, K, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = offs_m % M
     rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    k_lo, k_hi = k_range(K, pid_k, SPLIT_K, BLOCK_K)
+    return offs_m, offs_n, rm, rn, k_lo, k_hi
+
+
+@triton.jit
+def k_range(K, pid_k, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[k_lo, k_hi)`` of split ``pid_k`` of SPLIT_K over K: whole BLOCK_K tiles each, the last
+    split short or empty."""
     k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_lo = pid_k * k_per
-    k_hi = min(K, k_lo + k_per)
-    return offs_m, offs_n, rm, rn, k_lo, k_hi
+    return k_lo, min(K, k_lo + k_per)
 
 
 @triton.jit

@@ -41,6 +41,7 @@ from . import decode
 from ._common import SM90_SMEM_OPTIN
 from .dense import dense_kernel, dense_kernel_tuned
 from .lowrank import lowrank_kernel, lowrank_kernel_tuned, shrink_kernel
+from .ops import shrink_meta
 
 __all__ = ["KernelReport", "LaunchSpec", "audit", "launch_specs", "compile_sm90", "format_table",
            "SM90_SMEM_LIMIT"]
@@ -171,7 +172,6 @@ def launch_specs(dtypes: tuple[str, ...] = ("bf16",), rank: int = 64) -> list[La
     """
     specs: list[LaunchSpec] = []
     R = rank
-    block_r = min(64, max(16, decode.next_pow2(R)))
     for dt in dtypes:
         p = _PTR[dt]
         out_split = "*fp32"
@@ -191,8 +191,10 @@ def launch_specs(dtypes: tuple[str, ...] = ("bf16",), rank: int = 64) -> list[La
                     dict(common, stride_dn=K, stride_dk=1), dict(flags, **kw), w, st))
             lr_cfgs = decode.lowrank_decode_tuned.configs if tuned else lowrank_kernel_tuned.configs
             sk = decode.shrink_split_for(K) if tuned else 1  # the shrink's K splits (split variant)
+            shrink = shrink_meta(tuned, R)
+            shrink_warps = shrink.pop("num_warps")
             for fuse in (False, True):
-                br = max(16, decode.next_pow2(R)) if fuse else block_r
+                br = max(16, decode.next_pow2(R)) if fuse else shrink["BLOCK_R"]
                 for c in lr_cfgs:
                     kw, w, st = _cfg(c)
                     specs.append(LaunchSpec(
@@ -204,14 +206,14 @@ def launch_specs(dtypes: tuple[str, ...] = ("bf16",), rank: int = 64) -> list[La
                              stride_tr=0 if fuse else 1),
                         dict(flags, HAS_BD=False, FUSE_SHRINK=fuse, T_SPLITS=1 if fuse else sk, BLOCK_R=br,
                              **kw), w, st))
-            # the shrink of the split variant, as ops._lowrank_once launches it
+            # the shrink of the split variant, as ops._lowrank_once launches it (Triton's default
+            # num_stages, 3)
             specs.append(LaunchSpec(
                 f"shrink {label} {dt}", shrink_kernel,
                 dict(x_ptr=p, a_ptr=p, s_ptr="*fp32", t_ptr="*fp32"),
                 dict(M=M, R=R, K=K, stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_s=1,
                      stride_tsplit=M * R, stride_tm=R, stride_tr=1),
-                dict(SPLIT_K=sk, PREC="tf32", BLOCK_M=16 if tuned else 64, BLOCK_R=block_r,
-                     BLOCK_K=128), 4, 3))
+                dict(SPLIT_K=sk, PREC="tf32", **shrink), shrink_warps, 3))
         # the split-K reduce of the decode path (no K loop, nothing to pipeline)
         specs.append(LaunchSpec(f"reduce decode {dt}", decode._reduce_kernel,
                                 dict(ws_ptr="*fp32", out_ptr=p), dict(MN=4 * 3584),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import base_loop, main_configs, store_tile, tile_coords, tile_scale
+from ._common import base_loop, k_range, main_configs, store_tile, tile_coords, tile_scale
 
 __all__ = ["shrink_kernel", "lowrank_kernel", "lowrank_kernel_tuned"]
 
@@ -48,10 +48,7 @@ def shrink_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = offs_m % M
     rr = offs_r % R
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    k_per = tl.cdiv(k_tiles, SPLIT_K) * BLOCK_K
-    k_lo = pid_k * k_per
-    k_hi = min(K, k_lo + k_per)
+    k_lo, k_hi = k_range(K, pid_k, SPLIT_K, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
     s, all_zero, uniform, s_u = tile_scale(s_ptr, stride_s, offs_m, M)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)

@@ -23,7 +23,7 @@ from ._common import INTERPRET_CFG, dot_precision, interpreting, next_pow2
 from .dense import dense_kernel, dense_kernel_tuned
 from .lowrank import lowrank_kernel, lowrank_kernel_tuned, shrink_kernel
 
-__all__ = ["launch_dense", "launch_lowrank", "dense_linear", "lowrank_linear"]
+__all__ = ["launch_dense", "launch_lowrank", "dense_linear", "lowrank_linear", "shrink_meta"]
 
 _FUSED_MAX_R = 128
 # Test switch: RAIN_KERNEL_POISON=1 (read at import) fills every buffer the launchers allocate
@@ -62,13 +62,25 @@ def _may_time(x: Tensor) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
+def _gpu_decode(x: Tensor) -> bool:
+    """The decode path on a real GPU (M ≤ 16, CUDA, not interpreted): where split-K pays."""
+    return x.shape[0] <= decode.DECODE_M and x.is_cuda and not interpreting()
+
+
+def shrink_meta(small: bool, R: int) -> dict:
+    """Tile sizes and warps of the low-rank shrink launch (``small``: the decode path, M ≤ 16).
+    The interpreter gets small tiles."""
+    interp = interpreting()
+    return dict(BLOCK_M=16 if small or interp else 64, BLOCK_R=min(64, max(16, next_pow2(R))),
+                BLOCK_K=32 if interp else 128, num_warps=4)
+
+
 def _splits_and_target(x: Tensor, out: Tensor, N: int, split_k: Optional[int]) -> tuple[int, Tensor, int]:
     """Split-K count (given, or the decode path's choice on CUDA), the buffer the tile kernel
     writes (``out``, or an fp32 workspace ``[split_k, M, N]``) and its split stride."""
     M, K = x.shape
     if split_k is None:
-        on_gpu = x.is_cuda and not interpreting()
-        split_k = decode.split_k_for(N, K, x.device) if (M <= decode.DECODE_M and on_gpu) else 1
+        split_k = decode.split_k_for(N, K, x.device) if _gpu_decode(x) else 1
     if split_k == 1:
         return 1, out, 0
     ws = _empty((split_k, M, N), torch.float32, x.device)
@@ -126,21 +138,19 @@ def _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, variant, s
     if fuse:
         t = s  # unused dummy pointer
         sk, stride_ts, stride_tm, stride_tr = 1, 0, 0, 0
+        block_r = max(16, next_pow2(R))  # the fused K loop holds all of t [BLOCK_M, r]
     else:
         # shrink: t [sk, M, R] fp32, one partial per K split (summed by the tile kernel)
         sk = split_k or 1  # an explicit split count (tests) applies to the shrink too
-        if split_k is None and small and x.is_cuda and not interpreting():
+        if split_k is None and _gpu_decode(x):
             sk = decode.shrink_split_for(K)
         t = _empty((sk, M, R), torch.float32, x.device)
-        bm = 16 if small or interpreting() else 64
-        br = min(64, max(16, next_pow2(R)))
-        bk = 32 if interpreting() else 128
-        sgrid = (triton.cdiv(M, bm), triton.cdiv(R, br), sk)
+        meta = shrink_meta(small, R)
+        sgrid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"]), sk)
         shrink_kernel[sgrid](x, A, s, t, M, R, K, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
-                             stride_s, t.stride(0), t.stride(1), t.stride(2), SPLIT_K=sk, PREC=prec,
-                             BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, num_warps=4)
+                             stride_s, t.stride(0), t.stride(1), t.stride(2), SPLIT_K=sk, PREC=prec, **meta)
         stride_ts, stride_tm, stride_tr = t.stride(0), t.stride(1), t.stride(2)
-    block_r = max(16, next_pow2(R)) if fuse else min(64, max(16, next_pow2(R)))
+        block_r = meta["BLOCK_R"]  # the epilogue reads t in the shrink's chunks
     split_k, target, so = _splits_and_target(x, out, N, split_k)
     args = (x, weight, A, B, t, b, bd, s, target, M, N, K, R, decode.m_key(M),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
