@@ -20,16 +20,7 @@ from rain_adapter.world.demo import _interp
 from rain_adapter.world.soundness import max_new_tokens
 from rain_adapter.world.train import world_paths
 
-from stage1_ablation import world_for_seed  # noqa: E402  (bench/ is the script's folder)
-
-
-def pick(root: Path, prefix: str, **want) -> Path:
-    for d in sorted((root / "adapters").glob(prefix + "-*")):
-        cfg = json.loads((d / "adapter_config.json").read_text())
-        st = cfg.get("stage1") or {}
-        if cfg.get("method") == prefix and all(st.get(k) == v for k, v in want.items()):
-            return d
-    raise SystemExit(f"{root}: no cached {prefix} adapter with {want}")
+from _worlds import cached_adapter, world_for_seed  # bench/ is the script's folder
 
 
 def main() -> None:
@@ -44,11 +35,13 @@ def main() -> None:
         info = json.loads(paths.info.read_text())
         L = info["config"]["num_layers"]
         adapters = {
-            "rain (null space, all layers)": pick(paths.root, "rain", projection="hard", project_layers=None),
-            "rain (null space, first half)": pick(paths.root, "rain", projection="hard",
-                                                  project_layers=list(range(L // 2))),
-            "rain (random control)": pick(paths.root, "rain", projection="random"),
-            "task-arithmetic": pick(paths.root, "task-arithmetic"),
+            "rain (null space, all layers)": cached_adapter(paths.root, "rain", projection="hard",
+                                                            project_layers=None),
+            "rain (null space, first half)": cached_adapter(paths.root, "rain", projection="hard",
+                                                            project_layers=list(range(L // 2))),
+            "rain (random control)": cached_adapter(paths.root, "rain", projection="random", seed=0,
+                                                    project_layers=None),
+            "task-arithmetic": cached_adapter(paths.root, "task-arithmetic"),
         }
         rows = load_prompts(paths.eval_reasoning)[48:]
         model, tok = load_model(paths.lrm)

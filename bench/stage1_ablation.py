@@ -11,7 +11,6 @@ Needs ``rain demo --seed S`` to have run first (world and adapters cached).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import tempfile
 import warnings
@@ -21,7 +20,9 @@ from rain_adapter.evaluation.sweep import load_model, load_prompts, parse_lambda
 from rain_adapter.store import load_adapter, save_adapter
 from rain_adapter.world.demo import _interp
 from rain_adapter.world.soundness import max_new_tokens
-from rain_adapter.world.train import world_home, world_paths
+from rain_adapter.world.train import world_paths
+
+from _worlds import cached_adapter, world_for_seed  # bench/ is the script's folder
 
 GROUPS = {
     "attn only": lambda n, L: any(f".{r}" in n for r in ("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -32,28 +33,13 @@ GROUPS = {
 }
 
 
-def world_for_seed(seed: int) -> Path:
-    for root in glob.glob(str(world_home() / "*")):
-        info = Path(root) / "world.json"
-        if info.is_file() and json.loads(info.read_text())["config"]["seed"] == seed:
-            return Path(root)
-    raise SystemExit(f"no cached world with seed {seed}: run `rain demo --seed {seed}` first")
-
-
 def one_world(seed: int, lambdas: list[float]) -> None:
     paths = world_paths(world_for_seed(seed))
     info = json.loads(paths.info.read_text())
     L = info["config"]["num_layers"]
 
-    def cached(prefix: str) -> Path:
-        for d in sorted((paths.root / "adapters").glob(prefix + "-*")):
-            cfg = json.loads((d / "adapter_config.json").read_text())
-            if prefix != "rain-stage1" or (cfg.get("stage1") or {}).get("projection") == "hard":
-                return d
-        raise SystemExit(f"{paths.root}: no cached {prefix} adapter (run `rain demo --seed {seed}`)")
-
-    proj_cfg, proj = load_adapter(cached("rain-stage1"))
-    _, plain = load_adapter(cached("task-arithmetic"))
+    proj_cfg, proj = load_adapter(cached_adapter(paths.root, "rain-stage1", projection="hard", project_layers=None))
+    _, plain = load_adapter(cached_adapter(paths.root, "task-arithmetic"))
     rows = load_prompts(paths.eval_reasoning, 48)
     model, tok = load_model(paths.lrm)
     with tempfile.TemporaryDirectory() as tmp:
