@@ -136,19 +136,18 @@ def project(delta: Tensor, X: Tensor, *, projection: str = "hard",
     if projection == "none":
         P = D
         m, energy = 0, 0.0
-    elif projection == "hard":
+    elif projection in ("hard", "random"):
         m = protected_count(s, protect_energy, rtol)
-        Vm = V[:, :m]
-        P = D - (D @ Vm) @ Vm.mT
-        energy = float((s[:m].double() ** 2).sum()) / energy_total
-    elif projection == "random":
-        m = protected_count(s, protect_energy, rtol)
-        g = generator if generator is not None else torch.Generator().manual_seed(0)
-        Q, _ = torch.linalg.qr(torch.randn(D.shape[1], m, generator=g, dtype=torch.float64))
-        Q = Q.to(dev, dtype)
-        P = D - (D @ Q) @ Q.mT
-        # share of the feature energy that the random directions happen to hold
-        energy = float(torch.linalg.matrix_norm((Xd @ Q).double()) ** 2) / energy_total
+        if projection == "hard":
+            B = V[:, :m]
+            energy = float((s[:m].double() ** 2).sum()) / energy_total
+        else:
+            g = generator if generator is not None else torch.Generator().manual_seed(0)
+            B, _ = torch.linalg.qr(torch.randn(D.shape[1], m, generator=g, dtype=torch.float64))
+            B = B.to(dev, dtype)
+            # share of the feature energy that the random directions happen to hold
+            energy = float(torch.linalg.matrix_norm((Xd @ B).double()) ** 2) / energy_total
+        P = D - (D @ B) @ B.mT  # remove the m directions of the orthonormal basis B [in, m]
     else:
         if ridge <= 0:
             raise ValueError(f"ridge must be > 0, got {ridge}")

@@ -29,7 +29,6 @@ from rain_adapter.evaluation.sweep import (
     evaluate_rows, format_table, generate_responses, load_model, load_prompts, parse_lambdas, sweep_adapters,
     write_csv,
 )
-
 from rain_adapter.nullspace import PROJECTIONS
 
 from .soundness import evaluate_world, is_sound, max_new_tokens
