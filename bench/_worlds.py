@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rain_adapter.world.demo import _interp
 from rain_adapter.world.train import world_home
 
 
@@ -29,3 +30,17 @@ def cached_adapter(root: Path, method: str, **stage1) -> Path:
         raise SystemExit(f"{root}: {len(found)} cached {method} adapters with {stage1} ({[d.name for d in found]}); "
                          f"run the demo commands of bench/RESULTS.md")
     return found[0]
+
+
+def curve_summary(records: list[dict]) -> dict:
+    """One method's λ curve (sweep records): the most compliant point (``peak``, the smallest λ on
+    ties), accuracy interpolated at compliance 0.25 / 0.5 (None if never reached) and the lowest
+    format validity on the curve."""
+    rs = sorted(records, key=lambda r: r["lambda"])
+    return {"peak": max(rs, key=lambda r: (r["compliance"], -r["lambda"])),
+            "acc25": _interp(rs, 0.25, "accuracy"), "acc50": _interp(rs, 0.5, "accuracy"),
+            "min_format": min(r["format_validity"] for r in rs)}
+
+
+def fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"

@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from pathlib import Path
 
 from rain_adapter.evaluation.sweep import load_model, load_prompts, parse_lambdas, sweep_adapters
-from rain_adapter.world.demo import _interp
 from rain_adapter.world.soundness import max_new_tokens
 from rain_adapter.world.train import world_paths
 
-from _worlds import cached_adapter, world_for_seed  # bench/ is the script's folder
+from _worlds import cached_adapter, curve_summary, fmt, world_for_seed  # bench/ is the script's folder
 
 
 def main() -> None:
@@ -50,12 +48,9 @@ def main() -> None:
                               names=names, max_new_tokens=max_new_tokens(info["config"]["n_digits"], True),
                               batch_size=128, progress=False)
         for n in names:
-            rs = sorted((r for r in recs if r["method"] == n), key=lambda r: r["lambda"])
-            peak = max(rs, key=lambda r: (r["compliance"], -r["lambda"]))
-            f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-            print(f"| {seed} | {n} | {peak['compliance']:.2f} (λ {peak['lambda']:g}) | "
-                  f"{f(_interp(rs, 0.25, 'accuracy'))} | {f(_interp(rs, 0.5, 'accuracy'))} | "
-                  f"{min(r['format_validity'] for r in rs):.2f} |", flush=True)
+            c = curve_summary([r for r in recs if r["method"] == n])
+            print(f"| {seed} | {n} | {c['peak']['compliance']:.2f} (λ {c['peak']['lambda']:g}) | "
+                  f"{fmt(c['acc25'])} | {fmt(c['acc50'])} | {c['min_format']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

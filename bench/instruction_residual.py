@@ -10,7 +10,6 @@ per-module median, for the null-space (hard) and random-control Stage 1 adapters
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch

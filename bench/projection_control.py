@@ -19,7 +19,7 @@ import csv
 import sys
 from pathlib import Path
 
-from rain_adapter.world.demo import _interp
+from _worlds import curve_summary, fmt  # bench/ is the script's folder
 
 
 def load(path: Path) -> dict[str, list[dict]]:
@@ -32,11 +32,10 @@ def load(path: Path) -> dict[str, list[dict]]:
 
 
 def row(world: int, name: str, rs: list[dict]) -> str:
-    peak = max(rs, key=lambda r: (r["compliance"], -r["lambda"]))
-    f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    return (f"| {world} | {name} | {peak['compliance']:.2f} (λ {peak['lambda']:g}) | "
-            f"{f(_interp(rs, 0.25, 'accuracy'))} | {f(_interp(rs, 0.5, 'accuracy'))} | "
-            f"{peak['accuracy']:.2f} | {min(r['format_validity'] for r in rs):.2f} |")
+    c = curve_summary(rs)
+    peak = c["peak"]
+    return (f"| {world} | {name} | {peak['compliance']:.2f} (λ {peak['lambda']:g}) | {fmt(c['acc25'])} | "
+            f"{fmt(c['acc50'])} | {peak['accuracy']:.2f} | {c['min_format']:.2f} |")
 
 
 VARIANTS = (("base", "null space"), ("rand", "random control"), ("pl", "null space, first half only"))

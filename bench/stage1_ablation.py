@@ -18,11 +18,10 @@ from pathlib import Path
 
 from rain_adapter.evaluation.sweep import load_model, load_prompts, parse_lambdas, sweep_adapters
 from rain_adapter.store import load_adapter, save_adapter
-from rain_adapter.world.demo import _interp
 from rain_adapter.world.soundness import max_new_tokens
 from rain_adapter.world.train import world_paths
 
-from _worlds import cached_adapter, world_for_seed  # bench/ is the script's folder
+from _worlds import cached_adapter, curve_summary, fmt, world_for_seed  # bench/ is the script's folder
 
 GROUPS = {
     "attn only": lambda n, L: any(f".{r}" in n for r in ("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -56,12 +55,10 @@ def one_world(seed: int, lambdas: list[float]) -> None:
                               batch_size=128, progress=False)
     print(f"\nworld seed {seed} — projected modules | max compliance (λ) | accuracy there | acc @ c=0.25")
     for name in names:
-        rs = [{"lambda": 0.0, "compliance": 0.0, "accuracy": float("nan")}] + \
-             sorted((r for r in recs if r["method"] == name), key=lambda r: r["lambda"])
-        peak = max(rs[1:], key=lambda r: (r["compliance"], -r["lambda"]))
-        acc = _interp(rs[1:], 0.25, "accuracy")
+        c = curve_summary([r for r in recs if r["method"] == name])
+        peak = c["peak"]
         print(f"  {name:<20} {peak['compliance']:.2f} (λ {peak['lambda']:g})  {peak['accuracy']:.2f}  "
-              f"{'n/a' if acc is None else f'{acc:.2f}'}", flush=True)
+              f"{fmt(c['acc25'])}", flush=True)
 
 
 def main() -> None:
