@@ -206,6 +206,7 @@ def _worker() -> None:
     from rain_adapter.kernels import ops, rain_linear
 
     results = {}
+    nanify = lambda t: None if t is None else torch.full_like(t, float("nan"))  # noqa: E731
     for c in INTERP_CASES:
         seed = _fresh_seed()
         x, W, b, s, D, A, B, bd = _inputs(c["M"], c["N"], c["K"], c["R"], c["has_b"], c["has_bd"],
@@ -223,7 +224,6 @@ def _worker() -> None:
     for R in (0, 8):
         seed = _fresh_seed()
         x, W, b, s, D, A, B, bd = _inputs(20, 40, 48, R, True, True, seed, kind="zero")
-        nanify = lambda t: None if t is None else torch.full_like(t, float("nan"))  # noqa: E731
         if R:
             y = ops.launch_lowrank(x, W, b, s, nanify(A), nanify(B), nanify(bd), variant="split")
         else:
@@ -237,7 +237,6 @@ def _worker() -> None:
     for R, v in ((0, "-"), (8, "split"), (8, "fused")):
         seed = _fresh_seed()
         x, W, b, s, D, A, B, bd = _inputs(20, 40, 48, R, True, True, seed, kind="mixed")
-        nanify = lambda t: None if t is None else torch.full_like(t, float("nan"))  # noqa: E731
         if R:
             y = ops.launch_lowrank(x, W, b, s, nanify(A), nanify(B), nanify(bd), variant=v)
         else:
