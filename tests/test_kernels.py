@@ -76,6 +76,11 @@ def _inputs(M, N, K, R, has_b, has_bd, seed, dtype=torch.float32, device="cpu", 
     return (cast(x), cast(W), cast(b), s.to(device), cast(D), cast(A), cast(B), cast(bd))
 
 
+def _nanify(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A NaN tensor shaped like ``t`` (None stays None)."""
+    return None if t is None else torch.full_like(t, float("nan"))
+
+
 def _tol(ref: torch.Tensor, dtype: torch.dtype) -> float:
     rel = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
     return rel * (1.0 + ref.abs().max().item())
@@ -114,9 +119,8 @@ def test_torch_path_all_zero_skips_delta(R):
 
     seed = _fresh_seed()
     x, W, b, s, D, A, B, bd = _inputs(9, 20, 24, R, True, True, seed, kind="zero")
-    nanify = lambda t: None if t is None else torch.full_like(t, float("nan"))  # noqa: E731
     for fn in (rain_linear_torch, rain_linear):
-        y = fn(x, W, b, s, delta=nanify(D), lora_A=nanify(A), lora_B=nanify(B), bias_delta=nanify(bd))
+        y = fn(x, W, b, s, delta=_nanify(D), lora_A=_nanify(A), lora_B=_nanify(B), bias_delta=_nanify(bd))
         assert torch.equal(y, F.linear(x, W, b)), f"seed={seed}"
 
 
@@ -206,7 +210,6 @@ def _worker() -> None:
     from rain_adapter.kernels import ops, rain_linear
 
     results = {}
-    nanify = lambda t: None if t is None else torch.full_like(t, float("nan"))  # noqa: E731
     for c in INTERP_CASES:
         seed = _fresh_seed()
         x, W, b, s, D, A, B, bd = _inputs(c["M"], c["N"], c["K"], c["R"], c["has_b"], c["has_bd"],
@@ -225,9 +228,9 @@ def _worker() -> None:
         seed = _fresh_seed()
         x, W, b, s, D, A, B, bd = _inputs(20, 40, 48, R, True, True, seed, kind="zero")
         if R:
-            y = ops.launch_lowrank(x, W, b, s, nanify(A), nanify(B), nanify(bd), variant="split")
+            y = ops.launch_lowrank(x, W, b, s, _nanify(A), _nanify(B), _nanify(bd), variant="split")
         else:
-            y = ops.launch_dense(x, W, b, s, nanify(D), nanify(bd))
+            y = ops.launch_dense(x, W, b, s, _nanify(D), _nanify(bd))
         ref = _reference(x, W, b, s, None, torch.zeros(40, 48))
         results[f"allzero-nan-delta-r{R}"] = dict(seed=seed, nan=bool(torch.isnan(y).any()),
                                                   err=float((y.double() - ref).abs().max()),
@@ -238,9 +241,9 @@ def _worker() -> None:
         seed = _fresh_seed()
         x, W, b, s, D, A, B, bd = _inputs(20, 40, 48, R, True, True, seed, kind="mixed")
         if R:
-            y = ops.launch_lowrank(x, W, b, s, nanify(A), nanify(B), nanify(bd), variant=v)
+            y = ops.launch_lowrank(x, W, b, s, _nanify(A), _nanify(B), _nanify(bd), variant=v)
         else:
-            y = ops.launch_dense(x, W, b, s, nanify(D), nanify(bd))
+            y = ops.launch_dense(x, W, b, s, _nanify(D), _nanify(bd))
         zero = s == 0
         ref = _reference(x, W, b, torch.zeros_like(s), None, torch.zeros(40, 48))
         results[f"mixed-nan-delta-r{R}-{v}"] = dict(
