@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rain_adapter.world.demo import _interp
-from rain_adapter.world.train import world_home
+from rain_adapter.demo.run import _interp
+from rain_adapter.demo.train import world_home
 
 
 def world_for_seed(seed: int) -> Path:

@@ -124,11 +124,11 @@ def child(args) -> None:
     meter = _Meter()
     import transformers
 
-    import rain_adapter.build as B
-    import rain_adapter.features as F
-    import rain_adapter.nullspace as NS
-    import rain_adapter.store as ST
-    import rain_adapter.taskvector as TV
+    import rain_adapter.build.pipeline as B
+    import rain_adapter.build.features as F
+    import rain_adapter.build.nullspace as NS
+    import rain_adapter.format.store as ST
+    import rain_adapter.build.taskvector as TV
 
     # phases (module attributes looked up at call time by build.py / features.py)
     meter.wrap(transformers.AutoModelForCausalLM, "from_pretrained", "load_lrm")
@@ -169,7 +169,7 @@ def child(args) -> None:
 
 def _triple(root: Path, layers: int):
     """The bench triple under ``root`` (generated unless a complete one of this size is there)."""
-    from rain_adapter.fixtures import TriplePaths, make_tiny_triple
+    from rain_adapter.testing.fixtures import TriplePaths, make_tiny_triple
 
     p = TriplePaths(base=root / "base", itm=root / "itm", lrm=root / "lrm")
     try:
@@ -201,7 +201,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
-    from rain_adapter.calibration import default_reasoning_calib
+    from rain_adapter.build.calibration import default_reasoning_calib
 
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()

@@ -15,8 +15,8 @@ import json
 import warnings
 
 from rain_adapter.evaluation.sweep import load_model, load_prompts, parse_lambdas, sweep_adapters
-from rain_adapter.world.soundness import max_new_tokens
-from rain_adapter.world.train import world_paths
+from rain_adapter.demo.soundness import max_new_tokens
+from rain_adapter.demo.train import world_paths
 
 from _worlds import cached_adapter, curve_summary, fmt, world_for_seed  # bench/ is the script's folder
 

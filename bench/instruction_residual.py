@@ -15,13 +15,13 @@ import statistics
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rain_adapter.arch import target_names
-from rain_adapter.calibration import CalibItem, CalibrationSet
-from rain_adapter.features import collect_features
-from rain_adapter.spans import prepare_instruction_samples
-from rain_adapter.store import load_adapter
-from rain_adapter.taskvector import CheckpointReader, task_vector
-from rain_adapter.world.train import world_paths
+from rain_adapter.format.arch import target_names
+from rain_adapter.build.calibration import CalibItem, CalibrationSet
+from rain_adapter.build.features import collect_features
+from rain_adapter.build.spans import prepare_instruction_samples
+from rain_adapter.format.store import load_adapter
+from rain_adapter.build.taskvector import CheckpointReader, task_vector
+from rain_adapter.demo.train import world_paths
 
 from _worlds import cached_adapter, world_for_seed  # bench/ is the script's folder
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from rain_adapter.serve.runner import free_port, wait_healthy
-from rain_adapter.serve.tiny import build_tiny_serving
+from rain_adapter.testing.server import free_port, wait_healthy
+from rain_adapter.testing.serve_tiny import build_tiny_serving
 
 HOST = "127.0.0.1"
 PROMPTS = ["What is 2+2?", "Write a haiku about rain.", "List three colours.", "Explain gravity briefly.",
@@ -40,7 +40,7 @@ PROMPTS = ["What is 2+2?", "Write a haiku about rain.", "List three colours.", "
 
 def start_server(model_dir: Path, adapter_dir: Path, db: Path, port: int, max_tokens: int,
                  batching: str = "dynamic") -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rain_adapter.serve.cli", "serve", "--model", str(model_dir), "--adapter",
+    cmd = [sys.executable, "-m", "rain_adapter.cli.serve", "serve", "--model", str(model_dir), "--adapter",
            str(adapter_dir), "--host", HOST, "--port", str(port), "--db", str(db), "--max-batch-size", "8",
            "--batch-window-ms", "10", "--max-tokens-cap", str(max_tokens), "--log-level", "warning",
            "--device", "cpu", "--dtype", "float32", "--batching", batching]

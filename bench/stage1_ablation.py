@@ -17,9 +17,9 @@ import warnings
 from pathlib import Path
 
 from rain_adapter.evaluation.sweep import load_model, load_prompts, parse_lambdas, sweep_adapters
-from rain_adapter.store import load_adapter, save_adapter
-from rain_adapter.world.soundness import max_new_tokens
-from rain_adapter.world.train import world_paths
+from rain_adapter.format.store import load_adapter, save_adapter
+from rain_adapter.demo.soundness import max_new_tokens
+from rain_adapter.demo.train import world_paths
 
 from _worlds import cached_adapter, curve_summary, fmt, world_for_seed  # bench/ is the script's folder
 

@@ -41,8 +41,8 @@ def build(workdir: Path, arch: str = "llama", rank: int = 4, seed: int = 0) -> t
     import torch
 
     from rain_adapter import RainConfig, compute_fingerprint, save_adapter
-    from rain_adapter.export import export_peft
-    from rain_adapter.fixtures import make_tokenizer, tiny_triple_config
+    from rain_adapter.export.peft import export_peft
+    from rain_adapter.testing.fixtures import make_tokenizer, tiny_triple_config
     from transformers import AutoModelForCausalLM
 
     tok = make_tokenizer()
@@ -60,7 +60,7 @@ def build(workdir: Path, arch: str = "llama", rank: int = 4, seed: int = 0) -> t
     lrm = workdir / "lrm"
     model.save_pretrained(lrm)
     tok.save_pretrained(lrm)
-    from rain_adapter.tiny import random_deltas
+    from rain_adapter.testing.tiny import random_deltas
 
     deltas = random_deltas(model, rank=rank, scale=0.5, seed=seed + 1)
     cfg = RainConfig(base_model_name_or_path=str(lrm), layers=list(range(model.config.num_hidden_layers)),
@@ -76,7 +76,7 @@ def reference(lrm: Path, adapter: Path, prompts: list[list[int]], max_tokens: in
     from transformers import AutoModelForCausalLM
 
     from rain_adapter import RainAdapter
-    from rain_adapter.export import lambda_label
+    from rain_adapter.export.peft import lambda_label
 
     model = AutoModelForCausalLM.from_pretrained(lrm, dtype=torch.float32).eval()
     rm = RainAdapter.attach(model, adapter)

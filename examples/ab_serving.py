@@ -5,7 +5,7 @@
 
 What it does (~10 s on one CPU core; loopback only, nothing is downloaded):
 
-1. ``rain_adapter.serve.tiny.build_tiny_serving`` writes a tiny random Qwen2 (offline byte-level
+1. ``rain_adapter.testing.serve_tiny.build_tiny_serving`` writes a tiny random Qwen2 (offline byte-level
    tokenizer, R1-style template) and a random dense adapter;
 2. writes ``arms.yaml`` with two arms, ``control`` (λ = 0: the bare LRM) and ``treatment`` (λ = 1);
 3. starts the server in this process on 127.0.0.1 and a free port — the same app as::
@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
     import openai
 
-    from rain_adapter.cli import main as rain
+    from rain_adapter.cli.main import main as rain
     from rain_adapter.serve.app import create_app, serve_state_from
     from rain_adapter.serve.arms import load_arms
-    from rain_adapter.serve.cli import load_served_model
-    from rain_adapter.serve.runner import ServerThread
-    from rain_adapter.serve.tiny import build_tiny_serving
+    from rain_adapter.cli.serve import load_served_model
+    from rain_adapter.testing.server import ServerThread
+    from rain_adapter.testing.serve_tiny import build_tiny_serving
 
     root = args.out if args.out is not None else Path(tempfile.mkdtemp(prefix="rain-ab-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from rain_adapter import RainAdapter, RainConfig, compute_fingerprint, save_adapter
-from rain_adapter.fixtures import make_tokenizer
-from rain_adapter.tiny import random_deltas, tiny_model
+from rain_adapter.testing.fixtures import make_tokenizer
+from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 
 def main() -> None:

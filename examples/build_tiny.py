@@ -9,7 +9,7 @@ What it does (~10 s on one CPU core, imports included; nothing is downloaded):
 2. writes a small reasoning calibration set (3 synthetic ``{prompt, reasoning, response}`` samples:
    3 × 12 = 36 thinking positions < hidden size 64, so the exact null space is not empty) and a small
    instruction calibration set (6 rows with marked instruction / response spans);
-   ``--shared-calib`` uses the shared sets (``rain_adapter.paths.shared_calibration_dir()``) instead,
+   ``--shared-calib`` uses the shared sets (``rain_adapter.format.paths.shared_calibration_dir()``) instead,
    cut to ``--max-samples`` samples;
 3. ``build_adapter`` twice, Stage 1 (exact null-space projection, ``protect_energy=1.0``) + Stage 2
    (per-head α): once dense, once low-rank (``rank=8``), and prints ``rain info`` of each;
@@ -37,12 +37,12 @@ import torch
 def _calibration(root: Path, shared: bool, max_samples: int) -> tuple[Path, Path, int | None]:
     """(reasoning calib file, instruction calib file, max_samples for the build)."""
     if shared:
-        from rain_adapter.paths import shared_calibration_dir
+        from rain_adapter.format.paths import shared_calibration_dir
 
         d = shared_calibration_dir()
         return d / "reasoning_calibration_set.json", d / "instruction_calibration_set.jsonl", max_samples
-    from rain_adapter.fixtures import write_reasoning_calib
-    from rain_adapter.world.data import instruction_calibration, write_jsonl
+    from rain_adapter.testing.fixtures import write_reasoning_calib
+    from rain_adapter.demo.data import instruction_calibration, write_jsonl
 
     reasoning = write_reasoning_calib(root / "reasoning_calib.json", n=3)
     instruction = write_jsonl(instruction_calibration(6, n_digits=2), root / "instruction_calib.jsonl")
@@ -54,8 +54,8 @@ def thinking_vs_elsewhere(rain_model, tokenizer, reasoning_calib: Path, radius: 
                           ) -> dict[str, tuple[float, float]]:
     """Per targeted module: ‖y(λ=1) − y(λ=0)‖ / ‖y(λ=0)‖ over the thinking positions Ω and over the
     other positions of the first calibration sample (module inputs captured by forward hooks)."""
-    from rain_adapter.calibration import prepare_reasoning_calibration
-    from rain_adapter.layers import RainLinear
+    from rain_adapter.build.calibration import prepare_reasoning_calibration
+    from rain_adapter.runtime.layers import RainLinear
 
     cs = prepare_reasoning_calibration(tokenizer, str(reasoning_calib), radius=radius, max_samples=1, min_samples=1)
     item = cs.items[0]
@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rain_adapter import RainAdapter
-    from rain_adapter.build import build_adapter
-    from rain_adapter.config import RainConfig
-    from rain_adapter.fixtures import make_tiny_triple
-    from rain_adapter.info import describe
+    from rain_adapter.build.pipeline import build_adapter
+    from rain_adapter.format.config import RainConfig
+    from rain_adapter.testing.fixtures import make_tiny_triple
+    from rain_adapter.cli.info import describe
 
     tmp = None
     if args.out is None:

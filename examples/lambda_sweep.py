@@ -6,7 +6,7 @@
 What it does (default: ~10 s on one CPU core, tiny random model; nothing is downloaded):
 
 1. ``make_tiny_triple`` writes a tiny Qwen2 base / ITM / LRM with an offline byte-level tokenizer;
-2. builds two adapters through ``rain_adapter.build.build_adapter``: ``rain`` (Stage 1 null-space
+2. builds two adapters through ``rain_adapter.build.pipeline.build_adapter``: ``rain`` (Stage 1 null-space
    projection; Stage 2 needs instruction data and is shown in ``examples/build_tiny.py``) and the
    ``task-arithmetic`` baseline (plain Δ_I);
 3. writes ``prompts.jsonl``: a few IFEval-style rows ``{prompt, instruction_id_list, kwargs, answer}``;
@@ -53,8 +53,8 @@ PROMPTS = [
 
 def _tiny_setup(root: Path) -> tuple[Path, list[tuple[str, Path]], Path]:
     """(LRM dir, [(name, adapter dir)], prompts file) for the tiny random triple."""
-    from rain_adapter.build import build_adapter
-    from rain_adapter.fixtures import make_tiny_triple, write_reasoning_calib
+    from rain_adapter.build.pipeline import build_adapter
+    from rain_adapter.testing.fixtures import make_tiny_triple, write_reasoning_calib
 
     triple = make_tiny_triple(root / "triple", arch="qwen2", seed=0)
     calib = write_reasoning_calib(root / "reasoning_calib.json", n=3)
@@ -71,8 +71,8 @@ def _tiny_setup(root: Path) -> tuple[Path, list[tuple[str, Path]], Path]:
 
 def _world_setup(ci: bool) -> tuple[Path, list[tuple[str, Path]], Path] | None:
     """The cached toy world (None when it has not been trained yet) and its adapters."""
-    from rain_adapter.world.demo import build_methods
-    from rain_adapter.world.train import WorldConfig, ci_config, world_home, world_paths
+    from rain_adapter.demo.run import build_methods
+    from rain_adapter.demo.train import WorldConfig, ci_config, world_home, world_paths
 
     cfg = ci_config() if ci else WorldConfig()
     paths = world_paths(world_home() / cfg.key())
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from rain_adapter.cli import main as rain
+    from rain_adapter.cli.main import main as rain
 
     root = args.out if args.out is not None else Path(tempfile.mkdtemp(prefix="rain-sweep-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                   + "` once to train it (a few minutes), then rerun with --world", file=sys.stderr)
             return 2
         lrm, adapters, prompts = found
-        from rain_adapter.world.soundness import max_new_tokens
+        from rain_adapter.demo.soundness import max_new_tokens
 
         n_digits = json.loads((Path(lrm).parent / "world.json").read_text())["config"]["n_digits"]
         extra = ["--limit", str(args.limit)]

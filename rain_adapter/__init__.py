@@ -5,11 +5,11 @@
     model.set_lambda(0.6)
 """
 
-from .config import ConfigError, RainConfig
-from .delta import ModuleDelta
-from .layers import RainLinear
-from .model import RainAdapter, RainModel
-from .store import (
+from .format.config import ConfigError, RainConfig
+from .format.delta import ModuleDelta
+from .runtime.layers import RainLinear
+from .runtime.model import RainAdapter, RainModel
+from .format.store import (
     AdapterError,
     AdapterNotFoundError,
     compute_fingerprint,
@@ -17,12 +17,12 @@ from .store import (
     resolve_adapter,
     save_adapter,
 )
-from .paths import adapter_home, shared_calibration_dir
-from .build import BuildError, build_adapter
-from .coefficients import Stage2Error, run_stage2
-from .lowrank import compress
-from .export import ExportError, export_merged, export_peft
-from .peft_import import PeftImportError, load_peft_lora
+from .format.paths import adapter_home, shared_calibration_dir
+from .build.pipeline import BuildError, build_adapter
+from .build.coefficients import Stage2Error, run_stage2
+from .build.lowrank import compress
+from .export.peft import ExportError, export_merged, export_peft
+from .format.peft_lora import PeftImportError, load_peft_lora
 
 __version__ = "0.1.0"
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from rain_adapter import RainAdapter, RainConfig, RainLinear
-from rain_adapter.arch import ROLES, target_names
-from rain_adapter.store import compute_fingerprint
-from rain_adapter.tiny import random_deltas, tiny_model
+from rain_adapter.format.arch import ROLES, target_names
+from rain_adapter.format.store import compute_fingerprint
+from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 ARCHS = ["qwen2", "llama"]
 
@@ -74,7 +74,7 @@ def test_lambda_zero_shortcut_is_off_while_a_cuda_graph_captures(monkeypatch):
     """At λ = 0 RainLinear returns the bare layer without touching λ, except during CUDA-graph
     capture: there it goes through rain_linear (which reads λ from the device buffer), so a graph
     captured at λ = 0 applies a later set_lambda. Capture is simulated (no GPU here)."""
-    import rain_adapter.layers as layers
+    import rain_adapter.runtime.layers as layers
 
     model = tiny_model("qwen2", seed=3)
     x = ids()

@@ -1,14 +1,14 @@
-"""Row-only attention statistics probe (rain_adapter.attention) against full eager attentions."""
+"""Row-only attention statistics probe (rain_adapter.build.attention) against full eager attentions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rain_adapter.attention import (
+from rain_adapter.build.attention import (
     AttentionPair, attention_pair_stats, attention_probe, make_recorder,
 )
-from rain_adapter.tiny import tiny_model
+from rain_adapter.testing.tiny import tiny_model
 
 
 def _reference(model, ids, pairs) -> torch.Tensor:

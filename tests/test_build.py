@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from rain_adapter.build import build_adapter
-from rain_adapter.fixtures import PLAIN_CHAT_TEMPLATE, make_tiny_triple, write_reasoning_calib
+from rain_adapter.build.pipeline import build_adapter
+from rain_adapter.testing.fixtures import PLAIN_CHAT_TEMPLATE, make_tiny_triple, write_reasoning_calib
 
 N_SAMPLES = 3  # 3 × 12 = 36 thinking positions < hidden 64
 
@@ -33,8 +33,8 @@ def _features(model, calib_path):
     """Independent capture: full-sequence forward hooks, rows picked afterwards."""
     from transformers import AutoTokenizer
 
-    from rain_adapter.arch import target_linears
-    from rain_adapter.calibration import prepare_reasoning_calibration
+    from rain_adapter.format.arch import target_linears
+    from rain_adapter.build.calibration import prepare_reasoning_calibration
 
     tok = AutoTokenizer.from_pretrained(model.name_or_path)
     cs = prepare_reasoning_calibration(tok, calib_path, min_samples=1)
@@ -55,7 +55,7 @@ def _residuals(triple, calib, adapter):
     from transformers import AutoModelForCausalLM
 
     from rain_adapter import RainAdapter
-    from rain_adapter.taskvector import CheckpointReader, task_vector
+    from rain_adapter.build.taskvector import CheckpointReader, task_vector
 
     lrm = AutoModelForCausalLM.from_pretrained(triple.lrm, dtype=torch.float32).eval()
     X = _features(lrm, calib)
@@ -102,7 +102,7 @@ def test_no_projection_breaks_constraint(triple, calib, tmp_path):
 def test_project_layers_projects_only_those(triple, calib, tmp_path):
     """--project-layers 0: layer 0 keeps the thinking outputs (residual ≤ 1e-4 through attach),
     layer 1 carries the plain task vector (residual 1, kept norm 1); bad layer ids are refused."""
-    from rain_adapter.arch import module_layer
+    from rain_adapter.format.arch import module_layer
 
     out = _build(triple, calib, tmp_path / "pl", projection="hard", protect_energy=1.0, project_layers=[0])
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -128,10 +128,10 @@ def test_energy_and_ridge_tradeoff(triple, calib, tmp_path):
 
 
 def test_baselines_and_cli(triple, calib, tmp_path):
-    from rain_adapter.baselines import dare, module_generator, ties_trim
-    from rain_adapter.cli import main
-    from rain_adapter.store import load_adapter
-    from rain_adapter.taskvector import CheckpointReader, task_vector
+    from rain_adapter.build.methods import dare, module_generator, ties_trim
+    from rain_adapter.cli.main import main
+    from rain_adapter.format.store import load_adapter
+    from rain_adapter.build.taskvector import CheckpointReader, task_vector
 
     itm, base = CheckpointReader(triple.itm), CheckpointReader(triple.base)
     n = "model.layers.1.mlp.up_proj"
@@ -161,7 +161,7 @@ def test_baselines_and_cli(triple, calib, tmp_path):
 
 
 def test_resume_after_interruption(triple, calib, tmp_path, monkeypatch):
-    import rain_adapter.build as b
+    import rain_adapter.build.pipeline as b
 
     real = b.project
     calls = {"n": 0}
@@ -189,7 +189,7 @@ def test_resume_after_interruption(triple, calib, tmp_path, monkeypatch):
     _build(triple, calib, out, protect_energy=1.0, resume=True)
     assert calls["n"] == 7 and not part.exists()
     fresh = _build(triple, calib, tmp_path / "fresh", protect_energy=1.0)
-    from rain_adapter.store import load_adapter
+    from rain_adapter.format.store import load_adapter
     _, d1 = load_adapter(out)
     _, d2 = load_adapter(fresh)
     for n in d1:
@@ -202,8 +202,8 @@ def _copy(src, dst):
 
 
 def test_bad_inputs_leave_no_output(triple, calib, tmp_path):
-    from rain_adapter.calibration import CalibrationError
-    from rain_adapter.taskvector import CheckpointError
+    from rain_adapter.build.calibration import CalibrationError
+    from rain_adapter.build.taskvector import CheckpointError
 
     out = tmp_path / "out"
 
@@ -262,7 +262,7 @@ def test_bad_inputs_leave_no_output(triple, calib, tmp_path):
 def test_stage2_keeps_the_thinking_outputs(triple, calib, tmp_path):
     """Stage 1 + Stage 2: α folding must not undo the null-space constraint (o_proj included)."""
     try:
-        from rain_adapter.paths import shared_calibration_dir
+        from rain_adapter.format.paths import shared_calibration_dir
         inst = shared_calibration_dir() / "instruction_calibration_set.jsonl"
     except FileNotFoundError:
         pytest.skip("shared calibration data not found")

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from rain_adapter.build import build_adapter
-from rain_adapter.fixtures import make_tiny_triple, write_reasoning_calib
+from rain_adapter.build.pipeline import build_adapter
+from rain_adapter.testing.fixtures import make_tiny_triple, write_reasoning_calib
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def setup(tmp_path_factory):
 
 
 def test_lowrank_keeps_constraint(setup, tmp_path):
-    from rain_adapter.store import load_adapter
+    from rain_adapter.format.store import load_adapter
 
     triple, calib = setup
     dense = build_adapter(triple.lrm, triple.itm, triple.base, tmp_path / "d", reasoning_calib=calib,
@@ -29,9 +29,9 @@ def test_lowrank_keeps_constraint(setup, tmp_path):
     cfg_d, dd = load_adapter(dense)
     assert cfg_l.storage == "lowrank" and cfg_l.fidelity and all(d.rank <= 8 for d in dl.values())
     # the truncated SVD of Δ⊥ stays in Δ⊥'s row space, orthogonal to the protected directions
-    from rain_adapter.arch import target_linears
-    from rain_adapter.calibration import prepare_reasoning_calibration
-    from rain_adapter.features import collect_features
+    from rain_adapter.format.arch import target_linears
+    from rain_adapter.build.calibration import prepare_reasoning_calibration
+    from rain_adapter.build.features import collect_features
     from transformers import AutoModelForCausalLM, AutoTokenizer
     m = AutoModelForCausalLM.from_pretrained(triple.lrm, dtype=torch.float32).eval()
     cs = prepare_reasoning_calibration(AutoTokenizer.from_pretrained(triple.lrm), calib, min_samples=1)
@@ -44,7 +44,7 @@ def test_lowrank_keeps_constraint(setup, tmp_path):
 def test_stage2_runs_when_instruction_calib_given(setup, tmp_path):
     triple, calib = setup
     try:
-        from rain_adapter.paths import shared_calibration_dir
+        from rain_adapter.format.paths import shared_calibration_dir
         inst = shared_calibration_dir() / "instruction_calibration_set.jsonl"
     except FileNotFoundError:
         pytest.skip("shared calibration data not found")

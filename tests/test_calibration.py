@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from rain_adapter.calibration import (CalibrationError, build_text, load_samples,
+from rain_adapter.build.calibration import (CalibrationError, build_text, load_samples,
                                       prepare_reasoning_calibration)
-from rain_adapter.fixtures import PLAIN_CHAT_TEMPLATE, make_reasoning_samples, make_tokenizer, write_reasoning_calib
+from rain_adapter.testing.fixtures import PLAIN_CHAT_TEMPLATE, make_reasoning_samples, make_tokenizer, write_reasoning_calib
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +86,13 @@ def test_packaged_calibration_sets_are_found_without_a_checkout(tmp_path, monkey
 
     from pathlib import Path
 
-    import rain_adapter.paths as paths
+    import rain_adapter.format.paths as paths
 
     monkeypatch.delenv("RAIN_CALIB_DIR", raising=False)
     monkeypatch.setattr(paths, "_REPO_ROOT", tmp_path / "site-packages")
     monkeypatch.chdir(tmp_path)
     d = paths.shared_calibration_dir()
-    assert d == Path(paths.__file__).resolve().parent / "data" / "rain_calibration"
+    assert d == Path(paths.__file__).resolve().parent.parent / "data" / "rain_calibration"
     assert (d / "LICENSE").read_text().startswith("MIT License")
     assert len(json.loads((d / "reasoning_calibration_set.json").read_text())) > 100
     with open(d / "instruction_calibration_set.jsonl") as f:

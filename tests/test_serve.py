@@ -19,9 +19,9 @@ import torch  # noqa: E402
 
 from rain_adapter.serve.app import create_app, serve_state_from  # noqa: E402
 from rain_adapter.serve.arms import Arm  # noqa: E402
-from rain_adapter.serve.cli import load_served_model  # noqa: E402
-from rain_adapter.serve.runner import ServerThread  # noqa: E402
-from rain_adapter.serve.tiny import build_tiny_serving  # noqa: E402
+from rain_adapter.cli.serve import load_served_model  # noqa: E402
+from rain_adapter.testing.server import ServerThread  # noqa: E402
+from rain_adapter.testing.serve_tiny import build_tiny_serving  # noqa: E402
 
 KEY = "test-key"
 MODEL = "tiny-rain"

@@ -12,7 +12,7 @@ import torch
 
 from rain_adapter import RainAdapter, RainConfig
 from rain_adapter.serve.continuous import TokenLambdaHook, cb_config, continuous_generate
-from rain_adapter.tiny import random_deltas, tiny_model
+from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 LAMS = [0.0, 0.5, 1.0, 1.5, 2.0]
 
@@ -95,10 +95,10 @@ def test_server_continuous_concurrent_equals_serial(tmp_path):
     pytest.importorskip("fastapi")
     openai = pytest.importorskip("openai")
     from rain_adapter.serve.app import create_app, serve_state_from
-    from rain_adapter.serve.cli import load_served_model
+    from rain_adapter.cli.serve import load_served_model
     from rain_adapter.serve.continuous import ContinuousScheduler
-    from rain_adapter.serve.runner import ServerThread
-    from rain_adapter.serve.tiny import build_tiny_serving
+    from rain_adapter.testing.server import ServerThread
+    from rain_adapter.testing.serve_tiny import build_tiny_serving
 
     model_dir, adapter_dir = build_tiny_serving(tmp_path)
     model, tok = load_served_model(str(model_dir), str(adapter_dir), device="cpu", dtype="float32")

@@ -150,7 +150,7 @@ def test_think_format_and_checks():
 
 def test_row_tracker_stops_and_holds_back_partial_stop():
     """Per-row streaming: stop strings end only their row; partial matches are not emitted early."""
-    from rain_adapter.fixtures import make_tokenizer
+    from rain_adapter.testing.fixtures import make_tokenizer
     from rain_adapter.serve.batching import GenJob, GenParams, _RowState, _RowTracker
 
     tok = make_tokenizer()
@@ -187,12 +187,12 @@ def test_ab_report_cli(tmp_path):
     for r in _rows(40):
         db.log_request(r)
     db.close()
-    out = subprocess.run([sys.executable, "-m", "rain_adapter.serve.cli", "ab", "report", "--db",
+    out = subprocess.run([sys.executable, "-m", "rain_adapter.cli.serve", "ab", "report", "--db",
                           str(tmp_path / "log.sqlite"), "--png", str(tmp_path / "r.png"), "--json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
     assert set(rep["arms"]) == {"a", "b"} and (tmp_path / "r.png").exists()
-    missing = subprocess.run([sys.executable, "-m", "rain_adapter.serve.cli", "ab", "report", "--db",
+    missing = subprocess.run([sys.executable, "-m", "rain_adapter.cli.serve", "ab", "report", "--db",
                               str(tmp_path / "none.sqlite")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no request log" in missing.stderr

@@ -19,9 +19,9 @@ from rain_adapter import (
     resolve_adapter,
     save_adapter,
 )
-from rain_adapter.cli import main as rain_main
-from rain_adapter.store import INDEX_NAME, WEIGHTS_NAME
-from rain_adapter.tiny import tiny_model
+from rain_adapter.cli.main import main as rain_main
+from rain_adapter.format.store import INDEX_NAME, WEIGHTS_NAME
+from rain_adapter.testing.tiny import tiny_model
 from test_attach import ids, make_adapter, rel_err
 
 

@@ -34,10 +34,10 @@ def test_load_prompts(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A tiny random LRM (fixture tokenizer, R1-style template) and a dense random adapter."""
-    from rain_adapter.config import RainConfig
-    from rain_adapter.fixtures import make_tiny_triple
-    from rain_adapter.store import compute_fingerprint, save_adapter
-    from rain_adapter.tiny import random_deltas
+    from rain_adapter.format.config import RainConfig
+    from rain_adapter.testing.fixtures import make_tiny_triple
+    from rain_adapter.format.store import compute_fingerprint, save_adapter
+    from rain_adapter.testing.tiny import random_deltas
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("sweep")
@@ -56,8 +56,8 @@ def tiny_setup(tmp_path_factory):
 
 
 def test_mixed_lambda_batch_matches_single_lambda(tiny_setup):
-    from rain_adapter.fixtures import make_tokenizer
-    from rain_adapter.model import RainAdapter
+    from rain_adapter.testing.fixtures import make_tokenizer
+    from rain_adapter.runtime.model import RainAdapter
     from transformers import AutoModelForCausalLM
 
     paths, ad, _, rows = tiny_setup
@@ -79,7 +79,7 @@ def test_mixed_lambda_batch_matches_single_lambda(tiny_setup):
 
 
 def test_decoding_keeps_think_markers_even_if_special():
-    from rain_adapter.fixtures import make_tokenizer
+    from rain_adapter.testing.fixtures import make_tokenizer
 
     tok = make_tokenizer()
     skip = S._skip_ids(tok)
@@ -87,7 +87,7 @@ def test_decoding_keeps_think_markers_even_if_special():
 
 
 def test_sweep_cli_writes_csv_and_png(tiny_setup, tmp_path, capsys):
-    from rain_adapter.cli import main
+    from rain_adapter.cli.main import main
 
     paths, ad, prompts, _ = tiny_setup
     out = tmp_path / "out"

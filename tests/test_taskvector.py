@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rain_adapter.fixtures import make_tiny_triple
-from rain_adapter.taskvector import (CheckpointError, CheckpointReader, check_task_vector,
+from rain_adapter.testing.fixtures import make_tiny_triple
+from rain_adapter.build.taskvector import (CheckpointError, CheckpointReader, check_task_vector,
                                      iter_task_vectors)
 
 
@@ -19,7 +19,7 @@ def triple(tmp_path_factory):
 
 
 def _expected(n_layers=2):
-    from rain_adapter.fixtures import tiny_triple_config
+    from rain_adapter.testing.fixtures import tiny_triple_config
     cfg = tiny_triple_config("qwen2")
     h, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     shapes = {"self_attn.q_proj": ((h, h), True), "self_attn.k_proj": ((kv, h), True),

@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from rain_adapter.world import data as D
-from rain_adapter.world.tokenizer import EOS, THINK_CLOSING, chat_prefix, make_world_tokenizer, train_backend
+from rain_adapter.demo import data as D
+from rain_adapter.demo.tokenizer import EOS, THINK_CLOSING, chat_prefix, make_world_tokenizer, train_backend
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_trace_and_held_out_split():
 
 
 def test_calibration_sets_have_the_shared_shapes(toks):
-    from rain_adapter.paths import shared_calibration_dir
+    from rain_adapter.format.paths import shared_calibration_dir
 
     shared = shared_calibration_dir()
     real_r = json.loads((shared / "reasoning_calibration_set.json").read_text())[0]
@@ -81,8 +81,8 @@ def test_calibration_sets_have_the_shared_shapes(toks):
 
 
 def test_world_calibration_feeds_stage1_and_stage2_loaders(toks):
-    from rain_adapter.calibration import prepare_reasoning_calibration
-    from rain_adapter.spans import prepare_instruction_samples
+    from rain_adapter.build.calibration import prepare_reasoning_calibration
+    from rain_adapter.build.spans import prepare_instruction_samples
 
     tok_r, _ = toks
     cs = prepare_reasoning_calibration(tok_r, D.reasoning_calibration(16, 2), radius=5, min_samples=8)
@@ -96,7 +96,7 @@ def test_world_calibration_feeds_stage1_and_stage2_loaders(toks):
 
 @pytest.fixture(scope="module")
 def ci_world(tmp_path_factory):
-    from rain_adapter.world.train import ci_config, ensure_world
+    from rain_adapter.demo.train import ci_config, ensure_world
 
     root = tmp_path_factory.mktemp("world") / "ci"
     return ensure_world(ci_config(), root, progress=False)
@@ -104,9 +104,9 @@ def ci_world(tmp_path_factory):
 
 @pytest.mark.slow
 def test_ci_world_is_sound_and_rain_keeps_format(ci_world, tmp_path):
-    from rain_adapter.build import build_adapter
+    from rain_adapter.build.pipeline import build_adapter
     from rain_adapter.evaluation.sweep import load_model, load_prompts, sweep_adapters
-    from rain_adapter.world.soundness import evaluate_world, is_sound, max_new_tokens
+    from rain_adapter.demo.soundness import evaluate_world, is_sound, max_new_tokens
 
     info = json.loads(ci_world.info.read_text())
     for name in ("lrm", "itm"):  # fine-tunes stay close to the shared base

@@ -154,7 +154,7 @@ def sweep_attached(rain_model, tokenizer, rows: Sequence[dict[str, Any]], lambda
 def method_name(adapter: str | Path) -> str:
     """``<config.method>`` of an adapter directory, or its name."""
     try:
-        from rain_adapter.store import resolve_adapter
+        from rain_adapter.format.store import resolve_adapter
 
         root = resolve_adapter(adapter)
         cfg = json.loads((root / "adapter_config.json").read_text())
@@ -168,7 +168,7 @@ def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Seque
                    batch_size: int = 64, progress: bool = True,
                    responses_out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Attach each adapter in turn to ``model`` (an HF causal LM), sweep λ, detach."""
-    from rain_adapter.model import RainAdapter
+    from rain_adapter.runtime.model import RainAdapter
 
     records: list[dict[str, Any]] = []
     names = list(names) if names else []

@@ -1,0 +1,383 @@
+"""Stage 2: instruction-attention guided coefficients α per attention head (DESIGN.md §6.3).
+
+Pipeline (``run_stage2``):
+
+1. Prepare the instruction calibration set (:mod:`rain_adapter.build.spans`): one tokenisation per
+   sample, per instruction i the prompt tokens I_i, related response tokens R_i and unrelated
+   response tokens U_i.
+2. Attach the Stage 1 deltas to the LRM through ``RainLinear`` (no weight rewrite) and, per
+   sample, run one forward at λ = 1 (and one at λ = 0 for ``alpha_grad="gain"``) with the row-only
+   attention probe (:mod:`rain_adapter.build.attention`):
+
+       a^{ℓ,h} = Σ_{t∈R} Σ_{τ∈I} P[t, τ] / (|I||R|)     u^{ℓ,h} = Σ_{t∈U} Σ_{τ∈I} P[t, τ] / (|I||U|)
+
+   (queries = response tokens, keys = instruction prompt tokens).  E_x is the mean over the
+   (sample, instruction) pairs where the statistic is defined (R_i resp. U_i non-empty).
+3. Closed form per head (:func:`alpha_from_stats`)::
+
+       g = E[a1] − ρ E[u1]                                   ("level", default)
+       g = E[a1 − a0] − ρ E[u1 − u0]                         ("gain")
+       H = 1 + E[u1]
+       α_raw = g / H;  α = α_raw / mean_{ℓ,h}(α_raw) ("mean", default) or α_raw ("none");
+       α = clip(α, 0, α_max)
+
+4. Fold α into the stored deltas (:func:`fold_alpha`): q rows / o columns of head h get α_h,
+   k/v rows of kv head j get mean_{h: h // n_rep = j} α_h, gate/up/down get the layer mean.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..format.arch import attention_geometry, module_layer, module_role
+from .attention import AttentionPair, attention_pair_stats
+from ..format.delta import ModuleDelta
+from .spans import CalibSample, prepare_instruction_samples
+
+__all__ = [
+    "Stage2Error", "AttentionStats", "collect_attention_stats", "alpha_from_stats", "fold_alpha",
+    "fold_alpha_all", "run_stage2", "format_alpha_table", "ALPHA_GRADS", "ALPHA_NORMS",
+]
+
+ALPHA_GRADS = ("level", "gain")
+ALPHA_NORMS = ("mean", "none")
+#: minimum fraction of (sample, instruction) pairs whose alignment a must be > 0
+MIN_POSITIVE_FRACTION = 0.9
+
+
+class Stage2Error(RuntimeError):
+    """Stage 2 cannot produce meaningful coefficients (empty / all-zero statistics, bad options)."""
+
+
+class AttentionStats:
+    """Running sums of a and u per (layer, head), at λ = 1 (and λ = 0 for the gain pass)."""
+
+    def __init__(self, n_layers: int, n_heads: int) -> None:
+        z = lambda: torch.zeros(n_layers, n_heads, dtype=torch.float64)  # noqa: E731
+        self.a1, self.u1, self.a0, self.u0 = z(), z(), z(), z()
+        self.n_a = 0
+        self.n_u = 0
+        self.n_a_positive = 0
+        self.has_lambda0 = False
+
+    def add(self, a1: Tensor | None, u1: Tensor | None, a0: Tensor | None = None, u0: Tensor | None = None) -> None:
+        """Add one pair's statistics (each ``[L, H]`` or None when undefined)."""
+        if a1 is not None:
+            self.a1 += a1.double()
+            self.n_a += 1
+            self.n_a_positive += int(bool(a1.double().mean() > 0))
+            if a0 is not None:
+                self.a0 += a0.double()
+                self.has_lambda0 = True
+        if u1 is not None:
+            self.u1 += u1.double()
+            self.n_u += 1
+            if u0 is not None:
+                self.u0 += u0.double()
+
+    def means(self) -> dict[str, Tensor]:
+        """E[a1], E[u1], E[a0], E[u0] as ``[L, H]`` float64 (u's are 0 when no U spans were seen)."""
+        na, nu = max(self.n_a, 1), max(self.n_u, 1)
+        return {"a1": self.a1 / na, "u1": self.u1 / nu, "a0": self.a0 / na, "u0": self.u0 / nu}
+
+
+# ----------------------------------------------------------------------------------------------
+# the closed form
+# ----------------------------------------------------------------------------------------------
+def alpha_from_stats(a1: Tensor, u1: Tensor, *, rho: float = 0.5, alpha_grad: str = "level",
+                     a0: Tensor | None = None, u0: Tensor | None = None, alpha_norm: str = "mean",
+                     alpha_max: float = 1.5) -> tuple[Tensor, Tensor, float]:
+    """α per (layer, head) from mean statistics ``[L, H]``; returns (α, α_raw, normaliser).
+
+    level: g = a1 − ρ u1;  gain: g = (a1 − a0) − ρ (u1 − u0);  H = 1 + u1;  α_raw = g / H.
+    ``mean``: α = α_raw / mean(α_raw) (normaliser = mean(α_raw)); ``none``: α = α_raw (normaliser 1).
+    Then α = clip(α, 0, α_max).  Raises :class:`Stage2Error` on all-zero or non-finite statistics,
+    or a non-positive mean α_raw under ``mean`` normalisation.
+    """
+    if alpha_grad not in ALPHA_GRADS:
+        raise Stage2Error(f"alpha_grad must be one of {ALPHA_GRADS}, got {alpha_grad!r}")
+    if alpha_norm not in ALPHA_NORMS:
+        raise Stage2Error(f"alpha_norm must be one of {ALPHA_NORMS}, got {alpha_norm!r}")
+    if not (alpha_max > 0 and math.isfinite(alpha_max)):
+        raise Stage2Error(f"alpha_max must be a positive finite number, got {alpha_max!r}")
+    a1, u1 = a1.double(), u1.double()
+    for name, t in (("a", a1), ("u", u1)):
+        if not torch.isfinite(t).all():
+            raise Stage2Error(f"attention statistic {name} holds NaN/Inf")
+    if not bool((a1 > 0).any()):
+        raise Stage2Error("all alignment statistics a are zero: the probe saw no attention from related response "
+                          "tokens to instruction tokens (spans / tokenisation / attention probe broken)")
+    if alpha_grad == "level":
+        g = a1 - rho * u1
+    else:
+        if a0 is None or u0 is None:
+            raise Stage2Error("alpha_grad='gain' needs the λ = 0 statistics a0 and u0")
+        g = (a1 - a0.double()) - rho * (u1 - u0.double())
+    raw = g / (1.0 + u1)
+    if alpha_norm == "mean":
+        m = float(raw.mean())
+        if not (m > 0 and math.isfinite(m)):
+            raise Stage2Error(
+                f"mean raw α over all heads is {m:.3e} (≤ 0): cannot normalise to mean 1 "
+                f"(alpha_grad={alpha_grad!r}, rho={rho}); try alpha_grad='level' or a smaller rho")
+        alpha = raw / m
+    else:
+        m = 1.0
+        alpha = raw.clone()
+    return alpha.clamp(0.0, alpha_max).float(), raw.float(), m
+
+
+# ----------------------------------------------------------------------------------------------
+# folding
+# ----------------------------------------------------------------------------------------------
+O_ALPHA_MODES = ("mean", "head")
+
+
+def fold_alpha(name: str, md: ModuleDelta, alpha: Tensor, n_heads: int, n_kv_heads: int,
+               head_dim: int, *, o_alpha: str = "mean") -> ModuleDelta:
+    """Fold the per-head α ``[n_heads]`` of the module's layer into its delta.
+
+    q: rows of head h (``[h·hD, (h+1)·hD)``, out dim) × α_h — dense ``delta`` rows, low-rank ``B``
+    rows, bias entries.  k / v: rows of kv head j × mean_{h // n_rep = j} α_h.  gate / up / down:
+    × mean(α) (low-rank: ``B`` only).
+
+    o: ``o_alpha="mean"`` (default) scales the whole delta by the layer mean; ``"head"`` scales the
+    *input* columns of head h by α_h (DESIGN §6.3 as first written). Column scaling breaks Stage 1's
+    constraint: D⊥X = 0 does not imply D⊥ diag(α) X = 0, so the thinking-position outputs of o_proj
+    would change again (measured on the tiny triple: 8.9e-5 relative change vs 2.5e-8 with row
+    scaling). Row scaling (q, k, v, MLP, o with "mean") keeps diag(s) D⊥ X = 0 exactly.
+    Computed in float32, returned in the delta's dtype.
+    """
+    if o_alpha not in O_ALPHA_MODES:
+        raise Stage2Error(f"o_alpha must be one of {O_ALPHA_MODES}, got {o_alpha!r}")
+    role = module_role(name)
+    alpha = alpha.detach().float().cpu()
+    if alpha.shape != (n_heads,):
+        raise Stage2Error(f"{name}: α has shape {tuple(alpha.shape)}, expected [{n_heads}]")
+    out_dim, in_dim = md.shape
+    n_rep = n_heads // n_kv_heads
+    mean = alpha.mean()
+
+    def scale(t: Tensor | None, s: Tensor, dim: int) -> Tensor | None:
+        if t is None:
+            return None
+        s = s.to(device=t.device)
+        shape = [1] * t.ndim
+        shape[dim] = -1
+        return (t.float() * (s.view(shape) if s.ndim else s)).to(t.dtype)
+
+    if role in ("q", "k", "v"):
+        per = alpha if role == "q" else alpha.view(n_kv_heads, n_rep).mean(1)
+        rows = per.repeat_interleave(head_dim)
+        if rows.numel() != out_dim:
+            raise Stage2Error(f"{name}: out dim {out_dim} != {per.numel()} heads × head_dim {head_dim}")
+        if md.is_lowrank:
+            return replace(md, B=scale(md.B, rows, 0), bias=scale(md.bias, rows, 0))
+        return replace(md, delta=scale(md.delta, rows, 0), bias=scale(md.bias, rows, 0))
+    if role == "o" and o_alpha == "head":
+        cols = alpha.repeat_interleave(head_dim)
+        if cols.numel() != in_dim:
+            raise Stage2Error(f"{name}: in dim {in_dim} != {n_heads} heads × head_dim {head_dim}")
+        if md.is_lowrank:
+            return replace(md, A=scale(md.A, cols, 1), bias=scale(md.bias, mean, 0))
+        return replace(md, delta=scale(md.delta, cols, 1), bias=scale(md.bias, mean, 0))
+    # MLP: the layer mean
+    if md.is_lowrank:
+        return replace(md, B=scale(md.B, mean, 0), bias=scale(md.bias, mean, 0))
+    return replace(md, delta=scale(md.delta, mean, 0), bias=scale(md.bias, mean, 0))
+
+
+def fold_alpha_all(deltas: dict[str, ModuleDelta], alpha: Tensor, n_heads: int, n_kv_heads: int,
+                   head_dim: int, *, o_alpha: str = "mean") -> dict[str, ModuleDelta]:
+    """:func:`fold_alpha` for every module; ``alpha`` is ``[n_layers, n_heads]``."""
+    out = {}
+    for name, md in deltas.items():
+        layer = module_layer(name)
+        if not 0 <= layer < alpha.shape[0]:
+            raise Stage2Error(f"{name}: layer {layer} has no α (table has {alpha.shape[0]} layers)")
+        out[name] = fold_alpha(name, md, alpha[layer], n_heads, n_kv_heads, head_dim, o_alpha=o_alpha)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the passes
+# ----------------------------------------------------------------------------------------------
+def _pairs(sample: CalibSample) -> tuple[list[AttentionPair], list[tuple[int | None, int | None]]]:
+    """AttentionPairs of a sample and, per instruction group, (index of its a pair, of its u pair)."""
+    pairs: list[AttentionPair] = []
+    index: list[tuple[int | None, int | None]] = []
+    for g in sample.groups:
+        ia = iu = None
+        if g.related_tokens.numel():
+            ia = len(pairs)
+            pairs.append(AttentionPair(g.related_tokens, g.prompt_tokens))
+        if g.unrelated_tokens.numel():
+            iu = len(pairs)
+            pairs.append(AttentionPair(g.unrelated_tokens, g.prompt_tokens))
+        index.append((ia, iu))
+    return pairs, index
+
+
+def collect_attention_stats(model, samples: Sequence[CalibSample], *, n_layers: int, n_heads: int,
+                            gain: bool = False, device=None, progress: bool = True) -> AttentionStats:
+    """Run the probe over ``samples``.  ``model`` is a ``RainModel`` (λ = 1 pass, and λ = 0 when
+    ``gain``) or, with ``gain=False``, any HF causal LM."""
+    stats = AttentionStats(n_layers, n_heads)
+    it = samples
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(samples, desc="stage2 attention", unit="sample")
+    for s in it:
+        pairs, index = _pairs(s)
+        if not pairs:
+            continue
+        ids = s.input_ids.to(device) if device is not None else s.input_ids
+        if gain:
+            model.set_lambda(1.0)
+        st1 = attention_pair_stats(model, ids, pairs, n_layers=n_layers)
+        st0 = None
+        if gain:
+            model.set_lambda(0.0)
+            try:
+                st0 = attention_pair_stats(model, ids, pairs, n_layers=n_layers)
+            finally:
+                model.set_lambda(1.0)
+        if not torch.isfinite(st1).all() or (st0 is not None and not torch.isfinite(st0).all()):
+            raise Stage2Error(f"sample {s.sample_id!r}: attention statistics missing for some layer (NaN)")
+        for ia, iu in index:
+            stats.add(st1[ia] if ia is not None else None, st1[iu] if iu is not None else None,
+                      st0[ia] if (st0 is not None and ia is not None) else None,
+                      st0[iu] if (st0 is not None and iu is not None) else None)
+    return stats
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError, TypeError):
+        return torch.device("cpu")
+
+
+def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_calib, *, rho: float = 0.5,
+               alpha_grad: str = "level", alpha_norm: str = "mean", alpha_max: float = 1.5,
+               max_samples: int | None = None, max_seq_len: int = 4096, device=None, progress: bool = True,
+               o_alpha: str = "mean") -> tuple[dict[str, ModuleDelta], dict]:
+    """Stage 2 end to end: (α-folded deltas, ``config["stage2"]`` summary).
+
+    ``model``: the LRM (HF causal LM, not already wrapped); the deltas are attached through
+    ``RainLinear`` for the passes and detached afterwards (also on error), so the model comes back
+    unchanged.  ``instruction_calib``: a JSONL path or a list of records (see :mod:`rain_adapter.build.spans`).
+    """
+    from ..format.config import RainConfig
+    from ..runtime.model import RainAdapter, RainModel
+
+    t0 = time.perf_counter()
+    if alpha_grad not in ALPHA_GRADS:
+        raise Stage2Error(f"alpha_grad must be one of {ALPHA_GRADS}, got {alpha_grad!r}")
+    if alpha_norm not in ALPHA_NORMS:
+        raise Stage2Error(f"alpha_norm must be one of {ALPHA_NORMS}, got {alpha_norm!r}")
+    if isinstance(model, RainModel):
+        raise Stage2Error("run_stage2 needs the bare LRM; detach() the attached adapter first")
+    if not deltas:
+        raise Stage2Error("run_stage2: no deltas given")
+    n_heads, n_kv, head_dim = attention_geometry(model.config)
+    n_layers = int(model.config.num_hidden_layers)
+    samples, report = prepare_instruction_samples(
+        instruction_calib if isinstance(instruction_calib, (str, Path)) or instruction_calib is None
+        else list(instruction_calib), tokenizer, max_seq_len=max_seq_len, max_samples=max_samples)
+    if report.pairs_related == 0:
+        raise Stage2Error(f"no instruction has both prompt spans and related response spans "
+                          f"({report.records} records): the alignment a is undefined")
+
+    roles = sorted({module_role(n) for n in deltas})
+    layers = sorted({module_layer(n) for n in deltas})
+    lowrank = any(d.is_lowrank for d in deltas.values())
+    cfg = RainConfig(target_modules=roles, layers=layers, storage="lowrank" if lowrank else "dense",
+                     rank=max((d.rank or 0) for d in deltas.values()) if lowrank else None,
+                     method="rain-stage2-probe")
+    dev = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    rain = RainAdapter.attach(model, (cfg, deltas), lam=1.0, check_fingerprint=False)
+    try:
+        stats = collect_attention_stats(rain, samples, n_layers=n_layers, n_heads=n_heads,
+                                        gain=alpha_grad == "gain", device=dev, progress=progress)
+    finally:
+        rain.detach()
+        model.train(was_training)
+
+    if stats.n_a == 0:
+        raise Stage2Error("no alignment statistic collected (no sample with related response spans)")
+    frac_pos = stats.n_a_positive / stats.n_a
+    if frac_pos < MIN_POSITIVE_FRACTION:
+        raise Stage2Error(
+            f"alignment a > 0 on only {stats.n_a_positive}/{stats.n_a} instruction pairs "
+            f"(< {MIN_POSITIVE_FRACTION:.0%}): the attention statistics are broken")
+    m = stats.means()
+    alpha, raw, norm = alpha_from_stats(m["a1"], m["u1"], rho=rho, alpha_grad=alpha_grad,
+                                        a0=m["a0"] if alpha_grad == "gain" else None,
+                                        u0=m["u0"] if alpha_grad == "gain" else None,
+                                        alpha_norm=alpha_norm, alpha_max=alpha_max)
+    folded = fold_alpha_all(deltas, alpha, n_heads, n_kv, head_dim, o_alpha=o_alpha)
+
+    def table(t: Tensor) -> dict[str, list[float]]:
+        return {str(i): [round(float(x), 6) for x in t[i]] for i in range(t.shape[0])}
+
+    summary = {
+        "method": "instruction-attention",
+        "alpha_grad": alpha_grad, "alpha_norm": alpha_norm, "rho": float(rho), "alpha_max": float(alpha_max),
+        "max_seq_len": int(max_seq_len), "max_samples": max_samples,
+        "o_alpha": o_alpha,
+        "granularity": ("head (q rows" + (", o cols" if o_alpha == "head" else "") + "); kv head = mean of its "
+                        "q heads; mlp" + ("" if o_alpha == "head" else " and o") + " = layer mean"),
+        "n_heads": n_heads, "n_kv_heads": n_kv, "head_dim": head_dim,
+        "alpha": table(alpha),
+        "alpha_layer_mean": {str(i): round(float(alpha[i].mean()), 6) for i in range(n_layers)},
+        "alpha_raw_normaliser": norm,
+        "alpha_clipped": {"low": int((raw / norm < 0).sum()), "high": int((raw / norm > alpha_max).sum())},
+        "mean_a": float(m["a1"].mean()), "mean_u": float(m["u1"].mean()),
+        "pairs_a": stats.n_a, "pairs_u": stats.n_u, "frac_a_positive": round(frac_pos, 4),
+        "samples": report.to_dict(),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if alpha_grad == "gain":
+        summary["mean_a0"] = float(m["a0"].mean())
+        summary["mean_u0"] = float(m["u0"].mean())
+    return folded, summary
+
+
+# ----------------------------------------------------------------------------------------------
+# display (for `rain info`)
+# ----------------------------------------------------------------------------------------------
+def format_alpha_table(summary: dict, top: int = 5) -> str:
+    """Human-readable Stage 2 summary: method, counts, per-layer mean α, top / bottom heads."""
+    if not summary or not isinstance(summary.get("alpha"), dict) or not summary["alpha"]:
+        why = (summary or {}).get("reason", "not run")
+        return f"stage2: not applied ({why}; α = 1)"
+    table = {int(k): v for k, v in summary["alpha"].items()}
+    heads = [(a, l_idx, h) for l_idx, row in table.items() for h, a in enumerate(row)]
+    lines = [
+        f"stage2: {summary.get('method', '?')}  grad={summary.get('alpha_grad')}  norm={summary.get('alpha_norm')}  "
+        f"rho={summary.get('rho')}  alpha_max={summary.get('alpha_max')}",
+    ]
+    s = summary.get("samples", {})
+    if s:
+        lines.append(
+            f"  samples used {s.get('samples_used')}/{s.get('records')} (too long {s.get('skipped_too_long')}, "
+            f"no spans {s.get('skipped_no_spans')}); pairs a={summary.get('pairs_a')} u={summary.get('pairs_u')}; "
+            f"mean a={summary.get('mean_a', float('nan')):.4g} u={summary.get('mean_u', float('nan')):.4g}")
+    lines.append("  per-layer mean α: " + " ".join(
+        f"L{l_idx}:{sum(row) / len(row):.3f}" for l_idx, row in sorted(table.items())))
+    ranked = sorted(heads, reverse=True)
+    k = min(top, len(ranked))
+    lines.append("  top heads:    " + ", ".join(f"L{l_idx}.H{h}={a:.3f}" for a, l_idx, h in ranked[:k]))
+    lines.append("  bottom heads: " + ", ".join(f"L{l_idx}.H{h}={a:.3f}" for a, l_idx, h in ranked[::-1][:k]))
+    return "\n".join(lines)

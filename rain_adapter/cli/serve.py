@@ -1,0 +1,140 @@
+"""``rain serve`` and ``rain ab report``.
+
+    rain serve --model PATH --adapter NAME [--lambda L] [--arms FILE] [--host 127.0.0.1 --port 8000]
+               [--api-key KEY] [--db PATH] [--max-batch-size 8 --batch-window-ms 10 --max-tokens-cap 1024]
+               [--batching dynamic|continuous]
+    rain ab report --db PATH [--png OUT] [--json]
+
+Also runnable without the ``rain`` entry point: ``python -m rain_adapter.cli.serve serve ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("rain_adapter.serve")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible server with a per-request λ and A/B arms",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the LRM: an HF checkpoint directory or hub id")
+    p.add_argument("--adapter", help="the RAIN adapter: directory, name in $RAIN_ADAPTER_HOME, or hub id "
+                                     "(omit to serve the bare model; λ is then ignored)")
+    p.add_argument("--tokenizer", help="tokenizer path (default: --model)")
+    p.add_argument("--served-model-name", help="model id clients send (default: the adapter's or model's name)")
+    p.add_argument("--lambda", dest="lam", type=float, help="λ of the default arm (default: the adapter's default_lambda)")
+    p.add_argument("--arms", help="YAML/JSON file of A/B arms [{name, lambda, weight}]")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("RAIN_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $RAIN_API_KEY, none if unset)")
+    p.add_argument("--db", default="rain_requests.sqlite", help="SQLite request log (WAL)")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--batch-window-ms", type=float, default=10.0)
+    p.add_argument("--batching", choices=("dynamic", "continuous"), default="dynamic",
+                   help="dynamic: one generate call per batch with per-row λ; continuous: transformers' continuous "
+                        "batching with a per-token λ (greedy requests; sampling ones use dynamic batching)")
+    p.add_argument("--max-tokens-cap", type=int, default=1024)
+    p.add_argument("--default-temperature", type=float, default=1.0,
+                   help="temperature when a request gives none (OpenAI's default is 1.0)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--no-fingerprint-check", action="store_true")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--graceful-timeout", type=int, default=30,
+                   help="seconds to wait for in-flight requests on shutdown")
+    p.set_defaults(func=run_serve)
+
+
+def _add_ab(sub) -> None:
+    p = sub.add_parser("ab", help="A/B reports over the serve request log")
+    absub = p.add_subparsers(dest="ab_command", metavar="ABCOMMAND", required=True)
+    r = absub.add_parser("report", help="per-arm rates, feedback and latency with 95%% intervals")
+    r.add_argument("--db", required=True, help="the SQLite request log written by rain serve")
+    r.add_argument("--png", help="write a PNG plot of the rates per arm")
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r.set_defaults(func=run_ab_report)
+
+
+def add_parser(subparsers) -> None:
+    """Register ``rain serve`` and ``rain ab report``."""
+    _add_serve(subparsers)
+    _add_ab(subparsers)
+
+
+def load_served_model(model_path: str, adapter: str | None, *, tokenizer_path: str | None = None,
+                      dtype: str = "auto", device: str | None = None, lam: float | None = None,
+                      check_fingerprint: bool = True):
+    """(RainModel or bare model, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    tok = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
+    if adapter:
+        from rain_adapter.runtime.model import RainAdapter
+
+        model = RainAdapter.attach(model, adapter, lam=lam, check_fingerprint=check_fingerprint)
+    return model, tok
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from ..serve.app import create_app, serve_state_from
+    from ..serve.arms import load_arms
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, tok = load_served_model(args.model, args.adapter, tokenizer_path=args.tokenizer, dtype=args.dtype,
+                                   device=args.device, lam=args.lam,
+                                   check_fingerprint=not args.no_fingerprint_check)
+    arms = load_arms(args.arms) if args.arms else None
+    name = args.served_model_name or Path(str(args.adapter or args.model).rstrip("/")).name
+    state = serve_state_from(model, tok, model_name=name, db_path=args.db, arms=arms, lam=args.lam,
+                             api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
+                             max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
+                             default_temperature=args.default_temperature, batching=args.batching)
+    app = create_app(state)
+    log.info("rain serve: %s on http://%s:%d (arms: %s, λ range %s, db %s)", name, args.host, args.port,
+             ", ".join(f"{a.name}={a.lam}" for a in state.arms), list(state.lambda_range), args.db)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=args.graceful_timeout)
+    return 0
+
+
+def run_ab_report(args) -> int:
+    from ..serve.report import format_report, plot_report, report_from_db, to_json
+
+    try:
+        rep = report_from_db(args.db)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(to_json(rep) if args.json else format_report(rep))
+    if args.png:
+        out = plot_report(rep, args.png)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rain")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""``rain demo``: the toy world end to end on a CPU.
+
+1. train (or load from the cache) the world's base / LRM / ITM (:mod:`rain_adapter.demo.train`);
+2. check that it is sound (:mod:`rain_adapter.demo.soundness`);
+3. build RAIN and the baselines with :func:`rain_adapter.build.pipeline.build_adapter` from the world's own
+   reasoning / instruction calibration sets (cached next to the world);
+4. sweep λ on held-out reasoning prompts with format instructions (mixed-λ batches), print the
+   table, write ``sweep.csv``, ``sweep.png``, ``responses.jsonl`` and ``summary.json``.
+
+Summary per method (the issue's measure): λ* = the λ with the highest compliance among those whose
+format validity is ≥ 98 % of the LRM's; gap closed = (compliance(λ*) − c_LRM) / (c_ITM − c_LRM)
+with c_ITM the ITM's compliance on the same prompts (its own, direct template); and, for every
+baseline, its format validity and accuracy interpolated at RAIN's compliance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rain_adapter.evaluation.sweep import (
+    evaluate_rows, format_table, generate_responses, load_model, load_prompts, parse_lambdas, sweep_adapters,
+    write_csv,
+)
+from rain_adapter.build.nullspace import PROJECTIONS
+
+from .soundness import evaluate_world, is_sound, max_new_tokens
+from .train import WorldConfig, WorldPaths, ci_config, ensure_world, set_threads
+
+DEMO_METHODS = ("rain", "rain-stage1", "task-arithmetic", "ties", "dare-ties")
+FORMAT_KEEP = 0.98
+ACC_KEEP = 0.9
+MATCH_COMPLIANCE = (0.25, 0.5)
+DEMO_PROTECT_ENERGY = 0.95   # measured on this world (bench/RESULTS.md); also the build default
+DEMO_LAMBDAS = "0:3:0.25"
+
+
+def build_methods(paths: WorldPaths, methods: Sequence[str], *, rebuild: bool = False, progress: bool = False,
+                  **build_kw: Any) -> tuple[dict[str, Path], dict[str, float]]:
+    """Build (or reuse) one adapter per method under ``<world>/adapters/<method>-<options hash>``.
+
+    Returns ({method: adapter dir}, {method: build seconds (0 when reused)}).
+    """
+    from rain_adapter.build.pipeline import build_adapter
+
+    out: dict[str, Path] = {}
+    times: dict[str, float] = {}
+    for m in methods:
+        key = hashlib.sha256(json.dumps({"m": m, **build_kw}, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        target = paths.root / "adapters" / f"{m}-{key}"
+        t0 = time.time()
+        if rebuild or not (target / "adapter_config.json").exists():
+            build_adapter(paths.lrm, paths.itm, paths.base, target, reasoning_calib=str(paths.reasoning_calib),
+                          instruction_calib=str(paths.instruction_calib) if m == "rain" else None, method=m,
+                          overwrite=True, progress=progress, verbose=False, **build_kw)
+        times[m] = time.time() - t0
+        out[m] = target
+    return out, times
+
+
+def _interp(records: list[dict[str, Any]], target: float, key: str) -> float | None:
+    """``key`` at compliance ``target`` along a method's λ curve (linear between λ grid points, first
+    crossing); None if the curve never reaches it."""
+    rs = sorted(records, key=lambda r: r["lambda"])
+    for a, b in zip(rs, rs[1:]):
+        ca, cb = a["compliance"], b["compliance"]
+        if (ca - target) * (cb - target) <= 0 and ca != cb:
+            t = (target - ca) / (cb - ca)
+            return a[key] + t * (b[key] - a[key])
+        if ca == target:
+            return a[key]
+    if rs and rs[-1]["compliance"] == target:
+        return rs[-1][key]
+    return None
+
+
+def summarize(records: list[dict[str, Any]], c_itm: float, lrm: dict[str, float]) -> dict[str, Any]:
+    """Per method (``records`` must include λ = 0, the bare LRM):
+
+    - ``lambda`` / ``compliance`` / ``gap_closed`` / ``format_validity`` / ``accuracy``: the issue's
+      point, the λ with the highest compliance whose format validity is ≥ 98 % of the LRM's;
+    - ``acc_keep``: the same with "accuracy ≥ 90 % of the LRM's" as the constraint;
+    - ``acc_at``: accuracy interpolated along the λ curve at compliance 0.25 and 0.5 (equal compliance);
+    - ``at_rain_compliance``: format validity and accuracy at RAIN's compliance of the first point.
+    """
+    out: dict[str, Any] = {}
+    c_lrm = lrm["compliance"]
+
+    def best(rs: list[dict[str, Any]], key: str, floor: float) -> dict[str, Any]:
+        ok = [r for r in rs if r[key] == r[key] and r[key] >= floor] or [min(rs, key=lambda r: r["lambda"])]
+        b = max(ok, key=lambda r: (r["compliance"], -r["lambda"]))
+        gap = (b["compliance"] - c_lrm) / (c_itm - c_lrm) if c_itm > c_lrm else float("nan")
+        return {"lambda": b["lambda"], "compliance": b["compliance"], "gap_closed": gap,
+                "format_validity": b["format_validity"], "accuracy": b["accuracy"]}
+
+    for m in dict.fromkeys(r["method"] for r in records):
+        rs = [r for r in records if r["method"] == m]
+        out[m] = best(rs, "format_validity", FORMAT_KEEP * lrm["format_validity"])
+        out[m]["acc_keep"] = best(rs, "accuracy", ACC_KEEP * lrm["accuracy"])
+        out[m]["acc_at"] = {str(c): _interp(rs, c, "accuracy") for c in MATCH_COMPLIANCE}
+        out[m]["max_compliance"] = max(r["compliance"] for r in rs)
+    ref = out.get("rain") or out.get("rain-stage1")
+    if ref is not None:
+        for m, s in out.items():
+            rs = [r for r in records if r["method"] == m]
+            s["at_rain_compliance"] = {k: _interp(rs, ref["compliance"], k) for k in ("format_validity", "accuracy")}
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    head = (f"{'method':<18}{'λ*':>6}{'comply':>8}{'gap':>7}{'format':>8}{'acc':>7}{'| acc@RAIN c':>13}"
+            + "".join(f"{'acc@c=' + str(c):>11}" for c in MATCH_COMPLIANCE)
+            + f"{'| acc≥90%: λ':>14}{'comply':>8}")
+    lines = [head, "-" * len(head)]
+
+    def f(v: float | None) -> str:
+        return "  n/a" if v is None or v != v else f"{v:.2f}"
+    for m, s in summary.items():
+        at = s.get("at_rain_compliance", {})
+        ak = s["acc_keep"]
+        lines.append(f"{m:<18}{s['lambda']:>6.2f}{f(s['compliance']):>8}{f(s['gap_closed']):>7}"
+                     f"{f(s['format_validity']):>8}{f(s['accuracy']):>7}{f(at.get('accuracy')):>13}"
+                     + "".join(f"{f(s['acc_at'][str(c)]):>11}" for c in MATCH_COMPLIANCE)
+                     + f"{ak['lambda']:>14.2f}{f(ak['compliance']):>8}")
+    return "\n".join(lines)
+
+
+def run_demo(cfg: WorldConfig | None = None, *, root: Path | None = None, out: Path | None = None,
+             methods: Sequence[str] = DEMO_METHODS,
+             lambdas: Sequence[float] | None = None, limit: int | None = 48,
+             rebuild: bool = False, retrain: bool = False, batch_size: int = 128, progress: bool = True,
+             verbose: bool = True, **build_kw: Any) -> dict[str, Any]:
+    """The whole demo; returns ``{world, soundness, records, summary, timings, out}``.
+
+    ``root``: the world's directory (default: the cache dir named by ``cfg``'s hash);
+    ``build_kw``: extra options for :func:`rain_adapter.build.pipeline.build_adapter` (e.g. ``protect_energy``).
+    """
+    say = print if verbose else (lambda *a, **k: None)
+    lambdas = parse_lambdas(DEMO_LAMBDAS) if lambdas is None else list(lambdas)
+    build_kw.setdefault("protect_energy", DEMO_PROTECT_ENERGY)
+    warnings.filterwarnings("ignore", message=".*outside the adapter's lambda_range.*")
+    set_threads()
+    cfg = cfg or WorldConfig()
+    t0 = time.time()
+    paths = ensure_world(cfg, root, progress=progress, force=retrain)
+    info = json.loads(paths.info.read_text())
+    t_world = time.time() - t0
+    say(f"world {paths.root} ({info['n_params']:,} params, vocab {info['vocab_size']}; trained in "
+        f"{info['t_total_s']:.0f}s; ready in {t_world:.1f}s)")
+    for name in ("lrm", "itm"):
+        r = info[name]["delta_ratio"]
+        say(f"  {name.upper()}: ‖Δ‖/‖W‖ per module median {r['median']:.3f} (min {r['min']:.3f}, max {r['max']:.3f})")
+
+    t1 = time.time()
+    sound = evaluate_world(paths, limit=limit)
+    rows = load_prompts(paths.eval_reasoning, limit)
+    n_digits = info["config"]["n_digits"]
+    rt = max_new_tokens(n_digits, True)
+    itm_model, itm_tok = load_model(paths.itm)
+    sound["itm_on_reasoning_prompts"] = evaluate_rows(
+        rows, generate_responses(itm_model, itm_tok, [r["prompt"] for r in rows], max_new_tokens=rt,
+                                 batch_size=batch_size, progress=False))
+    del itm_model
+    t_sound = time.time() - t1
+    say("\nsoundness (held-out prompts):")
+    for k, v in sound.items():
+        say(f"  {k:<26} compliance {v['compliance']:.2f}  format {v['format_validity']:.2f}  "
+            f"thinking {v['thinking_rate']:.2f}  accuracy {v['accuracy']:.2f}  (n={int(v['n'])})")
+    problems = is_sound(sound)
+    say("  sound: yes" if not problems else "  NOT SOUND: " + "; ".join(problems))
+
+    t2 = time.time()
+    adapters, build_times = build_methods(paths, methods, rebuild=rebuild, progress=False, **build_kw)
+    t_build = time.time() - t2
+    say(f"\nadapters ({t_build:.1f}s): " + ", ".join(f"{m} {build_times[m]:.1f}s" for m in methods))
+
+    t3 = time.time()
+    model, tok = load_model(paths.lrm)
+    lrm = sound["lrm"]  # the bare LRM on the same rows = λ 0 of every adapter
+    nz = [float(x) for x in lambdas if float(x) != 0.0]
+    responses: list[dict[str, Any]] = []
+    records = sweep_adapters(model, tok, [adapters[m] for m in methods], rows, nz, names=list(methods),
+                             max_new_tokens=rt, batch_size=batch_size, progress=progress,
+                             responses_out=responses)
+    if any(float(x) == 0.0 for x in lambdas):
+        records = [{"method": m, "lambda": 0.0, **lrm} for m in methods] + records
+    records.sort(key=lambda r: (list(methods).index(r["method"]), r["lambda"]))
+    t_sweep = time.time() - t3
+
+    summary = summarize(records, sound["itm_on_reasoning_prompts"]["compliance"], lrm)
+    out = Path(out) if out is not None else paths.root / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(records, out / "sweep.csv")
+    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
+    png = None
+    try:
+        from rain_adapter.evaluation.plots import plot_sweep
+
+        png = plot_sweep(records, out / "sweep.png", title=f"rain demo: toy world {paths.root.name}")
+    except ImportError:
+        say("matplotlib not installed: no plot")
+    timings = {"world_s": t_world, "soundness_s": t_sound, "build_s": t_build, "sweep_s": t_sweep,
+               "total_s": time.time() - t0}
+    result = {"world": str(paths.root), "world_info": {k: v for k, v in info.items() if k not in ("lrm", "itm")},
+              "delta_ratio": {n: info[n]["delta_ratio"] for n in ("lrm", "itm")}, "soundness": sound,
+              "sound_problems": problems, "records": records, "summary": summary, "timings": timings,
+              "build_options": build_kw, "out": str(out)}
+    (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+    say(f"\nλ sweep on {len(rows)} held-out reasoning prompts with one format instruction each "
+        f"({t_sweep:.1f}s):")
+    say(format_table(records))
+    say(f"\nc_LRM {lrm['compliance']:.2f}, c_ITM {sound['itm_on_reasoning_prompts']['compliance']:.2f} "
+        f"(gap = their difference); λ* = most compliant λ keeping format validity ≥ {FORMAT_KEEP:.0%} of the "
+        f"LRM's ({lrm['format_validity']:.2f}); acc@c = accuracy at equal compliance c (interpolated along λ); "
+        f"last: most compliant λ keeping accuracy ≥ {ACC_KEEP:.0%} of the LRM's ({lrm['accuracy']:.2f}):")
+    say(format_summary(summary))
+    say(f"\nwrote {out / 'sweep.csv'}" + (f", {png}" if png else "") + f", {out / 'summary.json'}; "
+        f"total {timings['total_s']:.1f}s")
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = ci_config() if args.ci else WorldConfig()
+    if args.seed is not None:
+        cfg = WorldConfig(**{**cfg.__dict__, "seed": args.seed})
+    build_kw: dict[str, Any] = {}
+    if args.protect_energy is not None:
+        build_kw["protect_energy"] = args.protect_energy
+    if args.projection is not None:
+        build_kw["projection"] = args.projection
+    if args.build_seed is not None:
+        build_kw["seed"] = args.build_seed
+    if args.project_layers is not None:
+        from rain_adapter.build.pipeline import _int_list
+
+        build_kw["project_layers"] = _int_list(args.project_layers)
+    res = run_demo(cfg, out=Path(args.out) if args.out else None, methods=args.methods.split(","),
+                   lambdas=parse_lambdas(args.lambdas), limit=args.limit or None, rebuild=args.rebuild,
+                   retrain=args.retrain, progress=not args.quiet, **build_kw)
+    return 0 if not res["sound_problems"] else 1
+
+
+def add_parser(subparsers) -> None:
+    """Register ``rain demo``."""
+    p = subparsers.add_parser("demo", help="train a toy LRM/ITM world on the CPU, build RAIN and baselines, "
+                              "sweep λ", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ci", action="store_true", help="the small CI world (2-digit additions, fewer steps)")
+    p.add_argument("--out", default=None, help="output dir (default <world cache>/demo)")
+    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma list (default: all)")
+    p.add_argument("--lambdas", default=DEMO_LAMBDAS, help=f"λ grid (default {DEMO_LAMBDAS})")
+    p.add_argument("--limit", type=int, default=48, help="evaluation prompts (0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="world seed (a different world)")
+    p.add_argument("--protect-energy", type=float, default=DEMO_PROTECT_ENERGY,
+                   help=f"passed to rain build (default {DEMO_PROTECT_ENERGY} in the demo)")
+    p.add_argument("--projection", default=None, choices=PROJECTIONS,
+                   help="passed to rain build (random: the control of DESIGN §6.2's claim)")
+    p.add_argument("--build-seed", type=int, default=None,
+                   help="rain build --seed (DARE drops, --projection random's subspaces)")
+    p.add_argument("--project-layers", default=None, help="passed to rain build, e.g. 0-1 (default all)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the adapters")
+    p.add_argument("--retrain", action="store_true", help="retrain the world")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def clear_cache(cfg: WorldConfig | None = None) -> None:
+    """Remove the cached world for ``cfg`` (tests / benchmarks of the cold path)."""
+    from .train import world_home
+
+    shutil.rmtree(world_home() / (cfg or WorldConfig()).key(), ignore_errors=True)
+

@@ -1,0 +1,36 @@
+"""Tiny served model + random adapter for tests, examples and ``bench/serve_load.py``.
+
+``build_tiny_serving(root)`` writes ``root/model`` (a random tiny Qwen2: hidden 64, 2 layers,
+vocab = tokenizer size, with the byte-level R1-style tokenizer of ``rain_adapter.testing.fixtures``) and
+``root/adapter`` (random dense deltas on every q/k/v/o/gate/up/down, λ range [0, 2]).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def build_tiny_serving(root: str | Path, seed: int = 0, scale: float = 0.5,
+                       lambda_range: tuple[float, float] = (0.0, 2.0)) -> tuple[Path, Path]:
+    """Returns (model_dir, adapter_dir). ``scale``: ‖D‖/‖W‖-ish size of the random deltas (large
+    enough that λ visibly changes greedy outputs)."""
+    from rain_adapter.format.config import RainConfig
+    from rain_adapter.testing.fixtures import make_tokenizer
+    from rain_adapter.format.store import compute_fingerprint, save_adapter
+    from rain_adapter.testing.tiny import random_deltas, tiny_model
+
+    root = Path(root)
+    tok = make_tokenizer(padding_side="left")
+    model = tiny_model("qwen2", seed=seed, vocab_size=len(tok), max_position_embeddings=512)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    deltas = random_deltas(model, scale=scale, seed=seed + 1)
+    cfg = RainConfig(base_model_name_or_path=str(model_dir), layers=list(range(model.config.num_hidden_layers)),
+                     lambda_range=list(lambda_range), default_lambda=1.0,
+                     fingerprint=compute_fingerprint(model, list(deltas)))
+    adapter_dir = save_adapter(deltas, cfg, root / "adapter", overwrite=True)
+    return model_dir, adapter_dir
