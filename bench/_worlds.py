@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rain_adapter.demo.run import _interp
+from rain_adapter.demo.run import value_at_compliance
 from rain_adapter.demo.train import world_home
 
 
@@ -38,7 +38,7 @@ def curve_summary(records: list[dict]) -> dict:
     format validity on the curve."""
     rs = sorted(records, key=lambda r: r["lambda"])
     return {"peak": max(rs, key=lambda r: (r["compliance"], -r["lambda"])),
-            "acc25": _interp(rs, 0.25, "accuracy"), "acc50": _interp(rs, 0.5, "accuracy"),
+            "acc25": value_at_compliance(rs, 0.25, "accuracy"), "acc50": value_at_compliance(rs, 0.5, "accuracy"),
             "min_format": min(r["format_validity"] for r in rs)}
 
 

@@ -14,7 +14,8 @@ import argparse
 import json
 import warnings
 
-from rain_adapter.evaluation.sweep import load_model, load_prompts, parse_lambdas, sweep_adapters
+from rain_adapter.evaluation.sweep import load_model, load_prompts, sweep_adapters
+from rain_adapter.format.lambdas import parse_lambdas
 from rain_adapter.demo.soundness import max_new_tokens
 from rain_adapter.demo.train import world_paths
 

@@ -16,7 +16,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from rain_adapter.evaluation.sweep import load_model, load_prompts, parse_lambdas, sweep_adapters
+from rain_adapter.evaluation.sweep import load_model, load_prompts, sweep_adapters
+from rain_adapter.format.lambdas import parse_lambdas
 from rain_adapter.format.store import load_adapter, save_adapter
 from rain_adapter.demo.soundness import max_new_tokens
 from rain_adapter.demo.train import world_paths

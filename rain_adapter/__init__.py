@@ -3,53 +3,67 @@
     from rain_adapter import RainAdapter
     model = RainAdapter.attach(lrm, "rain-qwen14b")
     model.set_lambda(0.6)
+
+The public API, by pipeline stage (docs/DESIGN.md §11): build (``build_adapter``, ``BuildOptions``,
+the method registry), the adapter format (``RainConfig``, ``ModuleDelta``, load / save), run time
+(``RainAdapter``, ``RainModel``, ``RainLinear``) and export. Everything else is private.
 """
 
-from .format.config import ConfigError, RainConfig
-from .format.delta import ModuleDelta
-from .runtime.layers import RainLinear
-from .runtime.model import RainAdapter, RainModel
-from .format.store import (
-    AdapterError,
-    AdapterNotFoundError,
-    compute_fingerprint,
-    load_adapter,
-    resolve_adapter,
-    save_adapter,
-)
-from .format.paths import adapter_home, shared_calibration_dir
-from .build.pipeline import BuildError, build_adapter
 from .build.coefficients import Stage2Error, run_stage2
 from .build.lowrank import compress
-from .export.peft import ExportError, export_merged, export_peft
+from .build.methods import REGISTRY as METHODS_REGISTRY
+from .build.methods import MergeMethod, get_method, method_names
+from .build.options import BuildError, BuildOptions
+from .build.pipeline import build_adapter
+from .export import ExportError, export_merged, export_peft
+from .format.config import ConfigError, RainConfig
+from .format.delta import ModuleDelta
+from .format.fingerprint import compute_fingerprint
+from .format.lambdas import check_lambda, parse_lambdas
+from .format.paths import adapter_home, calibration_dir, shared_calibration_dir
 from .format.peft_lora import PeftImportError, load_peft_lora
+from .format.store import AdapterError, AdapterNotFoundError, load_adapter, resolve_adapter, save_adapter
+from .runtime.layers import RainLinear
+from .runtime.model import RainAdapter, RainModel
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterError",
+    # build
     "BuildError",
-    "ExportError",
-    "PeftImportError",
+    "BuildOptions",
+    "METHODS_REGISTRY",
+    "MergeMethod",
     "Stage2Error",
     "build_adapter",
+    "calibration_dir",
     "compress",
-    "export_merged",
-    "export_peft",
-    "load_peft_lora",
+    "get_method",
+    "method_names",
     "run_stage2",
     "shared_calibration_dir",
+    # adapter format
+    "AdapterError",
     "AdapterNotFoundError",
     "ConfigError",
     "ModuleDelta",
-    "RainAdapter",
+    "PeftImportError",
     "RainConfig",
-    "RainLinear",
-    "RainModel",
-    "__version__",
     "adapter_home",
     "compute_fingerprint",
     "load_adapter",
+    "load_peft_lora",
     "resolve_adapter",
     "save_adapter",
+    # run time
+    "RainAdapter",
+    "RainLinear",
+    "RainModel",
+    "check_lambda",
+    "parse_lambdas",
+    # export
+    "ExportError",
+    "export_merged",
+    "export_peft",
+    "__version__",
 ]

@@ -9,7 +9,7 @@ import torch
 
 from rain_adapter import RainAdapter, RainConfig, RainLinear
 from rain_adapter.format.arch import ROLES, target_names
-from rain_adapter.format.store import compute_fingerprint
+from rain_adapter.format.fingerprint import compute_fingerprint
 from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 ARCHS = ["qwen2", "llama"]

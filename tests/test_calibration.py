@@ -80,8 +80,9 @@ def test_bad_inputs(tmp_path, tok):
         prepare_reasoning_calibration(tok, make_reasoning_samples(4), max_seq_len=10, min_samples=1)
 
 
-def test_packaged_calibration_sets_are_found_without_a_checkout(tmp_path, monkeypatch):
-    """An installed package (no ../shared beside it, no RAIN_CALIB_DIR) uses its own copy."""
+def test_packaged_calibration_sets_are_the_default_wherever_it_runs(tmp_path, monkeypatch):
+    """No RAIN_CALIB_DIR: the package's own copy, even with a ``shared/`` calibration folder holding
+    other data beside the checkout or in the working directory (defaults never depend on the cwd)."""
     import json
 
     from pathlib import Path
@@ -89,11 +90,24 @@ def test_packaged_calibration_sets_are_found_without_a_checkout(tmp_path, monkey
     import rain_adapter.format.paths as paths
 
     monkeypatch.delenv("RAIN_CALIB_DIR", raising=False)
-    monkeypatch.setattr(paths, "_REPO_ROOT", tmp_path / "site-packages")
+    decoy = tmp_path / "shared" / "data" / "rain_calibration"
+    decoy.mkdir(parents=True)
+    (decoy / "reasoning_calibration_set.json").write_text("[]")
     monkeypatch.chdir(tmp_path)
-    d = paths.shared_calibration_dir()
+    d = paths.calibration_dir()
     assert d == Path(paths.__file__).resolve().parent.parent / "data" / "rain_calibration"
     assert (d / "LICENSE").read_text().startswith("MIT License")
     assert len(json.loads((d / "reasoning_calibration_set.json").read_text())) > 100
     with open(d / "instruction_calibration_set.jsonl") as f:
         assert sum(1 for line in f if line.strip()) > 100
+
+
+def test_calibration_dir_override_by_env_only(tmp_path, monkeypatch):
+    import rain_adapter.format.paths as paths
+
+    (tmp_path / "reasoning_calibration_set.json").write_text("[]")
+    monkeypatch.setenv("RAIN_CALIB_DIR", str(tmp_path))
+    assert paths.calibration_dir() == tmp_path
+    monkeypatch.setenv("RAIN_CALIB_DIR", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="RAIN_CALIB_DIR"):
+        paths.calibration_dir()

@@ -108,3 +108,43 @@ def test_world_responses_are_checkable():
             resp = D.apply_instruction(inst, plain)[0]
             assert C.check(iid, inst.kwargs, resp), (iid, resp)
             assert not C.check(iid, inst.kwargs, plain), (iid, plain)
+
+
+def test_follow_instructions_is_the_one_compliance():
+    """Prompt-level compliance over the scorable instructions; unscorable ones are None with a reason."""
+    ok, res = C.follow_instructions([("punctuation:no_comma", {}), ("made:up", {}),
+                                     ("startend:end_checker", {"end_phrase": 5})], "r</think>no commas")
+    assert ok is True and [r.ok for r in res] == [True, None, None]
+    assert "no checker" in res[1].error and "bad kwargs" in res[2].error
+    assert C.follow_instructions([], "x") == (None, [])
+    assert C.follow_instructions([("made:up", {})], "x")[0] is None
+    assert C.follow_instructions([("punctuation:no_comma", None)], "a, b")[0] is False
+    nth = {"num_paragraphs": 1, "nth_paragraph": -5, "first_word": "a"}  # an index out of range
+    assert C.follow_instructions([("length_constraints:nth_paragraph_first_word", nth)], "a b")[1][0].ok is None
+    # score_response is defined through it
+    row = {"instruction_id_list": ["punctuation:no_comma", "made:up"], "kwargs": [{}, {}]}
+    s = C.score_response(row, "r</think>a, b")
+    assert s["follow_all"] is False and s["follow_each"] == [False, None]
+
+
+def test_supported_ids_and_lm_eval_bad_kwargs(monkeypatch):
+    assert C.supported_ids() == frozenset(C.SUPPORTED_IDS)
+
+    class Inst:  # the shape of an lm-eval instruction class
+        def __init__(self, iid):
+            pass
+
+        def build_description(self, *, n: int):
+            pass
+
+        def get_instruction_args(self):
+            return {}
+
+        def check_following(self, text):
+            return True
+
+    monkeypatch.setattr(C, "_lm_eval_registry", lambda: {"x:only_lm_eval": Inst})
+    assert "x:only_lm_eval" in C.supported_ids()
+    assert C.check("x:only_lm_eval", {"n": 1}, "text")
+    with pytest.raises(C.UnsupportedInstruction, match="bad kwargs"):
+        C.check("x:only_lm_eval", {"m": 1}, "text")

@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from rain_adapter import RainAdapter, RainConfig, compute_fingerprint, save_adapter
 from rain_adapter.format.delta import ModuleDelta
-from rain_adapter.export.peft import ExportError, export_merged, export_peft, lambda_label
+from rain_adapter.export.merged import export_merged
+from rain_adapter.export.peft import ExportError, export_peft, lambda_label
 from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -26,7 +27,7 @@ def _mixed_rank(deltas: dict[str, ModuleDelta]) -> dict[str, ModuleDelta]:
     """Give every third module rank 2 (so rank_pattern / alpha_pattern are exercised)."""
     out = {}
     for i, (k, v) in enumerate(deltas.items()):
-        out[k] = ModuleDelta(A=v.A[:2].clone(), B=v.B[:, :2].clone(), bias=v.bias) if i % 3 == 0 else v
+        out[k] = ModuleDelta(lora_A=v.lora_A[:2].clone(), lora_B=v.lora_B[:, :2].clone(), bias=v.bias) if i % 3 == 0 else v
     return out
 
 

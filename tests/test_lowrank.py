@@ -43,7 +43,7 @@ def test_fixed_rank_is_the_optimal_truncation_and_split_is_balanced():
     torch.manual_seed(0)
     D64 = torch.randn(48, 32, dtype=torch.float64)
     new, st = compress_one(ModuleDelta(delta=D64.float()), rank=5)
-    A, B = new.A.double(), new.B.double()
+    A, B = new.lora_A.double(), new.lora_B.double()
     assert A.shape == (5, 32) and B.shape == (48, 5)
     U, S, Vh = torch.linalg.svd(D64, full_matrices=False)
     best = U[:, :5] @ torch.diag(S[:5]) @ Vh[:5]
@@ -81,7 +81,7 @@ def test_stage1_constraint_survives_truncation():
         resid = ((BA @ X).norm() / (BA.norm() * X.norm())).item()
         assert resid < 1e-5, (r, resid)
         # and the A factor alone annihilates X (row space of A ⊂ row space of D)
-        assert (new.A.double() @ X).norm().item() / (new.A.double().norm() * X.norm()).item() < 1e-5
+        assert (new.lora_A.double() @ X).norm().item() / (new.lora_A.double().norm() * X.norm()).item() < 1e-5
 
 
 def test_randomized_path_keeps_constraint_and_accuracy(monkeypatch):
@@ -107,10 +107,10 @@ def test_recompress_lowrank_input_without_densifying():
     torch.manual_seed(2)
     A0, B0 = torch.randn(8, 30), torch.randn(20, 8)
     D = B0 @ A0
-    new, st = compress_one(ModuleDelta(A=A0, B=B0), rank=8)
+    new, st = compress_one(ModuleDelta(lora_A=A0, lora_B=B0), rank=8)
     assert st["algorithm"] == "qr-svd"
     assert torch.allclose(new.dense(), D, atol=1e-4 * D.abs().max().item())
-    new3, st3 = compress_one(ModuleDelta(A=A0, B=B0), rank=3)
+    new3, st3 = compress_one(ModuleDelta(lora_A=A0, lora_B=B0), rank=3)
     S = torch.linalg.svdvals(D.double())
     assert st3["energy_kept"] == pytest.approx(((S[:3] ** 2).sum() / (S ** 2).sum()).item(), rel=1e-4)
     assert st3["rel_error"] == pytest.approx(((D.double() - new3.dense(torch.float64)).norm() / D.double().norm()).item(), rel=1e-3)

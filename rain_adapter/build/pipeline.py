@@ -1,17 +1,24 @@
-"""``rain build``: LRM + ITM + base + calibration → adapter directory (DESIGN.md §5, §6).
+"""``build_adapter``: LRM + ITM + base + calibration → adapter directory (docs/DESIGN.md §5, §6).
 
-Pipeline (each step fails with a clear message before anything is written):
+``build_adapter`` runs these named steps (each fails with a clear message before anything is written):
 
-1. validate options; resolve a ``--preset``; refuse an existing output (unless ``--overwrite``);
-2. tokenizer + reasoning calibration → token ids and thinking positions Ω (``calibration``);
-3. load the LRM once (``AutoModelForCausalLM``, ``dtype=``), pick the targeted linears (``arch``);
-4. check the ITM / base shards against the LRM's module names and shapes (headers only);
-5. per layer: features X at Ω (``features``; one pass or ``--sequential``), then per module the
-   streamed Δ_I (``taskvector``) → Stage 1 projection (``nullspace``) or a baseline transform
-   (``baselines``); each finished layer is cached in ``<out>.partial/`` so ``--resume`` continues;
-6. Stage 2 (``coefficients.run_stage2``) when an instruction calibration set is given;
-7. ``--storage lowrank``: ``lowrank.compress``;
-8. fingerprint + config + atomic ``store.save_adapter``; the partial cache is removed.
+1. :func:`resolve_options`: BuildOptions validated (``options``), ``--preset`` applied;
+   :func:`output_dir` refuses an existing output (unless ``--overwrite``);
+2. :func:`load_calibration`: tokenizer + reasoning calibration → token ids and thinking positions Ω
+   (``calibration``; only for methods that project);
+3. :func:`load_lrm`: the LRM once (``AutoModelForCausalLM``, ``dtype=``), its targeted linears (``arch``);
+4. :func:`check_sources`: the ITM / base shards against the LRM's module names and shapes (headers only);
+5. :func:`run_stage1`: per layer, features X at Ω (``features``; one pass or ``--sequential``), then
+   per module the streamed Δ_I (``taskvector``) → Stage 1 projection (``nullspace.project``) or the
+   method's transform (``methods``); each finished layer goes to ``<out>.partial/`` (``cache``);
+6. :func:`apply_stage2`: Stage 2 (``coefficients.run_stage2``) when the method has it and an
+   instruction calibration set is given;
+7. :func:`compress_storage`: ``--storage lowrank`` → ``lowrank.compress``;
+8. :func:`make_config` + atomic ``store.save_adapter``; the partial cache is removed.
+
+What a method does (projection, Stage 2, its transform, what it records) is declared in
+``methods.REGISTRY``; the options and their checks are ``options.BuildOptions``; the CLI is
+``rain_adapter.cli.build``.
 
 Memory: the LRM once (its safetensors are memory-mapped: the weights count as file-backed,
 reclaimable RSS, not as anonymous memory), one layer's forward work and features, one module's Δ
@@ -19,492 +26,336 @@ at a time. Finished layers go to the partial cache and leave memory; at the end 
 memory-mapped back (file-backed again) and streamed into the final write. Without Stage 2 the LRM
 is released before that, so the peak is max(LRM + one layer's work, adapter), not their sum.
 Measured on a 97.6M-parameter Qwen2 (bench/build.py, bench/RESULTS.md).
+
+``project``, ``prepare_reasoning_calibration``, ``_save_layer`` and ``_load_layer`` are called
+through this module's globals (and ``features`` / ``taskvector`` / ``store`` functions through their
+modules) so tests and bench/build.py can patch or time them here.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import hashlib
-import json
-import os
-import shutil
-import sys
-import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
-from .methods import (DEFAULT_DENSITY, DEFAULT_DROP, METHODS, check_method, module_generator, needs_projection,
-                        transform)
-from .calibration import DEFAULT_MIN_SAMPLES, DEFAULT_RADIUS, prepare_reasoning_calibration
+from ..format import store
+from ..format.fingerprint import compute_fingerprint
+from ..format.arch import module_layer, module_role, target_linears, validate_roles
+from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
+from . import features, taskvector
+from .cache import PARTIAL_SUFFIX, PartialCache
+from .cache import load_layer as _load_layer
+from .cache import save_layer as _save_layer
+from .calibration import CalibrationSet, prepare_reasoning_calibration
+from .coefficients import run_stage2
 from .features import trim_heap
-from .nullspace import DEFAULT_PROTECT_ENERGY, DEFAULT_RIDGE, PROJECTIONS, project
-from .presets import PRESETS, get_preset, preset_output_name
+from .lowrank import compress, rank_field
+from .methods import MergeMethod, get_method, module_generator
+from .nullspace import project
+from .options import MODEL_FIELDS, BuildError, BuildOptions
+from .report import BuildLog, calibration_line, done_line, format_stats_table
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-PARTIAL_SUFFIX = ".partial"
+__all__ = ["PARTIAL_SUFFIX", "BuildError", "BuildOptions", "build_adapter", "format_stats_table"]
 
-
-class BuildError(ValueError):
-    """A build that cannot proceed; the message says which input is wrong."""
-
-
-def _dtype(name: str, what: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise BuildError(f"{what} must be one of {sorted(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+Sources = tuple[taskvector.CheckpointReader, taskvector.CheckpointReader]  # (ITM, base)
 
 
-def _save_layer(path: Path, deltas: dict[str, ModuleDelta], stats: dict[str, dict]) -> None:
-    """Atomically write one finished layer of the partial cache (safetensors + json)."""
-    from safetensors.torch import save_file
+@dataclass
+class Targets:
+    """The loaded LRM and what the build touches in it.
 
-    flat = {}
-    for n, d in deltas.items():
-        flat[n + ".delta"] = d.delta.contiguous()
-        if d.bias is not None:
-            flat[n + ".bias"] = d.bias.contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(flat, str(tmp))
-    (path.with_suffix(".json.tmp")).write_text(json.dumps(stats))
-    os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
-    os.replace(tmp, path)
+    ``modules``: targeted linears by full name, layer-major; ``by_layer``: layer → its module names;
+    ``proj_layers``: the layers Stage 1 projects (the others keep the plain Δ); ``fingerprint``:
+    the LRM's weights per module, taken once (the build never changes them).
+    """
 
+    model: nn.Module | None
+    modules: dict[str, nn.Linear]
+    names: list[str]
+    by_layer: dict[int, list[str]]
+    layer_ids: list[int]
+    proj_layers: set[int]
+    fingerprint: dict[str, Any]
 
-def _load_layer(path: Path) -> tuple[dict[str, ModuleDelta], dict[str, dict]]:
-    """One cached layer. ``load_file`` memory-maps the file (safetensors ≥ 0.4): the tensors are
-    copy-on-write views of the page cache, so holding every layer until the final write costs
-    reclaimable file pages, not anonymous memory."""
-    from safetensors.torch import load_file
-
-    flat = load_file(str(path))
-    stats = json.loads(path.with_suffix(".json").read_text())
-    out = {}
-    for k in flat:
-        if k.endswith(".delta"):
-            n = k[: -len(".delta")]
-            out[n] = ModuleDelta(delta=flat[k], bias=flat.get(n + ".bias"))
-    return out, stats
-
-
-def format_stats_table(stats: dict[str, dict]) -> str:
-    """Per module: rows, protected rank, residual ‖Δ⊥X‖/‖ΔX‖ next to kept norm ‖Δ⊥‖/‖Δ‖."""
-    lines = [f"{'module':<44} {'rows':>6} {'prot.rank':>9} {'residual':>10} {'kept norm':>10}"]
-    for n, s in stats.items():
-        if "residual" in s:
-            lines.append(f"{n:<44} {s['rows']:>6} {s['protected_rank']:>9} {s['residual']:>10.3e} {s['kept_norm']:>10.4f}")
-        else:
-            lines.append(f"{n:<44} {'-':>6} {'-':>9} {'-':>10} {s.get('kept_norm', float('nan')):>10.4f}")
-    res = [s["residual"] for s in stats.values() if "residual" in s]
-    kept = [s["kept_norm"] for s in stats.values() if "kept_norm" in s]
-    if kept:
-        lines.append(f"{'overall':<44} {'':>6} {'':>9} {(max(res) if res else float('nan')):>10.3e} "
-                     f"{sum(kept) / len(kept):>10.4f}   (max residual, mean kept norm)")
-    return "\n".join(lines)
-
-
-def build_adapter(
-    lrm: str | Path | None = None,
-    itm: str | Path | None = None,
-    base: str | Path | None = None,
-    out: str | Path | None = None,
-    *,
-    reasoning_calib: str | Path | list | None = None,
-    instruction_calib: str | Path | list | None = None,
-    method: str = "rain",
-    preset: str | None = None,
-    targets: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
-    skip_first_layers: int = 0,
-    project_layers: Sequence[int] | None = None,
-    radius: int = DEFAULT_RADIUS,
-    projection: str = "hard",
-    protect_energy: float = DEFAULT_PROTECT_ENERGY,
-    ridge: float = DEFAULT_RIDGE,
-    svd_dtype: str = "float32",
-    max_samples: int | None = None,
-    min_samples: int = DEFAULT_MIN_SAMPLES,
-    max_seq_len: int = 4096,
-    batch_size: int = 1,
-    dtype: str = "float32",
-    device: str | None = None,
-    no_stage2: bool = False,
-    resume: bool = False,
-    sequential: bool = False,
-    storage: str = "dense",
-    rank: int | None = None,
-    rank_energy: float | None = None,
-    max_rank: int | None = None,
-    merge_bias: bool = False,
-    overwrite: bool = False,
-    density: float = DEFAULT_DENSITY,
-    drop: float = DEFAULT_DROP,
-    seed: int = 0,
-    rho: float = 0.5,
-    alpha_grad: str = "level",
-    alpha_norm: str = "mean",
-    alpha_max: float = 1.5,
-    o_alpha: str = "mean",
-    stage2_max_samples: int | None = None,
-    stage2_max_seq_len: int | None = None,
-    progress: bool = True,
-    verbose: bool = True,
-) -> Path:
-    """Build an adapter and return its directory. See the module docstring for the steps and
-    ``rain build --help`` for the options. ``reasoning_calib=None`` uses the shared set."""
-    t_start = time.perf_counter()
-    # ---- 1. options --------------------------------------------------------------------------
-    check_method(method)
-    if preset is not None:
-        p = get_preset(preset)
-        lrm, itm, base = lrm or p.lrm, itm or p.itm, base or p.base
-        if out is None:
-            from ..format.paths import adapter_home
-            out = adapter_home() / preset_output_name(preset)
-    missing = [n for n, v in (("lrm", lrm), ("itm", itm), ("base", base), ("out", out)) if v is None]
-    if missing:
-        raise BuildError(f"missing {', '.join('--' + m for m in missing)} (or give --preset)")
-    if projection not in PROJECTIONS:
-        raise BuildError(f"--projection must be one of {list(PROJECTIONS)}, got {projection!r}")
-    if not 0.0 <= protect_energy <= 1.0:
-        raise BuildError(f"--protect-energy must be in [0, 1], got {protect_energy}")
-    if projection == "ridge" and ridge <= 0:
-        raise BuildError(f"--ridge must be > 0, got {ridge}")
-    if storage not in ("dense", "lowrank"):
-        raise BuildError(f"--storage must be dense or lowrank, got {storage!r}")
-    if storage == "lowrank" and rank is None and rank_energy is None:
-        raise BuildError("--storage lowrank needs --rank R or --rank-energy E")
-    if storage == "dense" and (rank is not None or rank_energy is not None):
-        raise BuildError("--rank / --rank-energy only apply with --storage lowrank")
-    model_dtype = _dtype(dtype, "--dtype")
-    compute_dtype = _dtype(svd_dtype, "--svd-dtype")
-    out = Path(out).expanduser()
-    partial = Path(str(out) + PARTIAL_SUFFIX)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    use_proj = needs_projection(method)
-
-    def log(msg: str) -> None:
-        if verbose:
-            print(msg, file=sys.stderr, flush=True)
-
-    # ---- 2. tokenizer + calibration ----------------------------------------------------------
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(lrm))
-    calib = None
-    if use_proj:
-        calib = prepare_reasoning_calibration(tokenizer, reasoning_calib, radius=radius, max_samples=max_samples,
-                                              max_seq_len=max_seq_len, min_samples=min_samples)
-        log(f"[rain build] calibration: {calib.info['n_samples']} samples, {calib.info['n_positions']} "
-            f"thinking positions (skipped {calib.info['skipped']})")
-
-    # ---- 3. LRM + targets --------------------------------------------------------------------
-    from ..format.arch import module_layer, module_role, target_linears, validate_roles
-
-    model = AutoModelForCausalLM.from_pretrained(str(lrm), dtype=model_dtype)
-    model.eval()
-    n_layers = int(model.config.num_hidden_layers)
-    roles = validate_roles(targets) if targets else None
-    layer_ids = list(layers) if layers is not None else list(range(n_layers))
-    layer_ids = [i for i in layer_ids if i >= skip_first_layers]
-    if not layer_ids:
-        raise BuildError(f"no layers left to merge (layers={layers}, skip_first_layers={skip_first_layers})")
-    modules = target_linears(model, roles, layer_ids)
-    # Stage 1 on a subset of layers (None: all): the other layers keep the plain task vector
-    proj_layers = set(layer_ids) if project_layers is None else {int(i) for i in project_layers}
-    if project_layers is not None and use_proj:
-        bad = sorted(proj_layers - set(range(n_layers)))
-        if bad:
-            raise BuildError(f"--project-layers: {bad} not in the model's layers 0-{n_layers - 1}")
-    module_names = list(modules)
-    from ..format.store import compute_fingerprint
-    fingerprint = compute_fingerprint(model, module_names)  # the LRM's weights: fixed for the whole build
-    run_s2 = method == "rain" and instruction_calib is not None and not no_stage2
-    if device is not None and not sequential:
-        model.to(device)
-
-    # ---- 4. task-vector sources (headers only) ----------------------------------------------
-    from .taskvector import CheckpointReader, check_task_vector, module_shapes, task_vector
-
-    itm_r, base_r = CheckpointReader(itm, "ITM"), CheckpointReader(base, "base")
-    shapes = module_shapes(modules)
-    check_task_vector(itm_r, base_r, shapes, merge_bias=merge_bias)
-
-    # ---- 5. per layer: features, Δ, projection ---------------------------------------------
-    settings = {
-        "lrm": str(lrm), "itm": str(itm), "base": str(base), "method": method, "modules": list(modules),
-        "projection": projection if use_proj else None, "protect_energy": protect_energy, "ridge": ridge,
-        "radius": radius, "svd_dtype": svd_dtype, "merge_bias": merge_bias, "density": density, "drop": drop,
-        "seed": seed, "calib_hash": calib.info["calib_hash"] if calib else None, "dtype": dtype,
-        "project_layers": sorted(proj_layers) if project_layers is not None else None,
-    }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    done: set[int] = set()
-    if partial.exists():
-        meta_f = partial / "meta.json"
-        same = meta_f.is_file() and json.loads(meta_f.read_text()).get("key") == key
-        if resume and same:
-            done = {int(p.stem.split("_")[1]) for p in partial.glob("layer_*.safetensors")
-                    if p.with_suffix(".json").is_file()}
-            log(f"[rain build] resuming: {len(done)} layer(s) cached in {partial}")
-        else:
-            if resume:
-                log(f"[rain build] {partial} was made with other settings; starting over")
-            shutil.rmtree(partial)
-    created_partial = not partial.exists()
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / "meta.json").write_text(json.dumps({"key": key, "settings": settings}, indent=1))
-
-    by_layer: dict[int, list[str]] = {}
-    for n in modules:
-        by_layer.setdefault(module_layer(n), []).append(n)
-    todo = [l for l in sorted(by_layer) if l not in done]
-    from tqdm.auto import tqdm
-
-    def process_layer(l: int, feats: dict[str, torch.Tensor] | None) -> None:
-        ld, ls = {}, {}
-        for n in by_layer[l]:
-            md = task_vector(itm_r, base_r, n, merge_bias=merge_bias)
-            if use_proj and l not in proj_layers:
-                dn = float(md.delta.norm())
-                ld[n], ls[n] = md, {"projected": False, "kept_norm": 1.0 if dn > 0 else 0.0}
-            elif use_proj:
-                P, st = project(md.delta, feats[n], projection=projection, protect_energy=protect_energy,
-                                ridge=ridge, dtype=compute_dtype, device=device,
-                                generator=module_generator(seed, n))
-                ld[n], ls[n] = ModuleDelta(delta=P, bias=md.bias), st.to_dict()
-            else:
-                td = transform(method, n, md, density=density, drop=drop, seed=seed)
-                dn = float(md.delta.norm())
-                ld[n], ls[n] = td, {"kept_norm": float(td.delta.norm()) / dn if dn > 0 else 0.0}
-        _save_layer(partial / f"layer_{l}.safetensors", ld, ls)
-
-    def run_layers() -> None:
-        if not todo:
-            return
-        feat_todo = [l for l in todo if use_proj and l in proj_layers]
-        for l in tqdm([l for l in todo if l not in feat_todo], desc=f"{method} (layers)",
-                      disable=not progress or len(feat_todo) == len(todo)):
-            process_layer(l, None)  # no features needed: plain Δ or a baseline transform
-            trim_heap()
-        if feat_todo:
-            from .features import iter_layer_features
-            todo_mods = {n: modules[n] for l in feat_todo for n in by_layer[l]}
-            it = iter_layer_features(model, todo_mods, calib, sequential=sequential, batch_size=batch_size,
-                                     device=device, pad_id=tokenizer.pad_token_id, progress=progress)
-            for l, feats in tqdm(it, total=len(feat_todo), desc="stage 1 (layers)", disable=not progress):
-                process_layer(l, feats)
-                del feats
-                trim_heap()
-
-    try:
-        with torch.inference_mode():
-            run_layers()
-    except BaseException:
-        if created_partial and not any(partial.glob("layer_*.safetensors")):
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if not run_s2:
-        # the LRM is not needed any more (fingerprint taken above): free it before the adapter is
-        # assembled, so the peak is max(LRM + one layer's work, adapter) rather than their sum
-        del model, modules
+    def release(self) -> None:
+        """Drop the LRM (and the references to its linears) and give the memory back."""
+        self.model, self.modules = None, {}
         gc.collect()
         trim_heap()
 
+
+# ---- 1. options ------------------------------------------------------------------------------
+def resolve_options(lrm: Any, itm: Any, base: Any, out: Any, options: BuildOptions | None,
+                    overrides: dict[str, Any]) -> BuildOptions:
+    """``options`` (default: all defaults) with the given models / keywords laid over it,
+    validated, ``--preset`` applied. An unknown keyword is a TypeError, as for any function."""
+    given = {k: v for k, v in zip(MODEL_FIELDS, (lrm, itm, base, out)) if v is not None}
+    opts = replace(options or BuildOptions(), **overrides, **given)
+    opts.validate()
+    return opts.resolved()
+
+
+def output_dir(opts: BuildOptions) -> Path:
+    """The output directory; an existing one is refused unless ``overwrite``."""
+    out = Path(opts.out).expanduser()
+    if out.exists() and not opts.overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    return out
+
+
+# ---- 2.-4. inputs ----------------------------------------------------------------------------
+def load_calibration(opts: BuildOptions, method: MergeMethod, log: BuildLog) -> tuple[Any, CalibrationSet | None]:
+    """The LRM's tokenizer, and (for projecting methods) the reasoning calibration set."""
+    # lazy: `import rain_adapter` stays free of transformers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(opts.lrm))
+    if not method.projects:
+        return tokenizer, None
+    calib = prepare_reasoning_calibration(tokenizer, opts.reasoning_calib, radius=opts.radius,
+                                          max_samples=opts.max_samples, max_seq_len=opts.max_seq_len,
+                                          min_samples=opts.min_samples)
+    log(calibration_line(calib.info))
+    return tokenizer, calib
+
+
+def _projected_layers(opts: BuildOptions, method: MergeMethod, layer_ids: list[int], n_layers: int) -> set[int]:
+    """``--project-layers`` (default: every merged layer); ids outside the model are refused."""
+    if opts.project_layers is None:
+        return set(layer_ids)
+    proj = {int(i) for i in opts.project_layers}
+    bad = sorted(proj - set(range(n_layers)))
+    if bad and method.projects:
+        raise BuildError(f"--project-layers: {bad} not in the model's layers 0-{n_layers - 1}", field="project_layers")
+    return proj
+
+
+def load_lrm(opts: BuildOptions, method: MergeMethod) -> Targets:
+    """Load the LRM once (eval, ``opts.dtype``), pick the targeted linears, fingerprint them."""
+    from transformers import AutoModelForCausalLM  # lazy, as above
+
+    model = AutoModelForCausalLM.from_pretrained(str(opts.lrm), dtype=opts.model_dtype)
+    model.eval()
+    n_layers = int(model.config.num_hidden_layers)
+    roles = validate_roles(opts.targets) if opts.targets else None
+    layer_ids = list(opts.layers) if opts.layers is not None else list(range(n_layers))
+    layer_ids = [i for i in layer_ids if i >= opts.skip_first_layers]
+    if not layer_ids:
+        raise BuildError(f"no layers left to merge (layers={opts.layers}, "
+                         f"skip_first_layers={opts.skip_first_layers})", field="layers")
+    modules = target_linears(model, roles, layer_ids)
+    proj_layers = _projected_layers(opts, method, layer_ids, n_layers)
+    names = list(modules)
+    by_layer: dict[int, list[str]] = {}
+    for n in names:
+        by_layer.setdefault(module_layer(n), []).append(n)
+    fingerprint = compute_fingerprint(model, names)  # the LRM's weights: fixed for the whole build
+    if opts.device is not None and not opts.sequential:
+        model.to(opts.device)
+    return Targets(model, modules, names, by_layer, layer_ids, proj_layers, fingerprint)
+
+
+def check_sources(opts: BuildOptions, modules: dict[str, nn.Linear]) -> Sources:
+    """Open the ITM and base checkpoints and check every targeted module against the LRM's
+    shapes (safetensors headers only; nothing is read yet)."""
+    itm_r = taskvector.CheckpointReader(opts.itm, "ITM")
+    base_r = taskvector.CheckpointReader(opts.base, "base")
+    taskvector.check_task_vector(itm_r, base_r, taskvector.module_shapes(modules), merge_bias=opts.merge_bias)
+    return itm_r, base_r
+
+
+def cache_settings(opts: BuildOptions, method: MergeMethod, targets: Targets,
+                   calib: CalibrationSet | None) -> dict[str, Any]:
+    """Everything the cached layers depend on (a partial cache made with other settings is not reused)."""
+    return {
+        "lrm": str(opts.lrm), "itm": str(opts.itm), "base": str(opts.base), "method": method.name,
+        "modules": list(targets.modules), "projection": opts.projection if method.projects else None,
+        "protect_energy": opts.protect_energy, "ridge": opts.ridge, "radius": opts.radius,
+        "svd_dtype": opts.svd_dtype, "merge_bias": opts.merge_bias, "density": opts.density, "drop": opts.drop,
+        "seed": opts.seed, "calib_hash": calib.info["calib_hash"] if calib else None, "dtype": opts.dtype,
+        "project_layers": sorted(targets.proj_layers) if opts.project_layers is not None else None,
+    }
+
+
+# ---- 5. Stage 1, one layer at a time ---------------------------------------------------------
+@dataclass
+class LayerWork:
+    """Turns one layer's task vectors into stored deltas: D = P(Δ) (Stage 1) or the method's T(Δ)."""
+
+    opts: BuildOptions
+    method: MergeMethod
+    sources: Sources
+    proj_layers: set[int]
+    cache: PartialCache
+
+    def module(self, name: str, layer: int, feats: dict[str, torch.Tensor] | None) -> tuple[ModuleDelta, dict]:
+        """(D, stats) for one module; ``feats[name]``: X [rows, in] at the thinking positions."""
+        o = self.opts
+        md = taskvector.task_vector(*self.sources, name, merge_bias=o.merge_bias)
+        if self.method.projects and layer not in self.proj_layers:
+            return md, {"projected": False, "kept_norm": 1.0 if float(md.delta.norm()) > 0 else 0.0}
+        if self.method.projects:
+            P, st = project(md.delta, feats[name], projection=o.projection, protect_energy=o.protect_energy,
+                            ridge=o.ridge, dtype=o.compute_dtype, device=o.device,
+                            generator=module_generator(o.seed, name))
+            return ModuleDelta(delta=P, bias=md.bias), st.to_dict()
+        td = self.method.apply(name, md, vars(o))
+        dn = float(md.delta.norm())
+        return td, {"kept_norm": float(td.delta.norm()) / dn if dn > 0 else 0.0}
+
+    def layer(self, layer: int, names: list[str], feats: dict[str, torch.Tensor] | None) -> None:
+        """All modules of ``layer`` → one cached layer file."""
+        done = {n: self.module(n, layer, feats) for n in names}
+        _save_layer(self.cache.layer_path(layer), {n: d for n, (d, _) in done.items()},
+                    {n: s for n, (_, s) in done.items()})
+
+
+def run_stage1(work: LayerWork, targets: Targets, todo: list[int], calib: CalibrationSet | None,
+               pad_id: int | None) -> None:
+    """Every layer in ``todo`` through ``work``: first those that need no features (plain Δ or a
+    transform), then the projected ones as the features arrive, layer by layer."""
+    o = work.opts
+    feat_todo = [l for l in todo if work.method.projects and l in targets.proj_layers]
+    for l in tqdm([l for l in todo if l not in feat_todo], desc=f"{work.method.name} (layers)",
+                  disable=not o.progress or len(feat_todo) == len(todo)):
+        work.layer(l, targets.by_layer[l], None)
+        trim_heap()
+    if not feat_todo:
+        return
+    todo_mods = {n: targets.modules[n] for l in feat_todo for n in targets.by_layer[l]}
+    it = features.iter_layer_features(targets.model, todo_mods, calib, sequential=o.sequential,
+                                      batch_size=o.batch_size, device=o.device, pad_id=pad_id,
+                                      progress=o.progress)
+    for l, feats in tqdm(it, total=len(feat_todo), desc="stage 1 (layers)", disable=not o.progress):
+        work.layer(l, targets.by_layer[l], feats)
+        del feats
+        trim_heap()
+
+
+def assemble(cache: PartialCache, targets: Targets) -> tuple[dict[str, ModuleDelta], dict[str, dict]]:
+    """Every cached layer memory-mapped back, in the targets' module order."""
     deltas: dict[str, ModuleDelta] = {}
     stats: dict[str, dict] = {}
-    for l in sorted(by_layer):
-        d, s = _load_layer(partial / f"layer_{l}.safetensors")
+    for l in sorted(targets.by_layer):
+        d, s = _load_layer(cache.layer_path(l))
         deltas.update(d)
         stats.update(s)
-    deltas = {n: deltas[n] for n in module_names}
-    stats = {n: stats[n] for n in module_names}
-    t_stage1 = time.perf_counter() - t_start
-    if verbose:
-        print(format_stats_table(stats), flush=True)
+    return {n: deltas[n] for n in targets.names}, {n: stats[n] for n in targets.names}
 
-    # ---- 6. Stage 2 --------------------------------------------------------------------------
-    stage2: dict[str, Any] = {}
-    final_method = method
-    if method == "rain":
-        if run_s2:
-            try:
-                from .coefficients import run_stage2
-            except ImportError as e:
-                raise NotImplementedError(f"Stage 2 is not available ({e}); use --no-stage2") from e
-            if sequential and device is not None:
-                model.to(device)
-            # Stage 2 samples hold the whole response, so they may need their own limits.
-            deltas, stage2 = run_stage2(
-                model, tokenizer, deltas, instruction_calib, rho=rho, alpha_grad=alpha_grad,
-                alpha_norm=alpha_norm, alpha_max=alpha_max, o_alpha=o_alpha,
-                max_samples=max_samples if stage2_max_samples is None else stage2_max_samples,
-                max_seq_len=max_seq_len if stage2_max_seq_len is None else stage2_max_seq_len,
-                device=device, progress=progress)
-        else:
-            final_method = "rain-stage1"
-            stage2 = {"applied": False,
-                      "reason": "--no-stage2" if no_stage2 else "no --instruction-calib given", "alpha": 1.0}
-    t_stage2 = time.perf_counter() - t_start - t_stage1
 
-    # ---- 7. low-rank -------------------------------------------------------------------------
-    fidelity: dict[str, Any] = {}
-    rank_field: Any = None
-    if storage == "lowrank":
-        from .lowrank import compress, rank_field as _rank_field
-        deltas, fidelity = compress(deltas, rank=rank, rank_energy=rank_energy, max_rank=max_rank,
-                                    device=device, progress=progress)
-        rank_field = _rank_field(fidelity)
+# ---- 6.-7. Stage 2, storage ------------------------------------------------------------------
+def wants_stage2(opts: BuildOptions, method: MergeMethod) -> bool:
+    return method.stage2 and opts.instruction_calib is not None and not opts.no_stage2
 
-    # ---- 8. config + atomic write ------------------------------------------------------------
-    from ..format.config import RainConfig
-    from ..format.store import save_adapter
 
-    stage1 = {
-        "method": method,
-        "projection": projection if use_proj else None,
-        "protect_energy": protect_energy if use_proj and projection in ("hard", "random") else None,
-        "ridge": ridge if use_proj and projection == "ridge" else None,
+def apply_stage2(opts: BuildOptions, method: MergeMethod, targets: Targets, tokenizer: Any,
+                 deltas: dict[str, ModuleDelta]) -> tuple[dict[str, ModuleDelta], dict[str, Any], str]:
+    """(deltas with α folded in, ``config.stage2``, the method name to record)."""
+    if not method.stage2:
+        return deltas, {}, method.name
+    if not wants_stage2(opts, method):
+        reason = "--no-stage2" if opts.no_stage2 else "no --instruction-calib given"
+        return deltas, {"applied": False, "reason": reason, "alpha": 1.0}, method.without_stage2 or method.name
+    if opts.sequential and opts.device is not None:
+        targets.model.to(opts.device)
+    # Stage 2 samples hold the whole response, so they may need their own limits.
+    deltas, stage2 = run_stage2(
+        targets.model, tokenizer, deltas, opts.instruction_calib, rho=opts.rho, alpha_grad=opts.alpha_grad,
+        alpha_norm=opts.alpha_norm, alpha_max=opts.alpha_max, o_alpha=opts.o_alpha,
+        max_samples=opts.max_samples if opts.stage2_max_samples is None else opts.stage2_max_samples,
+        max_seq_len=opts.max_seq_len if opts.stage2_max_seq_len is None else opts.stage2_max_seq_len,
+        device=opts.device, progress=opts.progress)
+    return deltas, stage2, method.name
+
+
+def compress_storage(opts: BuildOptions, deltas: dict[str, ModuleDelta]
+                     ) -> tuple[dict[str, ModuleDelta], dict[str, Any], Any]:
+    """``--storage lowrank``: truncated SVD per module → (deltas, fidelity, config rank); dense: as is."""
+    if opts.storage != "lowrank":
+        return deltas, {}, None
+    deltas, fidelity = compress(deltas, rank=opts.rank, rank_energy=opts.rank_energy, max_rank=opts.max_rank,
+                                device=opts.device, progress=opts.progress)
+    return deltas, fidelity, rank_field(fidelity)
+
+
+# ---- 8. config -------------------------------------------------------------------------------
+def stage1_record(opts: BuildOptions, method: MergeMethod, targets: Targets, stats: dict[str, dict],
+                  calib: CalibrationSet | None) -> dict[str, Any]:
+    """``config.stage1``: the common settings, the calibration, and what the method declares —
+    a transform method's ``params``; for projection, the options of the chosen projection."""
+    proj = method.projects
+    rec: dict[str, Any] = {
+        "method": method.name,
+        "projection": opts.projection if proj else None,
+        "protect_energy": opts.protect_energy if proj and opts.projection in ("hard", "random") else None,
+        "ridge": opts.ridge if proj and opts.projection == "ridge" else None,
         "rtol": "max(n, in)*eps(svd_dtype)",
-        "svd_dtype": svd_dtype,
-        "radius": radius,
-        "sequential": sequential,
-        "merge_bias": merge_bias,
-        "modules": stats,
+        "svd_dtype": opts.svd_dtype, "radius": opts.radius, "sequential": opts.sequential,
+        "merge_bias": opts.merge_bias, "modules": stats,
     }
     if calib is not None:
-        stage1.update({k: calib.info[k] for k in ("calib_path", "calib_hash", "n_samples", "n_positions", "skipped",
-                                                   "max_seq_len")})
-    if method in ("ties", "dare-ties"):
-        stage1["density"] = density
-    if method == "dare-ties":
-        stage1.update({"drop": drop, "seed": seed})
-    if use_proj and projection == "random":
-        stage1["seed"] = seed
-    if use_proj and project_layers is not None:
-        stage1["project_layers"] = sorted(proj_layers & set(layer_ids))
-    used_roles = list(dict.fromkeys(module_role(n) for n in module_names))
-    config = RainConfig(
-        base_model_name_or_path=str(lrm), itm_name_or_path=str(itm), itm_base_name_or_path=str(base),
-        target_modules=used_roles, layers=sorted(by_layer), storage=storage, rank=rank_field,
-        dtype="float32", method=final_method, stage1=stage1, stage2=stage2, fidelity=fidelity,
-        fingerprint=fingerprint,
-        extra={"build_seconds": {"stage1": round(t_stage1, 3), "stage2": round(t_stage2, 3),
-                                 "total": round(time.perf_counter() - t_start, 3)}},
+        rec.update({k: calib.info[k] for k in ("calib_path", "calib_hash", "n_samples", "n_positions", "skipped",
+                                               "max_seq_len")})
+    if not proj:
+        rec.update({p: getattr(opts, p) for p in method.params})
+    else:
+        if opts.projection == "random":
+            rec["seed"] = opts.seed
+        if opts.project_layers is not None:
+            rec["project_layers"] = sorted(targets.proj_layers & set(targets.layer_ids))
+    return rec
+
+
+def make_config(opts: BuildOptions, targets: Targets, *, method_name: str, stage1: dict, stage2: dict,
+                fidelity: dict, rank: Any, log: BuildLog) -> RainConfig:
+    """The adapter's config; ``extra`` records the build options and timings."""
+    return RainConfig(
+        base_model_name_or_path=str(opts.lrm), itm_name_or_path=str(opts.itm), itm_base_name_or_path=str(opts.base),
+        target_modules=list(dict.fromkeys(module_role(n) for n in targets.names)),
+        layers=sorted(targets.by_layer), storage=opts.storage, rank=rank, dtype="float32", method=method_name,
+        stage1=stage1, stage2=stage2, fidelity=fidelity, fingerprint=targets.fingerprint,
+        extra={"build_seconds": log.seconds(), "build_options": opts.to_dict()},
     )
-    save_adapter(deltas, config, out, overwrite=overwrite)
-    shutil.rmtree(partial, ignore_errors=True)
-    log(f"[rain build] wrote {out} ({final_method}, {len(deltas)} modules, {storage}) "
-        f"in {time.perf_counter() - t_start:.1f} s")
-    return out
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-def _int_list(s: str) -> list[int]:
-    out: list[int] = []
-    for part in s.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out += list(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
-    return out
-
-
-def _str_list(s: str) -> list[str]:
-    return [p.strip() for p in s.split(",") if p.strip()]
-
-
-def add_parser(subparsers) -> None:
-    """Register ``rain build``."""
-    p = subparsers.add_parser(
-        "build", help="build a RAIN adapter from an LRM, an ITM and the ITM's base",
-        description="Stream the ITM−base task vector, project it away from the LRM's inputs at the thinking "
-                    "positions (Stage 1), optionally compute per-head coefficients (Stage 2), write the adapter.")
-    g = p.add_argument_group("models")
-    g.add_argument("--lrm", help="reasoning model (dir or Hub id)")
-    g.add_argument("--itm", help="instruction-tuned model (dir or Hub id)")
-    g.add_argument("--base", help="the ITM's base model (dir or Hub id)")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="fill --lrm/--itm/--base and name the output rain-<preset>")
-    g.add_argument("--out", help="output adapter directory (default with --preset: <adapter home>/rain-<preset>)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    g.add_argument("--resume", action="store_true", help="continue from <out>.partial if its settings match")
-    g = p.add_argument_group("scope")
-    g.add_argument("--method", default="rain", choices=METHODS)
-    g.add_argument("--targets", type=_str_list, default=None, help="roles, e.g. q,k,v,o,gate,up,down (default all)")
-    g.add_argument("--layers", type=_int_list, default=None, help="layer ids, e.g. 0-3,8 (default all)")
-    g.add_argument("--skip-first-layers", type=int, default=0, help="do not merge the first N layers")
-    g.add_argument("--merge-bias", action="store_true", help="also store the ITM's bias deltas")
-    g = p.add_argument_group("stage 1")
-    g.add_argument("--reasoning-calib", default=None, help="JSON/JSONL {prompt, reasoning, response} (default: shared set)")
-    g.add_argument("--radius", type=int, default=DEFAULT_RADIUS, help="inner neighbours of <think>/</think> (default 5)")
-    g.add_argument("--projection", default="hard", choices=PROJECTIONS,
-                   help="hard (default), ridge, none, or random: a control that removes as many "
-                        "input directions as hard, drawn at random (seeded by --seed)")
-    g.add_argument("--project-layers", type=_int_list, default=None,
-                   help="project only these layers, e.g. 0-13 (default all; the others keep the plain "
-                        "task vector; in the toy world the first half did best, bench/RESULTS.md)")
-    g.add_argument("--protect-energy", type=float, default=DEFAULT_PROTECT_ENERGY,
-                   help=f"hard: fraction of feature energy protected (default {DEFAULT_PROTECT_ENERGY}; 1.0 = exact)")
-    g.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help=f"ridge: rho / mean(s^2) (default {DEFAULT_RIDGE})")
-    g.add_argument("--svd-dtype", default="float32", choices=["float32", "float64"])
-    g.add_argument("--max-samples", type=int, default=None)
-    g.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES)
-    g.add_argument("--max-seq-len", type=int, default=4096)
-    g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--sequential", action="store_true", help="layer-by-layer feature capture (model larger than device)")
-    g.add_argument("--density", type=float, default=DEFAULT_DENSITY, help="ties / dare-ties: fraction of entries kept")
-    g.add_argument("--drop", type=float, default=DEFAULT_DROP, help="dare-ties: drop probability")
-    g.add_argument("--seed", type=int, default=0, help="dare-ties drops, --projection random's subspaces")
-    g = p.add_argument_group("stage 2")
-    g.add_argument("--instruction-calib", default=None, help="instruction calibration JSONL (runs Stage 2)")
-    g.add_argument("--no-stage2", action="store_true")
-    g.add_argument("--rho", type=float, default=0.5)
-    g.add_argument("--alpha-grad", default="level", choices=["level", "gain"])
-    g.add_argument("--alpha-norm", default="mean", choices=["mean", "none"])
-    g.add_argument("--alpha-max", type=float, default=1.5)
-    g.add_argument("--o-alpha", default="mean", choices=["mean", "head"],
-                   help="o_proj: layer-mean α (default; keeps the Stage 1 constraint) or per-head input columns")
-    g.add_argument("--stage2-max-samples", type=int, default=None, help="default: --max-samples")
-    g.add_argument("--stage2-max-seq-len", type=int, default=None, help="default: --max-seq-len")
-    g = p.add_argument_group("storage and compute")
-    g.add_argument("--storage", default="dense", choices=["dense", "lowrank"])
-    g.add_argument("--rank", type=int, default=None)
-    g.add_argument("--rank-energy", type=float, default=None)
-    g.add_argument("--max-rank", type=int, default=None)
-    g.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="LRM dtype for the forward passes")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    build_adapter(
-        args.lrm, args.itm, args.base, args.out, reasoning_calib=args.reasoning_calib,
-        instruction_calib=args.instruction_calib, method=args.method, preset=args.preset, targets=args.targets,
-        layers=args.layers, skip_first_layers=args.skip_first_layers, project_layers=args.project_layers,
-        radius=args.radius,
-        projection=args.projection, protect_energy=args.protect_energy, ridge=args.ridge, svd_dtype=args.svd_dtype,
-        max_samples=args.max_samples, min_samples=args.min_samples, max_seq_len=args.max_seq_len,
-        batch_size=args.batch_size, dtype=args.dtype, device=args.device, no_stage2=args.no_stage2,
-        resume=args.resume, sequential=args.sequential, storage=args.storage, rank=args.rank,
-        rank_energy=args.rank_energy, max_rank=args.max_rank, merge_bias=args.merge_bias, overwrite=args.overwrite,
-        density=args.density, drop=args.drop, seed=args.seed, rho=args.rho, alpha_grad=args.alpha_grad,
-        alpha_norm=args.alpha_norm, alpha_max=args.alpha_max, o_alpha=args.o_alpha,
-        stage2_max_samples=args.stage2_max_samples, stage2_max_seq_len=args.stage2_max_seq_len,
-        progress=not args.no_progress,
-    )
-    return 0
-
-
-add_build_parser = add_parser
+# ---- the whole build -------------------------------------------------------------------------
+def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, base: str | Path | None = None,
+                  out: str | Path | None = None, *, options: BuildOptions | None = None, **kwargs: Any) -> Path:
+    """Build an adapter and return its directory. ``kwargs``: BuildOptions fields (``rain build
+    --help``), laid over ``options``; see the module docstring for the steps."""
+    opts = resolve_options(lrm, itm, base, out, options, kwargs)
+    out_dir, method, log = output_dir(opts), get_method(opts.method), BuildLog(opts.verbose)
+    tokenizer, calib = load_calibration(opts, method, log)
+    targets = load_lrm(opts, method)
+    sources = check_sources(opts, targets.modules)
+    cache = PartialCache(out_dir)
+    done = cache.open(cache_settings(opts, method, targets, calib), resume=opts.resume, log=log)
+    try:
+        with torch.inference_mode():
+            run_stage1(LayerWork(opts, method, sources, targets.proj_layers, cache), targets,
+                       [l for l in sorted(targets.by_layer) if l not in done], calib, tokenizer.pad_token_id)
+    except BaseException:
+        cache.discard_if_empty()
+        raise
+    if not wants_stage2(opts, method):
+        # the LRM is not needed any more (fingerprint taken): free it before the adapter is
+        # assembled, so the peak is max(LRM + one layer's work, adapter) rather than their sum
+        targets.release()
+    deltas, stats = assemble(cache, targets)
+    log.mark("stage1")
+    log.table(stats)
+    deltas, stage2, method_name = apply_stage2(opts, method, targets, tokenizer, deltas)
+    log.mark("stage2")
+    deltas, fidelity, rank = compress_storage(opts, deltas)
+    config = make_config(opts, targets, method_name=method_name, stage1=stage1_record(opts, method, targets, stats,
+                         calib), stage2=stage2, fidelity=fidelity, rank=rank, log=log)
+    store.save_adapter(deltas, config, out_dir, overwrite=opts.overwrite)
+    cache.remove()
+    log(done_line(out_dir, method_name, len(deltas), opts.storage, log.elapsed()))
+    return out_dir

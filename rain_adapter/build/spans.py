@@ -1,4 +1,4 @@
-"""Instruction calibration set: loading, text building and span → token mapping (DESIGN.md §6.3).
+"""Instruction calibration set: loading, text building and span → token mapping (docs/DESIGN.md §6.3).
 
 A record (one JSON object per line) holds at least::
 

@@ -1,4 +1,4 @@
-"""Streamed task vectors Δ_I^k = W_I^k − W_B^k from safetensors checkpoints (DESIGN.md §5.1, §6.1).
+"""Streamed task vectors Δ_I^k = W_I^k − W_B^k from safetensors checkpoints (docs/DESIGN.md §5.1, §6.1).
 
 The ITM and its base are never loaded as models: :class:`CheckpointReader` maps tensor names to
 shard files (single ``model.safetensors`` or sharded with ``model.safetensors.index.json``) and

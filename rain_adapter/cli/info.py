@@ -7,11 +7,15 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ..build.coefficients import format_alpha_table
+from ..build.lowrank import format_fidelity
+from ..build.methods import REGISTRY
 from ..format.arch import module_layer, module_role
 from ..format.store import load_adapter, resolve_adapter
 
 
 def _human(n: float) -> str:
+    """A byte count in B / KiB / MiB / GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -30,7 +34,8 @@ def describe(name_or_path: str) -> str:
     layers = sorted({module_layer(m) for m in deltas})
     lines = [
         f"adapter      {root}",
-        f"format       {config.format} v{config.format_version}   method: {config.method}",
+        f"format       {config.format} v{config.format_version}   method: {config.method}"
+        + (f" ({REGISTRY[config.method].description})" if config.method in REGISTRY else ""),
         f"LRM          {config.base_model_name_or_path or '-'}",
         f"ITM / base   {config.itm_name_or_path or '-'}  /  {config.itm_base_name_or_path or '-'}",
         f"storage      {config.storage}" + (f" (rank {config.rank})" if config.rank is not None else ""),
@@ -53,19 +58,9 @@ def describe(name_or_path: str) -> str:
                          f"{sorted(res)[len(res) // 2]:.3g} (max {max(res):.3g}), kept ‖Δ⊥‖/‖Δ‖ median "
                          f"{sorted(kept)[len(kept) // 2]:.3f}" + (f"; {plain} left unprojected" if plain else ""))
     if config.stage2:
-        try:
-            from ..build.coefficients import format_alpha_table
-
-            lines.append("stage 2\n" + format_alpha_table(config.stage2))
-        except ImportError:
-            lines.append("stage 2      " + json.dumps(config.stage2, default=str)[:400])
+        lines.append("stage 2\n" + format_alpha_table(config.stage2))
     if config.fidelity:
-        try:
-            from ..build.lowrank import format_fidelity
-
-            lines.append("fidelity\n" + format_fidelity(config.fidelity))
-        except ImportError:
-            lines.append("fidelity     " + json.dumps(config.fidelity.get("overall", {}), default=str))
+        lines.append("fidelity\n" + format_fidelity(config.fidelity))
     return "\n".join(lines)
 
 
@@ -79,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
+    """Register ``rain info``."""
     p = sub.add_parser("info", help="describe an adapter (config, modules, storage, size, α, fidelity)")
     p.add_argument("path", help="adapter directory, name in $RAIN_ADAPTER_HOME, or Hub repo id")
     p.add_argument("--json", action="store_true", help="print the config and module shapes as JSON")

@@ -1,24 +1,44 @@
-"""``rain``: the command line. Each area registers its own subcommands via ``add_parser``."""
+"""``rain``: the command line. Each subcommand module registers itself via ``add_parser``.
+
+Every module in :data:`COMMAND_MODULES` is imported when the parser is built, and an import error
+propagates: a subcommand whose code is broken fails loudly instead of vanishing from ``rain --help``.
+Optional third-party packages (fastapi / uvicorn for ``rain serve``, matplotlib for plots) are
+imported only when a subcommand runs; a missing one ends that command with the extra to install.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-#: Modules that add subcommands: each exposes ``add_parser(subparsers)``.
-_COMMAND_MODULES = (
+from ..format.lambdas import LambdaRangeWarning
+
+#: Modules that add subcommands: each exposes ``add_parser(subparsers) -> None``.
+COMMAND_MODULES = (
     "rain_adapter.cli.info",
-    "rain_adapter.build.pipeline",
-    "rain_adapter.export.peft",
-    "rain_adapter.export.fidelity",
-    "rain_adapter.evaluation.sweep",
-    "rain_adapter.demo.run",
+    "rain_adapter.cli.build",
+    "rain_adapter.cli.export",
+    "rain_adapter.cli.fidelity",
+    "rain_adapter.cli.sweep",
+    "rain_adapter.cli.demo",
     "rain_adapter.cli.serve",
 )
 
+#: optional top-level package -> the extra of pyproject.toml that installs it
+OPTIONAL_EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "matplotlib": "eval",
+                   "triton": "triton"}
+
+#: Errors a command reports as ``rain CMD: error: …`` (exit 2) instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, NotImplementedError)
+
 
 def make_parser() -> argparse.ArgumentParser:
+    """The ``rain`` parser with every subcommand of :data:`COMMAND_MODULES` (imported here)."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(
@@ -26,30 +46,58 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rain-adapter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod_name in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name == mod_name:  # area not installed in this build
-                continue
-            raise
-        mod.add_parser(sub)
+    for mod_name in COMMAND_MODULES:
+        importlib.import_module(mod_name).add_parser(sub)
     return parser
 
 
+def missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The pyproject extra that installs the package ``err`` misses, or None if it is not optional."""
+    return OPTIONAL_EXTRAS.get((err.name or "").split(".")[0])
+
+
+@contextmanager
+def _plain_lambda_warnings(command: str) -> Iterator[None]:
+    """Show a :class:`LambdaRangeWarning` as ``rain CMD: warning: …`` instead of file:line source."""
+    with warnings.catch_warnings():
+        default_show: Callable = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, LambdaRangeWarning):
+                print(f"rain {command}: warning: {message}", file=file or sys.stderr)
+            else:
+                default_show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False) or os.environ.get("RAIN_DEBUG"))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``rain ARGV``; returns the exit status (2 for input errors and missing extras)."""
     parser = make_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _plain_lambda_warnings(args.command):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, NotImplementedError) as e:
-        if getattr(args, "debug", False) or __import__("os").environ.get("RAIN_DEBUG"):
+    except ModuleNotFoundError as e:
+        extra = missing_extra(e)
+        if extra is None or _debug(args):
+            raise
+        print(f"rain {args.command}: error: {e.name} is not installed; it comes with the {extra!r} extra: "
+              f'pip install -e ".[{extra}]" (or pip install "rain-adapter[{extra}]")', file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:
+        if _debug(args):
             raise
         print(f"rain {args.command}: error: {e}", file=sys.stderr)
         return 2

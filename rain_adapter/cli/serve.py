@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..serve.scheduler import BATCHING_MODES
+
 log = logging.getLogger("rain_adapter.serve")
 
 
@@ -36,7 +38,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--db", default="rain_requests.sqlite", help="SQLite request log (WAL)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-window-ms", type=float, default=10.0)
-    p.add_argument("--batching", choices=("dynamic", "continuous"), default="dynamic",
+    p.add_argument("--batching", choices=BATCHING_MODES, default="dynamic",
                    help="dynamic: one generate call per batch with per-row λ; continuous: transformers' continuous "
                         "batching with a per-token λ (greedy requests; sampling ones use dynamic batching)")
     p.add_argument("--max-tokens-cap", type=int, default=1024)

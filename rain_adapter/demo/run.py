@@ -15,26 +15,28 @@ baseline, its format validity and accuracy interpolated at RAIN's compliance.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rain_adapter.build.methods import get_method, method_names
+from rain_adapter.build.options import parse_int_list
+from rain_adapter.build.pipeline import build_adapter
+from rain_adapter.evaluation.plots import NO_PLOT_HINT, plot_sweep_if_available
 from rain_adapter.evaluation.sweep import (
-    evaluate_rows, format_table, generate_responses, load_model, load_prompts, parse_lambdas, sweep_adapters,
-    write_csv,
+    evaluate_rows, format_table, generate_responses, load_model, load_prompts, sweep_adapters, write_csv,
 )
-from rain_adapter.build.nullspace import PROJECTIONS
+from rain_adapter.format.lambdas import parse_lambdas
 
 from .soundness import evaluate_world, is_sound, max_new_tokens
-from .train import WorldConfig, WorldPaths, ci_config, ensure_world, set_threads
+from .train import WorldConfig, WorldPaths, ensure_world, set_threads
 
-DEMO_METHODS = ("rain", "rain-stage1", "task-arithmetic", "ties", "dare-ties")
+#: every registered build method (rain_adapter.build.methods.REGISTRY), in registry order
+DEMO_METHODS = method_names()
 FORMAT_KEEP = 0.98
 ACC_KEEP = 0.9
 MATCH_COMPLIANCE = (0.25, 0.5)
@@ -48,7 +50,6 @@ def build_methods(paths: WorldPaths, methods: Sequence[str], *, rebuild: bool = 
 
     Returns ({method: adapter dir}, {method: build seconds (0 when reused)}).
     """
-    from rain_adapter.build.pipeline import build_adapter
 
     out: dict[str, Path] = {}
     times: dict[str, float] = {}
@@ -58,14 +59,14 @@ def build_methods(paths: WorldPaths, methods: Sequence[str], *, rebuild: bool = 
         t0 = time.time()
         if rebuild or not (target / "adapter_config.json").exists():
             build_adapter(paths.lrm, paths.itm, paths.base, target, reasoning_calib=str(paths.reasoning_calib),
-                          instruction_calib=str(paths.instruction_calib) if m == "rain" else None, method=m,
+                          instruction_calib=str(paths.instruction_calib) if get_method(m).stage2 else None, method=m,
                           overwrite=True, progress=progress, verbose=False, **build_kw)
         times[m] = time.time() - t0
         out[m] = target
     return out, times
 
 
-def _interp(records: list[dict[str, Any]], target: float, key: str) -> float | None:
+def value_at_compliance(records: list[dict[str, Any]], target: float, key: str) -> float | None:
     """``key`` at compliance ``target`` along a method's λ curve (linear between λ grid points, first
     crossing); None if the curve never reaches it."""
     rs = sorted(records, key=lambda r: r["lambda"])
@@ -104,13 +105,13 @@ def summarize(records: list[dict[str, Any]], c_itm: float, lrm: dict[str, float]
         rs = [r for r in records if r["method"] == m]
         out[m] = best(rs, "format_validity", FORMAT_KEEP * lrm["format_validity"])
         out[m]["acc_keep"] = best(rs, "accuracy", ACC_KEEP * lrm["accuracy"])
-        out[m]["acc_at"] = {str(c): _interp(rs, c, "accuracy") for c in MATCH_COMPLIANCE}
+        out[m]["acc_at"] = {str(c): value_at_compliance(rs, c, "accuracy") for c in MATCH_COMPLIANCE}
         out[m]["max_compliance"] = max(r["compliance"] for r in rs)
     ref = out.get("rain") or out.get("rain-stage1")
     if ref is not None:
         for m, s in out.items():
             rs = [r for r in records if r["method"] == m]
-            s["at_rain_compliance"] = {k: _interp(rs, ref["compliance"], k) for k in ("format_validity", "accuracy")}
+            s["at_rain_compliance"] = {k: value_at_compliance(rs, ref["compliance"], k) for k in ("format_validity", "accuracy")}
     return out
 
 
@@ -145,7 +146,6 @@ def run_demo(cfg: WorldConfig | None = None, *, root: Path | None = None, out: P
     say = print if verbose else (lambda *a, **k: None)
     lambdas = parse_lambdas(DEMO_LAMBDAS) if lambdas is None else list(lambdas)
     build_kw.setdefault("protect_energy", DEMO_PROTECT_ENERGY)
-    warnings.filterwarnings("ignore", message=".*outside the adapter's lambda_range.*")
     set_threads()
     cfg = cfg or WorldConfig()
     t0 = time.time()
@@ -199,13 +199,9 @@ def run_demo(cfg: WorldConfig | None = None, *, root: Path | None = None, out: P
     out.mkdir(parents=True, exist_ok=True)
     write_csv(records, out / "sweep.csv")
     (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
-    png = None
-    try:
-        from rain_adapter.evaluation.plots import plot_sweep
-
-        png = plot_sweep(records, out / "sweep.png", title=f"rain demo: toy world {paths.root.name}")
-    except ImportError:
-        say("matplotlib not installed: no plot")
+    png = plot_sweep_if_available(records, out / "sweep.png", title=f"rain demo: toy world {paths.root.name}")
+    if png is None:
+        say(NO_PLOT_HINT)
     timings = {"world_s": t_world, "soundness_s": t_sound, "build_s": t_build, "sweep_s": t_sweep,
                "total_s": time.time() - t0}
     result = {"world": str(paths.root), "world_info": {k: v for k, v in info.items() if k not in ("lrm", "itm")},
@@ -226,48 +222,20 @@ def run_demo(cfg: WorldConfig | None = None, *, root: Path | None = None, out: P
     return result
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = ci_config() if args.ci else WorldConfig()
-    if args.seed is not None:
-        cfg = WorldConfig(**{**cfg.__dict__, "seed": args.seed})
+def demo_build_options(*, protect_energy: float | None = None, projection: str | None = None,
+                       seed: int | None = None, project_layers: str | None = None) -> dict[str, Any]:
+    """The options ``rain demo`` passes on to :func:`rain_adapter.build.pipeline.build_adapter`:
+    the given ones only; ``project_layers`` is a layer list as ``rain build`` takes it (``"0-1"``)."""
     build_kw: dict[str, Any] = {}
-    if args.protect_energy is not None:
-        build_kw["protect_energy"] = args.protect_energy
-    if args.projection is not None:
-        build_kw["projection"] = args.projection
-    if args.build_seed is not None:
-        build_kw["seed"] = args.build_seed
-    if args.project_layers is not None:
-        from rain_adapter.build.pipeline import _int_list
-
-        build_kw["project_layers"] = _int_list(args.project_layers)
-    res = run_demo(cfg, out=Path(args.out) if args.out else None, methods=args.methods.split(","),
-                   lambdas=parse_lambdas(args.lambdas), limit=args.limit or None, rebuild=args.rebuild,
-                   retrain=args.retrain, progress=not args.quiet, **build_kw)
-    return 0 if not res["sound_problems"] else 1
-
-
-def add_parser(subparsers) -> None:
-    """Register ``rain demo``."""
-    p = subparsers.add_parser("demo", help="train a toy LRM/ITM world on the CPU, build RAIN and baselines, "
-                              "sweep λ", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ci", action="store_true", help="the small CI world (2-digit additions, fewer steps)")
-    p.add_argument("--out", default=None, help="output dir (default <world cache>/demo)")
-    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma list (default: all)")
-    p.add_argument("--lambdas", default=DEMO_LAMBDAS, help=f"λ grid (default {DEMO_LAMBDAS})")
-    p.add_argument("--limit", type=int, default=48, help="evaluation prompts (0 = all)")
-    p.add_argument("--seed", type=int, default=None, help="world seed (a different world)")
-    p.add_argument("--protect-energy", type=float, default=DEMO_PROTECT_ENERGY,
-                   help=f"passed to rain build (default {DEMO_PROTECT_ENERGY} in the demo)")
-    p.add_argument("--projection", default=None, choices=PROJECTIONS,
-                   help="passed to rain build (random: the control of DESIGN §6.2's claim)")
-    p.add_argument("--build-seed", type=int, default=None,
-                   help="rain build --seed (DARE drops, --projection random's subspaces)")
-    p.add_argument("--project-layers", default=None, help="passed to rain build, e.g. 0-1 (default all)")
-    p.add_argument("--rebuild", action="store_true", help="rebuild the adapters")
-    p.add_argument("--retrain", action="store_true", help="retrain the world")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=run)
+    if protect_energy is not None:
+        build_kw["protect_energy"] = protect_energy
+    if projection is not None:
+        build_kw["projection"] = projection
+    if seed is not None:
+        build_kw["seed"] = seed
+    if project_layers is not None:
+        build_kw["project_layers"] = parse_int_list(project_layers)
+    return build_kw
 
 
 def clear_cache(cfg: WorldConfig | None = None) -> None:

@@ -8,6 +8,9 @@ lacks, our own re-implementation of the same checkers below. ``language:response
 ``langdetect`` in IFEval; ours only recognises English (ASCII letters) and raises
 :class:`UnsupportedInstruction` for other languages, as for unknown ids.
 
+:func:`follow_instructions` is the one definition of prompt-level compliance (the sweeps and the
+server's ``rain_checks`` use it); :func:`supported_ids` lists the ids :func:`check` can score.
+
 Reasoning models: :func:`split_thinking` removes the ``<think>…</think>`` block before compliance
 is scored. :func:`think_format_ok`: exactly one ``</think>``, at most one ``<think>``, non-empty
 reasoning before it and a non-empty answer after it.
@@ -19,6 +22,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 THINK_OPEN = "<think>"
@@ -283,7 +287,8 @@ def check(instruction_id: str, kwargs: dict[str, Any] | None, response: str, pro
     """IFEval strict check of one instruction on ``response`` (thinking is stripped first).
 
     ``kwargs`` are IFEval's arguments for the id (None / {} when it takes none; ``None``-valued
-    entries are dropped like IFEval's evaluation does). Unknown ids raise :class:`UnsupportedInstruction`.
+    entries are dropped like IFEval's evaluation does). Unknown ids and kwargs the checker cannot
+    take (missing, unexpected or wrongly typed) raise :class:`UnsupportedInstruction`.
     """
     text = strip_thinking(response)
     kw = {k: v for k, v in (kwargs or {}).items() if v is not None}
@@ -292,7 +297,10 @@ def check(instruction_id: str, kwargs: dict[str, Any] | None, response: str, pro
     reg = _lm_eval_registry()
     if reg is not None and instruction_id in reg:
         inst = reg[instruction_id](instruction_id)
-        inst.build_description(**kw)
+        try:
+            inst.build_description(**kw)
+        except (TypeError, AttributeError, ValueError) as e:  # same as ours: bad kwargs cannot be scored
+            raise UnsupportedInstruction(f"{instruction_id}: bad kwargs {kw}: {e}") from e
         args = inst.get_instruction_args()
         if args and "prompt" in args and prompt is not None:
             inst.build_description(prompt=prompt)
@@ -302,8 +310,44 @@ def check(instruction_id: str, kwargs: dict[str, Any] | None, response: str, pro
         raise UnsupportedInstruction(f"rain_adapter.evaluation.checks: no checker for {instruction_id!r}")
     try:
         return bool(text.strip()) and bool(fn(text, **kw))
-    except TypeError as e:
+    except UnsupportedInstruction:
+        raise
+    # the response is a string, so these come from the kwargs: missing or unexpected ones (TypeError), a
+    # wrongly typed one, e.g. a number for a phrase (AttributeError), or an out-of-range one (IndexError)
+    except (TypeError, AttributeError, ValueError, IndexError) as e:
         raise UnsupportedInstruction(f"{instruction_id}: bad kwargs {kw}: {e}") from e
+
+
+def supported_ids() -> frozenset[str]:
+    """Every instruction id :func:`check` can score: ours, plus IFEval's registry when it is in use."""
+    return frozenset(_CHECKS) | frozenset(_lm_eval_registry() or ())
+
+
+@dataclass(frozen=True)
+class InstructionResult:
+    """One instruction scored on a response: ``ok`` is None when it could not be scored (``error`` says why)."""
+
+    instruction_id: str
+    ok: bool | None
+    error: str | None = None
+
+
+def follow_instructions(instructions: Sequence[tuple[str, dict[str, Any] | None]], response: str,
+                        prompt: str | None = None) -> tuple[bool | None, list[InstructionResult]]:
+    """Prompt-level strict compliance: ``(all scored instructions pass, per-instruction results)``.
+
+    The one definition of compliance (the sweeps' :func:`score_response` and the server's
+    ``rain_checks`` both use it): an instruction :func:`check` cannot score
+    (:class:`UnsupportedInstruction`) is left out; the first element is None when none was scored.
+    """
+    results = []
+    for iid, kw in instructions:
+        try:
+            results.append(InstructionResult(iid, check(iid, kw, response, prompt=prompt)))
+        except UnsupportedInstruction as e:
+            results.append(InstructionResult(iid, None, str(e)))
+    scored = [r.ok for r in results if r.ok is not None]
+    return (all(scored) if scored else None), results
 
 
 def score_response(row: dict[str, Any], response: str) -> dict[str, Any]:
@@ -314,17 +358,11 @@ def score_response(row: dict[str, Any], response: str) -> dict[str, Any]:
     """
     ids = list(row.get("instruction_id_list") or [])
     kwargs = list(row.get("kwargs") or [{}] * len(ids))
-    each: list[bool | None] = []
-    for iid, kw in zip(ids, kwargs):
-        try:
-            each.append(check(iid, kw, response, prompt=row.get("prompt")))
-        except UnsupportedInstruction:
-            each.append(None)
-    scored = [e for e in each if e is not None]
+    follow_all, each = follow_instructions(list(zip(ids, kwargs)), response, prompt=row.get("prompt"))
     answer = row.get("answer")
     return {
-        "follow_all": all(scored) if scored else None,
-        "follow_each": each,
+        "follow_all": follow_all,
+        "follow_each": [r.ok for r in each],
         "think_ok": think_format_ok(response),
         "has_think": has_thinking(response),
         "correct": answer_correct(response, answer) if answer not in (None, "") else None,

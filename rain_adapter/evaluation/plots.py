@@ -58,3 +58,22 @@ def plot_sweep(records: Sequence[dict[str, Any]], path: str | Path, *, title: st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+#: What to print when :func:`plot_sweep_if_available` returns None.
+NO_PLOT_HINT = 'matplotlib not installed: no plot (pip install -e ".[eval]")'
+
+
+def plot_sweep_if_available(records: Sequence[dict[str, Any]], path: str | Path, *,
+                            title: str = "RAIN λ sweep") -> Path | None:
+    """:func:`plot_sweep`, or None when matplotlib (the optional ``eval`` extra) is not installed.
+
+    The plot is an extra next to the CSV, so a sweep without matplotlib still succeeds; any other
+    import error (our own code, a broken matplotlib dependency) propagates.
+    """
+    try:
+        return plot_sweep(records, path, title=title)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "matplotlib":
+            raise
+        return None

@@ -13,12 +13,8 @@ thinking rate and accuracy (rows with ``answer``). Writes ``sweep.csv``, ``respo
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import math
-import sys
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,27 +23,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..format.dtypes import resolve_dtype
+from ..format.lambdas import LambdaRangeWarning, check_lambda
+from ..format.store import resolve_adapter
 from .checks import aggregate, score_response
 
 METRICS = ("compliance", "instruction_level", "format_validity", "thinking_rate", "accuracy", "n")
-
-
-def parse_lambdas(spec: str) -> list[float]:
-    """``"0:1.5:0.25"`` (start:stop:step, stop included) or ``"0,0.5,1"`` → list of floats."""
-    spec = spec.strip()
-    if ":" in spec:
-        parts = spec.split(":")
-        if len(parts) != 3:
-            raise ValueError(f"--lambdas {spec!r}: expected start:stop:step")
-        start, stop, step = (float(p) for p in parts)
-        if step <= 0 or stop < start:
-            raise ValueError(f"--lambdas {spec!r}: need step > 0 and stop >= start")
-        n = int(math.floor((stop - start) / step + 1e-9)) + 1
-        return [round(start + i * step, 10) for i in range(n)]
-    try:
-        return [float(x) for x in spec.split(",") if x.strip()]
-    except ValueError as e:
-        raise ValueError(f"--lambdas {spec!r}: {e}") from e
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -131,12 +112,11 @@ def sweep_attached(rain_model, tokenizer, rows: Sequence[dict[str, Any]], lambda
                    responses_out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Sweep λ on a RainModel: every (row, λ) pair generated in mixed-λ batches; one record per λ."""
     pairs = [(r, lam) for lam in lambdas for r in rows]
-    lo, hi = getattr(getattr(rain_model, "rain_config", None), "lambda_range", None) or (-math.inf, math.inf)
-    outside = sorted({float(x) for x in lambdas if not lo <= float(x) <= hi})
-    if outside:  # one note instead of a warning per generate call
-        print(f"note: {method}: λ {outside} outside the adapter's lambda_range [{lo}, {hi}]", file=sys.stderr)
+    lambda_range = getattr(getattr(rain_model, "rain_config", None), "lambda_range", None)
+    # the shared λ policy once per method here, instead of one range warning per generate call below
+    check_lambda(lambdas, lambda_range, what=method)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*outside the adapter's lambda_range.*")
+        warnings.filterwarnings("ignore", category=LambdaRangeWarning)
         resp = generate_responses(rain_model, tokenizer, [r["prompt"] for r, _ in pairs],
                                   lambdas=[lam for _, lam in pairs], max_new_tokens=max_new_tokens,
                                   batch_size=batch_size, progress=progress, desc=f"sweep {method}")
@@ -154,8 +134,6 @@ def sweep_attached(rain_model, tokenizer, rows: Sequence[dict[str, Any]], lambda
 def method_name(adapter: str | Path) -> str:
     """``<config.method>`` of an adapter directory, or its name."""
     try:
-        from rain_adapter.format.store import resolve_adapter
-
         root = resolve_adapter(adapter)
         cfg = json.loads((root / "adapter_config.json").read_text())
         return str(cfg.get("method") or Path(root).name)
@@ -168,7 +146,7 @@ def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Seque
                    batch_size: int = 64, progress: bool = True,
                    responses_out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Attach each adapter in turn to ``model`` (an HF causal LM), sweep λ, detach."""
-    from rain_adapter.runtime.model import RainAdapter
+    from ..runtime.model import RainAdapter
 
     records: list[dict[str, Any]] = []
     names = list(names) if names else []
@@ -189,6 +167,7 @@ def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Seque
 
 
 def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Sweep records as CSV (``method, lambda`` and :data:`METRICS`; rates with 4 decimals)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -218,56 +197,8 @@ def load_model(path: str | Path, device: str | None = None, dtype: str = "float3
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
     if device:
         model.to(device)
     model.eval()
     return model, tok
-
-
-def run(args: argparse.Namespace) -> int:
-    lambdas = parse_lambdas(args.lambdas)
-    rows = load_prompts(args.prompts, args.limit)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, args.device, args.dtype)
-    out = Path(args.out)
-    t0 = time.time()
-    responses: list[dict[str, Any]] = []
-    records = sweep_adapters(model, tok, args.adapter, rows, lambdas, names=args.name,
-                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             progress=not args.quiet, responses_out=responses)
-    write_csv(records, out / "sweep.csv")
-    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
-    png = None
-    try:
-        from .plots import plot_sweep
-
-        png = plot_sweep(records, out / "sweep.png")
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install rain-adapter[eval])")
-    print(format_table(records))
-    print(f"{len(rows)} prompts × {len(lambdas)} λ × {len(args.adapter)} adapters in {time.time() - t0:.1f}s; "
-          f"wrote {out / 'sweep.csv'}" + (f", {png}" if png else ""))
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Register ``rain sweep``."""
-    p = subparsers.add_parser("sweep", help="generate at several λ per adapter and score instruction "
-                              "compliance, thinking format and accuracy",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the LRM (HF directory or hub id)")
-    p.add_argument("--adapter", action="append", required=True, help="adapter dir / name (repeatable)")
-    p.add_argument("--name", action="append", help="display name per --adapter (default: its method)")
-    p.add_argument("--lambdas", default="0:1.5:0.25", help="start:stop:step or a comma list (default 0:1.5:0.25)")
-    p.add_argument("--prompts", required=True, help="JSONL of {prompt, instruction_id_list, kwargs, answer?}")
-    p.add_argument("--out", default="rain-sweep", help="output directory (default ./rain-sweep)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=64, help="rows per generate call (mixed λ)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=run)

@@ -31,8 +31,6 @@ concatenation if the tokenizer has no template. Every position of every sample c
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,9 +41,8 @@ from torch import nn
 
 from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
+from ..format.dtypes import resolve_dtype
 from ..format.store import load_adapter
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class FidelityError(ValueError):
@@ -191,10 +188,9 @@ def run_fidelity(
                 "pass --dense-twin DIR (the same build with --storage dense)")
         raise FidelityError(
             f"{adapter} is dense: pass --rank R or --rank-energy E to see what that rank costs, or --dense-twin")
-    if dtype not in _DTYPES:
-        raise FidelityError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    torch_dtype = resolve_dtype(dtype, error=FidelityError)
     tok = AutoTokenizer.from_pretrained(str(lrm))
-    model = AutoModelForCausalLM.from_pretrained(str(lrm), dtype=_DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(lrm), dtype=torch_dtype).eval()
     if device is not None:
         model.to(device)
     texts = calib_texts(calib, tok, max_samples)
@@ -213,6 +209,7 @@ def run_fidelity(
 
 
 def format_result(r: dict[str, Any]) -> str:
+    """The human-readable report of a :func:`run_fidelity` result."""
     lines = [
         f"fidelity at λ = {r['lambda']:g} on {r['samples']} sample(s), {r['tokens']} token(s) [{r['mode']}]",
         f"  KL(dense ‖ low-rank) per token: mean {r['kl_mean']:.3e}, p95 {r['kl_p95']:.3e}, max {r['kl_max']:.3e}",
@@ -226,44 +223,6 @@ def format_result(r: dict[str, Any]) -> str:
         lines.append(f"  weights: mean rank {w['mean_rank']:.1f}, energy kept {w['energy_kept']:.4f}, "
                      f"rel Frobenius error {w['rel_error']:.4f}, params {w['params_lowrank'] / max(w['params_dense'], 1):.1%} of dense")
     return "\n".join(lines)
-
-
-def _run(args: argparse.Namespace) -> int:
-    r = run_fidelity(
-        args.lrm, args.adapter, args.calib, dense_twin=args.dense_twin, rank=args.rank,
-        rank_energy=args.rank_energy, max_rank=args.max_rank, lam=args.lam, max_samples=args.max_samples,
-        max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype,
-        check_fingerprint=not args.no_check_fingerprint, progress=not args.quiet,
-    )
-    print(format_result(r))
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """``rain fidelity --lrm PATH ADAPTER --calib FILE [--dense-twin DIR | --rank R | --rank-energy E]``."""
-    p = subparsers.add_parser(
-        "fidelity", help="KL / top-1 agreement of a low-rank adapter vs its dense twin on real forward passes",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("adapter", help="the adapter (low-rank with --dense-twin; dense with --rank/--rank-energy)")
-    p.add_argument("--lrm", required=True, help="the LRM checkpoint directory")
-    p.add_argument("--calib", required=True, help="calibration JSON / JSONL (prompt, [reasoning], response)")
-    p.add_argument("--dense-twin", default=None, help="the same build stored dense (--storage dense)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--rank", type=int, default=None, help="compress the dense ADAPTER at this rank, in memory")
-    g.add_argument("--rank-energy", type=float, default=None, help="compress keeping this fraction of Σσ² per module")
-    p.add_argument("--max-rank", type=int, default=None)
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="strength to compare at (default 1)")
-    p.add_argument("--max-samples", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    p.add_argument("--no-check-fingerprint", action="store_true")
-    p.add_argument("--json", default=None, help="also write the result as JSON here")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_run)
 
 
 __all__ = ["FidelityError", "calib_texts", "compare", "format_result", "run_fidelity"]

@@ -1,4 +1,8 @@
-"""``adapter_config.json``: the RainConfig schema (format version 1), validated on load."""
+"""``adapter_config.json``: the RainConfig schema (format version 2; version 1 still loads), validated on load.
+
+Version 2 renamed the low-rank tensor keys ``rain_A`` / ``rain_B`` to PEFT's ``lora_A`` / ``lora_B``
+(same orientation); nothing else changed (docs/DESIGN.md §3).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ from .arch import ROLES
 
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "rain-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the versions this library reads (it writes FORMAT_VERSION)
+READABLE_VERSIONS = (1, 2)
 STORAGES = ("dense", "lowrank")
-METHODS = ("rain", "rain-stage1", "task-arithmetic", "ties", "dare-ties", "peft-import", "custom")
 
 #: Fields a file must carry (the rest have defaults).
 REQUIRED = ("format", "format_version", "base_model_name_or_path", "target_modules", "layers", "storage")
@@ -26,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class RainConfig:
-    """The adapter's metadata. See DESIGN.md §3.
+    """The adapter's metadata. See docs/DESIGN.md §3.
 
     ``stage1`` / ``stage2`` / ``fidelity`` are free-form reports written by the build (per-module
     statistics, α tables); ``fingerprint`` maps module name -> ``{"shape": [out, in], "hash": str}``.
@@ -40,6 +45,8 @@ class RainConfig:
     format_version: int = FORMAT_VERSION
     itm_name_or_path: str = ""
     itm_base_name_or_path: str = ""
+    #: the build method's registry name (rain_adapter.build.methods), "peft-import" or "custom";
+    #: informative only: attach treats every adapter alike (W + λ·D)
     method: str = "rain"
     rank: int | dict[str, int] | None = None
     default_lambda: float = 1.0
@@ -61,8 +68,9 @@ class RainConfig:
 
         if self.format != FORMAT:
             raise bad("format", f"must be {FORMAT!r}, got {self.format!r}")
-        if not isinstance(self.format_version, int) or self.format_version != FORMAT_VERSION:
-            raise bad("format_version", f"is {self.format_version!r}; this library reads version {FORMAT_VERSION}")
+        if type(self.format_version) is not int or self.format_version not in READABLE_VERSIONS:
+            raise bad("format_version", f"is {self.format_version!r}; this library reads versions "
+                                        f"{', '.join(map(str, READABLE_VERSIONS))}")
         if self.storage not in STORAGES:
             raise bad("storage", f"must be one of {STORAGES}, got {self.storage!r}")
         if not isinstance(self.target_modules, list) or not all(t in ROLES for t in self.target_modules):

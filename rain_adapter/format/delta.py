@@ -1,4 +1,8 @@
-"""The stored delta of one module: dense ``D [out, in]`` or low-rank ``B [out, r] @ A [r, in]``."""
+"""The stored delta of one module: dense ``D [out, in]`` or low-rank ``lora_B [out, r] @ lora_A [r, in]``.
+
+The low-rank factors carry PEFT's names and orientation everywhere: in code, in adapter files
+(format version 2) and in PEFT exports (docs/DESIGN.md §2, §3).
+"""
 
 from __future__ import annotations
 
@@ -12,28 +16,28 @@ from torch import Tensor
 class ModuleDelta:
     """D^k = α^k ⊙ Δ⊥^k for one linear module (α already folded in).
 
-    Exactly one of ``delta`` (dense ``[out, in]``) or the pair ``A [r, in]`` / ``B [out, r]``
-    (PEFT's lora_A / lora_B orientation, D ≈ B A) is set. ``bias`` ``[out]`` is an optional bias
+    Exactly one of ``delta`` (dense ``[out, in]``) or the pair ``lora_A [r, in]`` / ``lora_B [out, r]``
+    (D = lora_B @ lora_A, as in PEFT) is set. ``bias`` ``[out]`` is an optional bias
     delta, scaled by λ like the weight delta.
     """
 
     delta: Tensor | None = None
-    A: Tensor | None = None
-    B: Tensor | None = None
+    lora_A: Tensor | None = None
+    lora_B: Tensor | None = None
     bias: Tensor | None = None
 
     def __post_init__(self) -> None:
         dense = self.delta is not None
-        low = self.A is not None or self.B is not None
+        low = self.lora_A is not None or self.lora_B is not None
         if dense == low:
-            raise ValueError("ModuleDelta needs either a dense `delta` or both `A` and `B`")
+            raise ValueError("ModuleDelta needs either a dense `delta` or both `lora_A` and `lora_B`")
         if low:
-            if self.A is None or self.B is None:
-                raise ValueError("low-rank ModuleDelta needs both A [r, in] and B [out, r]")
-            if self.A.ndim != 2 or self.B.ndim != 2 or self.A.shape[0] != self.B.shape[1]:
+            if self.lora_A is None or self.lora_B is None:
+                raise ValueError("low-rank ModuleDelta needs both lora_A [r, in] and lora_B [out, r]")
+            if self.lora_A.ndim != 2 or self.lora_B.ndim != 2 or self.lora_A.shape[0] != self.lora_B.shape[1]:
                 raise ValueError(
-                    f"low-rank shapes do not chain: A {tuple(self.A.shape)} (want [r, in]), "
-                    f"B {tuple(self.B.shape)} (want [out, r])"
+                    f"low-rank shapes do not chain: lora_A {tuple(self.lora_A.shape)} (want [r, in]), "
+                    f"lora_B {tuple(self.lora_B.shape)} (want [out, r])"
                 )
         elif self.delta.ndim != 2:
             raise ValueError(f"dense delta must be 2-D [out, in], got {tuple(self.delta.shape)}")
@@ -46,38 +50,40 @@ class ModuleDelta:
 
     @property
     def rank(self) -> int | None:
-        return None if self.A is None else int(self.A.shape[0])
+        return None if self.lora_A is None else int(self.lora_A.shape[0])
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(out, in)`` of the module."""
         if self.delta is not None:
             return tuple(self.delta.shape)  # type: ignore[return-value]
-        return (int(self.B.shape[0]), int(self.A.shape[1]))
+        return (int(self.lora_B.shape[0]), int(self.lora_A.shape[1]))
 
     def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The full ``[out, in]`` delta (``B @ A`` for low-rank), in ``dtype``."""
+        """The full ``[out, in]`` delta (``lora_B @ lora_A`` for low-rank), in ``dtype``."""
         if self.delta is not None:
             return self.delta.to(dtype)
-        return self.B.to(dtype) @ self.A.to(dtype)
+        return self.lora_B.to(dtype) @ self.lora_A.to(dtype)
 
     def tensors(self) -> dict[str, Tensor]:
-        """The non-empty tensors by their storage suffix (``rain_delta``, ``rain_A``, ...)."""
-        out = {}
-        for key, suffix in (("delta", "rain_delta"), ("A", "rain_A"), ("B", "rain_B"), ("bias", "rain_bias")):
-            t = getattr(self, key)
-            if t is not None:
-                out[suffix] = t
-        return out
+        """The non-empty tensors by their storage suffix (``rain_delta``, ``lora_A``, ...; format v2)."""
+        return {suffix: getattr(self, field) for suffix, field in SUFFIXES.items() if getattr(self, field) is not None}
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "ModuleDelta":
         def mv(t):
             return None if t is None else t.to(device=device, dtype=dtype)
 
-        return replace(self, delta=mv(self.delta), A=mv(self.A), B=mv(self.B), bias=mv(self.bias))
+        return replace(self, delta=mv(self.delta), lora_A=mv(self.lora_A), lora_B=mv(self.lora_B), bias=mv(self.bias))
 
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors().values())
 
 
-SUFFIXES = {"rain_delta": "delta", "rain_A": "A", "rain_B": "B", "rain_bias": "bias"}
+#: tensor-key suffix -> ModuleDelta field, as written now (format version 2)
+SUFFIXES = {"rain_delta": "delta", "lora_A": "lora_A", "lora_B": "lora_B", "rain_bias": "bias"}
+#: per format version: the suffixes a file of that version holds (version 1 named the factors
+#: ``rain_A`` / ``rain_B``; same orientation)
+SUFFIXES_BY_VERSION = {
+    1: {"rain_delta": "delta", "rain_A": "lora_A", "rain_B": "lora_B", "rain_bias": "bias"},
+    2: SUFFIXES,
+}

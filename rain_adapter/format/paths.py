@@ -1,12 +1,13 @@
-"""Where things live on disk: adapter home, shared calibration data, world cache."""
+"""Where things live on disk: adapter home, the calibration sets, scratch cache."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # rain_adapter/
-_REPO_ROOT = _PACKAGE_DIR.parent
+#: ``rain_adapter/``: the calibration sets ship inside it (``data/rain_calibration``).
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+PACKAGED_CALIBRATION_DIR = _PACKAGE_DIR / "data" / "rain_calibration"
 
 
 def adapter_home() -> Path:
@@ -16,7 +17,8 @@ def adapter_home() -> Path:
 
 
 def cache_dir() -> Path:
-    """Scratch cache (toy world checkpoints, NLTK data, ...): ``$RAIN_CACHE_DIR`` or ``~/.cache/rain_adapter``.
+    """Scratch cache (toy world checkpoints, de-quantised real weights, ...): ``$RAIN_CACHE_DIR`` or
+    ``~/.cache/rain_adapter``.
 
     Independent of ``$RAIN_ADAPTER_HOME`` so that tests with a private adapter home still share
     the (expensive) trained toy world.
@@ -25,27 +27,26 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rain_adapter"
 
 
-def shared_calibration_dir() -> Path:
-    """The method authors' calibration sets.
+def calibration_dir() -> Path:
+    """The folder holding the method authors' calibration sets (docs/DESIGN.md §5).
 
-    Looked up in ``$RAIN_CALIB_DIR``, then ``<repo>/../shared/data/rain_calibration`` (the layout of a
-    checkout), then ``./shared/data/rain_calibration``, then the copy shipped in the package
-    (``rain_adapter/data/rain_calibration``, MIT, see its LICENSE).
+    ``$RAIN_CALIB_DIR`` when set (it must hold ``reasoning_calibration_set.json``), else the copy
+    shipped in the package (``rain_adapter/data/rain_calibration``, MIT, see its LICENSE). Nothing
+    depends on the working directory or on what lies beside a checkout: a build's default inputs
+    are the same wherever it runs. Other sets are passed by flag (``--reasoning-calib``,
+    ``--instruction-calib``).
     """
-    candidates = []
     env = os.environ.get("RAIN_CALIB_DIR")
-    if env:
-        candidates.append(Path(env).expanduser())
-    candidates += [
-        _REPO_ROOT.parent / "shared" / "data" / "rain_calibration",
-        Path.cwd().parent / "shared" / "data" / "rain_calibration",
-        Path.cwd() / "shared" / "data" / "rain_calibration",
-        _PACKAGE_DIR / "data" / "rain_calibration",
-    ]
-    for c in candidates:
-        if (c / "reasoning_calibration_set.json").is_file():
-            return c
-    raise FileNotFoundError(
-        "calibration sets not found; looked in: " + ", ".join(str(c) for c in candidates)
-        + " (set RAIN_CALIB_DIR to the folder holding reasoning_calibration_set.json)"
-    )
+    if not env:
+        return PACKAGED_CALIBRATION_DIR
+    d = Path(env).expanduser()
+    if not (d / "reasoning_calibration_set.json").is_file():
+        raise FileNotFoundError(
+            f"RAIN_CALIB_DIR={env!r} has no reasoning_calibration_set.json; unset it to use the "
+            f"packaged sets in {PACKAGED_CALIBRATION_DIR}"
+        )
+    return d
+
+
+#: The name used before the layout change (the sets came from ``../shared``); same function.
+shared_calibration_dir = calibration_dir

@@ -8,7 +8,7 @@ with ``A_k = lora_A [r_k, in]``, ``B_k = lora_B [out, r_k]`` and
 
 where r_k / α_k come from ``rank_pattern`` / ``alpha_pattern`` (PEFT's own key matching: a key
 matches a module path that equals it or ends with ``.<key>``, keys are regexes) or fall back to
-``r`` / ``lora_alpha``. We store ``D_k = (s_k B_k) A_k``: ``ModuleDelta(A=A_k, B=s_k·B_k,
+``r`` / ``lora_alpha``. We store ``D_k = (s_k B_k) A_k``: ``ModuleDelta(lora_A=A_k, lora_B=s_k·B_k,
 bias=s_k·b_B)``, so ``RainAdapter.attach(lrm, peft_dir, lam=λ)`` computes ``x Wᵀ + b + λ s_k x (B_k
 A_k)ᵀ``: λ = 1 is the LoRA as PEFT applies it, λ = 0 the bare model.
 
@@ -132,7 +132,7 @@ def load_peft_lora(path: str | Path) -> tuple[RainConfig, dict[str, ModuleDelta]
         module = m.group("module")
         if module.startswith(PEFT_PREFIX):
             module = module[len(PEFT_PREFIX):]
-        slot = {("lora_A", "weight"): "A", ("lora_B", "weight"): "B", ("lora_B", "bias"): "bias"}.get(
+        slot = {("lora_A", "weight"): "lora_A", ("lora_B", "weight"): "lora_B", ("lora_B", "bias"): "bias"}.get(
             (m.group("kind"), m.group("param")))
         if slot is None:
             raise PeftImportError(f"{src}: unexpected tensor key {key!r}")
@@ -159,9 +159,9 @@ def load_peft_lora(path: str | Path) -> tuple[RainConfig, dict[str, ModuleDelta]
             role, layer = module_role(module), module_layer(module)
         except ValueError as e:
             raise PeftImportError(f"{src}: module {module!r}: not a supported target ({e})") from None
-        if "A" not in p or "B" not in p:
+        if "lora_A" not in p or "lora_B" not in p:
             raise PeftImportError(f"{src}: module {module!r}: needs both lora_A.weight and lora_B.weight")
-        A, B = p["A"], p["B"]
+        A, B = p["lora_A"], p["lora_B"]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise PeftImportError(
                 f"{src}: module {module!r}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not chain"
@@ -178,8 +178,8 @@ def load_peft_lora(path: str | Path) -> tuple[RainConfig, dict[str, ModuleDelta]
         if bias is not None and not bool(bias.any()):
             bias = None          # lora_bias=True writes zeros for every module; a zero delta is no delta
         deltas[module] = ModuleDelta(
-            A=A.clone(),
-            B=(B.float() * scale).to(B.dtype),
+            lora_A=A.clone(),
+            lora_B=(B.float() * scale).to(B.dtype),
             bias=None if bias is None else (bias.float() * scale).to(bias.dtype),
         )
         ranks[module] = r
@@ -187,7 +187,7 @@ def load_peft_lora(path: str | Path) -> tuple[RainConfig, dict[str, ModuleDelta]
         layers.add(layer)
 
     uniq = set(ranks.values())
-    dtype = str(next(iter(deltas.values())).A.dtype).replace("torch.", "")
+    dtype = str(next(iter(deltas.values())).lora_A.dtype).replace("torch.", "")
     config = RainConfig(
         base_model_name_or_path=str(cfg.get("base_model_name_or_path") or ""),
         target_modules=[r for r in ROLES if r in roles],

@@ -1,4 +1,4 @@
-"""Read, write and find adapter directories (DESIGN.md §3).
+"""Read, write and find adapter directories (docs/DESIGN.md §3).
 
 Layout::
 
@@ -6,42 +6,35 @@ Layout::
     <dir>/adapter_model.safetensors            # or -0000i-of-0000n shards + .index.json
     <dir>/README.md
 
-Tensor keys are ``<module path>.rain_delta`` (dense ``[out, in]``), ``.rain_A`` ``[r, in]`` /
-``.rain_B`` ``[out, r]`` (low-rank) and ``.rain_bias`` ``[out]``. safetensors only, never pickle.
+Tensor keys are ``<module path>.rain_delta`` (dense ``[out, in]``), ``.lora_A`` ``[r, in]`` /
+``.lora_B`` ``[out, r]`` (low-rank; ``rain_A`` / ``rain_B`` in format version 1, which still loads)
+and ``.rain_bias`` ``[out]``. safetensors only, never pickle.
 Writes are atomic: everything goes to a temporary sibling directory that is renamed at the end.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from .config import CONFIG_NAME, ConfigError, RainConfig
-from .delta import SUFFIXES, ModuleDelta
+from .config import CONFIG_NAME, FORMAT_VERSION, ConfigError, RainConfig
+from .delta import SUFFIXES_BY_VERSION, ModuleDelta
+from .errors import AdapterError, AdapterNotFoundError
 from .paths import adapter_home
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 INDEX_NAME = "adapter_model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
-
-
-class AdapterError(ValueError):
-    """A broken or mismatched adapter; the message names the file or module."""
-
-
-class AdapterNotFoundError(FileNotFoundError):
-    """A name that resolves nowhere; the message lists every place looked at."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,63 +65,6 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-# ---------------------------------------------------------------------------------------------
-# fingerprint
-# ---------------------------------------------------------------------------------------------
-def _weight_of(module_or_tensor) -> Tensor:
-    if isinstance(module_or_tensor, Tensor):
-        return module_or_tensor
-    base = getattr(module_or_tensor, "base", None)  # RainLinear wraps the original layer
-    return (base if base is not None else module_or_tensor).weight
-
-
-def weight_hash(weight: Tensor) -> str:
-    """Hash of three rows (first, middle, last) of ``weight [out, in]``, rounded to bfloat16.
-
-    Rounding to bfloat16 makes the hash independent of whether the model was loaded in float32,
-    float16 or bfloat16 from the same checkpoint.
-    """
-    w = weight.detach()
-    rows = sorted({0, w.shape[0] // 2, w.shape[0] - 1})
-    sample = w[rows].to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16)
-    return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
-
-
-def compute_fingerprint(model_or_state: nn.Module | dict, module_names: Iterable[str]) -> dict:
-    """``{module: {"shape": [out, in], "hash": str}}`` for the targeted weights of the LRM.
-
-    ``model_or_state`` is a model (module paths) or a ``{module name: weight tensor}`` map.
-    """
-    if isinstance(model_or_state, nn.Module):
-        mods = dict(model_or_state.named_modules())
-        get = lambda n: _weight_of(mods[n])  # noqa: E731
-    else:
-        get = lambda n: _weight_of(model_or_state[n])  # noqa: E731
-    fp = {}
-    for name in module_names:
-        w = get(name)
-        fp[name] = {"shape": list(w.shape), "hash": weight_hash(w)}
-    return fp
-
-
-def check_fingerprint(config: RainConfig, model: nn.Module, *, strict_hash: bool = True) -> None:
-    """Raise :class:`AdapterError` naming the first module whose shape or hash differs."""
-    mods = dict(model.named_modules())
-    for name, want in config.fingerprint.items():
-        if name not in mods:
-            raise AdapterError(f"module {name!r}: in the adapter's fingerprint but not in the model")
-        w = _weight_of(mods[name])
-        if list(w.shape) != list(want["shape"]):
-            raise AdapterError(
-                f"module {name!r}: model weight has shape {list(w.shape)}, adapter was built for {want['shape']}"
-            )
-        if strict_hash and want.get("hash") and weight_hash(w) != want["hash"]:
-            raise AdapterError(
-                f"module {name!r}: weights differ from the model the adapter was built for "
-                f"({config.base_model_name_or_path or 'unknown'}); pass check_fingerprint=False to attach anyway"
-            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +143,8 @@ def save_adapter(
     if not deltas:
         raise AdapterError("refusing to write an adapter with no module deltas")
     config.validate()
+    # the tensors are written with this version's keys, whatever version the config was read as
+    config = replace(config, format_version=FORMAT_VERSION)
     lowrank = any(d.is_lowrank for d in deltas.values())
     if lowrank != (config.storage == "lowrank"):
         raise AdapterError(
@@ -296,16 +234,20 @@ def read_tensors(root: Path, device=None, dtype: torch.dtype | None = None) -> d
     return out
 
 
-def group_deltas(flat: dict[str, Tensor], source: str = "adapter") -> dict[str, ModuleDelta]:
-    """``{"m.rain_A": t, "m.rain_B": t}`` -> ``{"m": ModuleDelta(A=..., B=...)}`` with checks."""
+def group_deltas(flat: dict[str, Tensor], source: str = "adapter",
+                 format_version: int = FORMAT_VERSION) -> dict[str, ModuleDelta]:
+    """``{"m.lora_A": t, "m.lora_B": t}`` -> ``{"m": ModuleDelta(lora_A=..., lora_B=...)}`` with checks;
+    the key suffixes are those of ``format_version`` (``rain_A`` / ``rain_B`` in version 1)."""
+    suffixes = SUFFIXES_BY_VERSION[format_version]
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in flat.items():
         module, _, suffix = key.rpartition(".")
-        if suffix not in SUFFIXES:
-            raise AdapterError(f"{source}: unexpected tensor key {key!r} (expected *.rain_delta/rain_A/rain_B/rain_bias)")
+        if suffix not in suffixes:
+            raise AdapterError(f"{source}: unexpected tensor key {key!r} (format version {format_version} "
+                               f"expects *.{'/'.join(suffixes)})")
         if not torch.isfinite(t).all():
             raise AdapterError(f"{source}: module {module!r}: {suffix} holds NaN or Inf")
-        parts.setdefault(module, {})[SUFFIXES[suffix]] = t
+        parts.setdefault(module, {})[suffixes[suffix]] = t
     out = {}
     for module, kw in parts.items():
         try:
@@ -336,7 +278,8 @@ def load_adapter(
         config, deltas = load_peft_lora(root)
         return config, {k: v.to(device=device, dtype=dtype) for k, v in deltas.items()}
     config = RainConfig.load(root)
-    deltas = group_deltas(read_tensors(root, device=device, dtype=dtype), source=str(root))
+    deltas = group_deltas(read_tensors(root, device=device, dtype=dtype), source=str(root),
+                          format_version=config.format_version)
     if not deltas:
         raise AdapterError(f"{root}: adapter holds no tensors")
     return config, deltas
@@ -359,8 +302,6 @@ __all__ = [
     "AdapterNotFoundError",
     "ConfigError",
     "atomic_dir",
-    "check_fingerprint",
-    "compute_fingerprint",
     "load_adapter",
     "resolve_adapter",
     "save_adapter",

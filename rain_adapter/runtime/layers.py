@@ -15,18 +15,21 @@ changing it never recompiles a graph or invalidates a captured CUDA graph.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..format.delta import ModuleDelta
+from ..format.lambdas import check_lambda
 from ..kernels import rain_linear
 
 
 def _as_lambda_tensor(lam: float | Sequence[float] | Tensor) -> Tensor:
-    """Validate λ (finite, scalar or 1-D) and return it as a float32 CPU tensor ``[n]``."""
+    """Validate λ's type and shape (scalar or 1-D) and return it as a float32 CPU tensor ``[n]``.
+
+    Finiteness and the range are the shared policy's job (:func:`~rain_adapter.format.lambdas.check_lambda`).
+    """
     if isinstance(lam, bool):
         raise TypeError("λ must be a number or a 1-D sequence of numbers, not a bool")
     if isinstance(lam, (int, float)):
@@ -37,8 +40,6 @@ def _as_lambda_tensor(lam: float | Sequence[float] | Tensor) -> Tensor:
             t = t.reshape(1)
         if t.ndim != 1 or t.numel() == 0:
             raise ValueError(f"λ must be a scalar or a non-empty 1-D sequence (one per batch row), got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"λ must be finite, got {t.tolist()}")
     return t
 
 
@@ -53,19 +54,22 @@ class LambdaState:
     def __init__(self, lam: float = 1.0, lambda_range: Sequence[float] | None = None) -> None:
         self.lambda_range = tuple(lambda_range) if lambda_range is not None else None
         self._cpu = _as_lambda_tensor(lam)
+        # finite only: attach starts from a placeholder λ and then set()s the requested one, which
+        # gets the range check
+        check_lambda(self._cpu)
         self._per_device: dict[torch.device, Tensor] = {}
         self.all_zero = bool((self._cpu == 0).all())
         self.per_token = False
 
-    def _check_range(self, t: Tensor) -> None:
-        if self.lambda_range is not None:
-            lo, hi = self.lambda_range
-            if bool(((t < lo) | (t > hi)).any()):
-                warnings.warn(f"λ {t.tolist()} outside the adapter's lambda_range [{lo}, {hi}]", stacklevel=4)
+    def _validated(self, lam: float | Sequence[float] | Tensor) -> Tensor:
+        """λ as a tensor, checked by the shared λ policy (finite; outside lambda_range warns)."""
+        t = _as_lambda_tensor(lam)
+        # stacklevel 4: check_lambda <- _validated <- set <- RainModel.set_lambda -> the user's line
+        check_lambda(t, self.lambda_range, stacklevel=4)
+        return t
 
     def set(self, lam: float | Sequence[float] | Tensor) -> None:
-        t = _as_lambda_tensor(lam)
-        self._check_range(t)
+        t = self._validated(lam)
         self.per_token = False
         # an inference tensor (set under torch.inference_mode) cannot be updated in place outside it
         frozen = self._cpu.is_inference() and not torch.is_inference_mode_enabled()
@@ -81,8 +85,7 @@ class LambdaState:
     def set_tokens(self, lam: Sequence[float] | Tensor) -> None:
         """Per-token λ ``[M]``: row ``m`` of every wrapped layer's input flattened to ``[M, in]`` gets
         ``lam[m]`` (packed ``[1, M]`` continuous-batching inputs). Forwards whose ``M`` differs raise."""
-        t = _as_lambda_tensor(lam)
-        self._check_range(t)
+        t = self._validated(lam)
         self._cpu = t
         self._per_device = {}
         self.per_token = True
@@ -152,8 +155,8 @@ class RainLinear(nn.Module):
         w = base.weight
         kw = {"device": w.device, "dtype": w.dtype}
         self.register_buffer("rain_delta", None if delta.delta is None else delta.delta.to(**kw).contiguous(), persistent=False)
-        self.register_buffer("rain_A", None if delta.A is None else delta.A.to(**kw).contiguous(), persistent=False)
-        self.register_buffer("rain_B", None if delta.B is None else delta.B.to(**kw).contiguous(), persistent=False)
+        self.register_buffer("lora_A", None if delta.lora_A is None else delta.lora_A.to(**kw).contiguous(), persistent=False)
+        self.register_buffer("lora_B", None if delta.lora_B is None else delta.lora_B.to(**kw).contiguous(), persistent=False)
         self.register_buffer("rain_bias", None if delta.bias is None else delta.bias.to(**kw), persistent=False)
 
     @property
@@ -187,14 +190,14 @@ class RainLinear(nn.Module):
             self.base.bias,
             scale,
             delta=self.rain_delta,
-            lora_A=self.rain_A,
-            lora_B=self.rain_B,
+            lora_A=self.lora_A,
+            lora_B=self.lora_B,
             bias_delta=self.rain_bias,
         )
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def delta_module(self) -> ModuleDelta:
-        return ModuleDelta(delta=self.rain_delta, A=self.rain_A, B=self.rain_B, bias=self.rain_bias)
+        return ModuleDelta(delta=self.rain_delta, lora_A=self.lora_A, lora_B=self.lora_B, bias=self.rain_bias)
 
     def merged_weight(self, lam: float) -> tuple[Tensor, Tensor | None]:
         """``(W + λ D, b + λ d_b)`` in float32 arithmetic, cast back to the weight's dtype."""
@@ -208,5 +211,5 @@ class RainLinear(nn.Module):
         return merged, b
 
     def extra_repr(self) -> str:
-        kind = f"lowrank r={self.rain_A.shape[0]}" if self.rain_A is not None else "dense"
+        kind = f"lowrank r={self.lora_A.shape[0]}" if self.lora_A is not None else "dense"
         return f"{self.in_features} -> {self.out_features}, delta={kind}, bias_delta={self.rain_bias is not None}"

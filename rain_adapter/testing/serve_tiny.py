@@ -16,7 +16,8 @@ def build_tiny_serving(root: str | Path, seed: int = 0, scale: float = 0.5,
     enough that λ visibly changes greedy outputs)."""
     from rain_adapter.format.config import RainConfig
     from rain_adapter.testing.fixtures import make_tokenizer
-    from rain_adapter.format.store import compute_fingerprint, save_adapter
+    from rain_adapter.format.fingerprint import compute_fingerprint
+    from rain_adapter.format.store import save_adapter
     from rain_adapter.testing.tiny import random_deltas, tiny_model
 
     root = Path(root)

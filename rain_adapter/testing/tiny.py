@@ -63,5 +63,5 @@ def random_deltas(model, targets=None, layers=None, *, rank: int | None = None, 
         else:
             A = torch.randn(rank, i, generator=g) / i**0.5
             B = torch.randn(o, rank, generator=g) * std * (i / rank) ** 0.5
-            out[name] = ModuleDelta(A=A, B=B, bias=b)
+            out[name] = ModuleDelta(lora_A=A, lora_B=B, bias=b)
     return out

@@ -1,0 +1,46 @@
+"""``rain demo``: the CLI of :mod:`rain_adapter.demo.run` (the toy world end to end on a CPU)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..build.nullspace import PROJECTIONS
+from ..demo import run as demo
+from ..demo.train import WorldConfig, ci_config
+from .args import add_lambdas, lambdas_arg
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = ci_config() if args.ci else WorldConfig()
+    if args.seed is not None:
+        cfg = WorldConfig(**{**cfg.__dict__, "seed": args.seed})
+    build_kw = demo.demo_build_options(protect_energy=args.protect_energy, projection=args.projection,
+                                       seed=args.build_seed, project_layers=args.project_layers)
+    res = demo.run_demo(cfg, out=Path(args.out) if args.out else None, methods=args.methods.split(","),
+                        lambdas=lambdas_arg(args.lambdas), limit=args.limit or None, rebuild=args.rebuild,
+                        retrain=args.retrain, progress=not args.quiet, **build_kw)
+    return 0 if not res["sound_problems"] else 1
+
+
+def add_parser(subparsers) -> None:
+    """Register ``rain demo``."""
+    p = subparsers.add_parser("demo", help="train a toy LRM/ITM world on the CPU, build RAIN and baselines, "
+                              "sweep λ", description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ci", action="store_true", help="the small CI world (2-digit additions, fewer steps)")
+    p.add_argument("--out", default=None, help="output dir (default <world cache>/demo)")
+    p.add_argument("--methods", default=",".join(demo.DEMO_METHODS), help="comma list (default: all)")
+    add_lambdas(p, default=demo.DEMO_LAMBDAS, help=f"λ grid (default {demo.DEMO_LAMBDAS})")
+    p.add_argument("--limit", type=int, default=48, help="evaluation prompts (0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="world seed (a different world)")
+    p.add_argument("--protect-energy", type=float, default=demo.DEMO_PROTECT_ENERGY,
+                   help=f"passed to rain build (default {demo.DEMO_PROTECT_ENERGY} in the demo)")
+    p.add_argument("--projection", default=None, choices=PROJECTIONS,
+                   help="passed to rain build (random: the control of DESIGN §6.2's claim)")
+    p.add_argument("--build-seed", type=int, default=None,
+                   help="rain build --seed (DARE drops, --projection random's subspaces)")
+    p.add_argument("--project-layers", default=None, help="passed to rain build, e.g. 0-1 (default all)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the adapters")
+    p.add_argument("--retrain", action="store_true", help="retrain the world")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run)

@@ -1,0 +1,72 @@
+"""``rain export peft …`` and ``rain export merged …``: the CLI of :mod:`rain_adapter.export`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..export import merged, peft
+from .args import add_dtype, add_lambda, add_lambdas, lambdas_arg
+
+
+def _run_peft(args: argparse.Namespace) -> int:
+    lambdas = lambdas_arg(args.lambdas)
+    out = peft.export_peft(
+        args.adapter, args.out, lam=args.lam, lambdas=lambdas, rank=args.rank, rank_energy=args.rank_energy,
+        max_rank=args.max_rank, lora_bias=args.lora_bias, dtype=args.dtype, base_model=args.base_model,
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(f"wrote PEFT LoRA{' arms' if lambdas else ''} to {out}")
+    return 0
+
+
+def _run_merged(args: argparse.Namespace) -> int:
+    out = merged.export_merged(args.adapter, args.out, lrm=args.lrm, lam=args.lam, overwrite=args.overwrite,
+                               check_fingerprint=not args.no_check_fingerprint, progress=not args.quiet)
+    print(f"wrote merged checkpoint to {out}")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter directory or name")
+    p.add_argument("out", help="output directory (refused if it exists, unless --overwrite)")
+
+
+def _add_peft(sub) -> None:
+    pp = sub.add_parser(
+        "peft", help="standard PEFT LoRA (scaling 1, λ folded into lora_B); --lambdas writes one LoRA per arm",
+        description=peft.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(pp)
+    g = pp.add_mutually_exclusive_group()
+    add_lambda(g, default=None, help="λ folded into lora_B (default: the adapter's default_lambda)")
+    add_lambdas(g, default=None, help="λ arms, OUT/rain-<λ>/ each + README for vLLM")
+    r = pp.add_mutually_exclusive_group()
+    r.add_argument("--rank", type=int, default=None, help="fixed rank (required for dense adapters, or this / --rank-energy)")
+    r.add_argument("--rank-energy", type=float, default=None, help="per module, smallest rank keeping this fraction of Σσ²")
+    pp.add_argument("--max-rank", type=int, default=None, help="cap on the per-module rank")
+    pp.add_argument("--lora-bias", action="store_true", help="write bias deltas as PEFT lora_bias (PEFT only; vLLM ignores/rejects)")
+    add_dtype(pp, default=None, help="tensor dtype (default: the adapter's)")
+    pp.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the adapter's LRM)")
+    pp.add_argument("--overwrite", action="store_true")
+    pp.add_argument("--quiet", action="store_true", help="no progress bars")
+    pp.set_defaults(func=_run_peft)
+
+
+def _add_merged(sub) -> None:
+    pm = sub.add_parser("merged", help="plain HF checkpoint W + λD, streamed shard by shard from the LRM",
+                        description=merged.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(pm)
+    add_lambda(pm, default=None, help="strength (default: the adapter's default_lambda)")
+    pm.add_argument("--lrm", required=True, help="the LRM checkpoint directory (safetensors) the adapter was built for")
+    pm.add_argument("--no-check-fingerprint", action="store_true", help="merge even if the LRM weights differ")
+    pm.add_argument("--overwrite", action="store_true")
+    pm.add_argument("--quiet", action="store_true", help="no progress bars")
+    pm.set_defaults(func=_run_merged)
+
+
+def add_parser(subparsers) -> None:
+    """Register ``rain export peft`` and ``rain export merged``."""
+    p = subparsers.add_parser("export", help="export an adapter as a PEFT LoRA or a merged HF checkpoint")
+    sub = p.add_subparsers(dest="export_kind", metavar="KIND", required=True)
+    _add_peft(sub)
+    _add_merged(sub)

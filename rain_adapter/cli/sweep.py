@@ -1,0 +1,59 @@
+"""``rain sweep``: the CLI of :mod:`rain_adapter.evaluation.sweep`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..evaluation import sweep
+from ..evaluation.plots import NO_PLOT_HINT, plot_sweep_if_available
+from .args import add_dtype, add_lambdas, lambdas_arg
+
+
+def _run(args: argparse.Namespace) -> int:
+    lambdas = lambdas_arg(args.lambdas)
+    rows = sweep.load_prompts(args.prompts, args.limit)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = sweep.load_model(args.model, args.device, args.dtype)
+    out = Path(args.out)
+    t0 = time.time()
+    responses: list[dict[str, Any]] = []
+    records = sweep.sweep_adapters(model, tok, args.adapter, rows, lambdas, names=args.name,
+                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                   progress=not args.quiet, responses_out=responses)
+    sweep.write_csv(records, out / "sweep.csv")
+    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
+    png = plot_sweep_if_available(records, out / "sweep.png")
+    if png is None:
+        print(NO_PLOT_HINT)
+    print(sweep.format_table(records))
+    print(f"{len(rows)} prompts × {len(lambdas)} λ × {len(args.adapter)} adapters in {time.time() - t0:.1f}s; "
+          f"wrote {out / 'sweep.csv'}" + (f", {png}" if png else ""))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``rain sweep``."""
+    p = subparsers.add_parser("sweep", help="generate at several λ per adapter and score instruction "
+                              "compliance, thinking format and accuracy",
+                              description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the LRM (HF directory or hub id)")
+    p.add_argument("--adapter", action="append", required=True, help="adapter dir / name (repeatable)")
+    p.add_argument("--name", action="append", help="display name per --adapter (default: its method)")
+    add_lambdas(p, default="0:1.5:0.25", help="λ grid (default 0:1.5:0.25)")
+    p.add_argument("--prompts", required=True, help="JSONL of {prompt, instruction_id_list, kwargs, answer?}")
+    p.add_argument("--out", default="rain-sweep", help="output directory (default ./rain-sweep)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64, help="rows per generate call (mixed λ)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--device", default=None)
+    add_dtype(p, default="float32", help="the LRM's dtype (default float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run)

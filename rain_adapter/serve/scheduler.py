@@ -1,0 +1,127 @@
+"""The scheduler protocol: what the HTTP layer needs from a batching scheduler, and its job types.
+
+A scheduler owns the model on a worker thread. The asyncio side builds a :class:`GenJob` (prompt
+ids, one λ, :class:`GenParams`) and ``submit`` s it; the worker sends :class:`GenEvent` s back to
+``job.events`` (an ``asyncio.Queue`` filled through ``loop.call_soon_threadsafe``): zero or more
+``"delta"`` events, then one ``"done"`` or ``"error"``.
+
+Two implementations: :class:`~rain_adapter.serve.batching.BatchScheduler` (dynamic batching, one
+``generate`` call per batch with per-row λ) and
+:class:`~rain_adapter.serve.continuous.ContinuousScheduler` (continuous batching with a per-token
+λ). :func:`make_scheduler` picks one by name; ``serve.app`` talks only to :class:`Scheduler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+BATCHING_MODES = ("dynamic", "continuous")
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Per-request generation parameters (OpenAI names)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def compat_key(self, job_id: str) -> tuple:
+        """Requests with equal keys may share one ``generate`` call."""
+        if self.greedy:
+            return ("greedy",)
+        if self.seed is not None:
+            return ("seeded", job_id)  # a seeded request runs alone: its output must not depend on neighbours
+        return ("sample", float(self.temperature), float(self.top_p))
+
+
+@dataclass
+class GenEvent:
+    """kind: "delta" (text), "done" (finish_reason, completion_tokens), "error" (message)."""
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    t: float = 0.0
+    error: BaseException | None = None
+
+
+@dataclass
+class GenJob:
+    """One request: ``prompt_ids`` (list of token ids), per-row λ, params; events go to ``events``."""
+
+    job_id: str
+    prompt_ids: list[int]
+    lam: float
+    params: GenParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    t_arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    # filled by the worker
+    t_first_token: float | None = None
+    batch_size: int = 0
+
+    def emit(self, ev: GenEvent) -> None:
+        """Hand ``ev`` to the job's event loop (callable from any thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+        except RuntimeError:  # loop closed (shutdown); nothing to deliver to
+            pass
+
+
+@dataclass(frozen=True)
+class SchedulerHealth:
+    """A scheduler's state for ``/health`` and the Prometheus gauges."""
+
+    queue_depth: int      # jobs submitted and not yet started
+    busy: bool            # a generate call (or a continuous batch) is running
+    accepting: bool       # started and not stopping: ``submit`` will take jobs
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """What the server needs from a scheduler. All methods are callable from any thread."""
+
+    def start(self) -> Any:
+        """Start the worker(s); idempotent. Jobs submitted before ``start`` wait for it."""
+
+    def submit(self, job: GenJob) -> None:
+        """Queue ``job``; raises RuntimeError once :meth:`stop` has begun."""
+
+    def cancel(self, job: GenJob) -> None:
+        """The client went away: stop generating for ``job`` soon (it ends with finish_reason "cancelled")."""
+
+    def stop(self, timeout: float | None = 60.0) -> None:
+        """Refuse new jobs, finish every queued and running one, then stop the worker(s)."""
+
+    def health(self) -> SchedulerHealth:
+        """Queue depth, busy, accepting."""
+
+
+def make_scheduler(batching: str, model, tokenizer, *, max_batch_size: int, batch_window_ms: float,
+                   on_batch: Callable[[int, float], None] | None = None) -> Scheduler:
+    """A new (not yet started) scheduler for ``batching`` = "dynamic" or "continuous"."""
+    # imported here: both modules import the job types above, and continuous needs an adapter
+    from .batching import BatchScheduler
+    from .continuous import ContinuousScheduler
+
+    classes = {"dynamic": BatchScheduler, "continuous": ContinuousScheduler}
+    if batching not in classes:
+        raise ValueError(f"rain_adapter.serve: batching must be 'dynamic' or 'continuous', got {batching!r}")
+    return classes[batching](model, tokenizer, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
+                             on_batch=on_batch)
+
+
+__all__ = ["BATCHING_MODES", "GenEvent", "GenJob", "GenParams", "Scheduler", "SchedulerHealth", "make_scheduler"]
