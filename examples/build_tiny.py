@@ -1,6 +1,6 @@
 """The whole RAIN pipeline on a tiny random model triple, in seconds on a CPU.
 
-    python examples/build_tiny.py [--out DIR] [--threads 1] [--shared-calib --max-samples 3]
+    python examples/build_tiny.py [--out DIR] [--threads 1] [--packaged-calib --max-samples 3]
 
 What it does (~10 s on one CPU core, imports included; nothing is downloaded):
 
@@ -9,7 +9,7 @@ What it does (~10 s on one CPU core, imports included; nothing is downloaded):
 2. writes a small reasoning calibration set (3 synthetic ``{prompt, reasoning, response}`` samples:
    3 × 12 = 36 thinking positions < hidden size 64, so the exact null space is not empty) and a small
    instruction calibration set (6 rows with marked instruction / response spans);
-   ``--shared-calib`` uses the shared sets (``rain_adapter.format.paths.shared_calibration_dir()``) instead,
+   ``--packaged-calib`` uses the packaged sets (``rain_adapter.calibration_dir()``) instead,
    cut to ``--max-samples`` samples;
 3. ``build_adapter`` twice, Stage 1 (exact null-space projection, ``protect_energy=1.0``) + Stage 2
    (per-head α): once dense, once low-rank (``rank=8``), and prints ``rain info`` of each;
@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 
 
-def _calibration(root: Path, shared: bool, max_samples: int) -> tuple[Path, Path, int | None]:
+def _calibration(root: Path, packaged: bool, max_samples: int) -> tuple[Path, Path, int | None]:
     """(reasoning calib file, instruction calib file, max_samples for the build)."""
-    if shared:
-        from rain_adapter.format.paths import shared_calibration_dir
+    if packaged:
+        from rain_adapter import calibration_dir
 
-        d = shared_calibration_dir()
+        d = calibration_dir()
         return d / "reasoning_calibration_set.json", d / "instruction_calibration_set.jsonl", max_samples
     from rain_adapter.testing.fixtures import write_reasoning_calib
     from rain_adapter.demo.data import instruction_calibration, write_jsonl
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="keep everything under this directory (default: a temp dir)")
     ap.add_argument("--arch", default="qwen2", choices=("qwen2", "llama"))
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models: 1 is fastest)")
-    ap.add_argument("--shared-calib", action="store_true", help="use the shared calibration sets")
-    ap.add_argument("--max-samples", type=int, default=3, help="with --shared-calib: samples per set")
+    ap.add_argument("--packaged-calib", action="store_true", help="use the packaged calibration sets (the method authors', MIT)")
+    ap.add_argument("--max-samples", type=int, default=3, help="with --packaged-calib: samples per set")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         triple = make_tiny_triple(root / "triple", arch=args.arch, seed=0)
-        reasoning, instruction, max_samples = _calibration(root, args.shared_calib, args.max_samples)
+        reasoning, instruction, max_samples = _calibration(root, args.packaged_calib, args.max_samples)
         print(f"tiny triple ({args.arch}) under {root / 'triple'} in {time.perf_counter() - t0:.1f}s")
 
         common = dict(reasoning_calib=str(reasoning), instruction_calib=str(instruction), protect_energy=1.0,
@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         worst_omega = max(a for a, _ in changes.values())
         median_other = sorted(o for _, o in changes.values())[len(changes) // 2]
         print(f"max change at Ω: {worst_omega:.2e}   median change elsewhere: {median_other:.2e}")
-        print("(o_proj sits a little above the others at Ω: Stage 2 scales its input columns per head by α,\n"
-              " which moves D off the protected subspace; q/k/v/gate/up/down are scaled by rows and keep it.)")
+        if cfg.stage2.get("o_alpha") == "head":
+            print("(o_proj sits above the others at Ω: --o-alpha head scales its input columns per head by α,\n"
+                  " which moves D off the protected subspace; the default, the layer's mean α, keeps it.)")
+        else:
+            print("(Stage 2 scales q/k/v/gate/up/down by output rows and o_proj by the layer's mean α:\n"
+                  " every delta stays off the protected inputs, so the change at Ω stays at rounding level.)")
 
         # ---- generate at λ ∈ {0, 1} ----------------------------------------------------------------
         prompt = tok.apply_chat_template([{"role": "user", "content": "Add 12 and 30. Do not use commas."}],

@@ -262,8 +262,8 @@ def test_bad_inputs_leave_no_output(triple, calib, tmp_path):
 def test_stage2_keeps_the_thinking_outputs(triple, calib, tmp_path):
     """Stage 1 + Stage 2: α folding must not undo the null-space constraint (o_proj included)."""
     try:
-        from rain_adapter.format.paths import shared_calibration_dir
-        inst = shared_calibration_dir() / "instruction_calibration_set.jsonl"
+        from rain_adapter.format.paths import calibration_dir
+        inst = calibration_dir() / "instruction_calibration_set.jsonl"
     except FileNotFoundError:
         pytest.skip("shared calibration data not found")
     kw = dict(projection="hard", protect_energy=1.0, instruction_calib=inst, max_samples=3, max_seq_len=100_000)

@@ -44,8 +44,8 @@ def test_lowrank_keeps_constraint(setup, tmp_path):
 def test_stage2_runs_when_instruction_calib_given(setup, tmp_path):
     triple, calib = setup
     try:
-        from rain_adapter.format.paths import shared_calibration_dir
-        inst = shared_calibration_dir() / "instruction_calibration_set.jsonl"
+        from rain_adapter.format.paths import calibration_dir
+        inst = calibration_dir() / "instruction_calibration_set.jsonl"
     except FileNotFoundError:
         pytest.skip("shared calibration data not found")
     out = build_adapter(triple.lrm, triple.itm, triple.base, tmp_path / "s2", reasoning_calib=calib,

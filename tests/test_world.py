@@ -65,9 +65,9 @@ def test_trace_and_held_out_split():
 
 
 def test_calibration_sets_have_the_shared_shapes(toks):
-    from rain_adapter.format.paths import shared_calibration_dir
+    from rain_adapter.format.paths import calibration_dir
 
-    shared = shared_calibration_dir()
+    shared = calibration_dir()
     real_r = json.loads((shared / "reasoning_calibration_set.json").read_text())[0]
     real_i = json.loads((shared / "instruction_calibration_set.jsonl").read_text().splitlines()[0])
     ours_r = D.reasoning_calibration(4, 2)[0]

@@ -1,6 +1,6 @@
 """Reasoning calibration set → token ids and thinking positions Ω (docs/DESIGN.md §6.2).
 
-Sample format (the shared ``reasoning_calibration_set.json`` and a user's JSON list or JSONL):
+Sample format (the packaged ``reasoning_calibration_set.json`` and a user's JSON list or JSONL):
 ``{"prompt": str, "reasoning": str, "response": str, ...}`` (extra fields are ignored).
 
 Text of a sample::
@@ -59,10 +59,10 @@ class CalibrationSet:
 
 
 def default_reasoning_calib() -> Path:
-    """The shared reasoning calibration set (``rain_adapter.format.paths.shared_calibration_dir()``)."""
-    from ..format.paths import shared_calibration_dir
+    """The packaged reasoning calibration set (``rain_adapter.format.paths.calibration_dir()``)."""
+    from ..format.paths import calibration_dir
 
-    return shared_calibration_dir() / "reasoning_calibration_set.json"
+    return calibration_dir() / "reasoning_calibration_set.json"
 
 
 def load_samples(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS) -> list[dict[str, Any]]:
@@ -176,7 +176,7 @@ def prepare_reasoning_calibration(tokenizer, source: str | Path | list[dict] | N
                                   ) -> CalibrationSet:
     """Tokenise the reasoning calibration set and locate Ω.
 
-    ``source``: a JSON/JSONL path, a list of sample dicts, or ``None`` for the shared set.
+    ``source``: a JSON/JSONL path, a list of sample dicts, or ``None`` for the packaged set.
     Takes the first ``max_samples`` usable samples. Raises :class:`CalibrationError` when fewer than
     ``min(min_samples, max_samples)`` samples are usable (skips: marker count, too long).
     """

@@ -106,7 +106,7 @@ class BuildOptions:
     merge_bias: bool = _opt(False, "scope", "also store the ITM's bias deltas")
     # ---- stage 1 ---------------------------------------------------------------------------
     reasoning_calib: PathLike | list | None = _opt(
-        None, "stage 1", "JSON/JSONL {prompt, reasoning, response} (default: shared set)")
+        None, "stage 1", "JSON/JSONL {prompt, reasoning, response} (default: the packaged set, or $RAIN_CALIB_DIR)")
     radius: int = _opt(DEFAULT_RADIUS, "stage 1", f"inner neighbours of <think>/</think> (default {DEFAULT_RADIUS})",
                        parse=int)
     projection: str = _opt("hard", "stage 1", "hard (default), ridge, none, or random: a control that removes as "

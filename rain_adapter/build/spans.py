@@ -111,10 +111,10 @@ class SpanReport:
 # loading and validation
 # ----------------------------------------------------------------------------------------------
 def default_instruction_calib_path() -> Path:
-    """``<shared calibration dir>/instruction_calibration_set.jsonl``."""
-    from ..format.paths import shared_calibration_dir
+    """``<calibration_dir()>/instruction_calibration_set.jsonl`` (the packaged set unless ``$RAIN_CALIB_DIR``)."""
+    from ..format.paths import calibration_dir
 
-    return shared_calibration_dir() / "instruction_calibration_set.jsonl"
+    return calibration_dir() / "instruction_calibration_set.jsonl"
 
 
 def _str_list(value: Any, where: str, required: bool) -> list[str]:
@@ -151,7 +151,7 @@ def validate_record(rec: Any, where: str) -> dict:
 
 
 def load_instruction_records(path: str | Path | None = None) -> list[dict]:
-    """Read and validate a JSONL instruction calibration file (default: the shared set).
+    """Read and validate a JSONL instruction calibration file (default: the packaged set).
 
     Errors name the file, the line and the field.  Blank lines are ignored.
     """
