@@ -124,6 +124,7 @@ def child(args) -> None:
     meter = _Meter()
     import transformers
 
+    import rain_adapter.build.cache as C
     import rain_adapter.build.pipeline as B
     import rain_adapter.build.features as F
     import rain_adapter.build.nullspace as NS
@@ -137,8 +138,8 @@ def child(args) -> None:
     meter.wrap(TV, "task_vector", "task_vector (stream ITM-base)")
     meter.wrap(B, "project", "projection")
     meter.wrap(NS, "feature_basis", "projection: svd")
-    meter.wrap(B, "_save_layer", "partial cache write")
-    meter.wrap(B, "_load_layer", "partial cache read")
+    meter.wrap(C, "save_layer", "partial cache write")
+    meter.wrap(C, "load_layer", "partial cache read")
     meter.wrap(ST, "save_adapter", "final write")
     base_rss, base_anon = _status_mib()
 

@@ -4,7 +4,7 @@
 computes, for x2d ``[M, K]``, weight ``[N, K]`` and a float32 λ per row ``scale [M]``::
 
     y [M, N] = x Wᵀ + b + scale[:, None] * (x Dᵀ + bias_delta)        (dense D [N, K])
-    y [M, N] = x Wᵀ + b + scale[:, None] * ((x Aᵀ) Bᵀ + bias_delta)   (low rank A [r, K], B [N, r])
+    y [M, N] = x Wᵀ + b + scale[:, None] * ((x Aᵀ) Bᵀ + bias_delta)   (low rank A = lora_A [r, K], B = lora_B [N, r])
 
 in x's dtype. Dispatch: the Triton kernels when x is on CUDA and Triton imports, the plain
 PyTorch path otherwise. ``RAIN_KERNEL=torch|triton|auto`` (read at each call) forces a path;

@@ -3,7 +3,7 @@
 Math (shapes: x2d ``[M, K]``, weight ``[N, K]`` (``[out, in]``), scale ``[M]`` float32)::
 
     y = x Wᵀ + b + s[:, None] * (x Dᵀ + bias_delta)          dense delta D      [N, K]
-    y = x Wᵀ + b + s[:, None] * ((x Aᵀ) Bᵀ + bias_delta)     low rank A [r, K], B [N, r]
+    y = x Wᵀ + b + s[:, None] * ((x Aᵀ) Bᵀ + bias_delta)     low rank A = lora_A [r, K], B = lora_B [N, r]
 
 The base product is exactly ``F.linear(x, W, b)``. The delta product runs in x's dtype with the
 result lifted to float32, then scaled by ``s`` in float32 and added to the base in float32 before

@@ -27,9 +27,9 @@ memory-mapped back (file-backed again) and streamed into the final write. Withou
 is released before that, so the peak is max(LRM + one layer's work, adapter), not their sum.
 Measured on a 97.6M-parameter Qwen2 (bench/build.py, bench/RESULTS.md).
 
-``project``, ``prepare_reasoning_calibration``, ``_save_layer`` and ``_load_layer`` are called
-through this module's globals (and ``features`` / ``taskvector`` / ``store`` functions through their
-modules) so tests and bench/build.py can patch or time them here.
+``project`` and ``prepare_reasoning_calibration`` are called through this module's globals (and
+``features`` / ``taskvector`` / ``cache`` / ``store`` functions through their modules) so tests and
+bench/build.py can patch or time them here.
 """
 
 from __future__ import annotations
@@ -48,10 +48,9 @@ from ..format.fingerprint import compute_fingerprint
 from ..format.arch import module_layer, module_role, target_linears, validate_roles
 from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
+from . import cache as layer_cache
 from . import features, taskvector
 from .cache import PARTIAL_SUFFIX, PartialCache
-from .cache import load_layer as _load_layer
-from .cache import save_layer as _save_layer
 from .calibration import CalibrationSet, prepare_reasoning_calibration
 from .coefficients import run_stage2
 from .features import trim_heap
@@ -212,7 +211,7 @@ class LayerWork:
     def layer(self, layer: int, names: list[str], feats: dict[str, torch.Tensor] | None) -> None:
         """All modules of ``layer`` → one cached layer file."""
         done = {n: self.module(n, layer, feats) for n in names}
-        _save_layer(self.cache.layer_path(layer), {n: d for n, (d, _) in done.items()},
+        layer_cache.save_layer(self.cache.layer_path(layer), {n: d for n, (d, _) in done.items()},
                     {n: s for n, (_, s) in done.items()})
 
 
@@ -243,7 +242,7 @@ def assemble(cache: PartialCache, targets: Targets) -> tuple[dict[str, ModuleDel
     deltas: dict[str, ModuleDelta] = {}
     stats: dict[str, dict] = {}
     for l in sorted(targets.by_layer):
-        d, s = _load_layer(cache.layer_path(l))
+        d, s = layer_cache.load_layer(cache.layer_path(l))
         deltas.update(d)
         stats.update(s)
     return {n: deltas[n] for n in targets.names}, {n: stats[n] for n in targets.names}
