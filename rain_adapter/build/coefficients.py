@@ -144,9 +144,9 @@ def fold_alpha(name: str, md: ModuleDelta, alpha: Tensor, n_heads: int, n_kv_hea
                head_dim: int, *, o_alpha: str = "mean") -> ModuleDelta:
     """Fold the per-head α ``[n_heads]`` of the module's layer into its delta.
 
-    q: rows of head h (``[h·hD, (h+1)·hD)``, out dim) × α_h — dense ``delta`` rows, low-rank ``B``
+    q: rows of head h (``[h·hD, (h+1)·hD)``, out dim) × α_h — dense ``delta`` rows, low-rank ``lora_B``
     rows, bias entries.  k / v: rows of kv head j × mean_{h // n_rep = j} α_h.  gate / up / down:
-    × mean(α) (low-rank: ``B`` only).
+    × mean(α) (low-rank: ``lora_B`` only).
 
     o: ``o_alpha="mean"`` (default) scales the whole delta by the layer mean; ``"head"`` scales the
     *input* columns of head h by α_h (DESIGN §6.3 as first written). Column scaling breaks Stage 1's
@@ -173,25 +173,25 @@ def fold_alpha(name: str, md: ModuleDelta, alpha: Tensor, n_heads: int, n_kv_hea
         shape[dim] = -1
         return (t.float() * (s.view(shape) if s.ndim else s)).to(t.dtype)
 
+    def scaled(s: Tensor, dim: int, bias_s: Tensor) -> ModuleDelta:
+        """D scaled along ``dim`` (0: output rows, 1: input columns) by ``s``, the bias by ``bias_s``.
+        Low rank: rows live in lora_B [out, r], columns in lora_A [r, in]."""
+        key = "delta" if not md.is_lowrank else ("lora_B" if dim == 0 else "lora_A")
+        return replace(md, **{key: scale(getattr(md, key), s, dim)}, bias=scale(md.bias, bias_s, 0))
+
     if role in ("q", "k", "v"):
         per = alpha if role == "q" else alpha.view(n_kv_heads, n_rep).mean(1)
         rows = per.repeat_interleave(head_dim)
         if rows.numel() != out_dim:
             raise Stage2Error(f"{name}: out dim {out_dim} != {per.numel()} heads × head_dim {head_dim}")
-        if md.is_lowrank:
-            return replace(md, lora_B=scale(md.lora_B, rows, 0), bias=scale(md.bias, rows, 0))
-        return replace(md, delta=scale(md.delta, rows, 0), bias=scale(md.bias, rows, 0))
+        return scaled(rows, 0, rows)
     if role == "o" and o_alpha == "head":
         cols = alpha.repeat_interleave(head_dim)
         if cols.numel() != in_dim:
             raise Stage2Error(f"{name}: in dim {in_dim} != {n_heads} heads × head_dim {head_dim}")
-        if md.is_lowrank:
-            return replace(md, lora_A=scale(md.lora_A, cols, 1), bias=scale(md.bias, mean, 0))
-        return replace(md, delta=scale(md.delta, cols, 1), bias=scale(md.bias, mean, 0))
+        return scaled(cols, 1, mean)
     # MLP: the layer mean
-    if md.is_lowrank:
-        return replace(md, lora_B=scale(md.lora_B, mean, 0), bias=scale(md.bias, mean, 0))
-    return replace(md, delta=scale(md.delta, mean, 0), bias=scale(md.bias, mean, 0))
+    return scaled(mean, 0, mean)
 
 
 def fold_alpha_all(deltas: dict[str, ModuleDelta], alpha: Tensor, n_heads: int, n_kv_heads: int,

@@ -212,7 +212,7 @@ class LayerWork:
         """All modules of ``layer`` → one cached layer file."""
         done = {n: self.module(n, layer, feats) for n in names}
         layer_cache.save_layer(self.cache.layer_path(layer), {n: d for n, (d, _) in done.items()},
-                    {n: s for n, (_, s) in done.items()})
+                               {n: s for n, (_, s) in done.items()})
 
 
 def run_stage1(work: LayerWork, targets: Targets, todo: list[int], calib: CalibrationSet | None,

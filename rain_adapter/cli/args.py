@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..format.dtypes import DTYPES, resolve_dtype
-from ..format.lambdas import LambdaRangeWarning, check_lambda, lambda_label, parse_lambdas
+from ..format.dtypes import DTYPES
+from ..format.lambdas import parse_lambdas
 
 #: ``--dtype`` choices, from the one dtype table.
 DTYPE_CHOICES: tuple[str, ...] = tuple(sorted(DTYPES))
@@ -44,7 +44,4 @@ def lambdas_arg(spec: str | None) -> list[float] | None:
     return None if spec is None else parse_lambdas(spec, what="--lambdas")
 
 
-__all__ = [
-    "DTYPES", "DTYPE_CHOICES", "LAMBDAS_HELP", "LambdaRangeWarning", "add_dtype", "add_lambda", "add_lambdas",
-    "check_lambda", "lambda_label", "lambdas_arg", "parse_lambdas", "resolve_dtype",
-]
+__all__ = ["DTYPE_CHOICES", "LAMBDAS_HELP", "add_dtype", "add_lambda", "add_lambdas", "lambdas_arg"]

@@ -27,7 +27,7 @@ def _add_option(group: argparse._ArgumentGroup, f: Field) -> None:
     assert default is not MISSING, f"BuildOptions.{f.name} needs a default to become a flag"
     if isinstance(default, bool):
         if default:
-            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+            group.add_argument("--no-" + flag(f.name)[2:], dest=f.name, action="store_false",
                                help=md["help"])
         else:
             group.add_argument(flag(f.name), dest=f.name, action="store_true", help=md["help"])

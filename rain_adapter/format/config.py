@@ -25,6 +25,16 @@ STORAGES = ("dense", "lowrank")
 REQUIRED = ("format", "format_version", "base_model_name_or_path", "target_modules", "layers", "storage")
 
 
+def read_json(path: Path, error: type[Exception], *, missing: str) -> Any:
+    """The JSON in ``path``; a missing file raises ``error(missing)``, bad JSON ``error`` naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(missing) from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 class ConfigError(ValueError):
     """An adapter config that does not follow the schema; the message names the file and field."""
 
@@ -143,12 +153,7 @@ class RainConfig:
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_NAME
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no adapter config found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path, ConfigError, missing=f"{path}: no adapter config found")
         return cls.from_dict(data, source=str(path))
 
     def save(self, path: str | Path) -> Path:

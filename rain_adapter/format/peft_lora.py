@@ -21,7 +21,6 @@ rank / alpha patterns, rslora, ``lora_bias``. Refused with an error naming the f
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -32,7 +31,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .arch import ROLES, module_layer, module_role
-from .config import RainConfig
+from .config import RainConfig, read_json
 from .delta import ModuleDelta
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -78,12 +77,7 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def _read_config(root: Path) -> dict[str, Any]:
     path = root / PEFT_CONFIG_NAME
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PeftImportError(f"{root}: no {PEFT_CONFIG_NAME}") from None
-    except json.JSONDecodeError as e:
-        raise PeftImportError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path, PeftImportError, missing=f"{root}: no {PEFT_CONFIG_NAME}")
     if not isinstance(cfg, dict):
         raise PeftImportError(f"{path}: expected a JSON object")
     ptype = cfg.get("peft_type")
