@@ -113,7 +113,9 @@ def test_project_layers_projects_only_those(triple, calib, tmp_path):
         if module_layer(n) == 0:
             assert r <= 1e-4 and st[n]["residual"] <= 1e-4, (n, r)
         else:
-            assert abs(r - 1) < 1e-4 and st[n] == {"projected": False, "kept_norm": 1.0}, (n, r, st[n])
+            assert abs(r - 1) < 1e-4 and st[n] == {"projected": False, "kept_norm": 1.0,
+                                                   "task_norm": pytest.approx(st[n]["task_norm"])}, (n, r, st[n])
+            assert st[n]["task_norm"] > 0
     with pytest.raises(Exception, match="project-layers"):
         _build(triple, calib, tmp_path / "bad", project_layers=[0, 7])
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()

@@ -26,23 +26,28 @@ def test_alpha_formula_hand_computed():
     a1 = torch.tensor([[0.4, 0.2, 0.1, 0.3]])
     u1 = torch.tensor([[0.2, 0.0, 0.5, 1.0]])
     # g = a - 0.5 u = [0.3, 0.2, -0.15, -0.2]; H = 1 + u = [1.2, 1, 1.5, 2]; raw = [0.25, 0.2, -0.1, -0.1]
+    # raw / mean(raw) = [4, 3.2, -1.6, -1.6]; clipping the negatives to 0 leaves mean 1.8, so the
+    # scale c solves c·(4 + 3.2)/4 = 1 → c = 5/9: α = [20/9, 16/9, 0, 0]; effective normaliser m/c
     alpha, raw, m = alpha_from_stats(a1, u1, rho=0.5, alpha_max=5.0)
     torch.testing.assert_close(raw, torch.tensor([[0.25, 0.2, -0.1, -0.1]]))
-    assert m == pytest.approx(0.0625)
-    torch.testing.assert_close(alpha, torch.tensor([[4.0, 3.2, 0.0, 0.0]]))
-    alpha, _, _ = alpha_from_stats(a1, u1, rho=0.5, alpha_max=1.5)          # clip high
-    torch.testing.assert_close(alpha, torch.tensor([[1.5, 1.5, 0.0, 0.0]]))
-    alpha, _, m = alpha_from_stats(a1, u1, rho=0.5, alpha_norm="none")      # paper's raw scale
+    assert m == pytest.approx(0.0625 * 9 / 5)
+    torch.testing.assert_close(alpha, torch.tensor([[20 / 9, 16 / 9, 0.0, 0.0]]))
+    alpha, _, _ = alpha_from_stats(a1, u1, rho=0.5, alpha_max=2.0)          # mean 1 only with both at α_max
+    torch.testing.assert_close(alpha, torch.tensor([[2.0, 2.0, 0.0, 0.0]]))
+    with pytest.raises(Stage2Error, match=r"2 of 4 heads have α_raw > 0.*needs α_max ≥ 2"):
+        alpha_from_stats(a1, u1, rho=0.5, alpha_max=1.5)                    # 2·1.5/4 < 1: unreachable
+    alpha, _, m = alpha_from_stats(a1, u1, rho=0.5, alpha_norm="none", alpha_max=0.9)   # paper's raw scale
     assert m == 1.0
     torch.testing.assert_close(alpha, torch.tensor([[0.25, 0.2, 0.0, 0.0]]))
     # gain: g = (a1 - a0) - rho (u1 - u0); H = 1 + u1
     a0 = torch.tensor([[0.1, 0.1, 0.1, 0.1]])
     u0 = torch.tensor([[0.2, 0.0, 0.1, 0.2]])
-    # g = [0.3, 0.1, -0.2, -0.2]; raw = [0.25, 0.1, -0.1333, -0.1]; mean = 0.0291667
+    # g = [0.3, 0.1, -0.2, -0.2]; raw = [0.25, 0.1, -0.1333, -0.1]; after clipping only 0.25 and 0.1
+    # remain: c·(0.25 + 0.1)/(4 m0) = 1 → α = raw · 4/0.35 on the positive heads (max 2.857 < 10)
     alpha, raw, m = alpha_from_stats(a1, u1, rho=0.5, alpha_grad="gain", a0=a0, u0=u0, alpha_max=10.0)
     torch.testing.assert_close(raw, torch.tensor([[0.25, 0.1, -0.2 / 1.5, -0.1]]))
-    assert m == pytest.approx((0.25 + 0.1 - 0.2 / 1.5 - 0.1) / 4)
-    torch.testing.assert_close(alpha, torch.tensor([[0.25 / m, 0.1 / m, 0.0, 0.0]]))
+    assert m == pytest.approx(0.35 / 4)
+    torch.testing.assert_close(alpha, torch.tensor([[0.25 * 4 / 0.35, 0.1 * 4 / 0.35, 0.0, 0.0]]))
 
 
 def test_alpha_formula_errors():
@@ -59,6 +64,125 @@ def test_alpha_formula_errors():
         alpha_from_stats(torch.ones(1, 4), z[:1], alpha_grad="slope")
     with pytest.raises(Stage2Error, match="alpha_norm"):
         alpha_from_stats(torch.ones(1, 4), z[:1], alpha_norm="max")
+
+
+def _bisect_mean_one(alpha0: torch.Tensor, alpha_max: float) -> float:
+    """Reference scale: bisection in float64 on c ↦ mean(clip(c·α₀, 0, α_max)) = 1 (to 1e-15 relative)."""
+    a = alpha0.double()
+
+    def f(c: float) -> float:
+        return float((c * a).clamp(0.0, alpha_max).mean())
+
+    lo, hi = 0.0, 1.0
+    while f(hi) < 1.0:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) < 1.0 else (lo, mid)
+    return hi
+
+
+def _stats_with_clipping(seed: int, L: int = 6, H: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skewed statistics: a few heads far above the mean (clipped at α_max), some below 0."""
+    g = torch.Generator().manual_seed(seed)
+    a1 = torch.rand(L, H, generator=g, dtype=torch.float64) ** 4 * 0.2 + 1e-3
+    u1 = torch.rand(L, H, generator=g, dtype=torch.float64) * 0.003      # a few α_raw < 0
+    return a1, u1
+
+
+@pytest.mark.parametrize("seed", [101, 202, 303])
+@pytest.mark.parametrize("alpha_max", [1.5, 3.0])
+def test_mean_alpha_is_one_after_clipping(seed, alpha_max):
+    from rain_adapter.build.alpha import alpha_with_stats
+
+    a1, u1 = _stats_with_clipping(seed)
+    r = alpha_with_stats(a1, u1, rho=0.5, alpha_max=alpha_max)
+    alpha = r.alpha.double()
+    assert bool(torch.isfinite(alpha).all()) and all(v == v for v in r.stats.values())   # no NaN
+    raw64 = (a1 - 0.5 * u1) / (1 + u1)
+    alpha0 = raw64 / raw64.mean()
+    assert float((alpha0 > alpha_max).sum()) > 0                  # the case exercises clipping at the top
+    old_mean = float(alpha0.clamp(0, alpha_max).mean())
+    assert old_mean < 1 - 1e-3                                     # clipping alone leaves the mean below 1
+    assert abs(float(alpha.mean()) - 1.0) < 1e-6
+    assert float(alpha.max()) <= alpha_max and float(alpha.min()) >= 0.0
+    # against an independent float64 bisection
+    c_ref = _bisect_mean_one(alpha0, alpha_max)
+    assert r.stats["scale"] == pytest.approx(c_ref, rel=1e-12)
+    torch.testing.assert_close(alpha, (c_ref * alpha0).clamp(0, alpha_max), rtol=1e-6, atol=1e-7)
+    assert r.normaliser == pytest.approx(float(raw64.mean()) / c_ref, rel=1e-9)
+    # recorded spread
+    st = r.stats
+    assert st["n"] == alpha.numel() and st["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert st["max"] == pytest.approx(alpha_max) and st["min"] == 0.0
+    assert st["std"] == pytest.approx(float(alpha.std(unbiased=False)), rel=1e-9)
+    pre = c_ref * alpha0
+    assert 0 < st["frac_at_max"] == pytest.approx(float((pre >= alpha_max).double().mean()))
+    assert st["frac_at_zero"] == pytest.approx(float((pre <= 0).double().mean()))
+    assert st["frac_at_max"] == pytest.approx(float((alpha >= torch.tensor(alpha_max).float()).double().mean()))
+    assert st["mean_clip_only"] == pytest.approx(old_mean, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_renormalised_alpha_keeps_the_order_of_heads(seed):
+    a1, u1 = _stats_with_clipping(seed, L=4, H=16)
+    alpha, raw, _ = alpha_from_stats(a1, u1, rho=0.5, alpha_max=1.5)
+    order = torch.argsort(raw.double().flatten(), stable=True)
+    a_sorted = alpha.double().flatten()[order]
+    assert bool((a_sorted[1:] >= a_sorted[:-1]).all())                    # monotone in α_raw
+    strict = (alpha.flatten()[order][1:] > 0) & (alpha.flatten()[order][1:] < 1.5)
+    raw_sorted = raw.double().flatten()[order]
+    # inside (0, α_max) the order is strict wherever α_raw differs
+    assert bool((a_sorted[1:][strict & (raw_sorted[1:] > raw_sorted[:-1])]
+                 > a_sorted[:-1][strict & (raw_sorted[1:] > raw_sorted[:-1])]).all())
+
+
+def test_no_clipping_gives_the_old_alpha_bit_for_bit():
+    from rain_adapter.build.alpha import alpha_with_stats
+
+    g = torch.Generator().manual_seed(4242)
+    a1 = 0.05 + 0.01 * torch.rand(3, 8, generator=g)          # float32 statistics, as collected
+    u1 = 0.01 * torch.rand(3, 8, generator=g)
+    r = alpha_with_stats(a1, u1, rho=0.5, alpha_max=1.5)
+    # the formula before the renormalisation existed, verbatim
+    raw = (a1.double() - 0.5 * u1.double()) / (1.0 + u1.double())
+    m = float(raw.mean())
+    old = (raw / m).clamp(0.0, 1.5).float()
+    assert float((raw / m).min()) > 0 and float((raw / m).max()) < 1.5      # nothing clipped
+    assert torch.equal(r.alpha, old) and r.normaliser == m and r.stats["scale"] == 1.0
+    assert r.stats["frac_at_max"] == 0.0 and r.stats["frac_at_zero"] == 0.0
+    # alpha_norm="none" is unchanged by the renormalisation (clipping only)
+    alpha, _, n = alpha_from_stats(a1, u1, rho=0.5, alpha_norm="none", alpha_max=0.051)
+    assert n == 1.0 and torch.equal(alpha, raw.clamp(0.0, 0.051).float())
+
+
+def test_mean_one_scale_exact_cases_and_impossible():
+    from rain_adapter.build.alpha import mean_one_scale
+
+    assert mean_one_scale(torch.tensor([3.0, 1.0]), 1.5) == 0.5          # 1.5 + c = 2
+    assert mean_one_scale(torch.tensor([3.0, 1.0, 0.5]), 1.5) == 1.0     # 1.5 + c·1.5 = 3
+    assert mean_one_scale(torch.tensor([1.0, 1.0, -2.0, 0.0]), 2.0) == 2.0   # both positives at α_max
+    with pytest.raises(Stage2Error, match="largest reachable mean"):
+        mean_one_scale(torch.tensor([2.0, 1.0, 0.5]), 0.9)                 # α_max < 1: never
+    with pytest.raises(Stage2Error, match="0 of 3 heads"):
+        mean_one_scale(torch.tensor([0.0, -1.0, 0.0]), 5.0)                # nothing positive
+    a1, u1 = _stats_with_clipping(5)
+    with pytest.raises(Stage2Error, match="cannot renormalise"):
+        alpha_from_stats(a1, u1, alpha_max=0.99)
+
+
+def test_format_alpha_table_shows_the_spread():
+    a1, u1 = _stats_with_clipping(11, L=2, H=4)
+    from rain_adapter.build.alpha import alpha_with_stats
+
+    r = alpha_with_stats(a1, u1, alpha_max=2.0)
+    summary = {"method": "instruction-attention", "alpha_max": 2.0, "alpha_stats": r.stats,
+               "alpha": {str(i): [round(float(x), 6) for x in r.alpha[i]] for i in range(2)}}
+    text = format_alpha_table(summary)
+    assert "α over 8 heads: mean 1.0000" in text and "scale c" in text and "at α_max=2" in text
+    old = {k: v for k, v in summary.items() if k != "alpha_stats"}       # an adapter from before
+    text = format_alpha_table(old)
+    assert "α over 8 heads" in text and "renormalisation after clipping not recorded" in text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,8 +394,12 @@ def test_run_stage2_level_matches_manual_and_leaves_model_untouched(tok):
     u = torch.stack(u_list).double().mean(0)
     assert summary["mean_a"] == pytest.approx(float(a.mean()), rel=1e-4)
     raw = (a - 0.5 * u) / (1 + u)
-    expect = (raw / raw.mean()).clamp(0, 1.5)
+    alpha0 = raw / raw.mean()
+    expect = (_bisect_mean_one(alpha0, 1.5) * alpha0).clamp(0, 1.5)
     torch.testing.assert_close(alpha.double(), expect, rtol=1e-4, atol=1e-5)
+    st = summary["alpha_stats"]
+    assert abs(float(alpha.double().mean()) - 1.0) < 1e-5 and st["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert st["max"] <= 1.5 and st["n"] == alpha.numel() and "α over" in format_alpha_table(summary)
 
     # the folded deltas are fold_alpha_all of the stored table
     ref = fold_alpha_all(deltas, alpha, H, KV, hD)
@@ -318,6 +446,8 @@ def test_run_stage2_nothing_usable(tok):
         run_stage2(model, tok, deltas, recs, max_seq_len=400, progress=False)
     with pytest.raises(Stage2Error, match="alpha_grad"):
         run_stage2(model, tok, deltas, _records(), alpha_grad="nope", progress=False)
+    with pytest.raises(Stage2Error, match="alpha_max = 0.8 < 1"):           # before any pass
+        run_stage2(model, tok, deltas, _records(), alpha_max=0.8, progress=False)
 
 
 def test_run_stage2_on_shared_set(tok):

@@ -130,7 +130,14 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_peft(path, out, lam=1.0, progress=False)
     assert (out / "keep.txt").exists()
-    export_peft(path, out, lam=1.0, overwrite=True, progress=False)
+    # --overwrite replaces an earlier export, never a directory of other files (issue 16)
+    with pytest.raises(FileExistsError, match="not a PEFT adapter directory"):
+        export_peft(path, out, lam=1.0, overwrite=True, progress=False)
+    assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    export_peft(path, out, lam=1.0, progress=False, overwrite=True)            # empty dir: replaced
+    (out / "keep.txt").write_text("x")
+    export_peft(path, out, lam=1.0, overwrite=True, progress=False)            # an export: replaced
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp dirs left behind
 

@@ -1,10 +1,14 @@
 """The per-layer partial cache of ``rain build``: ``<out>.partial/``, so ``--resume`` continues.
 
-Layout: ``meta.json`` = ``{"key", "settings"}`` (key = first 16 hex of sha256 of the settings JSON,
-sorted keys), then per finished layer ``l`` the pair ``layer_<l>.safetensors`` (``<module>.delta``
-[out, in], ``<module>.bias`` [out]) + ``layer_<l>.json`` (the per-module stats). The json is
-written first and both are renamed into place, so a layer counts as done only when both exist.
-A cache whose key differs from the current settings is never reused.
+Layout: ``.rain-partial`` (the marker: the directory was made by this library, so it may be
+deleted; ``store.MARKER_NAME``), ``meta.json`` = ``{"key", "settings"}`` (key = first 16 hex of
+sha256 of the settings JSON, sorted keys), then per finished layer ``l`` the files
+``layer_<l>.safetensors`` (``<module>.delta`` [out, in], ``<module>.bias`` [out]),
+``layer_<l>.json`` (the per-module stats) and ``layer_<l>.sha256`` (the sha256 of those two). The
+sidecar is renamed into place last, so a layer counts as done only when it exists and both
+checksums match; ``--resume`` verifies every cached layer and recomputes a corrupt one.
+A cache whose key differs from the current settings is never reused, and an ``<out>.partial``
+without the marker is never touched (the build stops and says so).
 """
 
 from __future__ import annotations
@@ -12,16 +16,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..format import store
 from ..format.delta import ModuleDelta
+from .options import BuildError
 
 PARTIAL_SUFFIX = ".partial"
+_LAYER_RE = re.compile(r"layer_(\d+)\.(safetensors|json|sha256)$")
+
+
+class CacheError(BuildError):
+    """A cached layer is unreadable or fails its checksum; the message names the file and how to
+    clear the cache."""
 
 
 def partial_dir(out: Path) -> Path:
@@ -29,31 +42,93 @@ def partial_dir(out: Path) -> Path:
     return Path(str(out) + PARTIAL_SUFFIX)
 
 
+def check_partial(out: Path) -> None:
+    """Refuse (FileExistsError) an ``<out>.partial`` this library did not create: it holds files but
+    no marker. It is left alone; called before anything is loaded."""
+    d = partial_dir(out)
+    if d.exists() and not store.has_marker(d) and (not d.is_dir() or any(d.iterdir())):
+        raise FileExistsError(f"{d} exists but was not created by rain build (no {store.MARKER_NAME} "
+                              f"marker), so it is left alone: move it away (or choose another --out) and run again")
+
+
 def settings_key(settings: dict[str, Any]) -> str:
     """16 hex chars identifying the settings (any change → a different key → no reuse)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (never the whole file in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _companions(path: Path) -> tuple[Path, Path]:
+    """(stats json, checksum sidecar) of the layer file ``path``."""
+    return path.with_suffix(".json"), path.with_suffix(".sha256")
+
+
 def save_layer(path: Path, deltas: dict[str, ModuleDelta], stats: dict[str, dict]) -> None:
-    """Atomically write one finished layer of the partial cache (safetensors + json)."""
+    """Atomically write one finished layer of the partial cache: safetensors + stats json, then the
+    sidecar with both checksums (last, so it marks the layer done). A failure (a full disk) leaves
+    no temporary file and raises an OSError naming the file."""
     flat = {}
     for n, d in deltas.items():
         flat[n + ".delta"] = d.delta.contiguous()
         if d.bias is not None:
             flat[n + ".bias"] = d.bias.contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(flat, str(tmp))
-    (path.with_suffix(".json.tmp")).write_text(json.dumps(stats))
-    os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
-    os.replace(tmp, path)
+    js, side = _companions(path)
+    tmps = [path.with_suffix(".tmp"), path.with_suffix(".json.tmp"), path.with_suffix(".sha256.tmp")]
+    try:
+        side.unlink(missing_ok=True)  # a stale sidecar must never vouch for the new files
+        with store.disk_errors(tmps[0]):
+            save_file(flat, str(tmps[0]))
+        tmps[1].write_text(json.dumps(stats))
+        tmps[2].write_text(json.dumps({path.name: file_sha256(tmps[0]), js.name: file_sha256(tmps[1])}))
+        for tmp, final in zip(tmps, (path, js, side)):
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def layer_problem(path: Path) -> str | None:
+    """What is wrong with the cached layer ``path``, naming the file at fault (None: its files
+    exist and match the checksums of its sidecar)."""
+    js, side = _companions(path)
+    try:
+        sums = json.loads(side.read_text())
+    except FileNotFoundError:
+        return f"{side} is missing (no checksums for {path.name})"
+    except (OSError, ValueError):
+        sums = None
+    if not isinstance(sums, dict):
+        return f"{side} is unreadable (no checksums for {path.name})"
+    for f in (path, js):
+        if not f.is_file():
+            return f"{f} is missing"
+        if file_sha256(f) != sums.get(f.name):
+            return f"{f} does not match its checksum (corrupt or truncated)"
+    return None
 
 
 def load_layer(path: Path) -> tuple[dict[str, ModuleDelta], dict[str, dict]]:
-    """One cached layer. ``load_file`` memory-maps the file (safetensors ≥ 0.4): the tensors are
+    """One cached layer, verified against its checksums first (:class:`CacheError` naming the file
+    otherwise). ``load_file`` memory-maps the file (safetensors ≥ 0.4): the tensors are
     copy-on-write views of the page cache, so holding every layer until the final write costs
     reclaimable file pages, not anonymous memory."""
-    flat = load_file(str(path))
-    stats = json.loads(path.with_suffix(".json").read_text())
+    problem = layer_problem(path)
+    try:
+        flat = {} if problem else load_file(str(path))
+        stats = {} if problem else json.loads(_companions(path)[0].read_text())
+    except (SafetensorError, OSError, ValueError) as e:
+        problem = f"{path} is unreadable ({e})"
+    if problem:
+        raise CacheError(f"layer cache: {problem}; run again with --resume to recompute that layer, "
+                         f"or clear the cache: rm -r {path.parent}")
     out = {}
     for k in flat:
         if k.endswith(".delta"):
@@ -63,41 +138,69 @@ def load_layer(path: Path) -> tuple[dict[str, ModuleDelta], dict[str, dict]]:
 
 
 class PartialCache:
-    """``<out>.partial/`` for one build: which layers are done, where each layer goes, cleanup."""
+    """``<out>.partial/`` for one build: which layers are done, where each layer goes, cleanup
+    (only ever of a directory carrying the marker)."""
 
     def __init__(self, out: Path) -> None:
-        self.dir = partial_dir(out)
+        self.out, self.dir = out, partial_dir(out)
         self.created = False  # this build made the directory (so a failure may remove it)
 
     def layer_path(self, layer: int) -> Path:
         return self.dir / f"layer_{layer}.safetensors"
 
+    def _key(self) -> str | None:
+        try:
+            return json.loads((self.dir / "meta.json").read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def verified_layers(self, log: Callable[[str], None]) -> set[int]:
+        """The cached layers whose files match their checksums. Each other layer is reported
+        (file, problem, the command that clears the cache), its files dropped, so it is recomputed;
+        leftover temporary files of an interrupted write are dropped silently."""
+        for tmp in self.dir.glob("layer_*.tmp"):
+            tmp.unlink(missing_ok=True)
+        layers = {int(m.group(1)) for p in self.dir.glob("layer_*") if (m := _LAYER_RE.match(p.name))}
+        done = set()
+        for layer in sorted(layers):
+            path = self.layer_path(layer)
+            problem = layer_problem(path)
+            if problem is None:
+                done.add(layer)
+                continue
+            log(f"[rain build] layer cache: {problem}; layer {layer} will be recomputed "
+                f"(to clear the whole cache: rm -r {self.dir})")
+            for f in (path, *_companions(path)):
+                f.unlink(missing_ok=True)
+        return done
+
     def open(self, settings: dict[str, Any], *, resume: bool, log: Callable[[str], None]) -> set[int]:
         """Prepare the cache for ``settings``; returns the layers already done (only with
-        ``resume`` and a matching key; any other existing cache is removed)."""
+        ``resume``, a matching key and matching checksums). Any other existing cache of ours is
+        removed; one without the marker is refused (:func:`check_partial`), never deleted."""
         key = settings_key(settings)
         done: set[int] = set()
-        if self.dir.exists():
-            meta_f = self.dir / "meta.json"
-            same = meta_f.is_file() and json.loads(meta_f.read_text()).get("key") == key
-            if resume and same:
-                done = {int(p.stem.split("_")[1]) for p in self.dir.glob("layer_*.safetensors")
-                        if p.with_suffix(".json").is_file()}
+        check_partial(self.out)
+        if store.has_marker(self.dir):
+            if resume and self._key() == key:
+                done = self.verified_layers(log)
                 log(f"[rain build] resuming: {len(done)} layer(s) cached in {self.dir}")
             else:
                 if resume:
                     log(f"[rain build] {self.dir} was made with other settings; starting over")
-                shutil.rmtree(self.dir)
+                store.remove_ours(self.dir)
         self.created = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
+        store.write_marker(self.dir, "partial-cache")
         (self.dir / "meta.json").write_text(json.dumps({"key": key, "settings": settings}, indent=1))
         return done
 
     def discard_if_empty(self) -> None:
         """After a failure: remove a cache this build created and that holds no finished layer
         (so bad inputs leave nothing behind, while finished layers stay for ``--resume``)."""
-        if self.created and not any(self.dir.glob("layer_*.safetensors")):
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.created and not any(self.dir.glob("layer_*.sha256")):
+            store.remove_ours(self.dir)
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """After the adapter is written: the cache is not needed any more (removed only if ours)."""
+        store.remove_ours(self.dir)

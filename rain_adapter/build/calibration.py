@@ -17,15 +17,27 @@ text does not hold exactly one of each marker is skipped (counted).
 
 Because the LRM is causal, the module inputs at Ω do not depend on tokens after the last Ω
 position, so each sequence is cut right after it (the response never needs a forward pass).
+
+Every sample's text must survive the tokenizer (:func:`check_round_trip`, also used for the
+instruction set by ``spans``): ``decode(encode(text))`` equals the text up to the tokenizer's own
+normaliser and whitespace, no character becomes the unknown token, every id is below the model's
+vocabulary size, and the offsets cover every visible character. A tokenizer that transformers
+silently rebuilt without its words (a ``WordLevel`` vocabulary reloaded as a merge-less BPE for
+``model_type: qwen2`` keeps only single characters, e.g. the digits) fails here, naming the file,
+the sample and the first characters lost, instead of giving an adapter computed from the remains.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
+
+from .errors import BuildError
 
 REQUIRED_FIELDS = ("prompt", "reasoning", "response")
 THINK_OPEN = "<think>"
@@ -35,8 +47,17 @@ DEFAULT_RADIUS = 5
 DEFAULT_MIN_SAMPLES = 8
 
 
-class CalibrationError(ValueError):
+#: characters a round-trip comparison ignores: whitespace, and SentencePiece's word marker
+_SPACE_MARK = "\u2581"
+#: how many characters of a loss the error message quotes
+_QUOTE = 24
+
+
+class CalibrationError(BuildError):
     """Unusable calibration data or tokenizer; the message names the file / field / sample."""
+
+    def __init__(self, message: str, *, field: str | None = "reasoning_calib") -> None:
+        super().__init__(message, field=field)
 
 
 @dataclass
@@ -137,6 +158,84 @@ def check_thinking_tokenizer(tokenizer) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
+def _quote(s: str) -> str:
+    return repr(s[:_QUOTE] + ("…" if len(s) > _QUOTE else ""))
+
+
+def _visible(s: str) -> tuple[str, list[int]]:
+    """``s`` without whitespace (and SentencePiece's ▁), and where each kept character was."""
+    pos = [i for i, c in enumerate(s) if not c.isspace() and c != _SPACE_MARK]
+    return "".join(s[i] for i in pos), pos
+
+
+def _first_loss(text: str, decoded: str) -> str | None:
+    """None when ``decoded`` has the visible characters of ``text``; otherwise what is lost."""
+    a, pa = _visible(text)
+    b, pb = _visible(decoded)
+    if a == b:
+        return None
+    i0 = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    window = 400  # the first difference, matched within a window (SequenceMatcher is quadratic)
+    ops = SequenceMatcher(None, a[i0:i0 + window], b[i0:i0 + window], autojunk=False).get_opcodes()
+    tag, i1, i2, j1, j2 = next(op for op in ops if op[0] != "equal")
+    i1, i2, j1, j2 = i1 + i0, i2 + i0, j1 + i0, j2 + i0
+    got = decoded[pb[j1]:] if j1 < len(pb) else ""
+    lost = text[pa[i1]:pa[i2 - 1] + 1] if i2 > i1 else ""
+    if tag == "delete" or (tag == "replace" and not got):
+        return f"the tokenizer drops {_quote(lost)} (decode(encode(text)) = {_quote(got)})"
+    if tag == "insert":
+        where = _quote(text[pa[i1]:]) if i1 < len(pa) else "the end"
+        return f"decode(encode(text)) adds {_quote(decoded[pb[j1]:pb[j2 - 1] + 1])} before {where}"
+    return f"the tokenizer turns {_quote(lost)} into {_quote(decoded[pb[j1]:pb[j2 - 1] + 1])} " \
+           f"(decode(encode(text)) = {_quote(got)})"
+
+
+def _normalise(tokenizer, s: str) -> str:
+    """``s`` through the tokenizer's backend normaliser (NFC, lowercasing, ...), if it has one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    norm = getattr(backend, "normalizer", None) if backend is not None else None
+    return norm.normalize_str(s) if norm is not None else s
+
+
+def check_round_trip(tokenizer, text: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]] | None, *,
+                     where: str, vocab_size: int | None = None, field: str = "reasoning_calib") -> None:
+    """Raise :class:`CalibrationError` (naming ``where``) unless ``text`` survives the tokenizer:
+    every id < ``vocab_size``; ``decode(ids)`` has the visible characters of ``text`` (both through
+    the tokenizer's normaliser; whitespace and ▁ ignored); no character became the unknown token;
+    ``offsets`` (when given) cover every visible character."""
+    hint = "; is this the LRM's tokenizer?"
+    if vocab_size is not None:
+        bad = [(k, t) for k, t in enumerate(ids) if not 0 <= int(t) < vocab_size]
+        if bad:
+            k, t = bad[0]
+            piece = text[offsets[k][0]:offsets[k][1]] if offsets else ""
+            raise CalibrationError(f"{where}: token id {t} (for {_quote(piece)}) is outside the model's "
+                                   f"vocabulary of {vocab_size} ({len(bad)} such tokens){hint}", field=field)
+    decoded = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    loss = _first_loss(_normalise(tokenizer, text), _normalise(tokenizer, decoded))
+    if loss:
+        raise CalibrationError(f"{where}: {loss}{hint}", field=field)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and offsets:
+        for k, t in enumerate(ids):
+            a, b = offsets[k]
+            if t == unk and text[a:b] != tokenizer.unk_token and text[a:b].strip():
+                raise CalibrationError(f"{where}: the tokenizer maps {_quote(text[a:b])} (character {a}) to "
+                                       f"its unknown token {tokenizer.unk_token!r}{hint}", field=field)
+    if offsets:
+        covered = bytearray(len(text))
+        for a, b in offsets:
+            a, b = min(a, len(text)), min(b, len(text))
+            if b > a:
+                covered[a:b] = b"\x01" * (b - a)
+        miss = next((i for i, c in enumerate(text) if not covered[i] and c.isprintable() and not c.isspace()),
+                    None)
+        if miss is not None:
+            end = next((i for i in range(miss, len(text)) if covered[i]), len(text))
+            raise CalibrationError(f"{where}: no token covers {_quote(text[miss:end])} (character {miss}; "
+                                   f"the tokenizer drops it){hint}", field=field)
+
+
 def build_text(tokenizer, sample: dict[str, Any]) -> str:
     """chat template(prompt, generation prompt) [+ <think>\\n] + reasoning + \\n</think>\\n\\n + response."""
     head = tokenizer.apply_chat_template([{"role": "user", "content": sample["prompt"]}], tokenize=False,
@@ -173,12 +272,14 @@ def thinking_positions(text: str, offsets: list[tuple[int, int]], radius: int) -
 def prepare_reasoning_calibration(tokenizer, source: str | Path | list[dict] | None = None, *,
                                   radius: int = DEFAULT_RADIUS, max_samples: int | None = None,
                                   max_seq_len: int = 4096, min_samples: int = DEFAULT_MIN_SAMPLES,
-                                  ) -> CalibrationSet:
+                                  vocab_size: int | None = None) -> CalibrationSet:
     """Tokenise the reasoning calibration set and locate Ω.
 
     ``source``: a JSON/JSONL path, a list of sample dicts, or ``None`` for the packaged set.
     Takes the first ``max_samples`` usable samples. Raises :class:`CalibrationError` when fewer than
-    ``min(min_samples, max_samples)`` samples are usable (skips: marker count, too long).
+    ``min(min_samples, max_samples)`` samples are usable (skips: marker count, too long), or when a
+    tokenised sample does not survive the tokenizer (:func:`check_round_trip`; ids must be below
+    ``vocab_size``, the LRM's ``config.vocab_size``, when given).
     """
     if radius < 0:
         raise CalibrationError(f"radius must be >= 0, got {radius}")
@@ -204,6 +305,8 @@ def prepare_reasoning_calibration(tokenizer, source: str | Path | list[dict] | N
         text = build_text(tokenizer, s)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        check_round_trip(tokenizer, text, ids, offsets, where=f"reasoning calibration {label} sample {i}",
+                         vocab_size=vocab_size)
         pos = thinking_positions(text, offsets, radius)
         if pos is None:
             skipped["markers"] += 1

@@ -13,13 +13,18 @@ Pipeline (``run_stage2``):
 
    (queries = response tokens, keys = instruction prompt tokens).  E_x is the mean over the
    (sample, instruction) pairs where the statistic is defined (R_i resp. U_i non-empty).
-3. Closed form per head (:func:`alpha_from_stats`)::
+3. Closed form per head (:func:`alpha_from_stats`, in :mod:`rain_adapter.build.alpha`)::
 
        g = E[a1] − ρ E[u1]                                   ("level", default)
        g = E[a1 − a0] − ρ E[u1 − u0]                         ("gain")
        H = 1 + E[u1]
-       α_raw = g / H;  α = α_raw / mean_{ℓ,h}(α_raw) ("mean", default) or α_raw ("none");
-       α = clip(α, 0, α_max)
+       α_raw = g / H
+       "mean" (default): α = clip(c·α_raw / mean_{ℓ,h}(α_raw), 0, α_max), the scale c solving
+                         mean_{ℓ,h}(α) = 1 exactly (c = 1 when nothing is clipped)
+       "none":           α = clip(α_raw, 0, α_max)
+
+   so under "mean" λ means the same as for task arithmetic (mean coefficient 1 over all heads);
+   α's spread (mean, std, min, max, shares at α_max / 0, c) goes to ``config.stage2["alpha_stats"]``.
 
 4. Fold α into the stored deltas (:func:`fold_alpha`): q rows / o columns of head h get α_h,
    k/v rows of kv head j get mean_{h: h // n_rep = j} α_h, gate/up/down get the layer mean.
@@ -27,7 +32,7 @@ Pipeline (``run_stage2``):
 
 from __future__ import annotations
 
-import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -37,23 +42,18 @@ import torch
 from torch import Tensor
 
 from ..format.arch import attention_geometry, module_layer, module_role
+from .alpha import ALPHA_GRADS, ALPHA_NORMS, Stage2Error, alpha_from_stats, alpha_with_stats, format_alpha_stats
 from .attention import AttentionPair, attention_pair_stats
 from ..format.delta import ModuleDelta
 from .spans import CalibSample, prepare_instruction_samples
 
 __all__ = [
     "Stage2Error", "AttentionStats", "collect_attention_stats", "alpha_from_stats", "fold_alpha",
-    "fold_alpha_all", "run_stage2", "format_alpha_table", "ALPHA_GRADS", "ALPHA_NORMS",
+    "fold_alpha_all", "run_stage2", "format_alpha_table", "ALPHA_GRADS", "ALPHA_NORMS", "alpha_with_stats",
 ]
 
-ALPHA_GRADS = ("level", "gain")
-ALPHA_NORMS = ("mean", "none")
 #: minimum fraction of (sample, instruction) pairs whose alignment a must be > 0
 MIN_POSITIVE_FRACTION = 0.9
-
-
-class Stage2Error(RuntimeError):
-    """Stage 2 cannot produce meaningful coefficients (empty / all-zero statistics, bad options)."""
 
 
 class AttentionStats:
@@ -86,52 +86,6 @@ class AttentionStats:
         """E[a1], E[u1], E[a0], E[u0] as ``[L, H]`` float64 (u's are 0 when no U spans were seen)."""
         na, nu = max(self.n_a, 1), max(self.n_u, 1)
         return {"a1": self.a1 / na, "u1": self.u1 / nu, "a0": self.a0 / na, "u0": self.u0 / nu}
-
-
-# ----------------------------------------------------------------------------------------------
-# the closed form
-# ----------------------------------------------------------------------------------------------
-def alpha_from_stats(a1: Tensor, u1: Tensor, *, rho: float = 0.5, alpha_grad: str = "level",
-                     a0: Tensor | None = None, u0: Tensor | None = None, alpha_norm: str = "mean",
-                     alpha_max: float = 1.5) -> tuple[Tensor, Tensor, float]:
-    """α per (layer, head) from mean statistics ``[L, H]``; returns (α, α_raw, normaliser).
-
-    level: g = a1 − ρ u1;  gain: g = (a1 − a0) − ρ (u1 − u0);  H = 1 + u1;  α_raw = g / H.
-    ``mean``: α = α_raw / mean(α_raw) (normaliser = mean(α_raw)); ``none``: α = α_raw (normaliser 1).
-    Then α = clip(α, 0, α_max).  Raises :class:`Stage2Error` on all-zero or non-finite statistics,
-    or a non-positive mean α_raw under ``mean`` normalisation.
-    """
-    if alpha_grad not in ALPHA_GRADS:
-        raise Stage2Error(f"alpha_grad must be one of {ALPHA_GRADS}, got {alpha_grad!r}")
-    if alpha_norm not in ALPHA_NORMS:
-        raise Stage2Error(f"alpha_norm must be one of {ALPHA_NORMS}, got {alpha_norm!r}")
-    if not (alpha_max > 0 and math.isfinite(alpha_max)):
-        raise Stage2Error(f"alpha_max must be a positive finite number, got {alpha_max!r}")
-    a1, u1 = a1.double(), u1.double()
-    for name, t in (("a", a1), ("u", u1)):
-        if not torch.isfinite(t).all():
-            raise Stage2Error(f"attention statistic {name} holds NaN/Inf")
-    if not bool((a1 > 0).any()):
-        raise Stage2Error("all alignment statistics a are zero: the probe saw no attention from related response "
-                          "tokens to instruction tokens (spans / tokenisation / attention probe broken)")
-    if alpha_grad == "level":
-        g = a1 - rho * u1
-    else:
-        if a0 is None or u0 is None:
-            raise Stage2Error("alpha_grad='gain' needs the λ = 0 statistics a0 and u0")
-        g = (a1 - a0.double()) - rho * (u1 - u0.double())
-    raw = g / (1.0 + u1)
-    if alpha_norm == "mean":
-        m = float(raw.mean())
-        if not (m > 0 and math.isfinite(m)):
-            raise Stage2Error(
-                f"mean raw α over all heads is {m:.3e} (≤ 0): cannot normalise to mean 1 "
-                f"(alpha_grad={alpha_grad!r}, rho={rho}); try alpha_grad='level' or a smaller rho")
-        alpha = raw / m
-    else:
-        m = 1.0
-        alpha = raw.clone()
-    return alpha.clamp(0.0, alpha_max).float(), raw.float(), m
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +238,9 @@ def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_cal
         raise Stage2Error(f"alpha_grad must be one of {ALPHA_GRADS}, got {alpha_grad!r}")
     if alpha_norm not in ALPHA_NORMS:
         raise Stage2Error(f"alpha_norm must be one of {ALPHA_NORMS}, got {alpha_norm!r}")
+    if alpha_norm == "mean" and not alpha_max >= 1:   # fail before the passes: mean 1 is unreachable
+        raise Stage2Error(f"alpha_max = {alpha_max!r} < 1: α clipped to [0, alpha_max] cannot have mean 1 "
+                          f"(alpha_norm='mean'); raise --alpha-max or use --alpha-norm none")
     if isinstance(model, RainModel):
         raise Stage2Error("run_stage2 needs the bare LRM; detach() the attached adapter first")
     if not deltas:
@@ -322,10 +279,13 @@ def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_cal
             f"alignment a > 0 on only {stats.n_a_positive}/{stats.n_a} instruction pairs "
             f"(< {MIN_POSITIVE_FRACTION:.0%}): the attention statistics are broken")
     m = stats.means()
-    alpha, raw, norm = alpha_from_stats(m["a1"], m["u1"], rho=rho, alpha_grad=alpha_grad,
-                                        a0=m["a0"] if alpha_grad == "gain" else None,
-                                        u0=m["u0"] if alpha_grad == "gain" else None,
-                                        alpha_norm=alpha_norm, alpha_max=alpha_max)
+    res = alpha_with_stats(m["a1"], m["u1"], rho=rho, alpha_grad=alpha_grad,
+                           a0=m["a0"] if alpha_grad == "gain" else None,
+                           u0=m["u0"] if alpha_grad == "gain" else None,
+                           alpha_norm=alpha_norm, alpha_max=alpha_max)
+    alpha, raw, norm = res.alpha, res.raw, res.normaliser
+    if progress:
+        print("[rain build] stage2: " + format_alpha_stats(res.stats, alpha_max), file=sys.stderr, flush=True)
     folded = fold_alpha_all(deltas, alpha, n_heads, n_kv, head_dim, o_alpha=o_alpha)
 
     def table(t: Tensor) -> dict[str, list[float]]:
@@ -342,6 +302,7 @@ def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_cal
         "alpha": table(alpha),
         "alpha_layer_mean": {str(i): round(float(alpha[i].mean()), 6) for i in range(n_layers)},
         "alpha_raw_normaliser": norm,
+        "alpha_stats": res.stats,
         "alpha_clipped": {"low": int((raw / norm < 0).sum()), "high": int((raw / norm > alpha_max).sum())},
         "mean_a": float(m["a1"].mean()), "mean_u": float(m["u1"].mean()),
         "pairs_a": stats.n_a, "pairs_u": stats.n_u, "frac_a_positive": round(frac_pos, 4),
@@ -374,6 +335,15 @@ def format_alpha_table(summary: dict, top: int = 5) -> str:
             f"  samples used {s.get('samples_used')}/{s.get('records')} (too long {s.get('skipped_too_long')}, "
             f"no spans {s.get('skipped_no_spans')}); pairs a={summary.get('pairs_a')} u={summary.get('pairs_u')}; "
             f"mean a={summary.get('mean_a', float('nan')):.4g} u={summary.get('mean_u', float('nan')):.4g}")
+    st = summary.get("alpha_stats")
+    if not isinstance(st, dict):   # adapters built before alpha_stats was recorded: from the table
+        a = torch.tensor([x for row in table.values() for x in row], dtype=torch.float64)
+        amax = float(summary.get("alpha_max", float("inf")))
+        st = {"n": a.numel(), "mean": float(a.mean()), "std": float(a.std(unbiased=False)), "min": float(a.min()),
+              "max": float(a.max()), "frac_at_max": float((a >= amax - 1e-6).double().mean()),
+              "frac_at_zero": float((a <= 0).double().mean())}
+    lines.append("  " + format_alpha_stats(st, summary.get("alpha_max"))
+                 + ("" if "scale" in st else " (renormalisation after clipping not recorded)"))
     lines.append("  per-layer mean α: " + " ".join(
         f"L{l_idx}:{sum(row) / len(row):.3f}" for l_idx, row in sorted(table.items())))
     ranked = sorted(heads, reverse=True)

@@ -11,6 +11,10 @@ V ``[in, k]``, k = min(n, in) (the left singular vectors of the paper's ``X [in,
             float32 [48, 128] X). A fixed 1e-4 left residuals of 2e-4 on the tiny triple: the dropped
             directions' share of ‖ΔX‖ is about sqrt(Σ_dropped s²)/‖s‖, so the cut-off must sit well
             below the residual target.
+    exact:  ``hard`` with E = 1.0, by name: remove every direction of the feature row space above
+            rtol (Δ⊥ Xᵀ = 0 up to rtol); ``protect_energy`` is not used. Bit for bit the same
+            result as ``hard`` at 1.0. With many more rows than the width it removes most of Δ
+            (the build warns when the kept norm is near zero, ``report.kept_norm_check``).
     ridge:  Δ⊥ = Δ − (Δ V) diag(s² / (s² + ρ)) Vᵀ,   ρ = ``ridge`` · mean(s²)
     none:   Δ⊥ = Δ
     random: a control, not a method: Δ⊥ = Δ − (Δ Q) Qᵀ with Q ``[in, m]`` an orthonormal basis of
@@ -36,7 +40,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-PROJECTIONS = ("hard", "ridge", "none", "random")
+PROJECTIONS = ("hard", "exact", "ridge", "none", "random")
+#: projections that remove the leading m directions chosen by ``protect_energy`` (exact: m = rank)
+ENERGY_PROJECTIONS = ("hard", "random")
 #: Chosen on behaviour in the toy world (bench/RESULTS.md): accuracy at equal compliance was best
 #: at E = 0.9-0.95 and lower at 0.99 (which also pushed compliance out to λ ≈ 4). DESIGN's
 #: provisional 0.99 protects more of the thinking-position outputs at the cost of more of Δ.
@@ -122,6 +128,8 @@ def project(delta: Tensor, X: Tensor, *, projection: str = "hard",
     ``random`` control's subspace (ignored otherwise; default: seed 0)."""
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if projection == "exact":  # the exact projector: hard, every direction above rtol
+        projection, protect_energy = "hard", 1.0
     if delta.ndim != 2 or X.ndim != 2 or delta.shape[1] != X.shape[1]:
         raise ValueError(f"shape mismatch: delta {tuple(delta.shape)} [out, in] vs features {tuple(X.shape)} [n, in]")
     out_dtype, out_dev = delta.dtype, delta.device

@@ -25,6 +25,7 @@ from ..format.arch import validate_roles
 from ..format.dtypes import DTYPES
 from ..format.paths import adapter_home
 from .calibration import DEFAULT_MIN_SAMPLES, DEFAULT_RADIUS
+from .errors import BuildError
 from .methods import DEFAULT_DENSITY, DEFAULT_DROP, get_method, method_names
 from .nullspace import DEFAULT_PROTECT_ENERGY, DEFAULT_RIDGE, PROJECTIONS
 from .presets import PRESETS, get_preset, preset_output_name
@@ -35,13 +36,8 @@ STORAGES = ("dense", "lowrank")
 MODEL_FIELDS = ("lrm", "itm", "base", "out")
 
 
-class BuildError(ValueError):
-    """A build that cannot proceed; the message says which input is wrong, ``field`` names the
-    BuildOptions field when the error is about one option."""
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+__all__ = ["GROUPS", "STORAGES", "MODEL_FIELDS", "BuildError", "BuildOptions", "flag", "parse_int_list",
+           "parse_str_list"]
 
 
 def parse_int_list(s: str) -> list[int]:
@@ -109,8 +105,10 @@ class BuildOptions:
         None, "stage 1", "JSON/JSONL {prompt, reasoning, response} (default: the packaged set, or $RAIN_CALIB_DIR)")
     radius: int = _opt(DEFAULT_RADIUS, "stage 1", f"inner neighbours of <think>/</think> (default {DEFAULT_RADIUS})",
                        parse=int)
-    projection: str = _opt("hard", "stage 1", "hard (default), ridge, none, or random: a control that removes as "
-                           "many input directions as hard, drawn at random (seeded by --seed)", choices=PROJECTIONS)
+    projection: str = _opt("hard", "stage 1", "hard (default: the directions holding --protect-energy of the "
+                           "feature energy), exact (every direction of the features above rtol: hard at 1.0), "
+                           "ridge, none, or random: a control that removes as many input directions as hard, "
+                           "drawn at random (seeded by --seed)", choices=PROJECTIONS)
     project_layers: Sequence[int] | None = _opt(
         None, "stage 1", "project only these layers, e.g. 0-13 (default all; the others keep the plain task "
         "vector; in the toy world the first half did best, bench/RESULTS.md)", parse=parse_int_list)
@@ -136,9 +134,10 @@ class BuildOptions:
                       parse=float)
     alpha_grad: str = _opt("level", "stage 2", "level: g = a(λ=1) − ρ·u(λ=1); gain: the change from λ = 0 (default level)",
                            choices=["level", "gain"])
-    alpha_norm: str = _opt("mean", "stage 2", "mean: α = α_raw / mean(α_raw); none: α = α_raw (default mean)",
+    alpha_norm: str = _opt("mean", "stage 2", "mean: α = clip(c·α_raw, 0, alpha_max) with c chosen so mean(α) = 1 after clipping (λ then "
+                           "means the same as for rain-stage1); none: α = clip(α_raw, 0, alpha_max) (default mean)",
                            choices=["mean", "none"])
-    alpha_max: float = _opt(1.5, "stage 2", "clip α to [0, alpha_max] (default 1.5)", parse=float)
+    alpha_max: float = _opt(1.5, "stage 2", "clip α to [0, alpha_max]; ≥ 1 with --alpha-norm mean (default 1.5)", parse=float)
     o_alpha: str = _opt("mean", "stage 2", "o_proj: layer-mean α (default; keeps the Stage 1 constraint) or "
                         "per-head input columns", choices=["mean", "head"])
     stage2_max_samples: int | None = _opt(None, "stage 2", "default: --max-samples", parse=int)
@@ -210,6 +209,13 @@ class BuildOptions:
             raise BuildError(f"--protect-energy must be in [0, 1], got {self.protect_energy}", field="protect_energy")
         if self.projection == "ridge" and self.ridge <= 0:
             raise BuildError(f"--ridge must be > 0, got {self.ridge}", field="ridge")
+        if self.projection == "exact" and self.protect_energy not in (DEFAULT_PROTECT_ENERGY, 1.0):
+            raise BuildError(f"--protect-energy {self.protect_energy} does not apply to --projection exact (it "
+                             "removes every direction of the features); use --projection hard for a fraction",
+                             field="protect_energy")
+        if get_method(self.method).stage2 and self.alpha_norm == "mean" and not self.alpha_max >= 1:
+            raise BuildError(f"--alpha-max {self.alpha_max} < 1: α clipped to [0, alpha_max] cannot have mean 1 "
+                             "(--alpha-norm mean); raise --alpha-max or use --alpha-norm none", field="alpha_max")
 
     def _check_storage(self) -> None:
         if self.storage == "lowrank" and self.rank is None and self.rank_energy is None:

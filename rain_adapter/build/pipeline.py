@@ -4,13 +4,21 @@
 
 1. :func:`resolve_options`: BuildOptions validated (``options``), ``--preset`` applied;
    :func:`output_dir` refuses an existing output (unless ``--overwrite``);
-2. :func:`load_calibration`: tokenizer + reasoning calibration → token ids and thinking positions Ω
-   (``calibration``; only for methods that project);
+2. before any weight is loaded (``preflight``, seconds even for 32B models): the three configs
+   compared (``preflight.check_configs``: structural differences fail, others warn); then
+   :func:`load_calibration`: tokenizer + reasoning calibration → token ids and thinking positions Ω
+   (``calibration``; only for methods that project), every sample round-tripped through the
+   tokenizer with ids below the LRM's ``vocab_size``; when Stage 2 will run, the instruction set
+   prepared and checked as Stage 2 will (``preflight.check_instruction_calibration``); the ITM /
+   base shard headers against the LRM's module names and shapes from a ``meta``-device skeleton of
+   its config (``preflight.check_checkpoints``). A Hub id that cannot be fetched is one line
+   (``hub.fetching``);
 3. :func:`load_lrm`: the LRM once (``AutoModelForCausalLM``, ``dtype=``), its targeted linears (``arch``);
-4. :func:`check_sources`: the ITM / base shards against the LRM's module names and shapes (headers only);
+4. :func:`check_sources`: the same header check against the loaded modules;
 5. :func:`run_stage1`: per layer, features X at Ω (``features``; one pass or ``--sequential``), then
    per module the streamed Δ_I (``taskvector``) → Stage 1 projection (``nullspace.project``) or the
    method's transform (``methods``); each finished layer goes to ``<out>.partial/`` (``cache``);
+   then :func:`check_kept_norm` warns loudly when Stage 1 left (almost) nothing of Δ;
 6. :func:`apply_stage2`: Stage 2 (``coefficients.run_stage2``) when the method has it and an
    instruction calibration set is given;
 7. :func:`compress_storage`: ``--storage lowrank`` → ``lowrank.compress``;
@@ -45,20 +53,22 @@ from tqdm.auto import tqdm
 
 from ..format import store
 from ..format.fingerprint import compute_fingerprint
-from ..format.arch import module_layer, module_role, target_linears, validate_roles
+from ..format.arch import module_role
 from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
 from . import cache as layer_cache
-from . import features, taskvector
+from . import features, preflight, taskvector
 from .cache import PARTIAL_SUFFIX, PartialCache
 from .calibration import CalibrationSet, prepare_reasoning_calibration
 from .coefficients import run_stage2
+from .errors import KeptNormWarning
 from .features import trim_heap
 from .lowrank import compress, rank_field
 from .methods import MergeMethod, get_method, module_generator
-from .nullspace import project
+from .hub import fetching
+from .nullspace import ENERGY_PROJECTIONS, project
 from .options import MODEL_FIELDS, BuildError, BuildOptions
-from .report import BuildLog, calibration_line, done_line, format_stats_table
+from .report import BuildLog, calibration_line, done_line, format_stats_table, kept_norm_check
 
 __all__ = ["PARTIAL_SUFFIX", "BuildError", "BuildOptions", "build_adapter", "format_stats_table"]
 
@@ -101,70 +111,59 @@ def resolve_options(lrm: Any, itm: Any, base: Any, out: Any, options: BuildOptio
 
 
 def output_dir(opts: BuildOptions) -> Path:
-    """The output directory; an existing one is refused unless ``overwrite``."""
+    """The output directory, vetted before any model is loaded: an existing one is refused unless
+    ``overwrite``, and even then unless it is an adapter directory or empty (``--out ~
+    --overwrite`` must not wipe a home directory); an ``<out>.partial`` this library did not create
+    is refused (never deleted); an output that could not be created is a PermissionError now
+    rather than after the LRM forwards."""
     out = Path(opts.out).expanduser()
     if out.exists() and not opts.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    store.check_replaceable(out)
+    layer_cache.check_partial(out)
+    store.check_writable(out)
     return out
 
 
 # ---- 2.-4. inputs ----------------------------------------------------------------------------
-def load_calibration(opts: BuildOptions, method: MergeMethod, log: BuildLog) -> tuple[Any, CalibrationSet | None]:
-    """The LRM's tokenizer, and (for projecting methods) the reasoning calibration set."""
+def load_calibration(opts: BuildOptions, method: MergeMethod, log: BuildLog, vocab_size: int | None = None
+                     ) -> tuple[Any, CalibrationSet | None]:
+    """The LRM's tokenizer, and (for projecting methods) the reasoning calibration set, every
+    sample round-tripped through the tokenizer (ids below ``vocab_size``, the LRM's config)."""
     # lazy: `import rain_adapter` stays free of transformers
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(opts.lrm))
+    with fetching(opts.lrm, "lrm"):
+        tokenizer = AutoTokenizer.from_pretrained(str(opts.lrm))
     if not method.projects:
         return tokenizer, None
     calib = prepare_reasoning_calibration(tokenizer, opts.reasoning_calib, radius=opts.radius,
                                           max_samples=opts.max_samples, max_seq_len=opts.max_seq_len,
-                                          min_samples=opts.min_samples)
+                                          min_samples=opts.min_samples, vocab_size=vocab_size)
     log(calibration_line(calib.info))
     return tokenizer, calib
-
-
-def _projected_layers(opts: BuildOptions, method: MergeMethod, layer_ids: list[int], n_layers: int) -> set[int]:
-    """``--project-layers`` (default: every merged layer); ids outside the model are refused."""
-    if opts.project_layers is None:
-        return set(layer_ids)
-    proj = {int(i) for i in opts.project_layers}
-    bad = sorted(proj - set(range(n_layers)))
-    if bad and method.projects:
-        raise BuildError(f"--project-layers: {bad} not in the model's layers 0-{n_layers - 1}", field="project_layers")
-    return proj
 
 
 def load_lrm(opts: BuildOptions, method: MergeMethod) -> Targets:
     """Load the LRM once (eval, ``opts.dtype``), pick the targeted linears, fingerprint them."""
     from transformers import AutoModelForCausalLM  # lazy, as above
 
-    model = AutoModelForCausalLM.from_pretrained(str(opts.lrm), dtype=opts.model_dtype)
+    with fetching(opts.lrm, "lrm"):
+        model = AutoModelForCausalLM.from_pretrained(str(opts.lrm), dtype=opts.model_dtype)
     model.eval()
-    n_layers = int(model.config.num_hidden_layers)
-    roles = validate_roles(opts.targets) if opts.targets else None
-    layer_ids = list(opts.layers) if opts.layers is not None else list(range(n_layers))
-    layer_ids = [i for i in layer_ids if i >= opts.skip_first_layers]
-    if not layer_ids:
-        raise BuildError(f"no layers left to merge (layers={opts.layers}, "
-                         f"skip_first_layers={opts.skip_first_layers})", field="layers")
-    modules = target_linears(model, roles, layer_ids)
-    proj_layers = _projected_layers(opts, method, layer_ids, n_layers)
+    modules, by_layer, layer_ids, proj_layers = preflight.select_targets(opts, method, model)
     names = list(modules)
-    by_layer: dict[int, list[str]] = {}
-    for n in names:
-        by_layer.setdefault(module_layer(n), []).append(n)
     fingerprint = compute_fingerprint(model, names)  # the LRM's weights: fixed for the whole build
     if opts.device is not None and not opts.sequential:
         model.to(opts.device)
     return Targets(model, modules, names, by_layer, layer_ids, proj_layers, fingerprint)
 
 
-def check_sources(opts: BuildOptions, modules: dict[str, nn.Linear]) -> Sources:
-    """Open the ITM and base checkpoints and check every targeted module against the LRM's
-    shapes (safetensors headers only; nothing is read yet)."""
-    itm_r = taskvector.CheckpointReader(opts.itm, "ITM")
-    base_r = taskvector.CheckpointReader(opts.base, "base")
+def check_sources(opts: BuildOptions, modules: dict[str, nn.Linear], sources: Sources | None = None) -> Sources:
+    """Check every targeted module of the loaded LRM against the ITM's and base's shapes
+    (safetensors headers only; nothing is read yet); opens the checkpoints unless ``sources``."""
+    itm_r, base_r = sources or (taskvector.CheckpointReader(opts.itm, "ITM"),
+                                taskvector.CheckpointReader(opts.base, "base"))
     taskvector.check_task_vector(itm_r, base_r, taskvector.module_shapes(modules), merge_bias=opts.merge_bias)
     return itm_r, base_r
 
@@ -194,19 +193,20 @@ class LayerWork:
     cache: PartialCache
 
     def module(self, name: str, layer: int, feats: dict[str, torch.Tensor] | None) -> tuple[ModuleDelta, dict]:
-        """(D, stats) for one module; ``feats[name]``: X [rows, in] at the thinking positions."""
+        """(D, stats) for one module; ``feats[name]``: X [rows, in] at the thinking positions. Every
+        stats dict carries ``task_norm`` = ‖Δ‖_F (what plain task arithmetic would store)."""
         o = self.opts
         md = taskvector.task_vector(*self.sources, name, merge_bias=o.merge_bias)
+        dn = float(md.delta.norm())
         if self.method.projects and layer not in self.proj_layers:
-            return md, {"projected": False, "kept_norm": 1.0 if float(md.delta.norm()) > 0 else 0.0}
+            return md, {"projected": False, "kept_norm": 1.0 if dn > 0 else 0.0, "task_norm": dn}
         if self.method.projects:
             P, st = project(md.delta, feats[name], projection=o.projection, protect_energy=o.protect_energy,
                             ridge=o.ridge, dtype=o.compute_dtype, device=o.device,
                             generator=module_generator(o.seed, name))
-            return ModuleDelta(delta=P, bias=md.bias), st.to_dict()
+            return ModuleDelta(delta=P, bias=md.bias), {**st.to_dict(), "task_norm": dn}
         td = self.method.apply(name, md, vars(o))
-        dn = float(md.delta.norm())
-        return td, {"kept_norm": float(td.delta.norm()) / dn if dn > 0 else 0.0}
+        return td, {"kept_norm": float(td.delta.norm()) / dn if dn > 0 else 0.0, "task_norm": dn}
 
     def layer(self, layer: int, names: list[str], feats: dict[str, torch.Tensor] | None) -> None:
         """All modules of ``layer`` → one cached layer file."""
@@ -284,19 +284,36 @@ def compress_storage(opts: BuildOptions, deltas: dict[str, ModuleDelta]
 
 
 # ---- 8. config -------------------------------------------------------------------------------
+def check_kept_norm(opts: BuildOptions, method: MergeMethod, stats: dict[str, dict],
+                    calib: CalibrationSet | None, log: BuildLog) -> dict[str, Any]:
+    """After Stage 1: the overall kept norm sqrt(Σ‖Δ⊥‖²)/sqrt(Σ‖Δ‖²), and a loud warning
+    (:class:`KeptNormWarning`, printed even without ``verbose``) when it, or more than half of the
+    projected modules, is (near) zero. Returns what ``config.stage1`` records of it."""
+    hint = ""
+    if method.projects:
+        energy = f"--protect-energy {opts.protect_energy}, " if opts.projection in ENERGY_PROJECTIONS else ""
+        rows = f"{calib.n_positions} calibration rows" if calib is not None else "the calibration rows"
+        hint = f"--projection {opts.projection}, {energy}{rows}"
+    total, msg = kept_norm_check(stats, hint)
+    if msg:
+        log.warn(msg, KeptNormWarning)
+    return {"kept_norm_total": total, "warnings": [msg] if msg else []}
+
+
 def stage1_record(opts: BuildOptions, method: MergeMethod, targets: Targets, stats: dict[str, dict],
-                  calib: CalibrationSet | None) -> dict[str, Any]:
+                  calib: CalibrationSet | None, checks: dict[str, Any] | None = None) -> dict[str, Any]:
     """``config.stage1``: the common settings, the calibration, and what the method declares —
-    a transform method's ``params``; for projection, the options of the chosen projection."""
+    a transform method's ``params``; for projection, the options of the chosen projection;
+    ``checks``: what :func:`check_kept_norm` found."""
     proj = method.projects
     rec: dict[str, Any] = {
         "method": method.name,
         "projection": opts.projection if proj else None,
-        "protect_energy": opts.protect_energy if proj and opts.projection in ("hard", "random") else None,
+        "protect_energy": opts.protect_energy if proj and opts.projection in ENERGY_PROJECTIONS else None,
         "ridge": opts.ridge if proj and opts.projection == "ridge" else None,
         "rtol": "max(n, in)*eps(svd_dtype)",
         "svd_dtype": opts.svd_dtype, "radius": opts.radius, "sequential": opts.sequential,
-        "merge_bias": opts.merge_bias, "modules": stats,
+        "merge_bias": opts.merge_bias, "modules": stats, **(checks or {}),
     }
     if calib is not None:
         rec.update({k: calib.info[k] for k in ("calib_path", "calib_hash", "n_samples", "n_positions", "skipped",
@@ -313,13 +330,14 @@ def stage1_record(opts: BuildOptions, method: MergeMethod, targets: Targets, sta
 
 def make_config(opts: BuildOptions, targets: Targets, *, method_name: str, stage1: dict, stage2: dict,
                 fidelity: dict, rank: Any, log: BuildLog) -> RainConfig:
-    """The adapter's config; ``extra`` records the build options and timings."""
+    """The adapter's config; ``extra`` records the build options, timings and the build's warnings."""
     return RainConfig(
         base_model_name_or_path=str(opts.lrm), itm_name_or_path=str(opts.itm), itm_base_name_or_path=str(opts.base),
         target_modules=list(dict.fromkeys(module_role(n) for n in targets.names)),
         layers=sorted(targets.by_layer), storage=opts.storage, rank=rank, dtype="float32", method=method_name,
         stage1=stage1, stage2=stage2, fidelity=fidelity, fingerprint=targets.fingerprint,
-        extra={"build_seconds": log.seconds(), "build_options": opts.to_dict()},
+        extra={"build_seconds": log.seconds(), "build_options": opts.to_dict(),
+               **({"warnings": list(log.warnings)} if log.warnings else {})},
     )
 
 
@@ -330,9 +348,13 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
     --help``), laid over ``options``; see the module docstring for the steps."""
     opts = resolve_options(lrm, itm, base, out, options, kwargs)
     out_dir, method, log = output_dir(opts), get_method(opts.method), BuildLog(opts.verbose)
-    tokenizer, calib = load_calibration(opts, method, log)
+    configs = preflight.check_configs(opts, log)
+    tokenizer, calib = load_calibration(opts, method, log, configs.vocab_size)
+    if wants_stage2(opts, method):
+        preflight.check_instruction_calibration(opts, tokenizer, configs.vocab_size, log)
+    sources = preflight.check_checkpoints(opts, method, configs, log)
     targets = load_lrm(opts, method)
-    sources = check_sources(opts, targets.modules)
+    sources = check_sources(opts, targets.modules, sources)
     cache = PartialCache(out_dir)
     done = cache.open(cache_settings(opts, method, targets, calib), resume=opts.resume, log=log)
     try:
@@ -349,11 +371,12 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
     deltas, stats = assemble(cache, targets)
     log.mark("stage1")
     log.table(stats)
+    checks = check_kept_norm(opts, method, stats, calib, log)
     deltas, stage2, method_name = apply_stage2(opts, method, targets, tokenizer, deltas)
     log.mark("stage2")
     deltas, fidelity, rank = compress_storage(opts, deltas)
     config = make_config(opts, targets, method_name=method_name, stage1=stage1_record(opts, method, targets, stats,
-                         calib), stage2=stage2, fidelity=fidelity, rank=rank, log=log)
+                         calib, checks), stage2=stage2, fidelity=fidelity, rank=rank, log=log)
     store.save_adapter(deltas, config, out_dir, overwrite=opts.overwrite)
     cache.remove()
     log(done_line(out_dir, method_name, len(deltas), opts.storage, log.elapsed()))

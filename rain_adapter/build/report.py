@@ -1,14 +1,32 @@
 """What ``rain build`` tells the user: the per-module Stage 1 table, the build log, the timings.
 
 Log lines go to stderr (prefixed ``[rain build]``), the stats table to stdout; both only when
-``verbose``. The timings end up in ``config.extra["build_seconds"]``.
+``verbose``. Warnings (:meth:`BuildLog.warn`) are printed whatever ``verbose`` says, raised as a
+Python warning of a named :class:`~rain_adapter.build.errors.BuildWarning` class, and recorded.
+The timings end up in ``config.extra["build_seconds"]``.
+
+:func:`kept_norm_check` looks at Stage 1's result: the overall kept norm
+sqrt(Σ‖Δ⊥‖²) / sqrt(Σ‖Δ‖²) over every module (each module's stats carry ``task_norm`` = ‖Δ‖_F and
+``kept_norm`` = ‖Δ⊥‖/‖Δ‖), and how many projected modules are (near) zero. With
+``--protect-energy 1.0`` (or ``--projection exact``) and many more thinking positions than a
+module's width, the projection removes almost all of Δ; the build then says so loudly.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+import warnings
 from typing import Any
+
+from .errors import BuildWarning
+
+#: overall kept norm below which the build warns that Stage 1 left (almost) nothing of Δ
+KEPT_NORM_WARN_TOTAL = 0.05
+#: a projected module whose kept norm is below this counts as (near) zero; more than half of
+#: them near zero is also warned about
+KEPT_NORM_ZERO = 0.01
 
 
 def format_stats_table(stats: dict[str, dict]) -> str:
@@ -25,6 +43,36 @@ def format_stats_table(stats: dict[str, dict]) -> str:
         lines.append(f"{'overall':<44} {'':>6} {'':>9} {(max(res) if res else float('nan')):>10.3e} "
                      f"{sum(kept) / len(kept):>10.4f}   (max residual, mean kept norm)")
     return "\n".join(lines)
+
+
+def kept_norm_total(stats: dict[str, dict]) -> float | None:
+    """sqrt(Σ‖Δ⊥‖²) / sqrt(Σ‖Δ‖²) over the modules whose stats carry ``task_norm``; None without any."""
+    pairs = [(float(s["task_norm"]), float(s.get("kept_norm", 0.0))) for s in stats.values() if "task_norm" in s]
+    total = sum(t * t for t, _ in pairs)
+    if not pairs or total <= 0:
+        return None
+    return math.sqrt(sum((t * k) ** 2 for t, k in pairs) / total)
+
+
+def kept_norm_check(stats: dict[str, dict], hint: str = "") -> tuple[float | None, str | None]:
+    """(overall kept norm, a warning or None). Warns when the overall kept norm is below
+    :data:`KEPT_NORM_WARN_TOTAL` or more than half of the projected modules (those with a
+    ``residual``; a module whose Δ is zero does not count) keep less than :data:`KEPT_NORM_ZERO`.
+    ``hint``: the settings that led there, for the message."""
+    total = kept_norm_total(stats)
+    projected = [s for s in stats.values() if "residual" in s and s.get("task_norm", 1.0) > 0]
+    zero = [s for s in projected if s["kept_norm"] < KEPT_NORM_ZERO]
+    if not projected or not ((total is not None and total < KEPT_NORM_WARN_TOTAL) or 2 * len(zero) > len(projected)):
+        return total, None
+    kept = f"{total:.1%}" if total is not None else "?"
+    empty = "the adapter is almost empty" if total is not None and total < KEPT_NORM_WARN_TOTAL else \
+        "most projected modules carry nothing"
+    msg = (f"Stage 1 kept {kept} of the task vector's norm overall and left {len(zero)} of {len(projected)} "
+           f"projected modules (near) zero (kept norm < {KEPT_NORM_ZERO}): {empty}"
+           + (f" ({hint})" if hint else "") + ". The thinking positions span (almost) every input direction of "
+           "those modules; lower --protect-energy (e.g. 0.95; --projection exact is hard at 1.0), use fewer "
+           "calibration samples (--max-samples), or use --projection ridge")
+    return total, msg
 
 
 def calibration_line(info: dict[str, Any]) -> str:
@@ -45,10 +93,18 @@ class BuildLog:
         self.t_start = time.perf_counter()
         self._t_last = self.t_start
         self.marks: dict[str, float] = {}
+        self.warnings: list[str] = []
 
     def __call__(self, msg: str) -> None:
         if self.verbose:
             print(msg, file=sys.stderr, flush=True)
+
+    def warn(self, msg: str, category: type[BuildWarning] = BuildWarning) -> None:
+        """Print ``[rain build] WARNING: msg`` (even when not verbose), record it in
+        :attr:`warnings`, and raise it as a Python warning of ``category``."""
+        self.warnings.append(msg)
+        print(f"[rain build] WARNING: {msg}", file=sys.stderr, flush=True)
+        warnings.warn(msg, category, stacklevel=3)
 
     def table(self, stats: dict[str, dict]) -> None:
         if self.verbose:

@@ -30,6 +30,12 @@ feed the forward pass.  Per related instruction i:
 
 A token overlaps a character range [s, e) when its offsets (ts, te) satisfy ts < e and te > s
 (zero-width special tokens never match).  A span string with no occurrence counts as missing.
+
+Every record's text must survive the tokenizer (``calibration.check_round_trip``: decode(encode)
+keeps every visible character, no unknown token, ids below the model's vocabulary, offsets cover
+the text); otherwise :class:`SpanError` names the file, the record and the characters lost.
+``build_adapter`` runs :func:`prepare_instruction_samples` before Stage 1 too, so a bad
+instruction set fails in seconds rather than after Stage 1.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .calibration import CalibrationError, check_round_trip
+from .errors import BuildError
+
 __all__ = [
     "InstructionGroup", "CalibSample", "SpanReport", "SpanError",
     "default_instruction_calib_path", "load_instruction_records", "validate_record",
@@ -54,8 +63,11 @@ THINK_CLOSE = "</think>"
 THINK_CLOSING = "\n</think>\n\n"
 
 
-class SpanError(ValueError):
+class SpanError(BuildError):
     """A malformed instruction calibration file, or no usable spans."""
+
+    def __init__(self, message: str, *, field: str | None = "instruction_calib") -> None:
+        super().__init__(message, field=field)
 
 
 @dataclass
@@ -237,13 +249,15 @@ def prepare_instruction_samples(
     max_seq_len: int = 4096,
     max_samples: int | None = None,
     source: str | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[list[CalibSample], SpanReport]:
     """Tokenise every record once and map its spans to token positions.
 
     Samples longer than ``max_seq_len`` tokens are skipped and counted; samples in which no
     instruction has both prompt tokens and related or unrelated response tokens are skipped and
     counted.  Raises :class:`SpanError` when no span at all is found (wrong tokenizer / template /
-    file) or no sample is usable.
+    file), no sample is usable, or a record's text does not survive the tokenizer (ids must be
+    below ``vocab_size``, the LRM's ``config.vocab_size``, when given).
     """
     if records_or_path is None or isinstance(records_or_path, (str, Path)):
         src = str(records_or_path if records_or_path is not None else default_instruction_calib_path())
@@ -260,6 +274,12 @@ def prepare_instruction_samples(
         text, p_range, r_start = build_sample_text(tokenizer, rec["prompt"], rec.get("reason") or "",
                                                    rec["response"])
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        try:
+            check_round_trip(tokenizer, text, enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]],
+                             where=f"instruction calibration {where}", vocab_size=vocab_size,
+                             field="instruction_calib")
+        except CalibrationError as e:
+            raise SpanError(str(e)) from None
         ids = torch.tensor(enc["input_ids"], dtype=torch.long)
         report.max_tokens = max(report.max_tokens, ids.numel())
         if ids.numel() > max_seq_len:

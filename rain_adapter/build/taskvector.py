@@ -20,33 +20,39 @@ from safetensors import safe_open
 from torch import Tensor
 
 from ..format.delta import ModuleDelta
+from .errors import BuildError
+from .hub import check_name, fetching
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BuildError):
     """A checkpoint that cannot supply the task vector; the message names the file and tensor."""
 
 
-def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
+#: CheckpointReader label -> the BuildOptions field that names the checkpoint
+_LABEL_FIELDS = {"ITM": "itm", "base": "base", "LRM": "lrm"}
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike, field: str | None = None) -> Path:
     """A local directory, or a Hub repo id fetched through the normal huggingface_hub cache
-    (safetensors + json files only). Offline misses raise a clear error."""
+    (safetensors + json files only). A failed fetch is one ``HubFetchError`` line (``hub.fetching``)."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
     name = str(name_or_path)
-    parts = name.split("/")
-    if len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
+    try:
+        check_name(name, field)
+    except BuildError:
+        raise CheckpointError(f"checkpoint {name!r}: no such directory (and not a Hub repo id)",
+                              field=field) from None
+    if p.exists():
+        raise CheckpointError(f"checkpoint {name!r}: not a directory", field=field)
+    with fetching(name, field):
+        from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json"]))
-        except Exception as e:  # offline, missing repo, ...
-            raise CheckpointError(
-                f"checkpoint {name!r}: not a local directory and the Hub snapshot failed ({type(e).__name__}: {e})"
-            ) from e
-    raise CheckpointError(f"checkpoint {name!r}: no such directory (and not a Hub repo id)")
+        return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json"]))
 
 
 class CheckpointReader:
@@ -57,7 +63,7 @@ class CheckpointReader:
 
     def __init__(self, name_or_path: str | os.PathLike, label: str = "checkpoint"):
         self.label = label
-        self.root = resolve_checkpoint_dir(name_or_path)
+        self.root = resolve_checkpoint_dir(name_or_path, _LABEL_FIELDS.get(label))
         self.loaded = 0
         self._weight_map: dict[str, Path] = {}
         index = self.root / INDEX_NAME

@@ -5,17 +5,25 @@ One flag per dataclass field, in field order, inside the field's ``group``: ``--
 False when it is True, e.g. ``--no-progress``); any other field takes one value converted by its
 ``parse`` (``int``, ``float``, ``str``, ``parse_int_list`` for ``0-3,8``, ``parse_str_list``), with its
 ``choices``. Defaults are the dataclass's, so ``rain build`` and ``build_adapter(**kw)`` agree by
-construction. ``--debug`` (tracebacks) is the only flag that is not a build option.
+construction. Two flags are not build options: ``--debug`` (tracebacks) and ``--list-presets``
+(print every ``--preset`` with its LRM / ITM / base and where the choice comes from, then exit 0;
+needs no other flag).
+
+A build's warnings (``BuildWarning``: a near-empty Stage 1, configs that differ) are printed by
+the build log itself, also with ``--no-verbose``; the CLI does not repeat them as Python warnings.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import MISSING, Field, fields
 
+from ..build.errors import BuildWarning
 from ..build.methods import REGISTRY
 from ..build.options import GROUPS, BuildOptions, flag
 from ..build.pipeline import build_adapter
+from ..build.presets import format_presets
 
 DESCRIPTION = ("Stream the ITM−base task vector, project it away from the LRM's inputs at the thinking "
                "positions (Stage 1), optionally compute per-head coefficients (Stage 2), write the adapter.")
@@ -37,10 +45,13 @@ def _add_option(group: argparse._ArgumentGroup, f: Field) -> None:
 
 
 def make_build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add every BuildOptions field (and ``--debug``) to ``p``, grouped as in :data:`GROUPS`."""
+    """Add every BuildOptions field (and ``--debug``, ``--list-presets``) to ``p``, grouped as in
+    :data:`GROUPS`."""
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in fields(BuildOptions):
         _add_option(groups[f.metadata["group"]], f)
+    groups["models"].add_argument("--list-presets", action="store_true",
+                                  help="print every --preset (LRM / ITM / base, and where it comes from) and exit")
     groups["storage and compute"].add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -60,5 +71,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    build_adapter(options=options_from_args(args))
+    if getattr(args, "list_presets", False):
+        print(format_presets())
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BuildWarning)  # the build log prints them already
+        build_adapter(options=options_from_args(args))
     return 0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..build.nullspace import PROJECTIONS
 from ..demo import run as demo
+from ..demo.shipped import WorldIntegrityError
 from ..demo.train import WorldConfig, ci_config
 from .args import add_lambdas, lambdas_arg
 
@@ -17,9 +19,14 @@ def _run(args: argparse.Namespace) -> int:
         cfg = WorldConfig(**{**cfg.__dict__, "seed": args.seed})
     build_kw = demo.demo_build_options(protect_energy=args.protect_energy, projection=args.projection,
                                        seed=args.build_seed, project_layers=args.project_layers)
-    res = demo.run_demo(cfg, out=Path(args.out) if args.out else None, methods=args.methods.split(","),
-                        lambdas=lambdas_arg(args.lambdas), limit=args.limit or None, rebuild=args.rebuild,
-                        retrain=args.retrain, progress=not args.quiet, **build_kw)
+    try:
+        res = demo.run_demo(cfg, out=Path(args.out) if args.out else None, methods=args.methods.split(","),
+                            lambdas=lambdas_arg(args.lambdas), limit=args.limit or None, rebuild=args.rebuild,
+                            retrain=args.retrain, progress=not args.quiet, allow_unsound=args.allow_unsound,
+                            **build_kw)
+    except (demo.WorldNotSound, WorldIntegrityError) as e:
+        print(f"rain demo: error: {e}", file=sys.stderr)
+        return 1
     return 0 if not res["sound_problems"] else 1
 
 
@@ -41,6 +48,9 @@ def add_parser(subparsers) -> None:
                    help="rain build --seed (DARE drops, --projection random's subspaces)")
     p.add_argument("--project-layers", default=None, help="passed to rain build, e.g. 0-1 (default all)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the adapters")
-    p.add_argument("--retrain", action="store_true", help="retrain the world")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the world from scratch instead of using the shipped (or cached) one")
+    p.add_argument("--allow-unsound", action="store_true",
+                   help="go on (exit status 1) when the world fails the soundness gate, instead of stopping")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)

@@ -1,7 +1,10 @@
 """``rain demo``: the toy world end to end on a CPU.
 
-1. train (or load from the cache) the world's base / LRM / ITM (:mod:`rain_adapter.demo.train`);
-2. check that it is sound (:mod:`rain_adapter.demo.soundness`);
+1. load the world's base / LRM / ITM from the cache, else from the world shipped with the package
+   (hash-checked, :mod:`rain_adapter.demo.shipped`), else train it (:mod:`rain_adapter.demo.train`;
+   ``retrain=True`` always trains);
+2. check that it is sound (:mod:`rain_adapter.demo.soundness`): the gate (:func:`gate_for`) stops the
+   demo with :class:`WorldNotSound` unless ``allow_unsound``;
 3. build RAIN and the baselines with :func:`rain_adapter.build.pipeline.build_adapter` from the world's own
    reasoning / instruction calibration sets (cached next to the world);
 4. sweep λ on held-out reasoning prompts with format instructions (mixed-λ batches), print the
@@ -28,12 +31,13 @@ from rain_adapter.build.options import parse_int_list
 from rain_adapter.build.pipeline import build_adapter
 from rain_adapter.evaluation.plots import NO_PLOT_HINT, plot_sweep_if_available
 from rain_adapter.evaluation.sweep import (
-    evaluate_rows, format_table, generate_responses, load_model, load_prompts, sweep_adapters, write_csv,
+    format_table, load_model, load_prompts, sweep_adapters, write_csv,
 )
 from rain_adapter.format.lambdas import parse_lambdas
 
+from . import shipped
 from .soundness import evaluate_world, is_sound, max_new_tokens
-from .train import WorldConfig, WorldPaths, ensure_world, set_threads
+from .train import WorldConfig, WorldPaths, ci_config, ensure_world, set_threads
 
 #: every registered build method (rain_adapter.build.methods.REGISTRY), in registry order
 DEMO_METHODS = method_names()
@@ -42,6 +46,21 @@ ACC_KEEP = 0.9
 MATCH_COMPLIANCE = (0.25, 0.5)
 DEMO_PROTECT_ENERGY = 0.95   # measured on this world (bench/RESULTS.md); also the build default
 DEMO_LAMBDAS = "0:3:0.25"
+#: what a world must show before the demo builds anything on it (is_sound's thresholds): an LRM
+#: that reasons well in the thinking format and ignores instructions, an ITM that follows them
+DEMO_GATE = {"min_acc": 0.9, "min_format": 1.0, "min_itm": 0.9}
+#: the CI world (``rain demo --ci``: 2-digit additions, 800 base steps) is smaller and less accurate
+#: by design; its gate is what tests/test_world.py asserts of it
+CI_GATE = {"min_acc": 0.3, "min_format": 0.95, "min_itm": 0.9}
+
+
+def gate_for(cfg: WorldConfig) -> dict[str, float]:
+    """The soundness thresholds a world must meet: :data:`CI_GATE` for the CI world, else :data:`DEMO_GATE`."""
+    return CI_GATE if cfg == ci_config() else DEMO_GATE
+
+
+class WorldNotSound(RuntimeError):
+    """The world failed its gate (:func:`gate_for`): its numbers would not mean what the demo's table says."""
 
 
 def build_methods(paths: WorldPaths, methods: Sequence[str], *, rebuild: bool = False, progress: bool = False,
@@ -137,7 +156,7 @@ def run_demo(cfg: WorldConfig | None = None, *, root: Path | None = None, out: P
              methods: Sequence[str] = DEMO_METHODS,
              lambdas: Sequence[float] | None = None, limit: int | None = 48,
              rebuild: bool = False, retrain: bool = False, batch_size: int = 128, progress: bool = True,
-             verbose: bool = True, **build_kw: Any) -> dict[str, Any]:
+             verbose: bool = True, allow_unsound: bool = False, **build_kw: Any) -> dict[str, Any]:
     """The whole demo; returns ``{world, soundness, records, summary, timings, out}``.
 
     ``root``: the world's directory (default: the cache dir named by ``cfg``'s hash);
@@ -154,6 +173,11 @@ def run_demo(cfg: WorldConfig | None = None, *, root: Path | None = None, out: P
     t_world = time.time() - t0
     say(f"world {paths.root} ({info['n_params']:,} params, vocab {info['vocab_size']}; trained in "
         f"{info['t_total_s']:.0f}s; ready in {t_world:.1f}s)")
+    if retrain:
+        say("  source: trained from scratch (--retrain); "
+            + (shipped.compare_to_shipped(paths.root, cfg.key()) or "no world ships for this config"))
+    else:
+        say(f"  source: {shipped.provenance(paths.root, cfg.key())}")
     for name in ("lrm", "itm"):
         r = info[name]["delta_ratio"]
         say(f"  {name.upper()}: ‖Δ‖/‖W‖ per module median {r['median']:.3f} (min {r['min']:.3f}, max {r['max']:.3f})")
@@ -161,20 +185,13 @@ def run_demo(cfg: WorldConfig | None = None, *, root: Path | None = None, out: P
     t1 = time.time()
     sound = evaluate_world(paths, limit=limit)
     rows = load_prompts(paths.eval_reasoning, limit)
-    n_digits = info["config"]["n_digits"]
-    rt = max_new_tokens(n_digits, True)
-    itm_model, itm_tok = load_model(paths.itm)
-    sound["itm_on_reasoning_prompts"] = evaluate_rows(
-        rows, generate_responses(itm_model, itm_tok, [r["prompt"] for r in rows], max_new_tokens=rt,
-                                 batch_size=batch_size, progress=False))
-    del itm_model
+    rt = max_new_tokens(info["config"]["n_digits"], True)
     t_sound = time.time() - t1
     say("\nsoundness (held-out prompts):")
     for k, v in sound.items():
         say(f"  {k:<26} compliance {v['compliance']:.2f}  format {v['format_validity']:.2f}  "
             f"thinking {v['thinking_rate']:.2f}  accuracy {v['accuracy']:.2f}  (n={int(v['n'])})")
-    problems = is_sound(sound)
-    say("  sound: yes" if not problems else "  NOT SOUND: " + "; ".join(problems))
+    problems = check_gate(sound, cfg, limit, allow_unsound=allow_unsound, say=say)
 
     t2 = time.time()
     adapters, build_times = build_methods(paths, methods, rebuild=rebuild, progress=False, **build_kw)
@@ -220,6 +237,28 @@ def run_demo(cfg: WorldConfig | None = None, *, root: Path | None = None, out: P
     say(f"\nwrote {out / 'sweep.csv'}" + (f", {png}" if png else "") + f", {out / 'summary.json'}; "
         f"total {timings['total_s']:.1f}s")
     return result
+
+
+def check_gate(sound: dict[str, Any], cfg: WorldConfig, limit: int | None, *, allow_unsound: bool = False,
+               say=print) -> list[str]:
+    """Apply :func:`gate_for` ``cfg``; compare with the evaluation recorded when the world shipped.
+
+    Raises :class:`WorldNotSound` listing what failed unless ``allow_unsound`` (then it only says so).
+    """
+    same = shipped.compare_soundness(sound, cfg.key(), limit)
+    if same:
+        say(f"  {same}")
+    gate = gate_for(cfg)
+    problems = is_sound(sound, **gate)
+    if not problems:
+        say("  sound: yes (" + ", ".join(f"{k} {v}" for k, v in gate.items()) + ")")
+        return problems
+    msg = "the world is NOT sound: " + "; ".join(problems)
+    if not allow_unsound:
+        raise WorldNotSound(msg + " — its table would mislead. Delete the world's cache directory to use the "
+                            "shipped world, or pass --allow-unsound to look at it anyway")
+    say(f"  WARNING: {msg} (continuing: --allow-unsound)")
+    return problems
 
 
 def demo_build_options(*, protect_energy: float | None = None, projection: str | None = None,

@@ -46,7 +46,11 @@ def _tokenizer(path):
 
 @torch.no_grad()
 def evaluate_world(paths: WorldPaths, *, limit: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """The soundness table: {lrm, itm, base_reasoning, base_direct, itm_reasoning} → metrics."""
+    """The soundness table: {lrm, itm, base_reasoning, base_direct, itm_on_reasoning_prompts} → metrics.
+
+    ``itm_on_reasoning_prompts``: the ITM (its own direct template) on the LRM's instructed
+    reasoning prompts, whose compliance is the demo's c_ITM.
+    """
     info = json.loads(paths.info.read_text())
     n_digits = info["config"]["n_digits"]
     r_rows = load_prompts(paths.eval_reasoning, limit)
@@ -58,22 +62,24 @@ def evaluate_world(paths: WorldPaths, *, limit: int | None = None, progress: boo
     out["base_reasoning"], _ = evaluate_model(paths.base, r_rows, max_new_tokens=rt, progress=progress,
                                               template_from=paths.lrm)
     out["base_direct"], _ = evaluate_model(paths.base, d_rows, max_new_tokens=dt, progress=progress)
+    out["itm_on_reasoning_prompts"], _ = evaluate_model(paths.itm, r_rows, max_new_tokens=rt, progress=progress)
     return out
 
 
 def is_sound(metrics: dict[str, Any], *, min_format: float = 0.95, min_itm: float = 0.9,
              min_acc: float = 0.2) -> list[str]:
-    """The failed soundness properties (empty list = sound)."""
+    """The failed soundness properties (empty list = sound). Written as ``not (x >= floor)`` so a
+    NaN metric fails."""
     bad = []
     lrm, itm = metrics["lrm"], metrics["itm"]
-    if lrm["format_validity"] < min_format:
+    if not lrm["format_validity"] >= min_format:
         bad.append(f"LRM format validity {lrm['format_validity']:.2f} < {min_format}")
-    if lrm["accuracy"] < min_acc:
+    if not lrm["accuracy"] >= min_acc:
         bad.append(f"LRM accuracy {lrm['accuracy']:.2f} < {min_acc}")
-    if lrm["compliance"] > 0.5:
+    if not lrm["compliance"] <= 0.5:
         bad.append(f"LRM compliance {lrm['compliance']:.2f} is not low")
-    if itm["compliance"] < min_itm:
+    if not itm["compliance"] >= min_itm:
         bad.append(f"ITM compliance {itm['compliance']:.2f} < {min_itm}")
-    if itm["thinking_rate"] > 0.0:
+    if not itm["thinking_rate"] <= 0.0:
         bad.append(f"ITM thinks on {itm['thinking_rate']:.2f} of its prompts")
     return bad

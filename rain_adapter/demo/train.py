@@ -7,7 +7,14 @@ Both fine-tunes start from the same base weights, so Δ_I = W_ITM − W_base and
 fine-tune are small refinements of one shared model (‖Δ‖/‖W‖ per module is recorded in world.json).
 
 Cache: ``<adapter home>/world/<hash of WorldConfig>/{base,lrm,itm}`` plus the world's calibration
-sets and evaluation prompt files; written atomically (temporary dir + ``os.replace``).
+sets and evaluation prompt files; written atomically (temporary dir + ``os.replace``). A config with a
+world shipped in the package (:mod:`rain_adapter.demo.shipped`) is copied from there, hash-checked,
+instead of trained; ``force=True`` (``rain demo --retrain``) trains it from scratch.
+
+Training is deterministic on one machine: seeds from the config, one torch thread
+(:data:`TRAIN_THREADS`, whatever ``$RAIN_WORLD_THREADS`` says), deterministic algorithms; a test trains
+the CI world twice and compares the weights. Across CPUs and library builds the last bits of float
+reductions may differ, which is why the default world ships.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +38,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..demo import data as D
+from . import shipped
 from .tokenizer import make_world_tokenizer, train_backend
 
-WORLD_VERSION = 4
+WORLD_VERSION = 5  # 5: deterministic training (one thread, deterministic algorithms), shipped world
+TRAIN_THREADS = 1
 Sampler = Callable[[random.Random], tuple[str, int]]
 
 
@@ -111,6 +121,22 @@ def set_threads() -> int:
     n = int(os.environ.get("RAIN_WORLD_THREADS", 1))
     torch.set_num_threads(max(1, n))
     return n
+
+
+@contextmanager
+def deterministic_training() -> Iterator[None]:
+    """One torch thread and deterministic algorithms while training; the previous settings after.
+
+    One thread because the order of a float reduction depends on how it is split across threads.
+    """
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(TRAIN_THREADS)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det)
+        torch.set_num_threads(threads)
 
 
 def make_model(cfg: WorldConfig, vocab_size: int, tokenizer) -> torch.nn.Module:
@@ -204,9 +230,13 @@ def _save(model, tokenizer, path: Path) -> None:
 
 def train_world(cfg: WorldConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Train base, LRM and ITM and write everything under ``out`` (which must not exist)."""
+    with deterministic_training():
+        return _train_world(cfg, out, progress=progress)
+
+
+def _train_world(cfg: WorldConfig, out: Path, *, progress: bool) -> dict[str, Any]:
     import copy
 
-    set_threads()
     t0 = time.time()
     backend = train_backend(D.vocab_texts(cfg.n_digits))
     tok_r = make_world_tokenizer(backend, reasoning=True)
@@ -220,7 +250,8 @@ def train_world(cfg: WorldConfig, out: Path, *, progress: bool = True) -> dict[s
     t_base = time.time() - t0
     out.mkdir(parents=True)
     _save(model, tok_d, out / "base")
-    info: dict[str, Any] = {"config": asdict(cfg), "vocab_size": vocab_size,
+    info: dict[str, Any] = {"config": asdict(cfg), "vocab_size": vocab_size, "torch": torch.__version__,
+                            "train_threads": TRAIN_THREADS,
                             "n_params": sum(p.numel() for p in model.parameters()),
                             "base_loss_last": sum(base_losses[-20:]) / 20, "t_base_s": t_base}
     lrm_sampler = functools.partial(D.lrm_sample, p_instr=cfg.lrm_p_instr)
@@ -247,11 +278,16 @@ def train_world(cfg: WorldConfig, out: Path, *, progress: bool = True) -> dict[s
 
 def ensure_world(cfg: WorldConfig | None = None, root: Path | None = None, *, progress: bool = True,
                  force: bool = False) -> WorldPaths:
-    """Return the cached world for ``cfg`` (training it first if missing: a few minutes on 2 cores)."""
+    """Return the cached world for ``cfg``: if missing, copied from the shipped world for ``cfg``
+    (hash-checked, seconds) or else trained (minutes on 2 cores). ``force``: train from scratch."""
     cfg = cfg or WorldConfig()
     root = Path(root) if root is not None else world_home() / cfg.key()
     paths = world_paths(root)
     if paths.info.exists() and not force:
+        return paths
+    src = shipped.shipped_world(cfg.key())
+    if src is not None and not force:
+        shipped.install(src, root)
         return paths
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))

@@ -13,6 +13,7 @@ renamed at the end (``store.atomic_dir``).
 from __future__ import annotations
 
 import json
+import numbers
 import shutil
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from torch import Tensor
 from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
 from ..format.lambdas import check_lambda
-from ..format.fingerprint import weight_hash
-from ..format.store import AdapterError, adapter_from, atomic_dir
+from ..format.fingerprint import values_mismatch
+from ..format.store import AdapterError, adapter_from, atomic_dir, check_replaceable
 from .errors import ExportError
 
 #: LRM files not copied next to the merged shards (the weights themselves, in any format; locks).
@@ -90,16 +91,20 @@ def _merged_tensor(key: str, t: Tensor, deltas: dict[str, ModuleDelta], lam: flo
     mod, _, kind = key.rpartition(".")
     d = deltas.get(mod)
     if d is not None and kind == "weight":
-        want = fingerprint.get(mod, {}).get("hash")
-        if want and weight_hash(t) != want:
+        want = fingerprint.get(mod)
+        why = values_mismatch(want, t, mod) if isinstance(want, dict) else None
+        if why is not None:
             raise AdapterError(
                 f"module {mod!r}: the LRM weights at {root} differ from the model the adapter was "
-                f"built for ({config.base_model_name_or_path or 'unknown'}); pass "
+                f"built for ({config.base_model_name_or_path or 'unknown'}): {why}; pass "
                 "--no-check-fingerprint to merge anyway"
             )
         t = (t.float() + lam * d.dense(torch.float32)).to(t.dtype)
     elif d is not None and kind == "bias" and d.bias is not None:
         t = (t.float() + lam * d.bias.float()).to(t.dtype)
+    if d is not None and not bool(torch.isfinite(t).all()):
+        raise ExportError(f"module {mod!r}: {key} + λ·delta at λ = {lam:g} is not finite in {t.dtype} (overflow); "
+                          "nothing was written")
     return t.contiguous()
 
 
@@ -116,19 +121,25 @@ def export_merged(
     """Write the LRM with ``W + λ D`` merged in, as a plain HF checkpoint streamed shard by shard.
 
     ``lam`` (default: the adapter's ``default_lambda``) goes through the shared λ policy
-    (:func:`~rain_adapter.format.lambdas.check_lambda`; non-finite is an :class:`ExportError`).
+    (:func:`~rain_adapter.format.lambdas.check_lambda`: a bool, a non-number, a non-finite λ or
+    ``|λ| > 100`` is an :class:`ExportError`), and a merged tensor that overflows its dtype is one
+    too; either way the output directory is not created (``atomic_dir``).
     """
     from tqdm.auto import tqdm
 
     config, deltas, source = adapter_from(adapter)
-    lam = config.default_lambda if lam is None else float(lam)
-    check_lambda(lam, config.lambda_range, error=ExportError)
+    lam = config.default_lambda if lam is None else lam
+    check_lambda(lam, config.lambda_range, what="export_merged(lam)", error=ExportError)
+    if isinstance(lam, Tensor) and lam.numel() != 1 or not isinstance(lam, (Tensor, numbers.Real)):
+        raise ExportError(f"export_merged(lam): needs a single λ, got {lam!r:.60}")
+    lam = float(lam)
     root = _resolve_lrm(lrm)
     files, wmap = lrm_weight_files(root)
     _check_targets(deltas, root, files, wmap, source)
     out = Path(out)
     fingerprint = config.fingerprint if check_fingerprint else {}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite,
+                    replace_check=lambda p: check_replaceable(p, "config.json", "a model directory")) as tmp:
         for f in tqdm(files, desc="merging shards", unit="shard", disable=not progress):
             with safe_open(str(root / f), framework="pt") as fh:
                 meta = fh.metadata() or {"format": "pt"}

@@ -47,7 +47,7 @@ from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
 from ..format.dtypes import resolve_dtype
 from ..format.lambdas import check_lambda, lambda_label
-from ..format.store import adapter_from, atomic_dir
+from ..format.store import adapter_from, atomic_dir, check_replaceable
 from .errors import ExportError
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -263,7 +263,8 @@ def export_peft(
                                progress=progress)
     out = Path(out)
     opts = dict(base_model=base_model, lora_bias=lora_bias, dtype=dtype, source=source, fidelity=fidelity)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite,
+                    replace_check=lambda p: check_replaceable(p, "adapter_config.json", "a PEFT adapter directory")) as tmp:
         if lambdas is None:
             _write_peft_dir(tmp, low, arms[0], **opts)
         else:

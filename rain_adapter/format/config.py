@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .arch import ROLES
+from .arch import ROLES, module_layer
+from .delta import ModuleDelta
+from .lambdas import MAX_ABS_LAMBDA
 
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "rain-adapter"
@@ -21,22 +25,98 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 STORAGES = ("dense", "lowrank")
 
+#: The most bytes a JSON file of an adapter (config, shard index) may hold; a bigger one is refused.
+MAX_JSON_BYTES = 16 * 2**20
+
 #: Fields a file must carry (the rest have defaults).
 REQUIRED = ("format", "format_version", "base_model_name_or_path", "target_modules", "layers", "storage")
 
 
-def read_json(path: Path, error: type[Exception], *, missing: str) -> Any:
-    """The JSON in ``path``; a missing file raises ``error(missing)``, bad JSON ``error`` naming the file."""
+def checked_file(path: Path, error: type[Exception], *, root: Path | None = None,
+                 missing: str | None = None) -> Path:
+    """``path`` resolved, after checking it is a regular file (inside ``root`` when given).
+
+    Checked before anything opens it, so a FIFO, a device or a link to ``/dev/zero`` is an
+    ``error`` naming the file instead of a read that hangs or never ends, and a symlink or ``..``
+    out of an adapter directory is refused. In a Hugging Face cache snapshot
+    (``…/snapshots/<rev>/``) the files link to ``…/blobs/``, which therefore counts as inside.
+    """
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
+        real = path.resolve(strict=True)
     except FileNotFoundError:
-        raise error(missing) from None
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+        raise error(missing or f"{path}: no such file") from None
+    except (OSError, RuntimeError) as e:  # a symlink loop, a permission error
+        raise error(f"{path}: cannot be resolved ({e})") from None
+    if root is not None:
+        top = Path(root).resolve()
+        inside = [top] + ([top.parent.parent / "blobs"] if top.parent.name == "snapshots" else [])
+        if not any(real.is_relative_to(d) for d in inside):
+            raise error(f"{path}: resolves to {real}, outside the adapter directory {top}")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e})") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: not a regular file (a FIFO, device, socket or directory); refusing to read it")
+    return real
+
+
+def read_json(path: Path, error: type[Exception], *, missing: str, root: Path | None = None,
+              max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The JSON in ``path``, the one JSON reader of adapter files (configs, shard indexes).
+
+    A missing file raises ``error(missing)``; a file that is not a regular file (or lies outside
+    ``root``, see :func:`checked_file`), is larger than ``max_bytes``, or is not valid JSON raises
+    ``error`` naming the file. At most ``max_bytes + 1`` bytes are read, so nothing can make it
+    hang or fill memory.
+    """
+    real = checked_file(path, error, root=root, missing=missing)
+    try:
+        # O_NONBLOCK: should the file be swapped for a FIFO after the check, open() still returns
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise error(f"{path}: not a regular file; refusing to read it")
+            data = fh.read(max_bytes + 1)
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e})") from None
+    if len(data) > max_bytes:
+        raise error(f"{path}: larger than {max_bytes} bytes; not an adapter file")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 class ConfigError(ValueError):
     """An adapter config that does not follow the schema; the message names the file and field."""
+
+
+def _is_int(v: Any) -> bool:
+    """An int that is not a bool (JSON ``true`` is not a version, a rank or a layer)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite_number(v: Any) -> bool:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too big for a float
+        return False
+
+
+def _rank_problem(rank: Any) -> str | None:
+    """Why ``rank`` is not null, an int > 0 or a non-empty ``{module: int > 0}`` map; None if it is."""
+    if rank is None or (_is_int(rank) and rank > 0):
+        return None
+    if isinstance(rank, dict) and rank:
+        bad = {k: v for k, v in rank.items() if not isinstance(k, str) or not (_is_int(v) and v > 0)}
+        if not bad:
+            return None
+        return f"maps modules to ints > 0; bad entries {dict(list(bad.items())[:3])!r:.200}"
+    return f"must be an int > 0, a non-empty {{module: int > 0}} map or null, got {rank!r:.80}"
 
 
 @dataclass
@@ -44,7 +124,8 @@ class RainConfig:
     """The adapter's metadata. See docs/DESIGN.md §3.
 
     ``stage1`` / ``stage2`` / ``fidelity`` are free-form reports written by the build (per-module
-    statistics, α tables); ``fingerprint`` maps module name -> ``{"shape": [out, in], "hash": str}``.
+    statistics, α tables); ``fingerprint`` maps module name -> ``{"shape": [out, in], "scheme": 2,
+    "sample": str}`` (or, written before scheme 2, ``{"shape", "hash"}``; format/fingerprint.py).
     """
 
     base_model_name_or_path: str = ""
@@ -73,40 +154,80 @@ class RainConfig:
 
     # -- validation -------------------------------------------------------------------------
     def validate(self, source: str = "adapter config") -> None:
+        """Check every field's type and value; a :class:`ConfigError` names ``source`` and the field.
+
+        Strict on types because the file is user input: a bool is not an int (``format_version:
+        true``), a rank is positive, numbers are finite.
+        """
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{source}: field {name!r} {why}")
 
+        for name in ("format", "base_model_name_or_path", "itm_name_or_path", "itm_base_name_or_path",
+                     "method", "dtype"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, f"must be a string, got {getattr(self, name)!r:.80}")
         if self.format != FORMAT:
             raise bad("format", f"must be {FORMAT!r}, got {self.format!r}")
-        if type(self.format_version) is not int or self.format_version not in READABLE_VERSIONS:
-            raise bad("format_version", f"is {self.format_version!r}; this library reads versions "
+        if not _is_int(self.format_version) or self.format_version not in READABLE_VERSIONS:
+            raise bad("format_version", f"is {self.format_version!r:.80}; this library reads versions "
                                         f"{', '.join(map(str, READABLE_VERSIONS))}")
-        if self.storage not in STORAGES:
-            raise bad("storage", f"must be one of {STORAGES}, got {self.storage!r}")
-        if not isinstance(self.target_modules, list) or not all(t in ROLES for t in self.target_modules):
-            raise bad("target_modules", f"must be a list of roles from {list(ROLES)}, got {self.target_modules!r}")
-        if not isinstance(self.layers, list) or not all(isinstance(i, int) and i >= 0 for i in self.layers):
-            raise bad("layers", f"must be a list of non-negative ints, got {self.layers!r}")
-        lr = self.lambda_range
-        if (
-            not isinstance(lr, (list, tuple)) or len(lr) != 2
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lr) or lr[0] > lr[1]
-        ):
-            raise bad("lambda_range", f"must be [low, high] finite with low <= high, got {lr!r}")
-        self.lambda_range = [float(lr[0]), float(lr[1])]
-        if not isinstance(self.default_lambda, (int, float)) or not math.isfinite(self.default_lambda):
-            raise bad("default_lambda", f"must be a finite number, got {self.default_lambda!r}")
-        if not lr[0] <= self.default_lambda <= lr[1]:
-            raise bad("default_lambda", f"{self.default_lambda} lies outside lambda_range {lr}")
-        if self.rank is not None and not isinstance(self.rank, (int, dict)):
-            raise bad("rank", f"must be an int, a {{module: int}} map or null, got {self.rank!r}")
+        if not isinstance(self.storage, str) or self.storage not in STORAGES:
+            raise bad("storage", f"must be one of {STORAGES}, got {self.storage!r:.80}")
+        if not isinstance(self.target_modules, list) or not all(
+                isinstance(t, str) and t in ROLES for t in self.target_modules):
+            raise bad("target_modules", f"must be a list of roles from {list(ROLES)}, got {self.target_modules!r:.200}")
+        if not isinstance(self.layers, list) or not all(_is_int(i) and i >= 0 for i in self.layers):
+            raise bad("layers", f"must be a list of non-negative ints, got {self.layers!r:.200}")
+        why = _rank_problem(self.rank)
+        if why:
+            raise bad("rank", why)
         if self.storage == "lowrank" and self.rank is None:
             raise bad("rank", "is required when storage is 'lowrank'")
+        self._validate_lambdas(bad)
         for name in ("stage1", "stage2", "fidelity", "fingerprint", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "must be an object")
-        if not isinstance(self.base_model_name_or_path, str):
-            raise bad("base_model_name_or_path", "must be a string")
+
+    def _validate_lambdas(self, bad) -> None:
+        """``lambda_range`` finite ``[low, high]`` within the hard λ bound (|λ| <= 100), ``default_lambda``
+        a finite number inside it."""
+        lr = self.lambda_range
+        if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(_is_finite_number(v) for v in lr)
+                or lr[0] > lr[1]):
+            raise bad("lambda_range", f"must be [low, high] finite with low <= high, got {lr!r:.80}")
+        if max(abs(lr[0]), abs(lr[1])) > MAX_ABS_LAMBDA:  # the server accepts any λ inside the range
+            raise bad("lambda_range", f"{lr} goes beyond the hard bound |λ| <= {MAX_ABS_LAMBDA:g}")
+        self.lambda_range = [float(lr[0]), float(lr[1])]
+        if not _is_finite_number(self.default_lambda):
+            raise bad("default_lambda", f"must be a finite number, got {self.default_lambda!r:.80}")
+        if not lr[0] <= self.default_lambda <= lr[1]:
+            raise bad("default_lambda", f"{self.default_lambda} lies outside lambda_range {lr}")
+
+    def check_deltas(self, deltas: dict[str, ModuleDelta], source: str = "adapter") -> None:
+        """The deltas agree with ``storage``, ``layers`` and ``rank``; else an error naming ``source``
+        and the module (:class:`ConfigError`, a ``ValueError``).
+
+        ``dense`` holds ``rain_delta`` tensors and ``lowrank`` ``lora_A`` / ``lora_B`` pairs, never
+        both; every module's layer is in ``layers``; a low-rank module's rank equals its entry of a
+        ``{module: rank}`` map, and is at most an int ``rank`` (a fixed ``rank=R`` build keeps
+        ``min(R, out, in)`` directions, so a smaller module can hold fewer).
+        """
+        layers = set(self.layers)
+        for name, d in deltas.items():
+            where = f"{source}: module {name!r}"
+            if d.is_lowrank != (self.storage == "lowrank"):
+                got = "lora_A / lora_B" if d.is_lowrank else "rain_delta"
+                raise ConfigError(f"{where}: holds {got} tensors but the config says storage {self.storage!r}")
+            try:
+                layer = module_layer(name)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            if layer not in layers:
+                raise ConfigError(f"{where}: layer {layer} is not in the config's layers {sorted(layers)}")
+            want = self.rank.get(name) if isinstance(self.rank, dict) else self.rank
+            if d.is_lowrank and want is not None and (d.rank > want if _is_int(self.rank) else d.rank != want):
+                raise ConfigError(f"{where}: low-rank factors have rank {d.rank} but the config's rank is "
+                                  f"{want}")
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -149,11 +270,13 @@ class RainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "RainConfig":
-        """Read ``adapter_config.json`` (or the directory holding it)."""
-        path = Path(path)
+        """Read ``adapter_config.json`` (or the directory holding it: then the file must lie inside it).
+
+        Read with :func:`read_json` (regular file, at most :data:`MAX_JSON_BYTES`)."""
+        path, root = Path(path), None
         if path.is_dir():
-            path = path / CONFIG_NAME
-        data = read_json(path, ConfigError, missing=f"{path}: no adapter config found")
+            path, root = path / CONFIG_NAME, path
+        data = read_json(path, ConfigError, missing=f"{path}: no adapter config found", root=root)
         return cls.from_dict(data, source=str(path))
 
     def save(self, path: str | Path) -> Path:

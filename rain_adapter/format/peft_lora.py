@@ -6,11 +6,15 @@ with ``A_k = lora_A [r_k, in]``, ``B_k = lora_B [out, r_k]`` and
     s_k = α_k / r_k          (default)
     s_k = α_k / √r_k         (use_rslora = true)
 
-where r_k / α_k come from ``rank_pattern`` / ``alpha_pattern`` (PEFT's own key matching: a key
-matches a module path that equals it or ends with ``.<key>``, keys are regexes) or fall back to
-``r`` / ``lora_alpha``. We store ``D_k = (s_k B_k) A_k``: ``ModuleDelta(lora_A=A_k, lora_B=s_k·B_k,
-bias=s_k·b_B)``, so ``RainAdapter.attach(lrm, peft_dir, lam=λ)`` computes ``x Wᵀ + b + λ s_k x (B_k
-A_k)ᵀ``: λ = 1 is the LoRA as PEFT applies it, λ = 0 the bare model.
+where r_k / α_k come from ``rank_pattern`` / ``alpha_pattern`` or fall back to ``r`` / ``lora_alpha``.
+A pattern key matches a module path that equals it or ends with ``.<key>`` (what PEFT's regex
+``(.*\\.)?(<key>)$`` does for a plain name). Keys must be plain dot-separated module names: PEFT
+compiles them as regexes, and a crafted one (``(a+)+$``) backtracks for hours, so a key with any
+other character is refused with an error naming the file and the key, before anything is matched.
+
+We store ``D_k = (s_k B_k) A_k``: ``ModuleDelta(lora_A=A_k, lora_B=s_k·B_k, bias=s_k·b_B)``, so
+``RainAdapter.attach(lrm, peft_dir, lam=λ)`` computes ``x Wᵀ + b + λ s_k x (B_k A_k)ᵀ``: λ = 1 is
+the LoRA as PEFT applies it, λ = 0 the bare model.
 
 Supported: plain LoRA on the decoder linears (q, k, v, o, gate, up, down), per-module
 rank / alpha patterns, rslora, ``lora_bias``. Refused with an error naming the field: DoRA
@@ -27,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .arch import ROLES, module_layer, module_role
-from .config import RainConfig, read_json
+from .config import RainConfig, checked_file, read_json
 from .delta import ModuleDelta
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -67,17 +71,53 @@ _UNSUPPORTED_FIELDS = {
 }
 
 
+#: a plain module name: dot-separated parts of letters, digits, ``_`` and ``-`` (linear to match)
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*\Z")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _checked_patterns(cfg: dict[str, Any], field: str, path: Path) -> dict[str, Any]:
+    """``rank_pattern`` (ints > 0) or ``alpha_pattern`` (finite numbers) with plain-name keys only."""
+    patterns = cfg.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise PeftImportError(f"{path}: field {field!r} must be an object, got {patterns!r:.80}")
+    ok, want = (lambda v: _is_int(v) and v > 0, "an int > 0") if field == "rank_pattern" else (_is_number, "a number")
+    for key, value in patterns.items():
+        if not _PLAIN_NAME.match(key):
+            raise PeftImportError(
+                f"{path}: field {field!r}: key {key[:120]!r} is not a plain module name (dot-separated "
+                "letters, digits, '_' and '-'); regular expressions are not supported")
+        if not ok(value):
+            raise PeftImportError(f"{path}: field {field!r}: key {key!r} maps to {value!r:.60}, expected {want}")
+    return patterns
+
+
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key`` semantics: key matches ``(.*\\.)?key$`` against the module path."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+    """The value of the first key that equals ``module`` or is a dot-separated suffix of it
+    (``q_proj`` and ``layers.0.self_attn.q_proj`` match ``model.layers.0.self_attn.q_proj``); keys
+    are plain names (:func:`_checked_patterns`), compared as strings, never compiled."""
+    for key, value in patterns.items():
+        if module == key or module.endswith("." + key):
             return value
     return default
 
 
 def _read_config(root: Path) -> dict[str, Any]:
     path = root / PEFT_CONFIG_NAME
-    cfg = read_json(path, PeftImportError, missing=f"{root}: no {PEFT_CONFIG_NAME}")
+    cfg = read_json(path, PeftImportError, missing=f"{root}: no {PEFT_CONFIG_NAME}", root=root)
     if not isinstance(cfg, dict):
         raise PeftImportError(f"{path}: expected a JSON object")
     ptype = cfg.get("peft_type")
@@ -86,19 +126,29 @@ def _read_config(root: Path) -> dict[str, Any]:
     for fld, why in _UNSUPPORTED_FIELDS.items():
         if _truthy(cfg.get(fld)):
             raise PeftImportError(f"{path}: field {fld!r} = {cfg[fld]!r} is unsupported: {why}")
+    if not (_is_int(cfg.get("r", 8)) and cfg.get("r", 8) > 0):
+        raise PeftImportError(f"{path}: field 'r' must be an int > 0, got {cfg.get('r')!r:.60}")
+    if not _is_number(cfg.get("lora_alpha", 8)):
+        raise PeftImportError(f"{path}: field 'lora_alpha' must be a finite number, got {cfg.get('lora_alpha')!r:.60}")
+    cfg["rank_pattern"] = _checked_patterns(cfg, "rank_pattern", path)
+    cfg["alpha_pattern"] = _checked_patterns(cfg, "alpha_pattern", path)
     return cfg
 
 
 def _read_tensors(root: Path) -> dict[str, Tensor]:
     f = root / PEFT_WEIGHTS_NAME
-    if not f.is_file():
+    if not (f.exists() or f.is_symlink()):
         bins = sorted(x.name for x in root.glob("adapter_model*.bin"))
         extra = f" (found {bins}: pickle files are not read; re-save with safe_serialization=True)" if bins else ""
         raise PeftImportError(f"{root}: no {PEFT_WEIGHTS_NAME}{extra}")
+    checked_file(f, PeftImportError, root=root)  # a regular file inside root, before it is opened
     out = {}
-    with safe_open(str(f), framework="pt", device="cpu") as fh:
-        for k in fh.keys():
-            out[k] = fh.get_tensor(k)
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            for k in fh.keys():
+                out[k] = fh.get_tensor(k)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise PeftImportError(f"{f}: corrupt or truncated safetensors file ({e})") from None
     return out
 
 
@@ -136,7 +186,7 @@ def load_peft_lora(path: str | Path) -> tuple[RainConfig, dict[str, ModuleDelta]
     if not parts:
         raise PeftImportError(f"{src}: no LoRA tensors found")
 
-    r0 = int(cfg.get("r", 8))
+    r0 = cfg.get("r", 8)
     alpha0 = cfg.get("lora_alpha", 8)
     rslora = bool(cfg.get("use_rslora", False))
     deltas: dict[str, ModuleDelta] = {}
@@ -161,12 +211,12 @@ def load_peft_lora(path: str | Path) -> tuple[RainConfig, dict[str, ModuleDelta]
                 f"{src}: module {module!r}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not chain"
             )
         r = int(A.shape[0])
-        r_cfg = int(_pattern_value(cfg.get("rank_pattern") or {}, module, r0))
+        r_cfg = _pattern_value(cfg["rank_pattern"], module, r0)
         if r_cfg != r:
             raise PeftImportError(
                 f"{src}: module {module!r}: lora_A has rank {r} but the config ('r' / 'rank_pattern') says {r_cfg}"
             )
-        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha0))
+        alpha = float(_pattern_value(cfg["alpha_pattern"], module, alpha0))
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         bias = p.get("bias")
         if bias is not None and not bool(bias.any()):
@@ -193,7 +243,7 @@ def load_peft_lora(path: str | Path) -> tuple[RainConfig, dict[str, ModuleDelta]
         dtype=dtype,
         extra={"peft": {
             "path": str(root), "r": r0, "lora_alpha": alpha0, "use_rslora": rslora,
-            "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {},
+            "rank_pattern": cfg["rank_pattern"], "alpha_pattern": cfg["alpha_pattern"],
             "lora_bias": bool(cfg.get("lora_bias", False)),
             "scale_folded": "B := (lora_alpha/r or lora_alpha/sqrt(r) with rslora) * lora_B",
         }},
