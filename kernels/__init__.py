@@ -18,10 +18,13 @@ import os
 import torch
 from torch import Tensor
 
-from .torch_path import check_args, rain_linear_torch
+from .torch_path import check_args, lowrank_shrink_torch, rain_linear_torch, rain_linear_torch_fast
 
 __all__ = ["rain_linear", "rain_linear_torch", "rain_linear_triton", "triton_available",
-           "kernel_mode"]
+           "kernel_mode", "use_triton", "lowrank_shrink", "rain_linear_torch_fast"]
+
+#: x Aᵀ for stacked factors ``[Σr, K]``: the grouped shrink (one GEMM, any device; see ``rain_linear(shrunk=)``)
+lowrank_shrink = lowrank_shrink_torch
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -58,18 +61,25 @@ def rain_linear_triton(
     lora_A: Tensor | None = None,
     lora_B: Tensor | None = None,
     bias_delta: Tensor | None = None,
+    shrunk: Tensor | None = None,
 ) -> Tensor:
-    """The Triton path (through the ``rain::dense_linear`` / ``rain::lowrank_linear`` custom ops)."""
+    """The Triton path (through the ``rain::dense_linear`` / ``rain::lowrank_linear`` custom ops).
+
+    ``shrunk`` (t = x Aᵀ ``[M, r]``, e.g. a column slice of a grouped shrink) skips the shrink
+    kernel: the ``split`` tile kernel reads t through its strides."""
     from . import ops  # imports triton
 
     if delta is not None:
         return ops.dense_linear(x2d, weight, bias, scale, delta, bias_delta)
     if lora_A is not None and lora_B is not None:
+        if shrunk is not None:
+            return ops.lowrank_linear_shrunk(x2d, weight, bias, scale, lora_A, lora_B, bias_delta, shrunk)
         return ops.lowrank_linear(x2d, weight, bias, scale, lora_A, lora_B, bias_delta)
     return rain_linear_torch(x2d, weight, bias, scale, None, None, None, bias_delta)
 
 
-def _use_triton(x2d: Tensor) -> bool:
+def use_triton(x2d: Tensor) -> bool:
+    """True when :func:`rain_linear` would take the Triton path for ``x2d`` (``RAIN_KERNEL``, device, dtype)."""
     mode = kernel_mode()
     if mode == "torch":
         return False
@@ -85,6 +95,9 @@ def _use_triton(x2d: Tensor) -> bool:
     return x2d.is_cuda and triton_available()
 
 
+_use_triton = use_triton  # the older private name (tests)
+
+
 def rain_linear(
     x2d: Tensor,
     weight: Tensor,
@@ -94,16 +107,20 @@ def rain_linear(
     lora_A: Tensor | None = None,
     lora_B: Tensor | None = None,
     bias_delta: Tensor | None = None,
+    shrunk: Tensor | None = None,
 ) -> Tensor:
     """y ``[M, N]`` = x Wᵀ + b + scale ⊙ (x Dᵀ + bias_delta) (or (x Aᵀ) Bᵀ), in x's dtype.
 
     x2d ``[M, K]``, weight ``[N, K]``, bias ``[N]``|None, scale ``[M]`` float32 (one λ per row),
     delta ``[N, K]``|None, lora_A ``[r, K]``|None, lora_B ``[N, r]``|None, bias_delta ``[N]``|None.
-    Triton on CUDA when available, PyTorch elsewhere; ``RAIN_KERNEL`` forces either.
+    ``shrunk`` ``[M, r]``|None: x Aᵀ computed by the caller (:func:`lowrank_shrink` of the stacked
+    A of projections that share x, sliced per member; unscaled, float32 or x's dtype), so the
+    shrink is not repeated. Triton on CUDA when available, PyTorch elsewhere; ``RAIN_KERNEL``
+    forces either.
     """
-    check_args(x2d, weight, bias, scale, delta, lora_A, lora_B, bias_delta)
+    check_args(x2d, weight, bias, scale, delta, lora_A, lora_B, bias_delta, shrunk)
     if delta is None and lora_A is None and bias_delta is None:
         return torch.nn.functional.linear(x2d, weight, bias)
-    if _use_triton(x2d):
-        return rain_linear_triton(x2d, weight, bias, scale, delta, lora_A, lora_B, bias_delta)
-    return rain_linear_torch(x2d, weight, bias, scale, delta, lora_A, lora_B, bias_delta)
+    if use_triton(x2d):
+        return rain_linear_triton(x2d, weight, bias, scale, delta, lora_A, lora_B, bias_delta, shrunk)
+    return rain_linear_torch(x2d, weight, bias, scale, delta, lora_A, lora_B, bias_delta, shrunk)

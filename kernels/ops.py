@@ -23,7 +23,8 @@ from ._common import INTERPRET_CFG, dot_precision, interpreting, next_pow2
 from .dense import dense_kernel, dense_kernel_tuned
 from .lowrank import lowrank_kernel, lowrank_kernel_tuned, shrink_kernel
 
-__all__ = ["launch_dense", "launch_lowrank", "dense_linear", "lowrank_linear", "shrink_meta"]
+__all__ = ["launch_dense", "launch_lowrank", "dense_linear", "lowrank_linear", "lowrank_linear_shrunk",
+           "shrink_meta"]
 
 _FUSED_MAX_R = 128
 # Test switch: RAIN_KERNEL_POISON=1 (read at import) fills every buffer the launchers allocate
@@ -127,7 +128,7 @@ def launch_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tenso
                          M, N, split_k, target, out)
 
 
-def _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, variant, split_k) -> Tensor:
+def _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, variant, split_k, t_pre=None) -> Tensor:
     M, K = x.shape
     N = weight.shape[0]
     R = A.shape[0]
@@ -135,7 +136,13 @@ def _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, variant, s
     prec = dot_precision(x.dtype)
     small = M <= decode.DECODE_M
     fuse = variant == "fused"
-    if fuse:
+    if t_pre is not None:
+        # t = x Aᵀ given (a grouped shrink's column slice [M, r]): no shrink launch, one "split"
+        # partial read through its strides (stride_tsplit unused with T_SPLITS = 1)
+        t, sk, fuse = t_pre, 1, False
+        stride_ts, stride_tm, stride_tr = 0, t.stride(0), t.stride(1)
+        block_r = shrink_meta(small, R)["BLOCK_R"]
+    elif fuse:
         t = s  # unused dummy pointer
         sk, stride_ts, stride_tm, stride_tr = 1, 0, 0, 0
         block_r = max(16, next_pow2(R))  # the fused K loop holds all of t [BLOCK_M, r]
@@ -184,8 +191,12 @@ def _choose_variant(x: Tensor, N: int, R: int, run) -> str:
 
 def launch_lowrank(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, lora_A: Tensor,
                    lora_B: Tensor, bias_delta: Optional[Tensor] = None, *,
-                   variant: Optional[str] = None, split_k: Optional[int] = None) -> Tensor:
-    """y ``[M, N]`` = x Wᵀ + b + s ⊙ ((x Aᵀ) Bᵀ + bias_delta); ``variant`` = split | fused forces one."""
+                   variant: Optional[str] = None, split_k: Optional[int] = None,
+                   shrunk: Optional[Tensor] = None) -> Tensor:
+    """y ``[M, N]`` = x Wᵀ + b + s ⊙ ((x Aᵀ) Bᵀ + bias_delta); ``variant`` = split | fused forces one.
+
+    ``shrunk`` ``[M, r]``: t = x Aᵀ computed by the caller (the runtime's grouped shrink, any strides;
+    cast to float32 if it is not): the ``split`` tile kernel alone runs, reading t."""
     M, K = x.shape
     N = weight.shape[0]
     R = lora_A.shape[0]
@@ -201,6 +212,9 @@ def launch_lowrank(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Ten
     def run(v: str) -> Tensor:
         return _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, v, split_k)
 
+    if shrunk is not None:
+        t = shrunk if shrunk.dtype == torch.float32 else shrunk.float()
+        return _lowrank_once(x, weight, A, B, b, has_b, bd, has_bd, s, stride_s, "split", split_k, t)
     if variant is None:
         variant = _choose_variant(x, N, R, run)
     if variant not in ("split", "fused"):
@@ -231,4 +245,16 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Ten
 
 @lowrank_linear.register_fake
 def _lowrank_linear_fake(x, weight, bias, scale, lora_A, lora_B, bias_delta):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("rain::lowrank_linear_shrunk", mutates_args=())
+def lowrank_linear_shrunk(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, lora_A: Tensor,
+                          lora_B: Tensor, bias_delta: Optional[Tensor], shrunk: Tensor) -> Tensor:
+    """Custom op: ``rain::lowrank_linear`` with t = x Aᵀ ``[M, r]`` given (a grouped shrink's slice)."""
+    return launch_lowrank(x, weight, bias, scale, lora_A, lora_B, bias_delta, shrunk=shrunk)
+
+
+@lowrank_linear_shrunk.register_fake
+def _lowrank_linear_shrunk_fake(x, weight, bias, scale, lora_A, lora_B, bias_delta, shrunk):
     return x.new_empty((x.shape[0], weight.shape[0]))

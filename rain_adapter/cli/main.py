@@ -9,6 +9,7 @@ imported only when a subcommand runs; a missing one ends that command with the e
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..format.lambdas import LambdaRangeWarning
+from ..format.store import os_error_of
 
 #: Modules that add subcommands: each exposes ``add_parser(subparsers) -> None``.
 COMMAND_MODULES = (
@@ -27,6 +29,7 @@ COMMAND_MODULES = (
     "rain_adapter.cli.sweep",
     "rain_adapter.cli.demo",
     "rain_adapter.cli.serve",
+    "rain_adapter.cli.plan",
 )
 
 #: optional top-level package -> the extra of pyproject.toml that installs it
@@ -35,6 +38,10 @@ OPTIONAL_EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "ma
 
 #: Errors a command reports as ``rain CMD: error: …`` (exit 2) instead of a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, NotImplementedError)
+#: OSError numbers of a full disk / a refused write, also reported in one line (exit 2).
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+ACCESS_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                 errno.EROFS: "read-only file system"}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -72,12 +79,35 @@ def _plain_lambda_warnings(command: str) -> Iterator[None]:
         yield
 
 
+def disk_error_line(command: str, exc: BaseException, args: argparse.Namespace) -> str | None:
+    """``rain CMD: error: …`` for a full disk (ENOSPC, EDQUOT) or a refused access (EACCES, EPERM,
+    EROFS) found in ``exc`` or its chain of causes; None for any other error."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        err = os_error_of(exc)
+        if err is not None and err.errno in DISK_ERRNOS | ACCESS_ERRNOS:
+            break
+        exc = exc.__cause__ or exc.__context__
+    else:
+        return None
+    where = f" {err.filename}" if err.filename else ""
+    elsewhere = "pass --out elsewhere" if hasattr(args, "out") else "write elsewhere"
+    if err.errno in DISK_ERRNOS:
+        again = "; --resume then reuses the finished layers" if hasattr(args, "resume") else ""
+        return (f"rain {command}: error: {DISK_ERRNOS[err.errno]} while writing{where or ' the output'} "
+                f"(free space or {elsewhere}{again})")
+    return (f"rain {command}: error: {ACCESS_ERRNOS[err.errno]}:{where or ' a file'} "
+            f"(check its permissions; for the output, {elsewhere})")
+
+
 def _debug(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "debug", False) or os.environ.get("RAIN_DEBUG"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``rain ARGV``; returns the exit status (2 for input errors and missing extras)."""
+    """Run ``rain ARGV``; returns the exit status (2 for input errors, missing extras, a full disk
+    and a refused write, each reported in one line without a traceback unless ``--debug``)."""
     parser = make_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -100,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         if _debug(args):
             raise
         print(f"rain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a full disk / a refused write: one line; anything else: the traceback
+        line = disk_error_line(args.command, e, args)
+        if line is None or _debug(args):
+            raise
+        print(line, file=sys.stderr)
         return 2
 
 

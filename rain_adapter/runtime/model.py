@@ -8,6 +8,7 @@ the λ API.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
 from ..format.lambdas import check_lambda
-from .layers import LambdaState, RainLinear
+from .layers import LambdaState, RainLinear, group_shared_inputs
 from ..format.fingerprint import check_fingerprint
 from ..format.store import AdapterError, adapter_from
 
@@ -29,6 +30,33 @@ LambdaLike = float | Sequence[float] | Tensor
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _check_modules(model: nn.Module, deltas: dict[str, ModuleDelta], source: str) -> dict[str, nn.Module]:
+    """``model.named_modules()`` after checking that every delta fits its module (present, an
+    unwrapped ``nn.Linear``, same ``[out, in]``, a bias delta only on a layer with a bias, finite);
+    an :class:`AdapterError` naming the module otherwise. Touches nothing."""
+    modules = dict(model.named_modules())
+    for name, d in deltas.items():
+        mod = modules.get(name)
+        if not isinstance(d, ModuleDelta):
+            raise AdapterError(f"module {name!r}: expected a ModuleDelta, got {type(d).__name__}")
+        if mod is None:
+            raise AdapterError(f"module {name!r}: in the adapter ({source}) but not in {type(model).__name__}")
+        if isinstance(mod, RainLinear):
+            raise AdapterError(f"module {name!r}: already wrapped by a RAIN adapter")
+        if not isinstance(mod, nn.Linear):
+            raise AdapterError(f"module {name!r}: is {type(mod).__name__}, expected nn.Linear")
+        if tuple(d.shape) != tuple(mod.weight.shape):
+            raise AdapterError(
+                f"module {name!r}: adapter delta has shape {list(d.shape)}, model weight {list(mod.weight.shape)}"
+            )
+        if d.bias is not None and mod.bias is None:
+            raise AdapterError(f"module {name!r}: adapter has a bias delta but the model's layer has no bias")
+        for suffix, t in d.tensors().items():
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"module {name!r}: {suffix} holds NaN or Inf")
+    return modules
 
 
 class RainModel:
@@ -60,7 +88,7 @@ class RainModel:
     def __call__(self, *args, rain_lambda: LambdaLike | None = None, **kwargs):
         if rain_lambda is None:
             return self.model(*args, **kwargs)
-        with self.lambda_scope(rain_lambda):
+        with self._scope(rain_lambda, "rain_lambda"):
             return self.model(*args, **kwargs)
 
     forward = __call__
@@ -74,27 +102,36 @@ class RainModel:
         """Set λ: a float for every row, or a 1-D sequence/tensor with one λ per batch row.
 
         Rows expanded by beam search / ``num_return_sequences`` get their input row's λ. Never
-        rewrites weights; a uniform λ is updated in place on the device.
+        rewrites weights; a uniform λ is updated in place on the device. A bool, a non-number, a
+        non-finite λ or ``|λ| > 100`` is a ``ValueError`` naming ``lam`` and changes nothing
+        (:func:`~rain_adapter.format.lambdas.check_lambda`).
         """
         self._check_attached()
-        self._state.set(lam)
+        self._state.set(lam, "set_lambda(lam)")
 
     def set_token_lambda(self, lam: Sequence[float] | Tensor) -> None:
         """Set one λ per token: ``lam [M]`` for inputs whose token rows flatten to ``M`` (packed
         continuous-batching inputs ``[1, M]``). Stays until the next ``set_lambda`` / ``set_token_lambda``;
         a forward with a different token count raises."""
         self._check_attached()
-        self._state.set_tokens(lam)
+        self._state.set_tokens(lam, "set_token_lambda(lam)")
 
     def get_lambda(self) -> Tensor:
         """The current λ as a float32 CPU tensor ``[1]``, ``[batch]`` or (per-token mode) ``[M]``."""
         return self._state.value
 
+    def lambda_scope(self, lam: LambdaLike):
+        """``with model.lambda_scope(0.5): ...`` sets λ inside the block and restores it after.
+
+        A refused λ raises on entering the block, with λ unchanged.
+        """
+        return self._scope(lam, "lambda_scope(lam)")
+
     @contextmanager
-    def lambda_scope(self, lam: LambdaLike) -> Iterator["RainModel"]:
-        """``with model.lambda_scope(0.5): ...`` sets λ inside the block and restores it after."""
+    def _scope(self, lam: LambdaLike, what: str) -> Iterator["RainModel"]:
+        self._check_attached()
         old, old_per_token = self._state.value, self._state.per_token
-        self.set_lambda(lam)
+        self._state.set(lam, what)
         try:
             yield self
         finally:
@@ -104,25 +141,30 @@ class RainModel:
         """``model.generate`` with an optional λ (float or one per input row) for this call."""
         if rain_lambda is None:
             return self.model.generate(*args, **kwargs)
-        with self.lambda_scope(rain_lambda):
+        with self._scope(rain_lambda, "generate(rain_lambda)"):
             return self.model.generate(*args, **kwargs)
 
     # -- weights ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, lam: float | None = None) -> dict[str, Tensor]:
+    def merge(self, lam: float | None = None, *, what: str = "merge(lam)") -> dict[str, Tensor]:
         """Plain merged weights ``{"<module>.weight": W + λD, "<module>.bias": b + λ d_b}``.
 
         ``lam`` defaults to the current uniform λ. For export; the live model is not changed. A given
-        ``lam`` goes through the shared λ policy (:func:`~rain_adapter.format.lambdas.check_lambda`).
+        ``lam`` goes through the shared λ policy (:func:`~rain_adapter.format.lambdas.check_lambda`):
+        a bool, a non-number, a non-finite λ or ``|λ| > 100`` is a ``ValueError`` naming ``what``,
+        as is a merged weight that overflows the model's dtype; nothing is returned half-merged.
         """
         self._check_attached()
         if lam is None:
             cur = self.get_lambda()
             if cur.numel() != 1:
-                raise ValueError("merge() needs a single λ; the model holds one per row")
+                raise ValueError(f"{what}: needs a single λ; the model holds one per row")
             lam = float(cur[0])
         else:
-            check_lambda(float(lam), self.rain_config.lambda_range)
+            check_lambda(lam, self.rain_config.lambda_range, what=what, stacklevel=3)
+            if isinstance(lam, Tensor) and lam.numel() != 1 or not isinstance(lam, (Tensor, numbers.Real)):
+                raise ValueError(f"{what}: needs a single λ, got {lam!r:.60}")
+            lam = float(lam)
         out = {}
         for name, layer in self.rain_layers.items():
             w, b = layer.merged_weight(float(lam))
@@ -132,9 +174,9 @@ class RainModel:
         return out
 
     @torch.no_grad()
-    def merged_state_dict(self, lam: float | None = None) -> dict[str, Tensor]:
+    def merged_state_dict(self, lam: float | None = None, *, what: str = "merged_state_dict(lam)") -> dict[str, Tensor]:
         """The wrapped model's state dict with original key names and merged target weights."""
-        merged = self.merge(lam)
+        merged = self.merge(lam, what=what)
         sd = {}
         for key, t in self.model.state_dict().items():
             # RainLinear stores the original layer under `.base.`
@@ -143,8 +185,13 @@ class RainModel:
         return sd
 
     def save_pretrained(self, path: str | Path, lam: float | None = None, **kwargs) -> None:
-        """Save a plain HF checkpoint of the merged model at ``lam``."""
-        self.model.save_pretrained(path, state_dict=self.merged_state_dict(lam), **kwargs)
+        """Save a plain HF checkpoint of the merged model at ``lam``.
+
+        Everything is merged and checked (λ policy, finite weights) before anything is written, so
+        a refused ``lam`` leaves no files.
+        """
+        self.model.save_pretrained(path, state_dict=self.merged_state_dict(lam, what="save_pretrained(lam)"),
+                                   **kwargs)
 
     def detach(self) -> nn.Module:
         """Put the original ``nn.Linear`` modules back and return the bare model."""
@@ -184,36 +231,19 @@ class RainAdapter:
         config, deltas, source = adapter_from(adapter)
         if not deltas:
             raise AdapterError(f"{source}: adapter holds no module deltas")
-        modules = dict(model.named_modules())
         # 1. validate everything before touching the model
-        for name, d in deltas.items():
-            mod = modules.get(name)
-            if mod is None:
-                raise AdapterError(f"module {name!r}: in the adapter ({source}) but not in {type(model).__name__}")
-            if isinstance(mod, RainLinear):
-                raise AdapterError(f"module {name!r}: already wrapped by a RAIN adapter")
-            if not isinstance(mod, nn.Linear):
-                raise AdapterError(f"module {name!r}: is {type(mod).__name__}, expected nn.Linear")
-            if tuple(d.shape) != tuple(mod.weight.shape):
-                raise AdapterError(
-                    f"module {name!r}: adapter delta has shape {list(d.shape)}, model weight {list(mod.weight.shape)}"
-                )
-            if d.bias is not None and mod.bias is None:
-                raise AdapterError(
-                    f"module {name!r}: adapter has a bias delta but the model's layer has no bias"
-                )
-            for suffix, t in d.tensors().items():
-                if not torch.isfinite(t).all():
-                    raise AdapterError(f"module {name!r}: {suffix} holds NaN or Inf")
+        modules = _check_modules(model, deltas, source)
         if check_fingerprint and config.fingerprint:
             check_fingerprint_fn(config, model)
         state = LambdaState(config.default_lambda if lam is None else 1.0, config.lambda_range)
         if lam is not None:
-            state.set(lam)
+            state.set(lam, "attach(lam)")
         # 2. build every wrapper (allocations may fail: still nothing swapped)
         wrappers: dict[str, RainLinear] = {}
         for name, d in deltas.items():
             wrappers[name] = RainLinear(modules[name], d, state, name=name)
+        # q/k/v and gate/up read one input: their lora_A stacked, one shrink per group and forward
+        group_shared_inputs(wrappers)
         # 3. swap (plain setattr; cannot fail half-way for valid names)
         originals = {}
         for name, w in wrappers.items():
@@ -221,7 +251,13 @@ class RainAdapter:
             originals[name] = getattr(parent, child)
             setattr(parent, child, w)
         if device is not None:
-            model.to(device)
+            try:
+                model.to(device)
+            except BaseException:  # e.g. out of memory: put the original layers back, never half-attached
+                for name, orig in originals.items():
+                    parent, child = _parent(model, name)
+                    setattr(parent, child, orig)
+                raise
         return RainModel(model, config, wrappers, originals, state, source)
 
 
