@@ -1,12 +1,16 @@
 """Load test of `rain serve` on loopback with a tiny model: mixed vs single λ, then kill -9 under load.
 
-    python bench/serve_load.py [--clients 8] [--seconds 10] [--max-tokens 16] [--out results.json]
+    python bench/serve_load.py [--clients 8] [--seconds 10] [--max-tokens 16] [--burst 200]
+                               [--phases sustained,burst,kill9] [--batching dynamic] [--out results.json]
 
 1. builds a tiny Qwen2 + random adapter in a temp dir and starts `rain serve` as a subprocess on
    127.0.0.1 (free port; readiness by polling /health);
 2. N client threads send greedy chat requests for a bounded time: first with λ drawn from
    {0, 0.5, 1, 1.5, 2} per request (mixed), then all with λ = 1 (single); reports failures,
    throughput (req/s, generated tok/s), latency p50/p99 and the mean rows per generate call;
+2b. burst (issue 13): ``--burst`` requests (200) sent at once from one asyncio httpx client, each with
+   λ drawn from {0, 0.5, 1, 1.5, 2}; all must succeed (0 failures) and be logged ``ok``; reports
+   p50 / p99 / max latency, throughput and the mean rows per forward batch;
 3. starts the load again (max_tokens 4, so many requests complete), kill -9's the server mid-load, restarts it on the same SQLite log and
    checks that every request that got a 200 response before the kill is in the log.
 Only loopback; client count and duration are bounded.
@@ -15,6 +19,7 @@ Only loopback; client count and duration are bounded.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -97,6 +102,52 @@ def run_load(port: int, clients: int, seconds: float, max_tokens: int, lambdas: 
             "p99_s": round(float(np.percentile(a, 99)), 3), "acked": acked}
 
 
+def run_burst(port: int, n: int, max_tokens: int, lambdas: list[float], seed: int = 11) -> dict:
+    """``n`` concurrent chat requests at once (mixed λ), one asyncio client; latency per request."""
+    url = f"http://{HOST}:{port}/v1/chat/completions"
+    rng = random.Random(seed)
+    bodies = [{"model": "adapter", "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+               "max_tokens": max_tokens, "temperature": 0, "rain_lambda": rng.choice(lambdas), "user": f"b{i}"}
+              for i in range(n)]
+
+    async def go() -> tuple[list, float]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+            async def one(body: dict) -> tuple[float | None, object]:
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post(url, json=body)
+                except httpx.HTTPError as e:
+                    return None, f"{type(e).__name__}: {e}"
+                dt = time.perf_counter() - t0
+                return (dt, r.json()) if r.status_code == 200 else (None, f"{r.status_code}: {r.text[:200]}")
+
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(one(b) for b in bodies))
+            return res, time.perf_counter() - t0
+
+    res, wall = asyncio.run(go())
+    ok = [(dt, j) for dt, j in res if dt is not None]
+    failures = [j for dt, j in res if dt is None]
+    a = np.asarray([dt for dt, _ in ok]) if ok else np.asarray([np.nan])
+    return {"requests": n, "lambdas": sorted({b["rain_lambda"] for b in bodies}), "ok": len(ok),
+            "failed": len(failures), "failures_sample": failures[:3], "seconds": round(wall, 2),
+            "req_per_s": round(len(ok) / wall, 2),
+            "gen_tok_per_s": round(sum(j["usage"]["completion_tokens"] for _, j in ok) / wall, 1),
+            "p50_s": round(float(np.percentile(a, 50)), 3), "p99_s": round(float(np.percentile(a, 99)), 3),
+            "max_s": round(float(np.max(a)), 3), "acked": [j["id"] for _, j in ok]}
+
+
+def logged_ok(db: Path, ids: list[str]) -> int:
+    con = sqlite3.connect(db)
+    try:
+        q = ",".join("?" * len(ids))
+        return con.execute(f"SELECT COUNT(*) FROM requests WHERE status='ok' AND id IN ({q})", ids).fetchone()[0] \
+            if ids else 0
+    finally:
+        con.close()
+
+
 def mean_batch(db: Path, ids: list[str]) -> float | None:
     con = sqlite3.connect(db)
     try:
@@ -107,18 +158,50 @@ def mean_batch(db: Path, ids: list[str]) -> float | None:
     return round(v, 2) if v is not None else None
 
 
+def run_kill9(proc: subprocess.Popen, start, db: Path, port: int, clients: int, seconds: float,
+              kill_after: float) -> tuple[subprocess.Popen, dict]:
+    """Load (max_tokens 4), ``kill -9`` the server after ``kill_after`` s, restart it on the same log, and
+    count the requests acknowledged (HTTP 200 received) before the kill that are missing from the log."""
+    stop = threading.Event()
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.update(
+        run_load(port, clients, seconds + kill_after + 30, 4, [0.0, 1.0, 2.0], stop, seed=7)))
+    th.start()
+    time.sleep(kill_after)  # let load build up (a duration, not synchronisation)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stop.set()
+    th.join()
+    acked = box["acked"]
+    proc = start()
+    con = sqlite3.connect(db)
+    logged = {r[0] for r in con.execute("SELECT id FROM requests")}
+    con.close()
+    missing = [a for a in acked if a not in logged]
+    ok_after = httpx.post(f"http://{HOST}:{port}/v1/chat/completions", timeout=60, json={
+        "model": "adapter", "messages": [{"role": "user", "content": "back?"}], "max_tokens": 4,
+        "temperature": 0}).status_code
+    return proc, {"acked_before_kill": len(acked), "missing_from_log": len(missing),
+                  "failed_in_flight_at_kill": box["failed"], "restart_status": ok_after}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kill-after", type=float, default=10.0, help="seconds of load before kill -9")
+    ap.add_argument("--burst", type=int, default=200, help="requests sent at once in the burst phase")
+    ap.add_argument("--phases", default="sustained,burst,kill9",
+                    help="comma-separated: sustained (mixed vs single λ), burst, kill9")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--batching", choices=["dynamic", "continuous"], default="dynamic",
                     help="the server's batching mode (rain serve --batching)")
     args = ap.parse_args(argv)
     clients = max(1, min(args.clients, 64))
     seconds = max(1.0, min(args.seconds, 120.0))
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    burst = max(1, min(args.burst, 1000))
 
     results: dict = {"clients": clients, "seconds": seconds, "max_tokens": args.max_tokens,
                      "batching": args.batching}
@@ -131,34 +214,23 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_load(port, 2, 2.0, args.max_tokens, [1.0])  # warm-up
             for name, lams in (("mixed_lambda", [0.0, 0.5, 1.0, 1.5, 2.0]), ("single_lambda", [1.0])):
+                if "sustained" not in phases:
+                    break
                 r = run_load(port, clients, seconds, args.max_tokens, lams)
                 r["mean_rows_per_generate"] = mean_batch(db, r["acked"])
                 results[name] = {k: v for k, v in r.items() if k != "acked"}
                 print(name, json.dumps(results[name]), flush=True)
-            # kill -9 under load
-            stop = threading.Event()
-            box: dict = {}
-            th = threading.Thread(target=lambda: box.update(
-                run_load(port, clients, seconds + args.kill_after + 30, 4, [0.0, 1.0, 2.0], stop,
-                         seed=7)))
-            th.start()
-            time.sleep(args.kill_after)  # let load build up (a duration, not synchronisation)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            stop.set()
-            th.join()
-            acked = box["acked"]
-            proc = start_server(model_dir, adapter_dir, db, port, args.max_tokens, args.batching)
-            con = sqlite3.connect(db)
-            logged = {r[0] for r in con.execute("SELECT id FROM requests")}
-            con.close()
-            missing = [a for a in acked if a not in logged]
-            ok_after = httpx.post(f"http://{HOST}:{port}/v1/chat/completions", timeout=60, json={
-                "model": "adapter", "messages": [{"role": "user", "content": "back?"}], "max_tokens": 4,
-                "temperature": 0}).status_code
-            results["kill9"] = {"acked_before_kill": len(acked), "missing_from_log": len(missing),
-                                "failed_in_flight_at_kill": box["failed"], "restart_status": ok_after}
-            print("kill9", json.dumps(results["kill9"]), flush=True)
+            if "burst" in phases:
+                r = run_burst(port, burst, args.max_tokens, [0.0, 0.5, 1.0, 1.5, 2.0])
+                r["logged_ok"] = logged_ok(db, r["acked"])
+                r["mean_rows_per_generate"] = mean_batch(db, r["acked"])
+                results["burst"] = {k: v for k, v in r.items() if k != "acked"}
+                print("burst", json.dumps(results["burst"]), flush=True)
+            if "kill9" in phases:
+                proc, results["kill9"] = run_kill9(proc, lambda: start_server(
+                    model_dir, adapter_dir, db, port, args.max_tokens, args.batching), db, port, clients, seconds,
+                    args.kill_after)
+                print("kill9", json.dumps(results["kill9"]), flush=True)
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -168,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                     proc.kill()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
-    ok = (results["mixed_lambda"]["failed"] == 0 and results["single_lambda"]["failed"] == 0
-          and results["kill9"]["missing_from_log"] == 0)
+    ok = (all(results[k]["failed"] == 0 for k in ("mixed_lambda", "single_lambda") if k in results)
+          and ("burst" not in results or (results["burst"]["failed"] == 0
+                                          and results["burst"]["logged_ok"] == results["burst"]["requests"]))
+          and ("kill9" not in results or results["kill9"]["missing_from_log"] == 0))
     print("PASS" if ok else "FAIL", flush=True)
     return 0 if ok else 1
 

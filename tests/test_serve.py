@@ -91,7 +91,7 @@ def test_explicit_arm_and_lambda(client):
     r = _chat(client, "x", max_tokens=2, extra_body={"rain_arm": "high"})
     assert (r.model_extra["rain"]["arm"], r.model_extra["rain"]["lambda"]) == ("high", 1.5)
     r = _chat(client, "x", lam=0.25, max_tokens=2)
-    assert (r.model_extra["rain"]["arm"], r.model_extra["rain"]["lambda"]) == ("custom", 0.25)
+    assert (r.model_extra["rain"]["arm"], r.model_extra["rain"]["lambda"]) == ("λ=0.25", 0.25)
 
 
 def test_completions_and_streaming_match(client):
@@ -254,13 +254,13 @@ def test_feedback_checks_ab_and_metrics(server, client):
     miss = _post(srv, "/v1/rain/feedback", {"request_id": "chatcmpl-nope", "score": 1})
     assert miss.status_code == 404 and miss.json()["error"]["param"] == "request_id"
     ab = httpx.get(srv.base_url + "/v1/rain/ab", headers={"Authorization": f"Bearer {KEY}"}).json()
-    assert ab["n_total"] >= 1 and "custom" in ab["arms"]
-    fb = ab["arms"]["custom"]["mean_feedback"]
+    assert ab["n_total"] >= 1 and "λ=0" in ab["arms"]
+    fb = ab["arms"]["λ=0"]["mean_feedback"]
     assert fb["n"] >= 1 and fb["value"] is not None
     row = sqlite3.connect(state.db.path).execute(
         "SELECT arm, lam, compliant, format_valid, prompt_tokens, completion_tokens, latency_s, ttft_s, status "
         "FROM requests WHERE id=?", (rain["request_id"],)).fetchone()
-    assert row[0] == "custom" and row[1] == 0.0 and row[2] in (0, 1) and row[3] in (0, 1)
+    assert row[0] == "λ=0" and row[1] == 0.0 and row[2] in (0, 1) and row[3] in (0, 1)
     assert row[4] > 0 and row[5] >= 1 and row[6] >= row[7] > 0 and row[8] == "ok"
     text = httpx.get(srv.base_url + "/metrics").text
     assert "# TYPE rain_requests_total counter" in text and 'rain_requests_total{endpoint="chat"' in text

@@ -124,11 +124,11 @@ def test_metrics_db_roundtrip_and_feedback(tmp_path):
     db = MetricsDB(tmp_path / "x" / "log.sqlite")
     db.log_request(dict(id="r1", arm="a", lam=1.0, status="ok", format_valid=True, compliant=None,
                         checks_json=[{"instruction_id": "x", "ok": True}], latency_s=0.5))
-    db.add_feedback("r1", 3)
-    db.add_feedback("r1", 5)
+    assert db.add_feedback("r1", 3)
+    assert not db.add_feedback("r1", 5)  # one feedback per request: the first stands (the API answers 409)
     assert db.has_request("r1") and not db.has_request("r2")
     (row,) = db.rows()
-    assert row["feedback"] == 4 and row["format_valid"] == 1 and json.loads(row["checks_json"])[0]["ok"]
+    assert row["feedback"] == 3 and row["format_valid"] == 1 and json.loads(row["checks_json"])[0]["ok"]
     # committed on return: visible to another connection before close
     assert sqlite3.connect(tmp_path / "x" / "log.sqlite").execute("SELECT count(*) FROM requests").fetchone() == (1,)
     assert sqlite3.connect(tmp_path / "x" / "log.sqlite").execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -191,7 +191,7 @@ def test_parse_chat_request_fields():
     from rain_adapter.serve.requests import parse_chat
 
     req = parse_chat(_chat_body(max_completion_tokens=5, max_tokens=9, temperature=0, top_p=0.5, stop="END",
-                                seed=3, rain_lambda=1, rain_arm="b", user="u", stream=True,
+                                seed=3, rain_lambda=1, user="u", stream=True,
                                 stream_options={"include_usage": True}, rain_checks=["punctuation:no_comma"],
                                 messages=[{"role": "developer", "content": [{"type": "text", "text": "be "},
                                                                              {"type": "text", "text": "brief"}]},
@@ -200,7 +200,7 @@ def test_parse_chat_request_fields():
     assert req.chat and req.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": ""})
     s = req.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.stop, s.seed) == (5, 0.0, 0.5, ("END",), 3)
-    assert (req.rain.lam, req.rain.arm, len(req.rain.checks)) == (1.0, "b", 1)
+    assert (req.rain.lam, req.rain.arm, len(req.rain.checks)) == (1.0, None, 1)
     assert (req.user, req.stream, req.include_usage) == ("u", True, True)
     # defaults: server temperature, no max_tokens (filled from the context), no stream
     d = parse_chat(_chat_body(), _limits(default_temperature=0.7))
@@ -218,8 +218,12 @@ def test_parse_chat_request_fields():
     ("max_tokens", 1.5, "invalid_value"),
     ("max_tokens", 65, "max_tokens_exceeded"),
     ("max_completion_tokens", "5", "invalid_value"),
-    ("n", 2, "invalid_value"),
-    ("logprobs", True, "invalid_value"),
+    ("n", 17, "invalid_value"),
+    ("n", 0, "invalid_value"),
+    ("logprobs", 3, "invalid_value"),          # chat: a boolean (top_logprobs is the count)
+    ("top_logprobs", 2, "invalid_value"),      # without logprobs=true
+    ("response_format", {"type": "json_schema"}, "not_supported"),
+    ("tools", [{"type": "function"}], "not_supported"),
     ("temperature", 2.5, "invalid_value"),
     ("temperature", True, "invalid_value"),
     ("top_p", 0, "invalid_value"),
@@ -260,7 +264,9 @@ def test_parse_completion_prompt_and_context():
     assert parse_completion({"model": "m", "prompt": ["one string"]}, _limits()).prompt == "one string"
     ids = parse_completion({"model": "m", "prompt": [1, 2, 3]}, _limits())
     assert ids.encode(tok) == [1, 2, 3] and not ids.chat
-    for bad in (None, [], [1, True], ["a", "b"], 5):
+    two = parse_completion({"model": "m", "prompt": ["a", "b"]}, _limits())
+    assert two.prompt == "a" and [r.prompt for r in two.split()] == ["a", "b"] and two.texts() == ["a", "b"]
+    for bad in (None, [], [1, True], ["a", [1]], ["a"] * 65, 5):
         with pytest.raises(APIError) as ei:
             parse_completion({"model": "m", "prompt": bad}, _limits())
         assert (ei.value.status, ei.value.param) == (400, "prompt")
@@ -294,8 +300,9 @@ def test_parse_json_and_feedback():
 
 def test_arm_choice_precedence():
     asg = ArmAssigner([Arm("a", 0.0, 1.0), Arm("b", 1.5, 1.0)])
-    assert asg.choose("b", 0.25, "u") == ("b", 0.25, "explicit_lambda")
-    assert asg.choose(None, 0.25, "u") == ("custom", 0.25, "explicit_lambda")
+    # an explicit λ is its own arm per value (the parser refuses rain_arm together with rain_lambda)
+    assert asg.choose(None, 0.25, "u") == ("λ=0.25", 0.25, "explicit_lambda")
+    assert asg.choose(None, 0.6, None) == ("λ=0.6", 0.6, "explicit_lambda")
     assert asg.choose("b", None, "u") == ("b", 1.5, "explicit_arm")
     name, lam, how = asg.choose(None, None, "u")
     assert how == "sticky" and lam == asg.by_name[name].lam

@@ -2,7 +2,8 @@
 
     rain serve --model PATH --adapter NAME [--lambda L] [--arms FILE] [--host 127.0.0.1 --port 8000]
                [--api-key KEY] [--db PATH] [--max-batch-size 8 --batch-window-ms 10 --max-tokens-cap 1024]
-               [--batching dynamic|continuous]
+               [--batching dynamic|continuous] [--max-model-len N] [--max-body-bytes N] [--protect-all]
+               [--arm-assignment random|hash] [--arm-policy fixed|thompson --arm-floor 0.05 --arm-seed 0]
     rain ab report --db PATH [--png OUT] [--json]
 
 Also runnable without the ``rain`` entry point: ``python -m rain_adapter.cli.serve serve ...``.
@@ -42,6 +43,18 @@ def _add_serve(sub) -> None:
                    help="dynamic: one generate call per batch with per-row λ; continuous: transformers' continuous "
                         "batching with a per-token λ (greedy requests; sampling ones use dynamic batching)")
     p.add_argument("--max-tokens-cap", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + max_tokens limit (default: the model config's max_position_embeddings)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request body (413 above it; checked from Content-Length and while reading)")
+    p.add_argument("--protect-all", action="store_true",
+                   help="with an API key, protect /metrics, /docs and /openapi.json too (/health stays open)")
+    p.add_argument("--arm-assignment", choices=("random", "hash"), default="random",
+                   help="arm of a request without a user: random, or a hash of its messages/prompt (deterministic)")
+    p.add_argument("--arm-policy", choices=("fixed", "thompson"), default="fixed",
+                   help="fixed: the arms' weights; thompson: adaptive allocation by posterior P(best arm)")
+    p.add_argument("--arm-floor", type=float, default=0.05, help="thompson: smallest share of any arm")
+    p.add_argument("--arm-seed", type=int, default=0, help="thompson: seed of the Monte Carlo and the draws")
     p.add_argument("--default-temperature", type=float, default=1.0,
                    help="temperature when a request gives none (OpenAI's default is 1.0)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
@@ -106,7 +119,10 @@ def run_serve(args) -> int:
     state = serve_state_from(model, tok, model_name=name, db_path=args.db, arms=arms, lam=args.lam,
                              api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                              max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
-                             default_temperature=args.default_temperature, batching=args.batching)
+                             default_temperature=args.default_temperature, batching=args.batching,
+                             context_length=args.max_model_len, max_body_bytes=args.max_body_bytes,
+                             protect_all=args.protect_all, arm_assignment=args.arm_assignment,
+                             arm_policy=args.arm_policy, arm_floor=args.arm_floor, arm_seed=args.arm_seed)
     app = create_app(state)
     log.info("rain serve: %s on http://%s:%d (arms: %s, λ range %s, db %s)", name, args.host, args.port,
              ", ".join(f"{a.name}={a.lam}" for a in state.arms), list(state.lambda_range), args.db)

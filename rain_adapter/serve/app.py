@@ -2,39 +2,50 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
 SSE streaming), ``GET /health``, ``GET /metrics`` (Prometheus text), ``POST /v1/rain/feedback``,
-``GET /v1/rain/ab``. Request extensions (``rain_lambda``, ``rain_arm``, ``rain_checks``) are parsed
+``GET /v1/rain/ab``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize`` (vLLM's). Request extensions (``rain_lambda``, ``rain_arm``, ``rain_checks``) are parsed
 in :mod:`~rain_adapter.serve.requests`; responses carry ``"rain": {"arm", "lambda", "request_id"}``
 and the ``X-Rain-Arm`` / ``X-Rain-Lambda`` headers (:mod:`~rain_adapter.serve.responses`, which also
 commits each request's log row before its response is sent).
 
 The handlers are module functions that find the :class:`ServeState` on ``request.app.state.rain``;
 they reach the model only through the :class:`~rain_adapter.serve.scheduler.Scheduler` protocol.
+The API key and the body size are checked before a route runs
+(:class:`~rain_adapter.serve.limits.GuardMiddleware`); a generation request is validated in full
+(fields, then a tokenizer-free bound on the prompt's length, then the exact token count) before a
+job is made, and tokenisation runs in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import APIError
-from .report import ab_report
+from .choices import ChoiceSet, choice_id, choice_seed, reply_choices, stream_choices
+from .errors import APIError, bad_request
+from .limits import GuardMiddleware, min_prompt_tokens
+from .report import ab_report, to_json
 from .requests import parse_chat, parse_completion, parse_feedback, parse_json_body
 from .responses import (
     Exchange,
     error_response,
     health_body,
+    model_card,
     models_body,
     reply,
     stream_reply,
 )
+from .tokenize import detokenize_body, tokenize_body
 from .scheduler import GenJob
 from .state import ServeState, serve_state_from
 
@@ -46,38 +57,90 @@ def _state(request: Request) -> ServeState:
     return request.app.state.rain
 
 
-def _auth(request: Request) -> None:
-    """401 unless the request carries this server's API key (when it has one)."""
-    key = _state(request).api_key
-    if not key:
-        return
-    h = request.headers.get("authorization", "")
-    if not h:
-        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-    if h != f"Bearer {key}":
-        raise APIError(401, "incorrect API key provided", code="invalid_api_key")
-
-
 async def _json_body(request: Request) -> dict:
     return parse_json_body(await request.body())
 
 
+def _disconnected(request: Request):
+    """An awaitable that returns once the client has gone (``http.disconnect``)."""
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    return wait
+
+
+def _precheck(req, state: ServeState) -> None:
+    """Length checks that need no tokenizer: max_tokens and a lower bound on the prompt's tokens."""
+    mt, n = req.sampling.max_tokens, state.context_length
+    if mt is not None and mt >= n:
+        raise bad_request(f"max_tokens={mt} leaves no room for a prompt: --max-model-len is {n}", "max_tokens",
+                          code="context_length_exceeded")
+    ids = getattr(req, "prompt", None)
+    lower = len(ids) if isinstance(ids, tuple) else min_prompt_tokens(req.texts(), state.bytes_per_token)
+    if lower + (mt or 1) > n:
+        raise bad_request(f"the prompt has at least {lower} tokens; with max_tokens={mt or 1} that is over "
+                          f"--max-model-len {n}", req.prompt_param, code="context_length_exceeded")
+
+
 # ----------------------------------------------------------------------------- generation
+def _exchanges(state: ServeState, parts: list, ids: list[list[int]], params: list, rid: str, arm: str, lam: float,
+               how: str) -> tuple[list[Exchange], ChoiceSet | None]:
+    """One exchange (and job) per choice: ``n`` per prompt, index = prompt_index·n + k (serve/choices.py)."""
+    n = parts[0].sampling.n
+    total, loop, created = n * len(parts), asyncio.get_running_loop(), int(time.time())
+    queue, tagged = ChoiceSet.shared_events(total) if total > 1 else (None, [asyncio.Queue()])
+    exs = []
+    for index in range(total):
+        part, pid, p = parts[index // n], ids[index // n], params[index // n]
+        p = replace(p, seed=choice_seed(p.seed, index)) if index else p
+        job = GenJob(choice_id(rid, index), pid, lam, p, loop, tagged[index])
+        exs.append(Exchange(request=part, job=job, model_name=state.model_name, arm=arm, lam=lam, assignment=how,
+                            created=created, cancel=lambda job=job: state.scheduler.cancel(job),
+                            release=state.release, tokenizer=state.tokenizer, index=index, n_choices=total,
+                            response_id=rid if total > 1 else None))
+    return exs, (ChoiceSet(exs, queue) if total > 1 else None)
+
+
+def _submit_all(state: ServeState, exs: list[Exchange]) -> None:
+    """Submit every choice's job; when one is refused, the ones already submitted are cancelled."""
+    for k, ex in enumerate(exs):
+        try:
+            state.submit(ex.job)
+        except APIError:
+            for prev in exs[:k]:
+                prev.cancel()
+                prev.release()
+            raise
+
+
 async def _generate(request: Request, chat: bool) -> Response:
-    """Validate, submit one job, and answer with JSON or an SSE stream."""
+    """Validate, submit the job(s), and answer with JSON or an SSE stream; a refusal is logged too."""
     state = _state(request)
-    body = await _json_body(request)
-    _auth(request)
-    req = parse_chat(body, state.limits) if chat else parse_completion(body, state.limits)
-    prompt_ids = req.encode(state.tokenizer)
-    params = req.sampling.gen_params(len(prompt_ids), state.context_length, state.max_tokens_cap, req.prompt_param)
-    arm, lam, how = state.assigner.choose(req.rain.arm, req.rain.lam, req.user)
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    job = GenJob(rid, prompt_ids, lam, params, asyncio.get_running_loop(), asyncio.Queue())
-    ex = Exchange(request=req, job=job, model_name=state.model_name, arm=arm, lam=lam, assignment=how,
-                  created=int(time.time()), cancel=lambda: state.scheduler.cancel(job), release=state.release)
-    state.submit(job)
-    return stream_reply(ex, state.request_log) if req.stream else await reply(ex, state.request_log)
+    t0 = time.perf_counter()
+    body: object = None
+    try:
+        body = await _json_body(request)
+        req = parse_chat(body, state.limits) if chat else parse_completion(body, state.limits)
+        parts = [req] if chat else req.split()
+        for part in parts:
+            _precheck(part, state)
+        ids = await run_in_threadpool(lambda: [part.encode(state.tokenizer) for part in parts])
+        params = [part.sampling.gen_params(len(i), state.context_length, state.max_tokens_cap, req.prompt_param)
+                  for part, i in zip(parts, ids)]
+        key = json.dumps(req.messages if chat else (list(req.prompts) or req.prompt), sort_keys=True)
+        arm, lam, how = state.assigner.choose(req.rain.arm, req.rain.lam, req.user, key)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        exs, choices = _exchanges(state, parts, ids, params, rid, arm, lam, how)
+        _submit_all(state, exs)
+    except APIError as e:
+        await state.request_log.rejected("chat" if chat else "completions", state.model_name, body, e, t0)
+        raise
+    gone = _disconnected(request)
+    if choices is not None:
+        return stream_choices(choices, state.request_log, gone) if req.stream else \
+            await reply_choices(choices, state.request_log, gone)
+    ex = exs[0]
+    return stream_reply(ex, state.request_log, gone) if req.stream else await reply(ex, state.request_log, gone)
 
 
 @router.post("/v1/chat/completions")
@@ -92,9 +155,14 @@ async def completions(request: Request) -> Response:
 
 # ----------------------------------------------------------------------------- the rest
 @router.get("/health", response_model=None)
-async def health(request: Request) -> dict[str, Any]:
+async def health(request: Request) -> JSONResponse:
+    """200 while requests can be served; 503 (status "unhealthy", with the reason) otherwise."""
     state = _state(request)
-    return health_body(state.model_name, state.queue_depth(), state.inflight, state.started)
+    h = state.health()
+    ok = h.healthy and h.accepting
+    reason = h.reason or (None if h.accepting else "the scheduler is not accepting requests")
+    return JSONResponse(health_body(state.model_name, h.queue_depth, state.inflight, state.started, ok, reason),
+                        status_code=200 if ok else 503)
 
 
 @router.get("/metrics")
@@ -104,29 +172,59 @@ async def metrics(request: Request) -> PlainTextResponse:
 
 @router.get("/v1/models", response_model=None)
 async def models(request: Request) -> dict[str, Any]:
-    _auth(request)
     state = _state(request)
-    return models_body(state.model_name, state.started, state.lambda_range, state.arms)
+    return models_body(state.model_name, state.started, state.lambda_range, state.arms, state.context_length)
+
+
+@router.get("/v1/models/{model_id:path}", response_model=None)
+async def model(request: Request, model_id: str) -> dict[str, Any]:
+    state = _state(request)
+    if model_id != state.model_name:
+        raise APIError(404, f"the model {model_id!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+    return model_card(state.model_name, state.started, state.lambda_range, state.arms, state.context_length)
+
+
+@router.post("/tokenize", response_model=None)
+async def tokenize(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    body = await _json_body(request)
+    return await run_in_threadpool(tokenize_body, body, state.tokenizer, state.model_name, state.context_length)
+
+
+@router.post("/detokenize", response_model=None)
+async def detokenize(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    body = await _json_body(request)
+    return await run_in_threadpool(detokenize_body, body, state.tokenizer, state.model_name)
 
 
 @router.post("/v1/rain/feedback", response_model=None)
 async def feedback(request: Request) -> dict[str, Any]:
-    """Attach a score (and comment) to a logged request; 404 for an id not in the log."""
-    _auth(request)
+    """Attach a score (|score| ≤ 1e6, finite) and comment to a logged request: one per request id.
+
+    404 for an id not in the log; 409 when the request already has feedback (the first one stands).
+    """
     fb = parse_feedback(await _json_body(request))
-    rlog = _state(request).request_log
+    state = _state(request)
+    rlog = state.request_log
     if not await rlog.has_request(fb.request_id):
         raise APIError(404, f"no request with id {fb.request_id!r} in the log", param="request_id",
                        code="not_found")
-    await rlog.add_feedback(fb.request_id, fb.score, fb.comment)
+    if not await rlog.add_feedback(fb.request_id, fb.score, fb.comment):
+        raise APIError(409, f"request {fb.request_id!r} already has feedback (one per request)",
+                       param="request_id", code="feedback_exists")
+    await asyncio.to_thread(state.feedback_reward, fb.request_id, fb.score)
     return {"ok": True, "request_id": fb.request_id, "score": fb.score}
 
 
 @router.get("/v1/rain/ab", response_model=None)
-async def ab(request: Request) -> dict[str, Any]:
-    _auth(request)
-    rows = await asyncio.to_thread(_state(request).db.rows)
-    return await asyncio.to_thread(ab_report, rows)
+async def ab(request: Request) -> JSONResponse:
+    state = _state(request)
+    rows = await asyncio.to_thread(state.db.rows)
+    allocs = await asyncio.to_thread(state.db.allocations)
+    rep = await asyncio.to_thread(ab_report, rows, allocs)
+    return JSONResponse(json.loads(to_json(rep)))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -168,6 +266,8 @@ def create_app(state: ServeState) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _any_error)
     app.include_router(router)
+    app.add_middleware(GuardMiddleware, config=lambda: (state.api_key, state.protect_all, state.max_body_bytes,
+                                                        lambda code: state.metrics.errors.inc(str(code))))
     return app
 
 

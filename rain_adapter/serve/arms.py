@@ -2,7 +2,12 @@
 
 Assignment: with a ``user``, u = int(sha256("rain-arms:" + user)[:16 hex]) / 2**64 ∈ [0, 1) picks
 the arm whose cumulative-weight interval holds u (stable across processes and restarts; Python's
-``hash`` is salted per process and is never used); without a user, u is drawn from ``random``.
+``hash`` is salted per process and is never used); without a user, u is drawn from ``random`` — or,
+with ``assignment="hash"`` (``rain serve --arm-assignment hash``), u is the same hash of the request's
+prompt (``key``: the messages or prompt as JSON), so an identical request always gets the same arm.
+With a :class:`~rain_adapter.serve.thompson.ThompsonPolicy` (``--arm-policy thompson``) the policy
+allocates instead (sticky per user). A request with an explicit ``rain_lambda`` is labelled with
+the arm name ``λ=<value>`` (e.g. ``λ=0.6``), so the report groups such requests per λ value.
 """
 
 from __future__ import annotations
@@ -21,6 +26,14 @@ class Arm:
     name: str
     lam: float
     weight: float = 1.0
+
+
+ASSIGNMENTS = ("random", "hash")
+
+
+def lambda_arm_name(lam: float) -> str:
+    """The arm label of requests with an explicit ``rain_lambda`` (one group per λ value)."""
+    return f"λ={lam:g}"
 
 
 def _hash_unit(user: str) -> float:
@@ -70,7 +83,12 @@ def load_arms(path: str | Path) -> list[Arm]:
 class ArmAssigner:
     """Weighted arm choice; sticky per user through a stable hash."""
 
-    def __init__(self, arms: Sequence[Arm], rng: random.Random | None = None):
+    def __init__(self, arms: Sequence[Arm], rng: random.Random | None = None, assignment: str = "random",
+                 policy: Any = None):
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"rain_adapter.serve.arms: assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+        self.assignment = assignment
+        self.policy = policy
         if not arms:
             raise ValueError("rain_adapter.serve.arms: at least one arm is required")
         self.arms = list(arms)
@@ -83,23 +101,28 @@ class ArmAssigner:
         self._cum[-1] = 1.0
         self._rng = rng or random.Random()
 
-    def assign(self, user: str | None) -> tuple[Arm, str]:
-        """Return (arm, how): how is "sticky" with a user, "random" without."""
+    def assign(self, user: str | None, key: str | None = None) -> tuple[Arm, str]:
+        """Return (arm, how): "sticky" with a user; without one "hash" (of ``key``) or "random"."""
+        if self.policy is not None:
+            name, how = self.policy.pick(user)
+            return self.by_name[name], how
         if user:
             u, how = _hash_unit(user), "sticky"
+        elif self.assignment == "hash" and key is not None:
+            u, how = _hash_unit("prompt:" + key), "hash"
         else:
             u, how = self._rng.random(), "random"
         return self.arms[min(bisect.bisect_right(self._cum, u), len(self.arms) - 1)], how
 
-    def choose(self, arm: str | None, lam: float | None, user: str | None) -> tuple[str, float, str]:
+    def choose(self, arm: str | None, lam: float | None, user: str | None,
+               key: str | None = None) -> tuple[str, float, str]:
         """(arm name, λ, how) for a request's validated ``rain_arm`` / ``rain_lambda`` / ``user``.
 
-        An explicit λ wins (the arm is then ``rain_arm`` or "custom"), then an explicit arm, then
-        :meth:`assign` ("sticky" / "random").
+        An explicit λ wins (the arm is then ``λ=<value>``), then an explicit arm, then :meth:`assign`.
         """
         if lam is not None:
-            return (arm or "custom"), lam, "explicit_lambda"
+            return lambda_arm_name(lam), lam, "explicit_lambda"
         if arm is not None:
             return arm, self.by_name[arm].lam, "explicit_arm"
-        chosen, how = self.assign(user)
+        chosen, how = self.assign(user, key)
         return chosen.name, chosen.lam, how

@@ -34,7 +34,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .scheduler import GenEvent, GenJob, GenParams, SchedulerHealth
+from .logprobs import entry, prompt_logprobs
+from .sampling import RequestLogitsProcessor
+from .scheduler import GenEvent, GenJob, GenParams, JobRejected, SchedulerHealth
 
 log = logging.getLogger("rain_adapter.serve")
 
@@ -53,6 +55,7 @@ class _RowState:
         self.finished = False
         self.finish_reason: str | None = None
         self.holdback = max((len(s) for s in job.params.stop), default=1) - 1
+        self.recorder = None    # sampling.RequestLogitsProcessor when the job wants logprobs
 
     def feed(self, token: int, now: float) -> None:
         if self.finished:
@@ -67,6 +70,9 @@ class _RowState:
             self._finish("stop")
             return
         self.ids.append(token)
+        job.n_generated = len(self.ids)
+        if self.recorder is not None and self.recorder.last is not None:
+            job.token_logprobs.append(entry(self.recorder.last[0], token, job.params.logprobs or 0))
         if token not in self.skip_ids:
             text = self.tok.decode([t for t in self.ids if t not in self.skip_ids],
                                    skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -154,6 +160,8 @@ class BatchScheduler:
         return self
 
     def submit(self, job: GenJob) -> None:
+        if not job.prompt_ids:
+            raise JobRejected("rain_adapter.serve.batching: a request needs at least one prompt token")
         with self._cond:
             if self._stopping:
                 raise RuntimeError("rain_adapter.serve.batching: the scheduler is shutting down")
@@ -171,8 +179,10 @@ class BatchScheduler:
         return self._busy
 
     def health(self) -> SchedulerHealth:
+        alive = not self._started or self._thread.is_alive() or self._stopping
         return SchedulerHealth(queue_depth=self.queue_depth(), busy=self.busy(),
-                               accepting=self._started and not self._stopping)
+                               accepting=self._started and not self._stopping, healthy=alive,
+                               reason=None if alive else "the batching worker thread died")
 
     def stop(self, timeout: float | None = 60.0) -> None:
         """Finish every queued and running job, then stop the worker."""
@@ -248,6 +258,17 @@ class BatchScheduler:
             finally:
                 self._busy = False
 
+    def _special(self, job: GenJob, row: _RowState, prompt_len: int, kw: dict[str, Any]) -> None:
+        """A one-job batch with the request's logits processor (and the prompt's logprobs for echo)."""
+        from transformers import LogitsProcessorList
+
+        p = job.params
+        if p.prompt_logprobs:
+            job.prompt_logprobs = prompt_logprobs(self.model, job.prompt_ids, job.lam, p.logprobs or 0, self.device)
+        proc = RequestLogitsProcessor(p.processing, prompt_len, sorted(self.eos_ids), p.logprobs is not None)
+        row.recorder = proc if p.logprobs is not None else None
+        kw.update(logits_processor=LogitsProcessorList([proc]), repetition_penalty=None, top_k=None)
+
     @torch.inference_mode()
     def _generate(self, jobs: list[GenJob]) -> None:
         """Left-pad prompts to ``[B, T]``, set per-row λ ``[B]``, run one generate call."""
@@ -275,6 +296,8 @@ class BatchScheduler:
             kw.update(do_sample=True, temperature=float(p.temperature), top_p=float(p.top_p), top_k=None)
             if p.seed is not None:
                 torch.manual_seed(int(p.seed))
+        if not p.plain:  # runs alone (compat_key): logits processing, logprobs, prompt logprobs
+            self._special(jobs[0], rows[0], T, kw)
         if hasattr(self.model, "set_lambda"):
             self.model.set_lambda(torch.tensor([j.lam for j in jobs], dtype=torch.float32))
         from transformers import StoppingCriteriaList

@@ -19,8 +19,16 @@ Constraints this module enforces (each would break per-request λ):
   (K/V projections carry the adapter).
 * no CUDA graphs, no ``torch.compile``, no async double-buffering: graph replays skip Python hooks
   and async batching prepares batch N+1 while N runs.
-* greedy decoding only in the manager; sampling requests are served by the dynamic scheduler
-  (``batching.BatchScheduler``) while the manager is paused (``manager.pause()``).
+* greedy decoding only in the manager; sampling requests (and requests with logits processing or
+  logprobs) are served by the dynamic scheduler (``batching.BatchScheduler``) while the manager is
+  paused (``manager.pause()``).
+
+Supervision: a job the loop can never run (an empty prompt, more tokens than the paged cache holds)
+is refused at ``submit`` (:class:`~rain_adapter.serve.scheduler.JobRejected`, a 400). An error while
+turning one request's tokens into text fails that request alone. If the loop itself dies, the
+requests it was running fail with a 500 naming the loop's error, the consumer builds a new manager
+and restarts it, and until then :meth:`ContinuousScheduler.health` is unhealthy (``/health`` 503)
+and ``submit`` raises :class:`~rain_adapter.serve.scheduler.SchedulerUnavailable` (503).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from typing import Callable
 import torch
 
 from .batching import BatchScheduler, _RowState
-from .scheduler import GenEvent, GenJob, SchedulerHealth
+from .scheduler import GenEvent, GenJob, JobRejected, SchedulerHealth, SchedulerUnavailable
 
 log = logging.getLogger("rain_adapter.serve")
 
@@ -227,6 +235,10 @@ class ContinuousScheduler:
                                                  num_blocks=num_blocks, page_size=page_size, device=hf.device))
         self.manager = None
         self.hook: TokenLambdaHook | None = None
+        cfg = self._manager_args["continuous_batching_config"]
+        self.capacity = (int(cfg.num_blocks) * int(cfg.page_size)) if cfg.num_blocks else None
+        self.restarts = 0
+        self._healthy, self._reason = True, None
         self._lams: dict[str, float] = {}
         # λ of requests we finished early (stop string / client gone) and cancelled: the CB loop may still
         # schedule them for a step or two before it processes the cancellation, so keep their λ a while
@@ -265,13 +277,21 @@ class ContinuousScheduler:
         return self
 
     def submit(self, job: GenJob) -> None:
-        if not job.params.greedy:
+        if not job.prompt_ids:
+            raise JobRejected("rain_adapter.serve.continuous: a request needs at least one prompt token")
+        if not (job.params.greedy and job.params.plain):
             self._fallback.submit(job)
             return
+        need = len(job.prompt_ids) + job.params.max_tokens
+        if self.capacity is not None and need > self.capacity:
+            raise JobRejected(f"prompt + max_tokens = {need} tokens is over the continuous batching cache "
+                              f"({self.capacity} tokens)")
         with self._lock:
             if self._stopping or not self._started:
                 raise RuntimeError("rain_adapter.serve.continuous: the scheduler is "
                                    + ("shutting down" if self._stopping else "not started"))
+            if not self._healthy:
+                raise SchedulerUnavailable(f"rain_adapter.serve.continuous: {self._reason}")
             self._lams[job.job_id] = float(job.lam)
             self._rows[job.job_id] = (_RowState(job, self.tok, self.skip_ids, self.eos_ids), 0)
             job.batch_size = len(self._rows)
@@ -295,8 +315,11 @@ class ContinuousScheduler:
         return bool(self._rows) or self._fallback.busy()
 
     def health(self) -> SchedulerHealth:
+        fb = self._fallback.health()
+        healthy = self._healthy and fb.healthy and (not self._started or self._thread.is_alive())
+        reason = self._reason or fb.reason or (None if healthy else "the result consumer thread died")
         return SchedulerHealth(queue_depth=self.queue_depth(), busy=self.busy(),
-                               accepting=self._started and not self._stopping)
+                               accepting=self._started and not self._stopping, healthy=healthy, reason=reason)
 
     def stop(self, timeout: float | None = 60.0) -> None:
         """Finish every in-flight job, then stop the CB loop, the consumer and the fallback scheduler."""
@@ -334,37 +357,77 @@ class ContinuousScheduler:
                     return
                 if not self.manager.is_running():
                     err = self.manager.background_thread_status.fatal_error
-                    self._fail_all(RuntimeError(f"continuous batching loop stopped ({err})"))
+                    self._fail_all(RuntimeError(f"the continuous batching loop failed ({err!r}); it was restarted"))
                     if self._stopping:
                         return
+                    self._restart(err)
                 continue
             with self._lock:
                 entry = self._rows.get(out.request_id)
             if entry is None:  # finished on our side (stop string / cancel) or unknown
                 continue
-            row, seen = entry
-            if out.error:
-                row.job.emit(GenEvent("error", error=RuntimeError(out.error), t=time.perf_counter()))
-                self._drop(out.request_id)
-                continue
-            now = time.perf_counter()
-            toks = list(out.generated_tokens)
-            for t in toks[seen:]:
-                row.feed(int(t), now)
-                if row.finished:
-                    break
-            with self._lock:
-                if out.request_id in self._rows:
-                    self._rows[out.request_id] = (row, len(toks))
-            if out.is_finished() and not row.finished:
-                row._finish("length")
+            try:
+                self._deliver(out, *entry)
+            except Exception as e:  # noqa: BLE001 - this request fails alone; the loop keeps serving
+                log.exception("rain serve: request %s failed in the result consumer", out.request_id)
+                entry[0].job.emit(GenEvent("error", error=e, t=time.perf_counter()))
+                self._cancel_quietly(out.request_id)
+                self._drop(out.request_id, cancelled=True)
+
+    def _deliver(self, out, row: _RowState, seen: int) -> None:
+        """Feed one result's new tokens to its row; finish and retire it when done."""
+        if out.error:
+            row.job.emit(GenEvent("error", error=RuntimeError(out.error), t=time.perf_counter()))
+            self._drop(out.request_id)
+            return
+        now = time.perf_counter()
+        toks = list(out.generated_tokens)
+        for t in toks[seen:]:
+            row.feed(int(t), now)
             if row.finished:
-                early = not out.is_finished()
-                if early:
-                    self.manager.cancel_request(out.request_id)
-                if self.on_batch is not None:
-                    self.on_batch(row.job.batch_size, now - row.job.t_arrival)
-                self._drop(out.request_id, cancelled=early)
+                break
+        with self._lock:
+            if out.request_id in self._rows:
+                self._rows[out.request_id] = (row, len(toks))
+        if out.is_finished() and not row.finished:
+            row._finish("length")
+        if row.finished:
+            early = not out.is_finished()
+            if early:
+                self._cancel_quietly(out.request_id)
+            if self.on_batch is not None:
+                self.on_batch(row.job.batch_size, now - row.job.t_arrival)
+            self._drop(out.request_id, cancelled=early)
+
+    def _cancel_quietly(self, rid: str) -> None:
+        try:
+            self.manager.cancel_request(rid)
+        except Exception:  # noqa: BLE001 - a dead loop has nothing to cancel
+            log.debug("rain serve: could not cancel %s in the CB loop", rid, exc_info=True)
+
+    def _restart(self, err) -> None:
+        """Replace the dead manager (and its λ hook) by a new one; unhealthy until it runs."""
+        self._healthy, self._reason = False, f"the continuous batching loop stopped ({err!r}); restarting"
+        log.error("rain serve: %s", self._reason)
+        try:
+            old, old_hook = self.manager, self.hook
+            try:
+                old.destroy()
+            except Exception:  # noqa: BLE001 - the old loop is already dead
+                log.debug("rain serve: destroying the dead CB manager failed", exc_info=True)
+            old_hook.remove()
+            manager = self.model.model.init_continuous_batching(**self._manager_args)
+            hook = TokenLambdaHook(self.model, manager, self._lam_of)
+            manager.start()
+            with self._lock:
+                self.manager, self.hook = manager, hook
+            self.restarts += 1
+            self._healthy, self._reason = True, None
+            log.warning("rain serve: continuous batching loop restarted (%d restarts)", self.restarts)
+        except Exception as e:  # noqa: BLE001 - stay unhealthy; the next pass tries again
+            self._reason = f"the continuous batching loop could not be restarted ({e!r})"
+            log.exception("rain serve: %s", self._reason)
+            time.sleep(1.0)  # back off before the next attempt
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

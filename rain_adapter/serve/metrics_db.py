@@ -4,8 +4,16 @@ Tables::
 
     requests(id TEXT PK, created REAL, endpoint, model, user, arm, lam REAL, assignment, stream INT,
              prompt_tokens INT, completion_tokens INT, latency_s REAL, ttft_s REAL, finish_reason,
-             format_valid INT, compliant INT NULL, checks_json, batch_size INT, status)
+             format_valid INT, compliant INT NULL, checks_json, batch_size INT, status,
+             reason TEXT, http_status INT, unscored INT, n_choices INT, choice_index INT)
     feedback(id INTEGER PK, request_id TEXT, score REAL, created REAL, comment TEXT)
+    allocations(id INTEGER PK, created REAL, policy TEXT, allocation_json TEXT)
+
+``status``: ok | error | cancelled | rejected (a 4xx after the API key check); ``reason`` says why
+a request was not ok. A response with several choices (``n > 1``, several prompts) has one row per
+choice: ``n_choices`` and ``choice_index`` (null on rows written before they existed, and 1 / 0 for
+a single choice). At most one feedback record per request (:meth:`MetricsDB.add_feedback`).
+Logs written before these columns existed are upgraded in place (``ALTER TABLE ... ADD COLUMN``).
 
 Every write commits before it returns (``synchronous=FULL`` by default), and the server writes a
 request's row before it sends the response, so a ``kill -9`` never loses an acknowledged request.
@@ -35,11 +43,16 @@ CREATE TABLE IF NOT EXISTS feedback (
     created REAL NOT NULL, comment TEXT
 );
 CREATE INDEX IF NOT EXISTS feedback_req ON feedback(request_id);
+CREATE TABLE IF NOT EXISTS allocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, policy TEXT, allocation_json TEXT
+);
 """
+_ADDED = {"reason": "TEXT", "http_status": "INTEGER", "unscored": "INTEGER", "n_choices": "INTEGER",
+          "choice_index": "INTEGER"}
 
 _COLS = ("id", "created", "endpoint", "model", "user", "arm", "lam", "assignment", "stream",
          "prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "finish_reason",
-         "format_valid", "compliant", "checks_json", "batch_size", "status")
+         "format_valid", "compliant", "checks_json", "batch_size", "status", "reason", "http_status", "unscored", "n_choices", "choice_index")
 
 
 class MetricsDB:
@@ -53,6 +66,10 @@ class MetricsDB:
         self._con.execute("PRAGMA journal_mode=WAL")
         self._con.execute(f"PRAGMA synchronous={synchronous}")
         self._con.executescript(_SCHEMA)
+        have = {r[1] for r in self._con.execute("PRAGMA table_info(requests)")}
+        for col, kind in _ADDED.items():
+            if col not in have:
+                self._con.execute(f"ALTER TABLE requests ADD COLUMN {col} {kind}")
 
     def log_request(self, row: dict[str, Any]) -> None:
         """Insert (or replace) one request row; committed when this returns."""
@@ -72,10 +89,31 @@ class MetricsDB:
         with self._lock:
             return self._con.execute("SELECT 1 FROM requests WHERE id=?", (request_id,)).fetchone() is not None
 
-    def add_feedback(self, request_id: str, score: float, comment: str | None = None) -> None:
+    def add_feedback(self, request_id: str, score: float, comment: str | None = None) -> bool:
+        """Record the request's feedback; False (nothing written) when it already has one."""
         with self._lock:
+            if self._con.execute("SELECT 1 FROM feedback WHERE request_id=?", (request_id,)).fetchone():
+                return False
             self._con.execute("INSERT INTO feedback (request_id, score, created, comment) VALUES (?,?,?,?)",
                               (request_id, float(score), time.time(), comment))
+            return True
+
+    def arm_of(self, request_id: str) -> tuple[str | None, int | None]:
+        """(arm, compliant) of a logged request, (None, None) when absent."""
+        with self._lock:
+            r = self._con.execute("SELECT arm, compliant FROM requests WHERE id=?", (request_id,)).fetchone()
+        return (r[0], r[1]) if r else (None, None)
+
+    def log_allocation(self, policy: str, allocation: dict[str, Any]) -> None:
+        with self._lock:
+            self._con.execute("INSERT INTO allocations (created, policy, allocation_json) VALUES (?,?,?)",
+                              (time.time(), policy, json.dumps(allocation)))
+
+    def allocations(self) -> list[dict[str, Any]]:
+        """Every logged allocation change, oldest first: {created, policy, allocation}."""
+        with self._lock:
+            cur = self._con.execute("SELECT created, policy, allocation_json FROM allocations ORDER BY id")
+            return [{"created": c, "policy": p, "allocation": json.loads(a)} for c, p, a in cur.fetchall()]
 
     def request_ids(self) -> set[str]:
         with self._lock:

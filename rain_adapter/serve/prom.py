@@ -106,6 +106,8 @@ class ServeMetrics:
         self.batch_size = r.add(Histogram("rain_batch_size", "Rows per generate call", BATCH_BUCKETS))
         self.batch_seconds = r.add(Histogram("rain_batch_seconds", "Seconds per generate call", LATENCY_BUCKETS))
         self.feedback = r.add(Counter("rain_feedback_total", "Feedback records"))
+        self.unscored = r.add(Counter("rain_checks_unscored_total", "rain_checks that could not run (unscored)",
+                                      ("arm",)))
         r.add(Gauge("rain_queue_depth", "Requests waiting for a batch", queue_depth))
         r.add(Gauge("rain_requests_in_flight", "Requests being served", inflight))
 

@@ -6,7 +6,12 @@
 - latency p50 / p99: percentile bootstrap (1000 resamples, fixed seed);
 - arm vs arm: two-proportion z-test with pooled p, z = (p₁ − p₂)/sqrt(p(1−p)(1/n₁ + 1/n₂)),
   two-sided p-value = erfc(|z|/√2).
-Only rows with status "ok" count.
+Only rows with status "ok" count (``n_by_status`` counts every status). Requests with an explicit
+``rain_lambda`` are their own arm per λ value (``λ=0.6``). A value that is not a finite number
+(latency, feedback, λ) is skipped and counted in ``skipped_values``; a check that could not run is
+counted in ``unscored`` per arm, never as non-compliant. With an adaptive policy's allocation log,
+each arm also shows its Beta posterior (mean, 95% interval) and its latest allocation. The JSON
+never holds NaN or Infinity (:func:`to_json` sanitises, then dumps with ``allow_nan=False``).
 """
 
 from __future__ import annotations
@@ -75,21 +80,60 @@ def _ci(t: tuple) -> dict[str, Any]:
     return {"value": t[0], "ci95": [t[1], t[2]]}
 
 
-def ab_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-arm summary and pairwise tests from :meth:`MetricsDB.rows` output."""
-    ok = [r for r in rows if r.get("status") == "ok"]
+def _finite(rs: list[dict], key: str, skipped: dict[str, int]) -> list[float]:
+    """The finite numbers under ``key``; anything else that is not None is counted in ``skipped``."""
+    out = []
+    for r in rs:
+        v = r.get(key)
+        if v is None:
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append(float(v))
+        else:
+            skipped[key] = skipped.get(key, 0) + 1
+    return out
+
+
+def _flags(rs: list[dict], key: str, skipped: dict[str, int]) -> list[int]:
+    """0/1 values under ``key`` (anything else but None skipped and counted)."""
+    out = []
+    for r in rs:
+        v = r.get(key)
+        if v in (0, 1, True, False):
+            out.append(int(v))
+        elif v is not None:
+            skipped[key] = skipped.get(key, 0) + 1
+    return out
+
+
+def _unscored(rs: list[dict]) -> int:
+    n = 0
+    for r in rs:
+        v = r.get("unscored")
+        n += int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+    return n
+
+
+def ab_report(rows: list[dict[str, Any]], allocations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per-arm summary and pairwise tests from :meth:`MetricsDB.rows` output (never fails on a row)."""
+    ok = [r for r in rows if isinstance(r, dict) and r.get("status") == "ok"]
+    by_status: dict[str, int] = {}
+    for r in rows:
+        st = str(r.get("status")) if isinstance(r, dict) else "?"
+        by_status[st] = by_status.get(st, 0) + 1
     arms: dict[str, list[dict]] = {}
     for r in ok:
-        arms.setdefault(r.get("arm") or "?", []).append(r)
+        arms.setdefault(str(r.get("arm") or "?"), []).append(r)
     per_arm: dict[str, Any] = {}
     counts: dict[str, dict[str, tuple[int, int]]] = {}
+    skipped: dict[str, int] = {}
     for name, rs in sorted(arms.items()):
-        lams = sorted({r["lam"] for r in rs if r.get("lam") is not None})
-        fv = [r["format_valid"] for r in rs if r.get("format_valid") is not None]
-        cp = [r["compliant"] for r in rs if r.get("compliant") is not None]
-        fb = [r["feedback"] for r in rs if r.get("feedback") is not None]
-        lat = [r["latency_s"] for r in rs if r.get("latency_s") is not None]
-        ttft = [r["ttft_s"] for r in rs if r.get("ttft_s") is not None]
+        lams = sorted(set(_finite(rs, "lam", skipped)))
+        fv = _flags(rs, "format_valid", skipped)
+        cp = _flags(rs, "compliant", skipped)
+        fb = _finite(rs, "feedback", skipped)
+        lat = _finite(rs, "latency_s", skipped)
+        ttft = _finite(rs, "ttft_s", skipped)
         counts[name] = {"format_valid": (int(sum(fv)), len(fv)), "compliant": (int(sum(cp)), len(cp))}
         per_arm[name] = {
             "n": len(rs),
@@ -100,6 +144,7 @@ def ab_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "latency_p50_s": _ci(percentile_ci(lat, 50)),
             "latency_p99_s": _ci(percentile_ci(lat, 99)),
             "ttft_p50_s": _ci(percentile_ci(ttft, 50)),
+            "unscored": _unscored(rs),
         }
     tests = []
     for a, b in itertools.combinations(sorted(per_arm), 2):
@@ -107,7 +152,26 @@ def ab_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
             (k1, n1), (k2, n2) = counts[a][metric], counts[b][metric]
             z, p = two_proportion_z(k1, n1, k2, n2)
             tests.append({"arm_a": a, "arm_b": b, "metric": metric, "z": z, "p_value": p})
-    return {"n_total": len(ok), "n_failed": len(rows) - len(ok), "arms": per_arm, "tests": tests}
+    rep = {"n_total": len(ok), "n_failed": len(rows) - len(ok), "n_by_status": by_status, "arms": per_arm,
+           "tests": tests, "skipped_values": skipped}
+    if allocations:
+        rep["posterior"] = posterior_table(ok, allocations[-1].get("allocation") or {})
+        rep["allocation_changes"] = len(allocations)
+    return rep
+
+
+def posterior_table(ok_rows: list[dict[str, Any]], allocation: dict[str, float]) -> dict[str, Any]:
+    """Per arm of the latest allocation: Beta posterior (mean, 95% interval) of the reward and the allocation."""
+    from .thompson import beta_summary, reward_of
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for arm, share in allocation.items():
+        rewards = [reward_of(r) for r in ok_rows if r.get("arm") == arm]
+        s = sum(1 for x in rewards if x is True)
+        f = sum(1 for x in rewards if x is False)
+        out[arm] = {**beta_summary(s, f, rng), "allocation": share}
+    return out
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -125,7 +189,8 @@ def _fmt_ci(d: dict, pct: bool = False) -> str:
 
 def format_report(rep: dict[str, Any]) -> str:
     """A plain-text table of :func:`ab_report`."""
-    lines = [f"requests: {rep['n_total']} ok, {rep['n_failed']} not ok", "",
+    by = ", ".join(f"{k} {v}" for k, v in sorted(rep.get("n_by_status", {}).items()) if k != "ok")
+    lines = [f"requests: {rep['n_total']} ok, {rep['n_failed']} not ok" + (f" ({by})" if by else ""), "",
              f"{'arm':<14}{'λ':>6}{'n':>7}  {'format valid':<26}{'compliance':<26}{'feedback':<24}"
              f"{'p50 latency s':<24}{'p99 latency s':<24}"]
     for name, a in rep["arms"].items():
@@ -133,6 +198,16 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(f"{name:<14}{str(lam):>6}{a['n']:>7}  {_fmt_ci(a['format_valid_rate'], True):<26}"
                      f"{_fmt_ci(a['compliance_rate'], True):<26}{_fmt_ci(a['mean_feedback']):<24}"
                      f"{_fmt_ci(a['latency_p50_s']):<24}{_fmt_ci(a['latency_p99_s']):<24}")
+    for name, a in rep["arms"].items():
+        if a.get("unscored"):
+            lines.append(f"  {name}: {a['unscored']} checks unscored (could not run)")
+    if rep.get("posterior"):
+        lines += ["", "posterior (reward: compliance, else feedback > 0):"]
+        for name, p in rep["posterior"].items():
+            lines.append(f"  {name:<14} mean {p['mean']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]  "
+                         f"allocation {100 * p['allocation']:.1f}%  ({p['successes']}/{p['successes'] + p['failures']})")
+    if rep.get("skipped_values"):
+        lines.append(f"skipped non-finite values: {rep['skipped_values']}")
     if rep["tests"]:
         lines += ["", "two-proportion z-tests:"]
         for t in rep["tests"]:
@@ -182,10 +257,24 @@ def report_from_db(db_path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"rain ab report: no request log at {p}")
     db = MetricsDB(p, synchronous="NORMAL")
     try:
-        return ab_report(db.rows())
+        return ab_report(db.rows(), db.allocations())
     finally:
         db.close()
 
 
+def sanitise(v: Any) -> Any:
+    """``v`` with every non-finite float replaced by None (recursively)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): sanitise(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [sanitise(x) for x in v]
+    if isinstance(v, np.generic):
+        return sanitise(v.item())
+    return v
+
+
 def to_json(rep: dict[str, Any]) -> str:
-    return json.dumps(rep, indent=2)
+    """Strict JSON (no NaN / Infinity)."""
+    return json.dumps(sanitise(rep), indent=2, allow_nan=False, ensure_ascii=False)

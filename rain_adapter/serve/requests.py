@@ -17,15 +17,22 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..evaluation.checks import supported_ids
 from .errors import APIError, bad_request
+from .limits import (MAX_CHOICES, MAX_COMMENT_CHARS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+                     MAX_USER_CHARS)
+from .logprobs import parse_logprobs
+from .sampling import parse_logits_spec
 from .scheduler import GenParams
 
 CHAT_ROLES = ("system", "user", "assistant", "developer")
-MAX_STOP_STRINGS = 16
+#: OpenAI fields this server does not implement: a 400 naming them, never a silent 200
+UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "suffix", "best_of", "guided_json",
+                      "guided_regex", "guided_choice", "guided_grammar")
+MAX_FEEDBACK_ABS = 1e6
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,10 @@ class SamplingParams:
     top_p: float
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    processing: Any = None          # sampling.LogitsSpec or None
+    logprobs: int | None = None     # top alternatives per token; None: no logprobs
+    echo: bool = False              # completions: the prompt is part of the answer (with its logprobs)
+    n: int = 1                      # choices per prompt (serve/choices.py)
 
     def gen_params(self, prompt_len: int, context_length: int, cap: int, prompt_param: str) -> GenParams:
         """Generation parameters for a prompt of ``prompt_len`` tokens (400 when it does not fit)."""
@@ -76,7 +87,8 @@ class SamplingParams:
             raise bad_request(f"prompt ({prompt_len} tokens) + max_tokens ({mt}) exceeds the context length "
                               f"{context_length}", "max_tokens", code="context_length_exceeded")
         return GenParams(max_tokens=mt, temperature=self.temperature, top_p=self.top_p, stop=self.stop,
-                         seed=self.seed)
+                         seed=self.seed, processing=self.processing, logprobs=self.logprobs,
+                         prompt_logprobs=self.echo and self.logprobs is not None)
 
 
 @dataclass(frozen=True)
@@ -96,33 +108,59 @@ class ChatRequest(GenerationRequest):
     """``POST /v1/chat/completions``; ``messages``: ``{"role", "content"}`` with text content."""
 
     messages: tuple[dict[str, str], ...]
+    template_kwargs: tuple[tuple[str, Any], ...] = ()   # ``chat_template_kwargs``
 
     chat = True
     prompt_param = "messages"
 
+    def texts(self) -> list[str]:
+        return [m["content"] for m in self.messages]
+
     def encode(self, tokenizer) -> list[int]:
         """Token ids of the conversation through the tokenizer's chat template (generation prompt added)."""
-        text = tokenizer.apply_chat_template(list(self.messages), add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        kw = {"add_generation_prompt": True, **dict(self.template_kwargs)}
+        try:
+            text = tokenizer.apply_chat_template(list(self.messages), tokenize=False, **kw)
+        except (TypeError, ValueError, KeyError) as e:  # a template that rejects the kwargs or the roles
+            raise bad_request(f"the chat template failed on this request: {e}", "chat_template_kwargs") from None
+        return _non_empty(list(tokenizer(text, add_special_tokens=False)["input_ids"]), "messages")
 
 
 @dataclass(frozen=True)
 class CompletionRequest(GenerationRequest):
-    """``POST /v1/completions``; ``prompt``: text or token ids."""
+    """``POST /v1/completions``; ``prompt``: text or token ids (the first one when there are several).
+
+    ``prompts``: every prompt of a request with a list of two or more (``["a", "b"]``,
+    ``[[ids], [ids]]``), else empty; :meth:`split` gives one single-prompt request per prompt.
+    """
 
     prompt: str | tuple[int, ...]
+    prompts: tuple[str | tuple[int, ...], ...] = ()
 
     chat = False
     prompt_param = "prompt"
 
+    def texts(self) -> list[str]:
+        return [p for p in (self.prompts or (self.prompt,)) if isinstance(p, str)]
+
+    def split(self) -> list["CompletionRequest"]:
+        """One request per prompt (itself when it has one), in order."""
+        return [replace(self, prompt=p, prompts=()) for p in self.prompts] if self.prompts else [self]
+
     def encode(self, tokenizer) -> list[int]:
-        """Token ids of the prompt (400 for a token id outside the vocabulary)."""
+        """Token ids of the prompt (400 for a token id outside the vocabulary or an empty prompt)."""
         if isinstance(self.prompt, str):
-            return list(tokenizer(self.prompt)["input_ids"])
+            return _non_empty(list(tokenizer(self.prompt)["input_ids"]), "prompt")
         vocab = len(tokenizer)
         if any(t < 0 or t >= vocab for t in self.prompt):
             raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
-        return list(self.prompt)
+        return _non_empty(list(self.prompt), "prompt")
+
+
+def _non_empty(ids: list[int], param: str) -> list[int]:
+    if not ids:
+        raise bad_request(f"the {param} is empty: it has no tokens", param, code="empty_prompt")
+    return ids
 
 
 @dataclass(frozen=True)
@@ -167,8 +205,34 @@ def _stop(body: dict) -> tuple[str, ...]:
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v) or len(v) > MAX_STOP_STRINGS:
-        raise bad_request("stop must be a non-empty string or a list of up to 16 non-empty strings", "stop")
+        raise bad_request(f"stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS} non-empty "
+                          "strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in v):
+        raise bad_request(f"each stop string may have at most {MAX_STOP_CHARS} characters", "stop")
     return tuple(v)
+
+
+def text_field(body: dict, name: str, cap: int) -> str | None:
+    """A string of at most ``cap`` characters, or None when absent / null."""
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise bad_request(f"{name} must be a string, got {type(v).__name__}", name)
+    if len(v) > cap:
+        raise bad_request(f"{name} may have at most {cap} characters, got {len(v)}", name)
+    return v
+
+
+def unsupported(body: dict) -> None:
+    """400 for the OpenAI fields this server does not implement (never a silent 200)."""
+    for name in UNSUPPORTED_FIELDS:
+        if body.get(name) not in (None, [], {}):
+            raise bad_request(f"{name} is not supported by this server", name, code="not_supported")
+    rf = body.get("response_format")
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise bad_request("response_format is not supported by this server (only {\"type\": \"text\"})",
+                          "response_format", code="not_supported")
 
 
 def parse_json_body(raw: bytes) -> dict:
@@ -220,15 +284,31 @@ def _messages(body: dict) -> tuple[dict[str, str], ...]:
     return tuple(conv)
 
 
-def _prompt(body: dict) -> str | tuple[int, ...]:
-    p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-        p = p[0]
+def _one_prompt(p: Any, where: str) -> str | tuple[int, ...]:
     if isinstance(p, str):
+        if not p:
+            raise bad_request(f"the {where} is empty: it has no tokens", "prompt", code="empty_prompt")
         return p
     if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         return tuple(p)
-    raise bad_request("prompt must be a string (or one string in a list, or a list of token ids)", "prompt")
+    if isinstance(p, list) and not p:
+        raise bad_request(f"the {where} is empty: it has no tokens", "prompt", code="empty_prompt")
+    raise bad_request("prompt must be a string, a list of token ids, or a list of either (several prompts)",
+                      "prompt")
+
+
+def _prompts(body: dict) -> tuple[str | tuple[int, ...], ...]:
+    """The request's prompts: ``"text"``, ``[ids]``, ``["a", "b"]`` or ``[[ids], [ids]]`` (≤ MAX_PROMPTS)."""
+    p = body.get("prompt")
+    if not (isinstance(p, list) and p and isinstance(p[0], (str, list))):
+        return (_one_prompt(p, "prompt"),)
+    if len(p) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(p)}", "prompt",
+                          code="too_many_prompts")
+    if not (all(isinstance(q, str) for q in p) or all(isinstance(q, list) for q in p)):
+        raise bad_request("a list of prompts must be all strings or all lists of token ids", "prompt")
+    where = "prompt" if len(p) == 1 else "prompt[{}]"
+    return tuple(_one_prompt(q, where.format(i)) for i, q in enumerate(p))
 
 
 def _sampling(body: dict, limits: RequestLimits, chat: bool) -> SamplingParams:
@@ -240,18 +320,22 @@ def _sampling(body: dict, limits: RequestLimits, chat: bool) -> SamplingParams:
     if mt is not None and mt > limits.max_tokens_cap:
         raise bad_request(f"max_tokens={mt} is over this server's cap of {limits.max_tokens_cap}", "max_tokens",
                           code="max_tokens_exceeded")
-    if int_field(body, "n", 1) != 1:
-        raise bad_request("only n=1 is supported", "n")
-    if body.get("logprobs") not in (None, False) or body.get("echo") not in (None, False):
-        raise bad_request("logprobs and echo are not supported", "logprobs")
+    n = int_field(body, "n", 1)
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", "n")
+    logprobs, echo = parse_logprobs(body, chat)
+    processing = parse_logits_spec(body, mt)
     temperature = number_field(body, "temperature", limits.default_temperature, 0.0, 2.0)
     top_p = number_field(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = int_field(body, "seed")
-    return SamplingParams(max_tokens=mt, temperature=temperature, top_p=top_p, stop=_stop(body), seed=seed)
+    return SamplingParams(max_tokens=mt, temperature=temperature, top_p=top_p, stop=_stop(body), seed=seed,
+                          processing=processing, logprobs=logprobs, echo=echo, n=n)
 
 
 def _arm_and_lambda(body: dict, limits: RequestLimits) -> tuple[str | None, float | None]:
     arm = body.get("rain_arm")
+    if arm is not None and body.get("rain_lambda") is not None:
+        raise bad_request("give rain_arm or rain_lambda, not both (an arm has its own λ)", "rain_arm")
     if arm is not None and (not isinstance(arm, str) or arm not in limits.arm_names):
         raise bad_request(f"unknown rain_arm {arm!r}; arms: {sorted(limits.arm_names)}", "rain_arm")
     lam = body.get("rain_lambda")
@@ -299,9 +383,7 @@ def _common(body: dict, limits: RequestLimits, chat: bool) -> dict[str, Any]:
     """The shared fields, validated in the order the server has always reported them."""
     sampling = _sampling(body, limits, chat)
     arm, lam = _arm_and_lambda(body, limits)
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad_request("user must be a string", "user")
+    user = text_field(body, "user", MAX_USER_CHARS)
     rain = RainExtensions(lam=lam, arm=arm, checks=parse_rain_checks(body.get("rain_checks")))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -314,15 +396,28 @@ def _common(body: dict, limits: RequestLimits, chat: bool) -> dict[str, Any]:
 def parse_chat(body: dict, limits: RequestLimits) -> ChatRequest:
     """A validated chat completions request."""
     model = _model(body, limits)
+    unsupported(body)
     messages = _messages(body)
-    return ChatRequest(model=model, messages=messages, **_common(body, limits, chat=True))
+    tk = body.get("chat_template_kwargs")
+    if tk is not None and not isinstance(tk, dict):
+        raise bad_request("chat_template_kwargs must be an object", "chat_template_kwargs")
+    if tk and any(k in ("conversation", "tokenize", "tools") for k in tk):
+        raise bad_request("chat_template_kwargs may not set conversation, tokenize or tools", "chat_template_kwargs")
+    return ChatRequest(model=model, messages=messages, template_kwargs=tuple(sorted((tk or {}).items())),
+                       **_common(body, limits, chat=True))
 
 
 def parse_completion(body: dict, limits: RequestLimits) -> CompletionRequest:
     """A validated (legacy) completions request."""
     model = _model(body, limits)
-    prompt = _prompt(body)
-    return CompletionRequest(model=model, prompt=prompt, **_common(body, limits, chat=False))
+    unsupported(body)
+    prompts = _prompts(body)
+    common = _common(body, limits, chat=False)
+    if len(prompts) * common["sampling"].n > MAX_CHOICES:
+        raise bad_request(f"n × the number of prompts is {len(prompts) * common['sampling'].n}; at most "
+                          f"{MAX_CHOICES} choices per request", "n", code="too_many_choices")
+    return CompletionRequest(model=model, prompt=prompts[0], prompts=prompts if len(prompts) > 1 else (),
+                             **common)
 
 
 def parse_feedback(body: dict) -> FeedbackRequest:
@@ -330,12 +425,12 @@ def parse_feedback(body: dict) -> FeedbackRequest:
     rid = body.get("request_id")
     if not isinstance(rid, str) or not rid:
         raise bad_request("request_id must be a non-empty string", "request_id", code="missing_required_parameter")
-    score = number_field(body, "score", None)
+    if len(rid) > 200:
+        raise bad_request("request_id is too long", "request_id")
+    score = number_field(body, "score", None, -MAX_FEEDBACK_ABS, MAX_FEEDBACK_ABS)
     if score is None:
         raise bad_request("score must be a number", "score", code="missing_required_parameter")
-    comment = body.get("comment")
-    if comment is not None and not isinstance(comment, str):
-        raise bad_request("comment must be a string", "comment")
+    comment = text_field(body, "comment", MAX_COMMENT_CHARS)
     return FeedbackRequest(request_id=rid, score=score, comment=comment)
 
 

@@ -1,15 +1,18 @@
 """What the server sends and records: OpenAI response objects, the SSE stream, the request log and metrics.
 
 A generation request becomes an :class:`Exchange` once its job is submitted; :func:`reply` (JSON)
-or :func:`stream_reply` (SSE) reads the job's events, and :class:`RequestLog` writes its row to the
-:class:`~rain_adapter.serve.metrics_db.MetricsDB` and updates the Prometheus metrics.
+or :func:`stream_reply` (SSE) reads the job's events, and
+:class:`~rain_adapter.serve.request_log.RequestLog` writes its row (ok, error or cancelled).
+
+Client disconnects: both watch the connection (``disconnected``: an awaitable that returns when the
+client has gone) while the job runs; a disconnect cancels the job (the scheduler checks between
+decode steps) and the row is logged ``cancelled`` with the tokens produced.
 
 Durability: a request's log row is committed before its response (or, when streaming, before the
 final chunk and ``[DONE]``) is sent, so every acknowledged request is in the log.
 
-Scoring: ``format_valid`` and ``compliant`` are evaluation's definitions
-(:func:`~rain_adapter.evaluation.checks.think_format_ok`,
-:func:`~rain_adapter.evaluation.checks.follow_instructions`), so A/B numbers and sweep numbers agree.
+Scoring (:mod:`~rain_adapter.serve.scoring`): evaluation's definitions, with a check that cannot
+run left unscored.
 """
 
 from __future__ import annotations
@@ -18,18 +21,20 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..evaluation.checks import follow_instructions, think_format_ok
 from .errors import APIError
-from .metrics_db import MetricsDB
+from .logprobs import chat_logprobs, completion_logprobs
 from .prom import ServeMetrics
-from .requests import GenerationRequest, RainCheck
+from .request_log import RequestLog
+from .requests import GenerationRequest
 from .scheduler import GenEvent, GenJob
+from .scoring import OutputScore, score_output
 
 log = logging.getLogger("rain_adapter.serve")
 
@@ -47,6 +52,10 @@ class Exchange:
     created: int                    # unix seconds, the OpenAI ``created`` field
     cancel: Callable[[], None]      # tell the scheduler the client went away
     release: Callable[[], None]     # the request stops counting as in flight
+    tokenizer: Any = None           # for logprobs' token strings and echo
+    index: int = 0                  # the choice's index (serve/choices.py: prompt_index·n + k)
+    n_choices: int = 1              # choices in the whole response
+    response_id: str | None = None  # the response's id when it has several choices (None: ``rid``)
 
     @property
     def rid(self) -> str:
@@ -64,78 +73,12 @@ class Exchange:
         return {"arm": self.arm, "lambda": self.lam, "request_id": self.rid}
 
     def headers(self) -> dict[str, str]:
-        return {"X-Rain-Arm": self.arm, "X-Rain-Lambda": repr(self.lam), "X-Request-Id": self.rid}
+        # header values are latin-1: a non-ASCII arm name (e.g. "λ=0.6") is percent-encoded (UTF-8)
+        return {"X-Rain-Arm": quote(self.arm, safe="=.-_ :,+()"), "X-Rain-Lambda": repr(self.lam),
+                "X-Request-Id": self.rid}
 
 
-# ----------------------------------------------------------------------------- scoring and logging
-@dataclass(frozen=True)
-class OutputScore:
-    """A completion's thinking-format validity and compliance with its ``rain_checks``."""
-
-    format_valid: bool
-    compliant: bool | None          # None without (scorable) checks
-    results: list[dict[str, Any]]   # per check: {"instruction_id", "ok", "error"?}
-
-
-def score_output(text: str, checks: Sequence[RainCheck]) -> OutputScore:
-    """Score ``text`` with evaluation's checks (the same functions the λ sweeps use)."""
-    compliant, results = follow_instructions([(c.instruction_id, c.kwargs) for c in checks], text)
-    rows = [{"instruction_id": r.instruction_id, "ok": r.ok, **({"error": r.error} if r.error else {})}
-            for r in results]
-    return OutputScore(think_format_ok(text), compliant, rows)
-
-
-class RequestLog:
-    """Writes request rows and feedback to the :class:`MetricsDB` and keeps the metrics in step."""
-
-    def __init__(self, db: MetricsDB, metrics: ServeMetrics):
-        self.db = db
-        self.metrics = metrics
-
-    def row(self, ex: Exchange, text: str, done: GenEvent | None, status: str) -> dict[str, Any]:
-        """The log row of a finished (``status`` "ok"), failed ("error") or "cancelled" request."""
-        job = ex.job
-        score = score_output(text, ex.request.rain.checks) if status == "ok" else None
-        ttft = (job.t_first_token - job.t_arrival) if job.t_first_token is not None else None
-        return dict(id=ex.rid, endpoint=ex.endpoint, model=ex.model_name, user=ex.request.user, arm=ex.arm,
-                    lam=ex.lam, assignment=ex.assignment, stream=ex.request.stream, prompt_tokens=ex.prompt_tokens,
-                    completion_tokens=done.completion_tokens if done else 0,
-                    latency_s=time.perf_counter() - job.t_arrival, ttft_s=ttft,
-                    finish_reason=done.finish_reason if done else None,
-                    format_valid=score.format_valid if score else None, compliant=score.compliant if score else None,
-                    checks_json=(score.results or None) if score else None, batch_size=job.batch_size,
-                    status=status)
-
-    async def commit(self, row: dict[str, Any]) -> None:
-        """Write ``row`` (committed when this returns), then count it in the metrics."""
-        await asyncio.to_thread(self.db.log_request, row)
-        m = self.metrics
-        arm = row["arm"]
-        with m.registry.lock:
-            m.requests.inc(row["endpoint"], arm, row["status"])
-            if row["status"] == "ok":
-                m.prompt_tokens.inc(arm, by=row["prompt_tokens"])
-                m.completion_tokens.inc(arm, by=row["completion_tokens"])
-                m.latency.observe(row["latency_s"], arm)
-                if row["ttft_s"] is not None:
-                    m.ttft.observe(row["ttft_s"], arm)
-
-    def write_cancelled(self, row: dict[str, Any]) -> None:
-        """Log a request whose client went away mid-stream (from a generator's ``finally``: no await)."""
-        try:
-            self.db.log_request(row)
-        except Exception:  # the stream is already gone; losing this row must not raise in its finally
-            log.exception("rain serve: could not log a cancelled request")
-
-    async def has_request(self, request_id: str) -> bool:
-        return await asyncio.to_thread(self.db.has_request, request_id)
-
-    async def add_feedback(self, request_id: str, score: float, comment: str | None) -> None:
-        await asyncio.to_thread(self.db.add_feedback, request_id, score, comment)
-        with self.metrics.registry.lock:
-            self.metrics.feedback.inc()
-
-
+# ----------------------------------------------------------------------------- errors
 def error_response(e: APIError, metrics: ServeMetrics) -> JSONResponse:
     """The OpenAI error body of ``e`` with its status; counted by status code."""
     metrics.errors.inc(str(e.status))
@@ -143,7 +86,8 @@ def error_response(e: APIError, metrics: ServeMetrics) -> JSONResponse:
 
 
 def generation_failed(error: BaseException | None) -> APIError:
-    return APIError(500, f"generation failed: {error}", type="server_error", code="generation_failed")
+    return APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error",
+                    code="generation_failed")
 
 
 # ----------------------------------------------------------------------------- OpenAI objects
@@ -155,11 +99,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def completion_body(ex: Exchange, text: str, done: GenEvent, row: dict[str, Any]) -> dict[str, Any]:
     """A ``chat.completion`` / ``text_completion`` object, with ``rain`` (arm, λ, id, format, compliance)."""
     fr = done.finish_reason
+    job, tok = ex.job, ex.tokenizer
+    want = job.params.logprobs is not None and tok is not None
     if ex.request.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": fr,
-                  "logprobs": None}
+                  "logprobs": chat_logprobs(tok, job.token_logprobs) if want else None}
     else:
-        choice = {"index": 0, "text": text, "finish_reason": fr, "logprobs": None}
+        lp = None
+        if getattr(ex.request.sampling, "echo", False):
+            p = ex.request.prompt
+            prompt_text = p if isinstance(p, str) else tok.decode(list(p), skip_special_tokens=False)
+            text = prompt_text + text
+        if want:
+            lp = completion_logprobs(tok, (job.prompt_logprobs or []) + job.token_logprobs)
+        choice = {"index": 0, "text": text, "finish_reason": fr, "logprobs": lp}
     return {"id": ex.rid, "object": "chat.completion" if ex.request.chat else "text_completion",
             "created": ex.created, "model": ex.model_name, "choices": [choice],
             "usage": usage(ex.prompt_tokens, done.completion_tokens),
@@ -177,10 +130,11 @@ class ChunkWriter:
     def __init__(self, ex: Exchange):
         self.ex = ex
         self.object = "chat.completion.chunk" if ex.request.chat else "text_completion"
+        self.index = ex.index
 
     def _chunk(self, choices: list[dict], usage_: dict | None = None) -> str:
         ex = self.ex
-        d = {"id": ex.rid, "object": self.object, "created": ex.created, "model": ex.model_name,
+        d = {"id": ex.response_id or ex.rid, "object": self.object, "created": ex.created, "model": ex.model_name,
              "choices": choices, "rain": ex.rain()}
         if usage_ is not None or ex.request.include_usage:  # with include_usage every chunk has the key
             d["usage"] = usage_
@@ -188,11 +142,11 @@ class ChunkWriter:
 
     def _choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
         if not self.ex.request.chat:
-            return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            return {"index": self.index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
         delta: dict[str, str] = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": self.index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
 
     def role(self) -> str:
         """The opening chat chunk: the assistant role and empty content."""
@@ -204,93 +158,148 @@ class ChunkWriter:
     def finish(self, finish_reason: str | None) -> str:
         return self._chunk([self._choice(None if self.ex.request.chat else "", finish_reason)])
 
-    def usage(self, completion_tokens: int) -> str:
-        """The ``include_usage`` chunk: no choices, the usage."""
-        return self._chunk([], usage(self.ex.prompt_tokens, completion_tokens))
+    def usage(self, completion_tokens: int, prompt_tokens: int | None = None) -> str:
+        """The ``include_usage`` chunk: no choices, the usage (``prompt_tokens``: this exchange's by default)."""
+        return self._chunk([], usage(self.ex.prompt_tokens if prompt_tokens is None else prompt_tokens,
+                                     completion_tokens))
 
 
 # ----------------------------------------------------------------------------- driving an exchange
-async def _collect(ex: Exchange, rlog: RequestLog) -> tuple[str, GenEvent]:
-    """The whole completion and its "done" event; a failed generation is logged and raised as a 500."""
+Disconnected = Callable[[], Awaitable[None]]
+
+
+async def _next_event(ex: Exchange, watch: asyncio.Future | None) -> GenEvent | None:
+    """The job's next event, or None when the client went away first (the job is then cancelled)."""
+    get = asyncio.ensure_future(ex.job.events.get())
+    if watch is None:
+        return await get
+    done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if get in done:
+        return get.result()
+    get.cancel()
+    ex.cancel()
+    return None
+
+
+async def _drain(ex: Exchange) -> GenEvent | None:
+    """After a cancel: wait for the job's last event (it ends within a decode step)."""
+    while True:
+        ev = await ex.job.events.get()
+        if ev.kind != "delta":
+            return ev if ev.kind == "done" else None
+
+
+def _watch(disconnected: Disconnected | None) -> asyncio.Future | None:
+    return asyncio.ensure_future(disconnected()) if disconnected is not None else None
+
+
+async def _collect(ex: Exchange, rlog: RequestLog, watch) -> tuple[str, GenEvent | None, str]:
+    """(text, done event, status); a failed generation is logged and raised as a 500."""
     parts: list[str] = []
     while True:
-        ev: GenEvent = await ex.job.events.get()
+        ev = await _next_event(ex, watch)
+        if ev is None:
+            return "".join(parts), await _drain(ex), "cancelled"
         if ev.kind == "delta":
             parts.append(ev.text)
         elif ev.kind == "error":
-            await rlog.commit(rlog.row(ex, "".join(parts), None, "error"))
-            raise generation_failed(ev.error)
+            err = generation_failed(ev.error)
+            await rlog.finish(ex, "".join(parts), None, "error", err.message, 500)
+            raise err
         else:
-            return "".join(parts), ev
+            return "".join(parts), ev, ("cancelled" if ev.finish_reason == "cancelled" else "ok")
 
 
-async def reply(ex: Exchange, rlog: RequestLog) -> JSONResponse:
+async def reply(ex: Exchange, rlog: RequestLog, disconnected: Disconnected | None = None) -> JSONResponse:
     """The non-streaming response, sent after the request's row is committed."""
+    watch = _watch(disconnected)
     try:
-        text, done = await _collect(ex, rlog)
-        row = rlog.row(ex, text, done, "ok")
-        await rlog.commit(row)  # durable BEFORE the response is sent
+        text, done, status = await _collect(ex, rlog, watch)
+        reason = "the client disconnected" if status == "cancelled" else None
+        row = await rlog.finish(ex, text, done, status, reason, 499 if status == "cancelled" else 200)
     except asyncio.CancelledError:
         ex.cancel()
         raise
     finally:
+        if watch is not None:
+            watch.cancel()
         ex.release()
+    if status == "cancelled":
+        return JSONResponse(APIError(499, "the client disconnected", code="cancelled").body(), status_code=499)
     return JSONResponse(completion_body(ex, text, done, row), headers=ex.headers())
 
 
-async def _sse_events(ex: Exchange, rlog: RequestLog) -> AsyncIterator[str]:
+async def _sse_events(ex: Exchange, rlog: RequestLog, disconnected: Disconnected | None) -> AsyncIterator[str]:
     chunks = ChunkWriter(ex)
     parts: list[str] = []
     logged = False
+    watch = _watch(disconnected)
     try:
         if ex.request.chat:
             yield chunks.role()
         while True:
-            ev = await ex.job.events.get()
+            ev = await _next_event(ex, watch)
+            if ev is None:
+                done = await _drain(ex)
+                await rlog.finish(ex, "".join(parts), done, "cancelled", "the client disconnected", 499)
+                logged = True
+                return
             if ev.kind == "delta":
                 parts.append(ev.text)
                 yield chunks.delta(ev.text)
             elif ev.kind == "error":
-                await rlog.commit(rlog.row(ex, "".join(parts), None, "error"))
+                err = generation_failed(ev.error)
+                await rlog.finish(ex, "".join(parts), None, "error", err.message, 500)
                 logged = True
-                yield sse(generation_failed(ev.error).body())
+                yield sse(err.body())
                 return
             else:
                 break
-        await rlog.commit(rlog.row(ex, "".join(parts), ev, "ok"))  # durable BEFORE the end is acknowledged
+        status = "cancelled" if ev.finish_reason == "cancelled" else "ok"
+        await rlog.finish(ex, "".join(parts), ev, status)  # durable BEFORE the end is acknowledged
         logged = True
         yield chunks.finish(ev.finish_reason)
         if ex.request.include_usage:
             yield chunks.usage(ev.completion_tokens)
         yield sse("[DONE]")
     finally:
-        if not logged:  # client went away mid-stream
+        if watch is not None:
+            watch.cancel()
+        if not logged:  # the response task was cancelled mid-stream (client gone)
             ex.cancel()
-            rlog.write_cancelled(rlog.row(ex, "".join(parts), None, "cancelled"))
+            rlog.write_quietly(rlog.row(ex, "".join(parts), None, "cancelled", "the client disconnected", 499))
         ex.release()
 
 
-def stream_reply(ex: Exchange, rlog: RequestLog) -> StreamingResponse:
+def stream_reply(ex: Exchange, rlog: RequestLog, disconnected: Disconnected | None = None) -> StreamingResponse:
     """The SSE response: chunks as text arrives, the row committed before the last chunk and ``[DONE]``."""
-    return StreamingResponse(_sse_events(ex, rlog), media_type="text/event-stream",
+    return StreamingResponse(_sse_events(ex, rlog, disconnected), media_type="text/event-stream",
                              headers={**ex.headers(), "Cache-Control": "no-cache"})
 
 
 # ----------------------------------------------------------------------------- small endpoints
-def health_body(model_name: str, queue_depth: int, in_flight: int, started: float) -> dict[str, Any]:
-    return {"status": "ok", "model": model_name, "queue_depth": queue_depth, "in_flight": in_flight,
-            "uptime_s": time.time() - started}
+def health_body(model_name: str, queue_depth: int, in_flight: int, started: float, healthy: bool = True,
+                reason: str | None = None) -> dict[str, Any]:
+    return {"status": "ok" if healthy else "unhealthy", "model": model_name, "queue_depth": queue_depth,
+            "in_flight": in_flight, "uptime_s": time.time() - started, **({"reason": reason} if reason else {})}
 
 
-def models_body(model_name: str, started: float, lambda_range: tuple[float, float], arms) -> dict[str, Any]:
-    """``GET /v1/models``: the one served model, with its λ range and arms under ``rain``."""
+def model_card(model_name: str, started: float, lambda_range: tuple[float, float], arms,
+               max_model_len: int | None = None) -> dict[str, Any]:
+    """The served model's card (``GET /v1/models/{id}``), with ``max_model_len`` and the λ range / arms."""
     lo, hi = lambda_range
-    return {"object": "list", "data": [{
-        "id": model_name, "object": "model", "created": int(started), "owned_by": "rain-adapter",
-        "rain": {"lambda_range": [lo, hi], "arms": [{"name": a.name, "lambda": a.lam, "weight": a.weight}
-                                                    for a in arms]}}]}
+    return {"id": model_name, "object": "model", "created": int(started), "owned_by": "rain-adapter",
+            "root": model_name, "parent": None, "max_model_len": max_model_len,
+            "rain": {"lambda_range": [lo, hi], "arms": [{"name": a.name, "lambda": a.lam, "weight": a.weight}
+                                                        for a in arms]}}
+
+
+def models_body(model_name: str, started: float, lambda_range: tuple[float, float], arms,
+                max_model_len: int | None = None) -> dict[str, Any]:
+    """``GET /v1/models``: the one served model."""
+    return {"object": "list", "data": [model_card(model_name, started, lambda_range, arms, max_model_len)]}
 
 
 __all__ = ["ChunkWriter", "Exchange", "OutputScore", "RequestLog", "completion_body", "error_response",
-           "generation_failed", "health_body", "models_body", "reply", "score_output", "sse", "stream_reply",
-           "usage"]
+           "generation_failed", "health_body", "model_card", "models_body", "reply", "score_output", "sse",
+           "stream_reply", "usage"]

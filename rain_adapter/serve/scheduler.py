@@ -31,6 +31,14 @@ class GenParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    processing: Any = None   # a ``sampling.LogitsSpec`` (penalties, bias, top_k, min_tokens...) or None
+    logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives
+    prompt_logprobs: bool = False  # echo + logprobs: the prompt tokens' logprobs (a forward pass)
+
+    @property
+    def plain(self) -> bool:
+        """No logits processing and no logprobs: the continuous batching loop can serve it."""
+        return self.processing is None and self.logprobs is None and not self.prompt_logprobs
 
     @property
     def greedy(self) -> bool:
@@ -38,6 +46,8 @@ class GenParams:
 
     def compat_key(self, job_id: str) -> tuple:
         """Requests with equal keys may share one ``generate`` call."""
+        if not self.plain:
+            return ("special", job_id)  # logits processing / logprobs: one request per generate call
         if self.greedy:
             return ("greedy",)
         if self.seed is not None:
@@ -72,6 +82,9 @@ class GenJob:
     # filled by the worker
     t_first_token: float | None = None
     batch_size: int = 0
+    n_generated: int = 0          # tokens produced so far (a cancelled request's row reports them)
+    token_logprobs: list = field(default_factory=list)  # per generated token: (id, logprob, [(id, lp)...])
+    prompt_logprobs: list | None = None  # echo: per prompt token (id, logprob or None, [(id, lp)...])
 
     def emit(self, ev: GenEvent) -> None:
         """Hand ``ev`` to the job's event loop (callable from any thread)."""
@@ -88,6 +101,16 @@ class SchedulerHealth:
     queue_depth: int      # jobs submitted and not yet started
     busy: bool            # a generate call (or a continuous batch) is running
     accepting: bool       # started and not stopping: ``submit`` will take jobs
+    healthy: bool = True  # the worker(s) can serve requests (False while a loop is dead or restarting)
+    reason: str | None = None  # why not healthy
+
+
+class SchedulerUnavailable(RuntimeError):
+    """``submit`` while the scheduler cannot serve (stopping, or a loop restarting): a 503."""
+
+
+class JobRejected(ValueError):
+    """``submit`` of a job the scheduler can never run (e.g. longer than its KV cache): a 400."""
 
 
 @runtime_checkable
@@ -124,4 +147,5 @@ def make_scheduler(batching: str, model, tokenizer, *, max_batch_size: int, batc
                              on_batch=on_batch)
 
 
-__all__ = ["BATCHING_MODES", "GenEvent", "GenJob", "GenParams", "Scheduler", "SchedulerHealth", "make_scheduler"]
+__all__ = ["BATCHING_MODES", "GenEvent", "GenJob", "GenParams", "JobRejected", "Scheduler", "SchedulerHealth",
+           "SchedulerUnavailable", "make_scheduler"]

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .arms import Arm, ArmAssigner
 from .errors import APIError
+from .limits import DEFAULT_MAX_BODY_BYTES, max_token_bytes
 from .metrics_db import MetricsDB
 from .prom import ServeMetrics
+from .request_log import RequestLog
 from .requests import RequestLimits
-from .responses import RequestLog
-from .scheduler import GenJob, Scheduler, make_scheduler
+from .scheduler import GenJob, JobRejected, Scheduler, SchedulerHealth, SchedulerUnavailable, make_scheduler
+from .scoring import probe_checks
+from .thompson import DEFAULT_FLOOR, ThompsonPolicy, reward_of
+
+log = logging.getLogger("rain_adapter.serve")
+ARM_POLICIES = ("fixed", "thompson")
 
 
 @dataclass
@@ -20,7 +27,8 @@ class ServeState:
     """Everything a request handler needs. ``model`` is a RainModel (or a bare HF model).
 
     ``scheduler``: any :class:`~rain_adapter.serve.scheduler.Scheduler`; when None, :meth:`start`
-    builds the one ``batching`` names ("dynamic" or "continuous").
+    builds the one ``batching`` names ("dynamic" or "continuous"). ``context_length`` is
+    ``--max-model-len`` (default: the model config's ``max_position_embeddings``).
     """
 
     model: Any
@@ -39,6 +47,12 @@ class ServeState:
     scheduler: Scheduler | None = None
     metrics: ServeMetrics | None = None
     assigner: ArmAssigner | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    protect_all: bool = False
+    arm_assignment: str = "random"
+    arm_policy: str = "fixed"
+    arm_floor: float = DEFAULT_FLOOR
+    arm_seed: int = 0
     inflight: int = 0
     started: float = field(default_factory=time.time)
     limits: RequestLimits = field(init=False)
@@ -49,7 +63,13 @@ class ServeState:
         for a in self.arms:
             if not lo <= a.lam <= hi:
                 raise ValueError(f"arm {a.name!r}: λ={a.lam} outside the adapter's lambda_range [{lo}, {hi}]")
-        self.assigner = ArmAssigner(self.arms)
+        if self.arm_policy not in ARM_POLICIES:
+            raise ValueError(f"arm_policy must be one of {ARM_POLICIES}, got {self.arm_policy!r}")
+        self.policy = None
+        if self.arm_policy == "thompson":
+            self.policy = ThompsonPolicy([a.name for a in self.arms], floor=self.arm_floor, seed=self.arm_seed,
+                                         on_change=lambda alloc: self.db.log_allocation("thompson", alloc))
+        self.assigner = ArmAssigner(self.arms, assignment=self.arm_assignment, policy=self.policy)
         if self.context_length is None:
             cfg = getattr(self.model, "config", None)
             self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
@@ -58,7 +78,30 @@ class ServeState:
                                     arm_names=frozenset(self.assigner.by_name), max_tokens_cap=self.max_tokens_cap,
                                     default_temperature=self.default_temperature)
         self.request_log = RequestLog(self.db, self.metrics)
+        self.bytes_per_token = max_token_bytes(self.tokenizer)
+        if self.policy is not None:
+            for row in self.db.rows():  # the posterior survives a restart: replay the log
+                r = reward_of(row) if row.get("status") == "ok" else None
+                if r is not None:
+                    self.policy.update(row.get("arm"), r, notify=False)
+            self.request_log.on_row.append(self._reward)
 
+    def _reward(self, row: dict[str, Any]) -> None:
+        if self.policy is not None and row.get("status") == "ok" and row.get("compliant") is not None:
+            self.policy.update(row["arm"], bool(row["compliant"]))
+
+    def feedback_reward(self, request_id: str, score: float) -> None:
+        """A feedback score is the reward of a request whose compliance was not scored."""
+        if self.policy is None:
+            return
+        arm, compliant = self.db.arm_of(request_id)
+        if arm is not None and compliant is None:
+            self.policy.update(arm, score > 0)
+
+    def health(self) -> SchedulerHealth:
+        if self.scheduler is None:
+            return SchedulerHealth(0, False, False, healthy=False, reason="the scheduler has not started")
+        return self.scheduler.health()
     def queue_depth(self) -> int:
         return self.scheduler.health().queue_depth if self.scheduler is not None else 0
 
@@ -69,6 +112,8 @@ class ServeState:
                                             max_batch_size=self.max_batch_size, batch_window_ms=self.batch_window_ms,
                                             on_batch=self.metrics.on_batch)
         self.scheduler.start()
+        for w in probe_checks():
+            log.warning("rain serve: %s", w)
 
     def stop(self) -> None:
         """Drain the scheduler, then close the request log (blocking: run it in a thread)."""
@@ -81,6 +126,12 @@ class ServeState:
         self.inflight += 1
         try:
             self.scheduler.submit(job)
+        except JobRejected as e:
+            self.inflight -= 1
+            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+        except SchedulerUnavailable as e:
+            self.inflight -= 1
+            raise APIError(503, str(e), type="server_error", code="unavailable") from None
         except RuntimeError as e:
             self.inflight -= 1
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None

@@ -1,0 +1,102 @@
+"""Log-probabilities: what the sampler saw, prompt tokens by a forward pass, and the OpenAI shapes.
+
+A generated token's logprob is the raw log-softmax of the step's logits (before penalties,
+temperature, top-k/top-p: vLLM's default), recorded by
+:class:`~rain_adapter.serve.sampling.RequestLogitsProcessor`. With ``echo`` and ``logprobs`` on
+``/v1/completions`` the prompt's tokens get theirs from one forward pass at the request's λ —
+``log_softmax(logits[t-1])[ids[t]]`` for t ≥ 1, None for the first token — which is what lm-eval's
+loglikelihood tasks read. Entries are ``(token id, logprob, [(id, logprob) × k])``.
+
+Request fields: completions ``logprobs`` (int 0–20) and ``echo``; chat ``logprobs`` (bool) and
+``top_logprobs`` (int 0–20).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import bad_request
+
+MAX_TOP_LOGPROBS = 20
+Entry = tuple[int, "float | None", list[tuple[int, float]]]
+
+
+def parse_logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
+    """(k top alternatives or None for no logprobs, echo) of a request (400 naming a bad field)."""
+    from .requests import int_field
+
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise bad_request("echo must be a boolean", "echo")
+    if chat:
+        if echo:
+            raise bad_request("echo is only supported on /v1/completions", "echo")
+        on = body.get("logprobs", False)
+        if not isinstance(on, bool):
+            raise bad_request("logprobs must be a boolean on chat completions", "logprobs")
+        k = int_field(body, "top_logprobs", 0)
+        if not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise bad_request(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+        if k and not on:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        return (k if on else None), False
+    k = int_field(body, "logprobs", None)
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
+    return k, echo
+
+
+def entry(lp: torch.Tensor, token: int, k: int) -> Entry:
+    """One token's entry from a ``[V]`` log-probability vector."""
+    top = []
+    if k:
+        vals, ids = torch.topk(lp, k)
+        top = [(int(i), float(v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    return int(token), float(lp[token]), top
+
+
+@torch.inference_mode()
+def prompt_logprobs(model, ids: list[int], lam: float, k: int, device) -> list[Entry]:
+    """Entries for every prompt token (the first has logprob None) from one forward pass at ``lam``."""
+    if hasattr(model, "set_lambda"):
+        model.set_lambda(torch.tensor([lam], dtype=torch.float32))
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1).cpu()
+    out: list[Entry] = [(int(ids[0]), None, [])]
+    for t in range(1, len(ids)):
+        out.append(entry(lp[t - 1], ids[t], k))
+    return out
+
+
+def _text(tok, i: int) -> str:
+    return tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def completion_logprobs(tok, entries: list[Entry], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, lps, tops, offs = [], [], [], []
+    for tid, lp, top in entries:
+        s = _text(tok, tid)
+        tokens.append(s)
+        lps.append(lp)
+        tops.append({_text(tok, i): v for i, v in top} if lp is not None else None)
+        offs.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+
+def chat_logprobs(tok, entries: list[Entry]) -> dict[str, Any]:
+    """The chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    def item(i: int, v: float) -> dict[str, Any]:
+        s = _text(tok, i)
+        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [{**item(tid, lp), "top_logprobs": [item(i, v) for i, v in top]}
+                        for tid, lp, top in entries]}
+
+
+__all__ = ["MAX_TOP_LOGPROBS", "chat_logprobs", "completion_logprobs", "entry", "parse_logprobs",
+           "prompt_logprobs"]

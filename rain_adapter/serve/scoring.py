@@ -1,0 +1,77 @@
+"""Scoring a completion with evaluation's checks, never letting a check that cannot run mislabel it.
+
+:func:`score_output` calls :mod:`rain_adapter.evaluation.checks` (``think_format_ok``,
+``follow_instructions``: the definitions the λ sweeps use) one instruction at a time and catches
+everything: a check that cannot run (bad kwargs, lm-eval's IFEval registry without NLTK's
+``punkt_tab``, any other exception) is **unscored** with its reason — ``ok`` None and ``error`` set —
+and left out of compliance, never counted as non-compliant. ``compliant`` is None when nothing was
+scored. :func:`probe_checks` runs at start-up and returns a warning per check that cannot run here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..evaluation import checks as _checks
+
+log = logging.getLogger("rain_adapter.serve")
+
+#: checks run once at start-up (one of them needs NLTK's sentence splitter with lm-eval's registry)
+PROBES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("punctuation:no_comma", {}),
+    ("length_constraints:number_sentences", {"num_sentences": 1, "relation": "at least"}),
+    ("length_constraints:number_words", {"num_words": 1, "relation": "at least"}),
+)
+
+
+@dataclass(frozen=True)
+class OutputScore:
+    """A completion's thinking-format validity and compliance with its ``rain_checks``."""
+
+    format_valid: bool | None
+    compliant: bool | None          # None without (scorable) checks
+    results: list[dict[str, Any]]   # per check: {"instruction_id", "ok", "error"?}
+
+    @property
+    def unscored(self) -> int:
+        """Checks that could not run on this completion."""
+        return sum(1 for r in self.results if r["ok"] is None)
+
+
+def _one(iid: str, kwargs: dict[str, Any] | None, text: str) -> dict[str, Any]:
+    try:
+        _, res = _checks.follow_instructions([(iid, kwargs)], text)
+        r = res[0]
+        return {"instruction_id": iid, "ok": r.ok, **({"error": r.error} if r.error else {})}
+    except Exception as e:  # noqa: BLE001 - a check that cannot run is unscored, never non-compliant
+        return {"instruction_id": iid, "ok": None, "error": f"check could not run: {type(e).__name__}: {e}"[:500]}
+
+
+def score_output(text: str, checks: Sequence[Any]) -> OutputScore:
+    """Score ``text`` (``checks``: objects with ``instruction_id`` and ``kwargs``); see the module doc."""
+    rows = [_one(c.instruction_id, c.kwargs, text) for c in checks]
+    scored = [r["ok"] for r in rows if r["ok"] is not None]
+    try:
+        fv: bool | None = bool(_checks.think_format_ok(text))
+    except Exception:  # noqa: BLE001
+        log.exception("rain serve: think_format_ok failed")
+        fv = None
+    return OutputScore(fv, (all(scored) if scored else None), rows)
+
+
+def probe_checks() -> list[str]:
+    """A warning for each probe check that cannot run in this environment (empty when all can)."""
+    out = []
+    for iid, kw in PROBES:
+        if iid not in _checks.supported_ids():
+            continue
+        r = _one(iid, kw, "One sentence here. And another one.")
+        if r["ok"] is None:
+            out.append(f"check {iid} cannot run ({r.get('error')}); requests asking for it are logged unscored")
+    return out
+
+
+__all__ = ["OutputScore", "probe_checks", "score_output"]
