@@ -26,3 +26,32 @@ def test_lm_eval_local_completions_loglikelihood(tmp_path):
                 Instance("loglikelihood", {}, ("The answer is", " no"), 1)]
         out = lm.loglikelihood(reqs)
     assert len(out) == 2 and all(lp <= 0 for lp, _ in out)
+
+
+def test_lm_eval_local_completions_tokenized_generation_and_loglikelihood(tmp_path):
+    """lm-eval's default `tokenized_requests=True` (token-id prompts) for both request types, and
+    the `rain_lambda` generation kwarg reaching the server's log."""
+    import sqlite3
+
+    from lm_eval.api.instance import Instance
+
+    from rain_adapter.cli.serve import load_served_model
+    from rain_adapter.serve.app import create_app, serve_state_from
+    from rain_adapter.testing.serve_tiny import build_tiny_serving
+    from rain_adapter.testing.server import ServerThread
+
+    model_dir, adapter_dir = build_tiny_serving(tmp_path)
+    model, tok = load_served_model(str(model_dir), str(adapter_dir), device="cpu", dtype="float32")
+    db = tmp_path / "l.sqlite"
+    state = serve_state_from(model, tok, model_name="m", db_path=db, context_length=256)
+    with ServerThread(create_app(state)) as srv:
+        lm = lm_eval_api.LocalCompletionsAPI(model="m", base_url=srv.base_url + "/v1/completions",
+                                             tokenizer=str(model_dir), tokenized_requests=True, max_retries=1)
+        ll = lm.loglikelihood([Instance("loglikelihood", {}, ("The answer is", " yes"), 0)])
+        gen = lm.generate_until([Instance("generate_until", {}, ("The answer is", {
+            "max_gen_toks": 4, "until": ["\n\n"], "do_sample": False, "rain_lambda": 0.5}), 0)])
+    assert len(ll) == 1 and ll[0][0] <= 0 and ll[0][0] == ll[0][0]
+    assert len(gen) == 1 and isinstance(gen[0], str)
+    with sqlite3.connect(db) as con:
+        lams = [r[0] for r in con.execute("SELECT lam FROM requests")]
+    assert 0.5 in lams, lams
