@@ -2,9 +2,12 @@
 
     python bench/plan_check.py [--threads 2] [--samples 4] [--triple-dir /tmp/plan_triple] [--skip-seq]
 
-1. Calibrates a ``cpu`` profile ONCE from micro-benchmarks (no build): float32 / bfloat16 matmul
-   throughput, memory bandwidth (tensor clone), disk write (256 MiB + fsync), sha256 rate, one small
-   projection call's latency, and the process baseline (anonymous memory after the imports).
+1. Calibrates a ``cpu`` profile ONCE from micro-benchmarks, each the median of 3: float32 / bfloat16
+   matmul throughput, memory bandwidth (tensor clone), disk write (256 MiB + fsync), sha256 rate,
+   the per-module fixed cost (small safetensors write + read + one small ``project`` call), and,
+   in fresh processes, a micro build (hidden 32, 1 layer, 1 sample: ~no compute) whose wall time is
+   the start-up cost and whose end state is the process baseline (anonymous + file-backed RSS), then
+   the latency of a hooked 8-token forward of 1- and 5-layer micro models (per forward, per layer).
 2. Runs real builds through bench/build.py (Stage 1, --no-stage2, dense, float32): the tiny triple
    (hidden 64, 2 layers), the ~100M random Qwen2 triple (one pass, and --sequential).
 3. Predicts each with ``rain_adapter.build.plan`` (exact token counts from the triple's tokenizer)
@@ -27,32 +30,82 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _bench(fn, seconds: float = 1.5, trials: int = 5) -> float:
-    """Calls per second of ``fn``: the best of ``trials`` short runs (after a warm-up call), so a
-    moment of contention from other jobs on a shared machine does not become the profile."""
+def _bench(fn, seconds: float = 1.5, trials: int = 3) -> float:
+    """Calls per second of ``fn``: the median of ``trials`` short runs (after a warm-up call); the
+    median, not the best, so that the profile is this machine's typical rate, not its luckiest."""
     fn()
-    best = 0.0
+    rates = []
     for _ in range(trials):
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds / trials or n == 0:
             fn()
             n += 1
-        best = max(best, n / (time.perf_counter() - t0))
-    return best
+        rates.append(n / (time.perf_counter() - t0))
+    return sorted(rates)[len(rates) // 2]
 
 
-def _baseline_gib() -> tuple[float, float]:
-    """(anonymous, file-backed) RSS of a fresh process after importing what a build imports."""
-    code = ("import transformers, rain_adapter.build.pipeline\n"
-            "print(*[l.split()[1] for l in open('/proc/self/status') if l.startswith(('RssAnon', 'RssFile'))])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    anon, files = out.stdout.split()[-2:]
-    return int(anon) / 2**20, int(files) / 2**20
+#: run in a fresh process: a micro build (hidden 32, 1 layer, 1 sample: the fixed costs, ~no compute),
+#: then the started process's memory, then forward latencies of hooked micro models (1 vs 5 layers).
+STARTUP_CODE = r"""
+import json, sys, tempfile, time
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+import transformers
+import rain_adapter.build.pipeline as B
+from rain_adapter.build.features import trim_heap
+micro = sys.argv[1]
+def status():
+    d = {l.split(':')[0]: int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith(('RssAnon', 'RssFile'))}
+    return d['RssAnon'], d['RssFile']
+with tempfile.TemporaryDirectory() as out:
+    t0 = time.perf_counter()
+    B.build_adapter(micro + '/lrm', micro + '/itm', micro + '/base', out + '/a', max_samples=1, min_samples=1,
+                    max_seq_len=100_000, projection='hard', no_stage2=True, progress=False, verbose=False)
+    wall = time.perf_counter() - t0
+anon, files = status()
+def fwd(layers):
+    cfg = transformers.AutoConfig.for_model('qwen2', hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                            num_attention_heads=2, num_key_value_heads=1, vocab_size=264)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    buf = torch.empty(8, 64)
+    for l in m.model.layers:
+        for lin in (l.self_attn.q_proj, l.self_attn.o_proj, l.mlp.gate_proj, l.mlp.down_proj):
+            lin.register_forward_pre_hook(lambda mod, a: (buf[:1, :a[0].shape[-1]].copy_(a[0][0, :1]), None)[1])
+    ids = torch.randint(0, 264, (1, 8)); mask = torch.ones_like(ids)
+    res = []
+    with torch.inference_mode():
+        m.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(40):
+                m.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                trim_heap()
+            res.append((time.perf_counter() - t) / 40)
+    return sorted(res)[1]
+t1, t5 = fwd(1), fwd(5)
+print(json.dumps({"wall": wall, "anon_mib": anon, "file_mib": files, "t1": t1, "t5": t5}))
+"""
+
+
+def _startup(threads: int) -> dict:
+    """Fixed costs from a fresh process (see STARTUP_CODE): the median of 3 processes per field."""
+    from rain_adapter.testing.fixtures import make_tiny_triple
+
+    runs = []
+    with tempfile.TemporaryDirectory() as d:
+        make_tiny_triple(d, arch="qwen2", seed=1, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+        for _ in range(3):
+            out = subprocess.run([sys.executable, "-c", STARTUP_CODE, d, str(threads)], capture_output=True, text=True,
+                                 check=True, env=dict(os.environ, TQDM_DISABLE="1"))
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {k: sorted(r[k] for r in runs)[1] for k in runs[0]}
 
 
 def calibrate(threads: int):
-    """The ``cpu`` profile of this machine from micro-benchmarks."""
+    """The ``cpu`` profile of this machine from micro-benchmarks (each the median of 3)."""
     import torch
+    from safetensors.torch import load_file, save_file
 
     from rain_adapter.build.nullspace import project
     from rain_adapter.build.plan import PROFILES
@@ -66,20 +119,32 @@ def calibrate(threads: int):
     mem = _bench(lambda: x.clone()) * 2 * x.numel() * 4 / 1e9
     blob = os.urandom(64 * 2**20)
     sha = _bench(lambda: hashlib.sha256(blob).digest()) * len(blob) / 1e9
+    disks = []
     with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        with open(Path(d) / "f", "wb") as f:
-            for _ in range(4):
-                f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        disk = 4 * len(blob) / (time.perf_counter() - t0) / 1e9
-    D, X = torch.randn(256, 256), torch.randn(48, 256)
-    base, libs = _baseline_gib()
-    latency = 1.0 / _bench(lambda: project(D, X, protect_energy=0.99), 1.0)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            with open(Path(d) / "f", "wb") as f:
+                for _ in range(4):
+                    f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            disks.append(4 * len(blob) / (time.perf_counter() - t0) / 1e9)
+        disk = sorted(disks)[1]
+        D, X = torch.randn(256, 256), torch.randn(48, 256)
+        path = str(Path(d) / "m.safetensors")
+
+        def one_module():  # small Δ read + SVD / projection call + cache write: the per-call overheads
+            save_file({"w": D}, path)
+            project(load_file(path)["w"], X, protect_energy=0.99)
+        latency = 1.0 / _bench(one_module, 1.5)
+    st = _startup(threads)
+    layer = max((st["t5"] - st["t1"]) / 4, 0.0)
+    fwd = max(st["t1"] - layer, 0.0)
+    startup = max(st["wall"] - 7 * latency - fwd - layer, 0.0)
     prof = replace(PROFILES["cpu"], name="cpu (measured here)", tflops=bf16, fp32_tflops=f32, mem_gbps=mem,
                    disk_gbps=disk, link_gbps=mem, cores=threads, hash_gbps=sha, module_latency_s=latency,
-                   base_gib=base, lib_gib=libs, note="bench/plan_check.py micro-benchmarks")
+                   base_gib=st["anon_mib"] / 1024, lib_gib=st["file_mib"] / 1024, startup_s=startup,
+                   forward_latency_s=fwd, layer_latency_s=layer, note="bench/plan_check.py micro-benchmarks")
     return prof
 
 

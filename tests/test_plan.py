@@ -4,6 +4,7 @@ the CLI's table and JSON for a preset and a local config dir, clear errors, and 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -58,6 +59,34 @@ def test_memory_and_disk_by_hand():
     assert f2.host_anon == pytest.approx(prof.base_gib * GiB + 6 * 40 * 4 + (5 + 7) * 8 * 4 + act)
     low = make_plan(m, c, PlanOptions(storage="lowrank", rank=2, stage2=False), prof)
     assert low.adapter_bytes == 4 * 2 * sum(min(2, o, i) * (o + i) for _, o, i in m.modules())
+
+
+def test_fixed_cost_terms_by_hand():
+    """Issue 14: start-up, per-forward / per-layer and per-module costs and the started-process
+    baseline, with every throughput so large that only the fixed terms are left."""
+    m = ModelShape.from_config(TINY)
+    big = 1e12
+    prof = replace(PROFILES["cpu"], tflops=big, fp32_tflops=big, mem_gbps=big, disk_gbps=big, link_gbps=big,
+                   hash_gbps=big, startup_s=1.5, forward_latency_s=0.01, layer_latency_s=0.002,
+                   module_latency_s=0.003, base_gib=0.25, lib_gib=0.125)
+    c = CalibShape((5, 7), 6)  # batch 1: two forwards of the 2-layer model
+    plan = make_plan(m, c, PlanOptions(dtype="float32", stage2=False), prof)
+    st = {s.name: s for s in plan.stages}
+    assert st["load LRM"].seconds == pytest.approx(1.5)
+    assert st["stage 1 features"].seconds == pytest.approx(2 * (0.01 + 2 * 0.002))
+    assert st["stage 1 project"].seconds == pytest.approx(7 * 2 * 0.003)
+    assert plan.seconds == pytest.approx(1.5 + 0.028 + 0.042)
+    # --sequential: one call per layer and batch
+    seq = make_plan(m, c, PlanOptions(dtype="float32", sequential=True, stage2=False), prof)
+    assert next(s for s in seq.stages if s.name == "stage 1 features").seconds == pytest.approx(2 * 2 * (0.01 + 0.002))
+    # the baseline: anonymous in every stage, the file-backed part in RSS only
+    for s in plan.stages:
+        assert s.host_anon >= 0.25 * GiB and s.host_rss >= s.host_anon + 0.125 * GiB
+    assert st["load LRM"].host_anon == 0.25 * GiB  # float32 checkpoint: the LRM is file-backed
+    # causal attention at batch 1: 2·H·d·T² (padding mask at batch 2: 4·H·d·T²)
+    assert st["stage 1 features"].flops == 2 * (2 * 576 * 5 + 2 * 8 * 25) + 2 * (2 * 576 * 7 + 2 * 8 * 49)
+    b2 = make_plan(m, c, PlanOptions(dtype="float32", batch_size=2, stage2=False), prof)
+    assert next(s for s in b2.stages if s.name == "stage 1 features").flops == forward_flops(m, [(2, 7)])
 
 
 def test_estimated_calibration_skips_long_samples():

@@ -5,8 +5,9 @@ no weights are loaded. The formulas follow what ``pipeline.build_adapter`` does 
 i intermediate, L layers, H / KV heads, d head dim, n = Ω rows, T a sequence length, b the dtype's
 bytes, P_L = the seven targeted linears of one layer, |Δ| = Σ out·in over targeted modules):
 
-* forwards (Stage 1 features): Σ_batches L·(2·P_L·B·T_max + 4·H·d·B·T_max²); no lm_head (the pass
-  stops after the last targeted layer). Time = FLOPs / (peak(dtype)·fwd_eff), at least the weight
+* forwards (Stage 1 features): Σ_batches L·(2·P_L·B·T_max + a·H·d·B·T_max²), a = 2 at batch 1
+  (causal, no padding mask: the flash kernels skip the upper triangle), 4 with padding; no lm_head
+  (the pass stops after the last targeted layer). Time = FLOPs / (peak(dtype)·fwd_eff), at least the weight
   bytes read once per batch / memory bandwidth;
 * per module (7 a layer, each its own SVD even where q/k/v and gate/up share X): thin SVD of X
   [n, in] ≈ 6·m·k² + 20·k³ (k = min, m = max; Golub–Van Loan R-SVD with U, Σ, V) at
@@ -14,12 +15,18 @@ bytes, P_L = the seven targeted linears of one layer, |Δ| = Σ out·in over tar
   m_p ≤ k (taken = k: an upper bound); Δ streamed: 2·out·in·b_ckpt read + float32 conversions;
 * cache and write: |Δ|·4 bytes written to ``<out>.partial`` (+ sha256 on write and on read back),
   read back and written again as the adapter;
+* fixed costs (issue 14, measured by bench/plan_check.py): ``startup_s`` once (lazy import of the
+  architecture's modeling code, model construction, tokenizer load; in "load LRM"),
+  ``forward_latency_s`` + L·``layer_latency_s`` per forward call (``--sequential``: a call per layer
+  and batch), ``module_latency_s`` per targeted module (Δ read, SVD / projection calls, cache write);
 * Stage 2: passes (1 level, 2 gain) over the instruction tokens, each a full forward with the
   delta path (+2·|Δ| per token dense) and the attention probe (+2·H·d·T² per layer);
 * low rank: per module a randomized SVD 20·out·in·(r+16) when min(out, in) > 2048 and r+16 <
   min/2, else the exact SVD.
 
-Memory: host = the process baseline + what is resident (anonymous: converted weights, features,
+Memory: host = the process baseline (``base_gib`` anonymous + ``lib_gib`` file-backed: a *started*
+process — python, torch, transformers and the lazily imported modeling module — not just the
+imports, which missed ≈ 110 MiB anon + ≈ 100 MiB file-backed) + what is resident (anonymous: converted weights, features,
 buffers; file-backed: memory-mapped checkpoints and the partial cache, reclaimable, counted in
 RSS); device = weights + one batch's activations + one module's work. One pass keeps every
 layer's features [n, 2h + H·d + i] float32 until Stage 1 ends; ``--sequential`` keeps one layer's
@@ -32,28 +39,12 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .plan_data import PROFILES, REFERENCE_CONFIGS, DeviceProfile  # noqa: F401 (re-exported)
+
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "vocab_size")
-#: The preset LRMs' shapes, copied from the public config.json of each Hub repo (deepseek-ai/
-#: DeepSeek-R1-Distill-*; all bfloat16, untied embeddings) so ``rain plan --preset`` works offline.
-#: The ITM and base of a preset have the same targeted shapes (the build checks it); their
-#: checkpoints are counted as the LRM's size.
-REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                                      num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-                                                     num_attention_heads=40, num_key_value_heads=8, vocab_size=152064),
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                                                     num_attention_heads=40, num_key_value_heads=8, vocab_size=152064),
-    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-}
-for _c in REFERENCE_CONFIGS.values():
-    _c.update(tie_word_embeddings=False, torch_dtype="bfloat16")
 
 
 class PlanError(ValueError):
@@ -139,43 +130,6 @@ class PlanOptions:
     stage2: bool = True
     stage2_passes: int = 1
     svd_dtype: str = "float32"
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """Throughputs: ``tflops`` for 16-bit matmuls, ``fp32_tflops`` for float32 ones, memory / disk /
-    host↔device (``link_gbps``) bandwidths in GB/s, device memory (None: the host's), the share of
-    peak the forwards (``fwd_eff``) and SVDs (``svd_eff``, one core on a CPU) reach, a latency per
-    module (small LAPACK calls, launches), and the process baseline on the host."""
-
-    name: str
-    kind: str
-    tflops: float
-    fp32_tflops: float
-    mem_gbps: float
-    disk_gbps: float
-    memory_gib: float | None = None
-    link_gbps: float = 25.0
-    cores: int = 1
-    fwd_eff: float = 0.5
-    svd_eff: float = 0.05
-    module_latency_s: float = 0.002
-    hash_gbps: float = 1.5
-    base_gib: float = 0.25
-    note: str = ""
-    lib_gib: float = 0.1  # file-backed RSS of the loaded libraries (torch, transformers)
-
-
-PROFILES: dict[str, DeviceProfile] = {
-    # H200 SXM: ~700 TFLOPS dense bf16 assumed reachable peak (spec 989), 67 TFLOPS fp32 (no TF32),
-    # 4.8 TB/s HBM, 141 GB; NVMe 3 GB/s, PCIe 5 ~25 GB/s in practice. fwd_eff 0.45 and svd_eff 0.03
-    # (cuSOLVER SVDs are far from peak) are assumptions, not measured.
-    "h200": DeviceProfile("h200", "gpu", 700.0, 67.0, 4800.0, 3.0, 140.0, 25.0, 16, 0.45, 0.03, 0.01, 1.5, 2.0,
-                          "H200 SXM, assumed efficiencies"),
-    # a generic 8-core CPU host; bench/plan_check.py measures this machine's numbers instead
-    "cpu": DeviceProfile("cpu", "cpu", 0.2, 0.2, 10.0, 1.0, None, 10.0, 8, 0.7, 0.1, 0.03, 1.0, 0.25,
-                         "generic 8-core CPU; calibrate with bench/plan_check.py"),
-}
 
 
 @dataclass
@@ -292,6 +246,21 @@ def module_work_bytes(out: int, inp: int, n: int, ckpt_bytes: int) -> float:
     return 4.0 * (3 * out * inp + 2 * n * inp + inp * k + n * k + 2 * out * n) + 2.0 * out * inp * ckpt_bytes
 
 
+def causal_attn_factor(batch_size: int) -> float:
+    """FLOPs per H·d·T² of a causal attention forward: 2 at batch 1 (no padding mask: SDPA's flash
+    kernels skip the blocks above the diagonal, QKᵀ and PV on half of T×T), 4 with a padding mask
+    (the masked kernels compute every block)."""
+    return 2.0 if batch_size == 1 else 4.0
+
+
+def call_overhead(p: DeviceProfile, forwards: int, layers: int, *, sequential: bool = False) -> float:
+    """Fixed cost of the forward calls: one pass = ``forwards``·(forward + layers·layer latency);
+    ``--sequential`` calls each layer on its own (a forward latency per layer and batch)."""
+    if sequential:
+        return forwards * layers * (p.forward_latency_s + p.layer_latency_s)
+    return forwards * (p.forward_latency_s + layers * p.layer_latency_s)
+
+
 def _rate(p: DeviceProfile, dtype: str) -> float:
     return (p.fp32_tflops if dtype in ("float32", "float64") else p.tflops) * 1e12
 
@@ -305,9 +274,10 @@ def stage1_features(m: ModelShape, c: CalibShape, o: PlanOptions, p: DeviceProfi
     """The LRM forwards over the calibration tokens (one pass or ``--sequential``)."""
     b, gpu = DTYPE_BYTES[o.dtype], p.kind == "gpu"
     batches = c.batches(o.batch_size)
-    flops = forward_flops(m, batches)
+    flops = forward_flops(m, batches, attn_factor=causal_attn_factor(o.batch_size))
     lrm = float(m.params * b)
     t = max(flops / (_rate(p, o.dtype) * p.fwd_eff), len(batches) * m.layers * m.layer_linear * b / (p.mem_gbps * 1e9))
+    t += call_overhead(p, len(batches), m.layers, sequential=o.sequential)
     act = max(_act(m, bb, tt, b) for bb, tt in batches)
     feats_layer = float(c.positions * m.feature_width * 4)
     states = float(sum(bb * tt for bb, tt in batches) * m.hidden * b)
@@ -336,14 +306,15 @@ def stage1_project(m: ModelShape, c: CalibShape, o: PlanOptions, p: DeviceProfil
     f64 = 0.5 if o.svd_dtype == "float64" else 1.0
     one_core = 1.0 if gpu else 1.0 / max(p.cores, 1)
     svd_f = sum(svd_flops(n, i) for _, _, i in mods) * m.layers
-    t_svd = svd_f / (p.fp32_tflops * 1e12 * p.svd_eff * one_core * f64) + 7 * m.layers * p.module_latency_s
+    t_svd = svd_f / (p.fp32_tflops * 1e12 * p.svd_eff * one_core * f64)
+    t_fixed = len(mods) * m.layers * p.module_latency_s  # Δ read, SVD / project calls, cache write
     proj_f = sum(projection_flops(out, i, n) for _, out, i in mods) * m.layers
     delta = float(m.layer_linear * m.layers)
     t_proj = max(proj_f / (p.fp32_tflops * 1e12 * p.fwd_eff * f64), 10 * 4 * delta / (p.mem_gbps * 1e9))
     read = 2 * delta * cb
     t_stream = read / (p.disk_gbps * 1e9) + delta * (2 * cb + 12) / (p.mem_gbps * 1e9)
     t_cache = 4 * delta / (p.disk_gbps * 1e9) + 4 * delta / (p.hash_gbps * 1e9)
-    t = t_svd + t_proj + t_stream + t_cache + (2 * 4 * delta / (p.link_gbps * 1e9) if gpu else 0.0)
+    t = t_svd + t_fixed + t_proj + t_stream + t_cache + (2 * 4 * delta / (p.link_gbps * 1e9) if gpu else 0.0)
     work = max(module_work_bytes(out, i, n, cb) for _, out, i in mods)
     b, converted = DTYPE_BYTES[o.dtype], o.dtype != m.ckpt_dtype
     lrm = float(m.params * b)
@@ -352,7 +323,8 @@ def stage1_project(m: ModelShape, c: CalibShape, o: PlanOptions, p: DeviceProfil
     anon = p.base_gib * GiB + feats + (lrm if on_host and converted else 0.0) + (2.0 * 4 * 4096 * 4096 if gpu else work)
     rss = anon + (lrm if on_host and not converted else 0.0)  # ITM / base pages: transient (measured)
     device = (0.0 if o.sequential else lrm) + work if gpu else 0.0
-    note = f"SVD {t_svd:.0f} s, projection {t_proj:.0f} s, Δ stream {t_stream:.0f} s, cache {t_cache:.0f} s"
+    note = (f"SVD {t_svd:.0f} s, projection {t_proj:.0f} s, Δ stream {t_stream:.0f} s, cache {t_cache:.0f} s, "
+            f"per-module fixed {t_fixed:.1f} s")
     return Stage("stage 1 project", t, svd_f + proj_f, read + 4 * delta, anon, rss, device, note)
 
 
@@ -366,6 +338,7 @@ def stage2(m: ModelShape, ins: CalibShape, o: PlanOptions, p: DeviceProfile, ada
                                + 2.0 * m.vocab * m.hidden * ins.tokens)
     lrm = float(m.params * b)
     t = flops / (_rate(p, o.dtype) * p.fwd_eff) + (delta * b / (p.link_gbps * 1e9) if gpu else 0.0)
+    t += call_overhead(p, o.stage2_passes * ins.samples, m.layers)
     act = _act(m, 1, max(ins.lengths, default=1), b) + 4.0 * m.heads * max(ins.lengths, default=1) * 256
     anon = p.base_gib * GiB + adapter + (0.0 if gpu else lrm + delta * b + act)
     rss = anon + adapter
@@ -399,10 +372,11 @@ def make_plan(m: ModelShape, c: CalibShape, o: PlanOptions, p: DeviceProfile, in
     lrm, ckpt, delta = float(m.params * b), float(m.params * cb), float(m.layer_linear * m.layers)
     dense = 4.0 * delta
     t_load = ckpt / (p.disk_gbps * 1e9) + (lrm / (p.mem_gbps * 1e9) if b != cb else 0.0)
-    t_load += lrm / (p.link_gbps * 1e9) if gpu and not o.sequential else 0.0
+    t_load += (lrm / (p.link_gbps * 1e9) if gpu and not o.sequential else 0.0) + p.startup_s
     load_anon = p.base_gib * GiB + (lrm if b != cb else 0.0)
     stages = [Stage("load LRM", t_load, 0.0, ckpt, load_anon, p.base_gib * GiB + lrm,
-                    lrm if gpu and not o.sequential else 0.0, f"{m.params / 1e9:.2f}B params, {o.dtype}"),
+                    lrm if gpu and not o.sequential else 0.0,
+                    f"{m.params / 1e9:.2f}B params, {o.dtype}; start-up {p.startup_s:.1f} s"),
               stage1_features(m, c, o, p), stage1_project(m, c, o, p)]
     s2 = o.stage2 and instr is not None and instr.lengths
     if s2:

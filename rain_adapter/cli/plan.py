@@ -20,7 +20,8 @@ from ..build.plan import (GiB, PROFILES, REFERENCE_CONFIGS, BuildPlan, CalibShap
 #: --flag → DeviceProfile field (overrides of the named profile)
 PROFILE_FLAGS = {"tflops": "tflops", "fp32_tflops": "fp32_tflops", "mem_gbps": "mem_gbps", "disk_gbps": "disk_gbps",
                  "link_gbps": "link_gbps", "device_memory": "memory_gib", "cores": "cores", "fwd_eff": "fwd_eff",
-                 "svd_eff": "svd_eff"}
+                 "svd_eff": "svd_eff", "startup_s": "startup_s", "base_gib": "base_gib",
+                 "module_latency_s": "module_latency_s"}
 
 
 def load_model_shape(args: argparse.Namespace) -> tuple[ModelShape, str | None]:
