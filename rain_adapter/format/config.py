@@ -93,12 +93,14 @@ class ConfigError(ValueError):
     """An adapter config that does not follow the schema; the message names the file and field."""
 
 
-def _is_int(v: Any) -> bool:
-    """An int that is not a bool (JSON ``true`` is not a version, a rank or a layer)."""
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (JSON ``true`` is not a version, a rank or a layer). The one
+    predicate every JSON reader here (config, PEFT config, server requests) uses."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_finite_number(v: Any) -> bool:
+def is_finite_number(v: Any) -> bool:
+    """A finite int or float that is not a bool (JSON ``NaN`` / ``Infinity`` / ``true`` are not numbers)."""
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return False
     try:
@@ -109,10 +111,10 @@ def _is_finite_number(v: Any) -> bool:
 
 def _rank_problem(rank: Any) -> str | None:
     """Why ``rank`` is not null, an int > 0 or a non-empty ``{module: int > 0}`` map; None if it is."""
-    if rank is None or (_is_int(rank) and rank > 0):
+    if rank is None or (is_int(rank) and rank > 0):
         return None
     if isinstance(rank, dict) and rank:
-        bad = {k: v for k, v in rank.items() if not isinstance(k, str) or not (_is_int(v) and v > 0)}
+        bad = {k: v for k, v in rank.items() if not isinstance(k, str) or not (is_int(v) and v > 0)}
         if not bad:
             return None
         return f"maps modules to ints > 0; bad entries {dict(list(bad.items())[:3])!r:.200}"
@@ -168,7 +170,7 @@ class RainConfig:
                 raise bad(name, f"must be a string, got {getattr(self, name)!r:.80}")
         if self.format != FORMAT:
             raise bad("format", f"must be {FORMAT!r}, got {self.format!r}")
-        if not _is_int(self.format_version) or self.format_version not in READABLE_VERSIONS:
+        if not is_int(self.format_version) or self.format_version not in READABLE_VERSIONS:
             raise bad("format_version", f"is {self.format_version!r:.80}; this library reads versions "
                                         f"{', '.join(map(str, READABLE_VERSIONS))}")
         if not isinstance(self.storage, str) or self.storage not in STORAGES:
@@ -176,7 +178,7 @@ class RainConfig:
         if not isinstance(self.target_modules, list) or not all(
                 isinstance(t, str) and t in ROLES for t in self.target_modules):
             raise bad("target_modules", f"must be a list of roles from {list(ROLES)}, got {self.target_modules!r:.200}")
-        if not isinstance(self.layers, list) or not all(_is_int(i) and i >= 0 for i in self.layers):
+        if not isinstance(self.layers, list) or not all(is_int(i) and i >= 0 for i in self.layers):
             raise bad("layers", f"must be a list of non-negative ints, got {self.layers!r:.200}")
         why = _rank_problem(self.rank)
         if why:
@@ -192,13 +194,13 @@ class RainConfig:
         """``lambda_range`` finite ``[low, high]`` within the hard λ bound (|λ| <= 100), ``default_lambda``
         a finite number inside it."""
         lr = self.lambda_range
-        if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(_is_finite_number(v) for v in lr)
+        if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(is_finite_number(v) for v in lr)
                 or lr[0] > lr[1]):
             raise bad("lambda_range", f"must be [low, high] finite with low <= high, got {lr!r:.80}")
         if max(abs(lr[0]), abs(lr[1])) > MAX_ABS_LAMBDA:  # the server accepts any λ inside the range
             raise bad("lambda_range", f"{lr} goes beyond the hard bound |λ| <= {MAX_ABS_LAMBDA:g}")
         self.lambda_range = [float(lr[0]), float(lr[1])]
-        if not _is_finite_number(self.default_lambda):
+        if not is_finite_number(self.default_lambda):
             raise bad("default_lambda", f"must be a finite number, got {self.default_lambda!r:.80}")
         if not lr[0] <= self.default_lambda <= lr[1]:
             raise bad("default_lambda", f"{self.default_lambda} lies outside lambda_range {lr}")
@@ -225,7 +227,7 @@ class RainConfig:
             if layer not in layers:
                 raise ConfigError(f"{where}: layer {layer} is not in the config's layers {sorted(layers)}")
             want = self.rank.get(name) if isinstance(self.rank, dict) else self.rank
-            if d.is_lowrank and want is not None and (d.rank > want if _is_int(self.rank) else d.rank != want):
+            if d.is_lowrank and want is not None and (d.rank > want if is_int(self.rank) else d.rank != want):
                 raise ConfigError(f"{where}: low-rank factors have rank {d.rank} but the config's rank is "
                                   f"{want}")
 

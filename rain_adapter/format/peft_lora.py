@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .arch import ROLES, module_layer, module_role
-from .config import RainConfig, checked_file, read_json
+from .config import RainConfig, checked_file, is_finite_number, is_int, read_json
 from .delta import ModuleDelta
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -75,26 +75,12 @@ _UNSUPPORTED_FIELDS = {
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*\Z")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    """A finite int or float that is not a bool."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
 def _checked_patterns(cfg: dict[str, Any], field: str, path: Path) -> dict[str, Any]:
     """``rank_pattern`` (ints > 0) or ``alpha_pattern`` (finite numbers) with plain-name keys only."""
     patterns = cfg.get(field) or {}
     if not isinstance(patterns, dict):
         raise PeftImportError(f"{path}: field {field!r} must be an object, got {patterns!r:.80}")
-    ok, want = (lambda v: _is_int(v) and v > 0, "an int > 0") if field == "rank_pattern" else (_is_number, "a number")
+    ok, want = (lambda v: is_int(v) and v > 0, "an int > 0") if field == "rank_pattern" else (is_finite_number, "a number")
     for key, value in patterns.items():
         if not _PLAIN_NAME.match(key):
             raise PeftImportError(
@@ -126,9 +112,9 @@ def _read_config(root: Path) -> dict[str, Any]:
     for fld, why in _UNSUPPORTED_FIELDS.items():
         if _truthy(cfg.get(fld)):
             raise PeftImportError(f"{path}: field {fld!r} = {cfg[fld]!r} is unsupported: {why}")
-    if not (_is_int(cfg.get("r", 8)) and cfg.get("r", 8) > 0):
+    if not (is_int(cfg.get("r", 8)) and cfg.get("r", 8) > 0):
         raise PeftImportError(f"{path}: field 'r' must be an int > 0, got {cfg.get('r')!r:.60}")
-    if not _is_number(cfg.get("lora_alpha", 8)):
+    if not is_finite_number(cfg.get("lora_alpha", 8)):
         raise PeftImportError(f"{path}: field 'lora_alpha' must be a finite number, got {cfg.get('lora_alpha')!r:.60}")
     cfg["rank_pattern"] = _checked_patterns(cfg, "rank_pattern", path)
     cfg["alpha_pattern"] = _checked_patterns(cfg, "alpha_pattern", path)

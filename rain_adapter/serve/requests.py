@@ -16,11 +16,11 @@ instructions: a list of ``{"instruction_id", "kwargs"}`` — ``id`` is accepted 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ..evaluation.checks import supported_ids
+from ..format.config import is_finite_number, is_int
 from .errors import APIError, bad_request
 from .limits import (MAX_CHOICES, MAX_COMMENT_CHARS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
                      MAX_USER_CHARS)
@@ -179,7 +179,7 @@ def number_field(body: dict, name: str, default: float | None, lo: float | None 
     v = body.get(name, None)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if not is_finite_number(v):
         raise bad_request(f"{name} must be a finite number, got {v!r}", name)
     if lo is not None and (v < lo or (lo_open and v == lo)):
         raise bad_request(f"{name}={v} is below the allowed range ({'>' if lo_open else '>='} {lo})", name)
@@ -193,7 +193,7 @@ def int_field(body: dict, name: str, default: int | None = None) -> int | None:
     v = body.get(name, None)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int):
+    if not is_int(v):
         raise bad_request(f"{name} must be an integer, got {v!r}", name)
     return v
 
@@ -340,7 +340,7 @@ def _arm_and_lambda(body: dict, limits: RequestLimits) -> tuple[str | None, floa
         raise bad_request(f"unknown rain_arm {arm!r}; arms: {sorted(limits.arm_names)}", "rain_arm")
     lam = body.get("rain_lambda")
     if lam is not None:
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        if not is_finite_number(lam):
             raise bad_request(f"rain_lambda must be a number, got {lam!r}", "rain_lambda")
         lo, hi = limits.lambda_range
         if not lo <= lam <= hi:
