@@ -71,6 +71,8 @@ class ChoiceSet:
     texts: list[list[str]] = field(init=False)
     dones: list[GenEvent | None] = field(init=False)
     logged: set[int] = field(default_factory=set)
+    #: the first choice that failed and its error (every choice is cancelled then)
+    failed: tuple[int, APIError] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.texts = [[] for _ in self.exchanges]
@@ -85,6 +87,17 @@ class ChoiceSet:
     @property
     def first(self) -> Exchange:
         return self.exchanges[0]
+
+    def record(self, i: int, ev: GenEvent) -> None:
+        """Fold one event of choice ``i`` in: its text, its end, or the first failure (which cancels all)."""
+        if ev.kind == "delta":
+            self.texts[i].append(ev.text)
+        elif ev.kind == "error":
+            if self.failed is None:
+                self.failed = (i, generation_failed(ev.error))
+                self.cancel_all()
+        else:
+            self.dones[i] = ev
 
     def cancel_all(self) -> None:
         for ex in self.exchanges:
@@ -169,21 +182,15 @@ def body_of(cs: ChoiceSet, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def reply_choices(cs: ChoiceSet, rlog: RequestLog, disconnected: Disconnected | None = None) -> JSONResponse:
     """The non-streaming response with every choice, sent after every choice's row is committed."""
-    gone, failed = False, None
+    gone = False
     try:
         async for i, ev in _events(cs, disconnected):
             if ev is None:
                 gone = True
-            elif ev.kind == "delta":
-                cs.texts[i].append(ev.text)
-            elif ev.kind == "error":
-                if failed is None:
-                    failed = (i, generation_failed(ev.error))
-                    cs.cancel_all()
             else:
-                cs.dones[i] = ev
-        if failed is not None:
-            fi, err = failed
+                cs.record(i, ev)
+        if cs.failed is not None:
+            fi, err = cs.failed
             await cs.log(rlog, fi, "error", err.message, 500)
             for i in range(len(cs.exchanges)):
                 if i != fi:
@@ -204,7 +211,7 @@ async def reply_choices(cs: ChoiceSet, rlog: RequestLog, disconnected: Disconnec
 
 async def _sse_choices(cs: ChoiceSet, rlog: RequestLog, disconnected: Disconnected | None) -> AsyncIterator[str]:
     writers = [ChunkWriter(ex) for ex in cs.exchanges]
-    gone, failed = False, None
+    gone = False
     try:
         if cs.first.request.chat:
             for w in writers:
@@ -212,25 +219,21 @@ async def _sse_choices(cs: ChoiceSet, rlog: RequestLog, disconnected: Disconnect
         async for i, ev in _events(cs, disconnected):
             if ev is None:
                 gone = True
-            elif ev.kind == "delta":
-                cs.texts[i].append(ev.text)
-                if not (gone or failed):
-                    yield writers[i].delta(ev.text)
-            elif ev.kind == "error":
-                if failed is None:
-                    failed = (i, generation_failed(ev.error))
-                    cs.cancel_all()
-            else:
-                cs.dones[i] = ev
-                if not (gone or failed):
-                    status = _status(cs, i, False)
-                    await cs.log(rlog, i, status, None if status == "ok" else CLIENT_GONE,
-                                 200 if status == "ok" else 499)   # durable BEFORE its end is acknowledged
-                    yield writers[i].finish(ev.finish_reason)
+                continue
+            cs.record(i, ev)
+            if gone or cs.failed is not None:
+                continue
+            if ev.kind == "delta":
+                yield writers[i].delta(ev.text)
+            elif ev.kind != "error":
+                status = _status(cs, i, False)
+                await cs.log(rlog, i, status, None if status == "ok" else CLIENT_GONE,
+                             200 if status == "ok" else 499)   # durable BEFORE its end is acknowledged
+                yield writers[i].finish(ev.finish_reason)
         if gone:
             return   # the rest is logged cancelled in ``finally``
-        if failed is not None:
-            fi, err = failed
+        if cs.failed is not None:
+            fi, err = cs.failed
             await cs.log(rlog, fi, "error", err.message, 500)
             cs.log_rest_quietly(rlog, "cancelled", ANOTHER_FAILED, 500)
             yield sse(err.body())
