@@ -12,11 +12,10 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from rain_adapter.cli.serve import load_served_model  # noqa: E402
-from rain_adapter.serve.app import create_app, serve_state_from  # noqa: E402
+from rain_adapter.serve.app import create_app  # noqa: E402
 from rain_adapter.serve.choices import choice_seed  # noqa: E402
 from rain_adapter.testing.server import ServerThread  # noqa: E402
-from rain_adapter.testing.serve_tiny import build_tiny_serving  # noqa: E402
+from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state  # noqa: E402
 
 M = "tiny"
 
@@ -30,8 +29,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module", params=["dynamic", "continuous"])
 def served(assets, request):
     root, model_dir, adapter_dir = assets
-    model, tok = load_served_model(str(model_dir), str(adapter_dir), device="cpu", dtype="float32")
-    state = serve_state_from(model, tok, model_name=M, db_path=root / f"{request.param}.sqlite", max_tokens_cap=16,
+    state = tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=root / f"{request.param}.sqlite", max_tokens_cap=16,
                              context_length=256, batching=request.param)
     srv = ServerThread(create_app(state)).start()
     yield srv, state

@@ -14,11 +14,10 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from rain_adapter.cli.serve import load_served_model  # noqa: E402
-from rain_adapter.serve.app import create_app, serve_state_from  # noqa: E402
+from rain_adapter.serve.app import create_app  # noqa: E402
 from rain_adapter.serve.arms import Arm  # noqa: E402
 from rain_adapter.testing.server import ServerThread  # noqa: E402
-from rain_adapter.testing.serve_tiny import build_tiny_serving  # noqa: E402
+from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state  # noqa: E402
 
 M = "tiny"
 WAIT = 60.0  # seconds: an upper bound on any wait, never a duration the test relies on
@@ -32,8 +31,7 @@ def assets(tmp_path_factory):
 
 def _state(assets, name, **kw):
     root, model_dir, adapter_dir = assets
-    model, tok = load_served_model(str(model_dir), str(adapter_dir), device="cpu", dtype="float32")
-    return serve_state_from(model, tok, model_name=M, db_path=root / f"{name}.sqlite", context_length=256, **kw)
+    return tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=root / f"{name}.sqlite", context_length=256, **kw)
 
 
 def _post(srv, path, body):

@@ -11,14 +11,12 @@ lm_eval_api = pytest.importorskip("lm_eval.models.openai_completions")
 def test_lm_eval_local_completions_loglikelihood(tmp_path):
     from lm_eval.api.instance import Instance
 
-    from rain_adapter.cli.serve import load_served_model
-    from rain_adapter.serve.app import create_app, serve_state_from
-    from rain_adapter.testing.serve_tiny import build_tiny_serving
+    from rain_adapter.serve.app import create_app
+    from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state
     from rain_adapter.testing.server import ServerThread
 
     model_dir, adapter_dir = build_tiny_serving(tmp_path)
-    model, tok = load_served_model(str(model_dir), str(adapter_dir), device="cpu", dtype="float32")
-    state = serve_state_from(model, tok, model_name="m", db_path=tmp_path / "l.sqlite", context_length=256)
+    state = tiny_serve_state(model_dir, adapter_dir, model_name="m", db_path=tmp_path / "l.sqlite", context_length=256)
     with ServerThread(create_app(state)) as srv:
         lm = lm_eval_api.LocalCompletionsAPI(model="m", base_url=srv.base_url + "/v1/completions",
                                              tokenizer=str(model_dir), tokenized_requests=False, max_retries=1)
@@ -35,15 +33,13 @@ def test_lm_eval_local_completions_tokenized_generation_and_loglikelihood(tmp_pa
 
     from lm_eval.api.instance import Instance
 
-    from rain_adapter.cli.serve import load_served_model
-    from rain_adapter.serve.app import create_app, serve_state_from
-    from rain_adapter.testing.serve_tiny import build_tiny_serving
+    from rain_adapter.serve.app import create_app
+    from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state
     from rain_adapter.testing.server import ServerThread
 
     model_dir, adapter_dir = build_tiny_serving(tmp_path)
-    model, tok = load_served_model(str(model_dir), str(adapter_dir), device="cpu", dtype="float32")
     db = tmp_path / "l.sqlite"
-    state = serve_state_from(model, tok, model_name="m", db_path=db, context_length=256)
+    state = tiny_serve_state(model_dir, adapter_dir, model_name="m", db_path=db, context_length=256)
     with ServerThread(create_app(state)) as srv:
         lm = lm_eval_api.LocalCompletionsAPI(model="m", base_url=srv.base_url + "/v1/completions",
                                              tokenizer=str(model_dir), tokenized_requests=True, max_retries=1)

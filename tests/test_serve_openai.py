@@ -62,15 +62,13 @@ httpx = pytest.importorskip("httpx")
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from rain_adapter.cli.serve import load_served_model
-    from rain_adapter.serve.app import create_app, serve_state_from
-    from rain_adapter.testing.serve_tiny import build_tiny_serving
+    from rain_adapter.serve.app import create_app
+    from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state
     from rain_adapter.testing.server import ServerThread
 
     root = tmp_path_factory.mktemp("oai")
     model_dir, adapter_dir = build_tiny_serving(root)
-    model, tok = load_served_model(str(model_dir), str(adapter_dir), device="cpu", dtype="float32")
-    state = serve_state_from(model, tok, model_name="m", db_path=root / "l.sqlite", max_tokens_cap=16,
+    state = tiny_serve_state(model_dir, adapter_dir, model_name="m", db_path=root / "l.sqlite", max_tokens_cap=16,
                              context_length=256)
     srv = ServerThread(create_app(state)).start()
     yield srv, state

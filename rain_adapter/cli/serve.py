@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..serve.scheduler import BATCHING_MODES
+from ..serve.state import load_served_model  # noqa: F401  (also the public name examples use)
 
 log = logging.getLogger("rain_adapter.serve")
 
@@ -80,28 +81,6 @@ def add_parser(subparsers) -> None:
     """Register ``rain serve`` and ``rain ab report``."""
     _add_serve(subparsers)
     _add_ab(subparsers)
-
-
-def load_served_model(model_path: str, adapter: str | None, *, tokenizer_path: str | None = None,
-                      dtype: str = "auto", device: str | None = None, lam: float | None = None,
-                      check_fingerprint: bool = True):
-    """(RainModel or bare model, tokenizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    tok = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
-    if adapter:
-        from rain_adapter.runtime.model import RainAdapter
-
-        model = RainAdapter.attach(model, adapter, lam=lam, check_fingerprint=check_fingerprint)
-    return model, tok
 
 
 def run_serve(args) -> int:

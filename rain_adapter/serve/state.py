@@ -152,4 +152,27 @@ def serve_state_from(model, tokenizer, *, model_name: str, db_path, arms: list[A
                       arms=arms, db=MetricsDB(db_path), **kw)
 
 
-__all__ = ["ServeState", "serve_state_from"]
+def load_served_model(model_path: str, adapter: str | None, *, tokenizer_path: str | None = None,
+                      dtype: str = "auto", device: str | None = None, lam: float | None = None,
+                      check_fingerprint: bool = True):
+    """(RainModel or bare model, tokenizer): the model as ``rain serve`` loads it (``dtype="auto"``:
+    bfloat16 on CUDA, float32 on the CPU), the adapter attached when given."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    tok = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
+    if adapter:
+        from ..runtime.model import RainAdapter
+
+        model = RainAdapter.attach(model, adapter, lam=lam, check_fingerprint=check_fingerprint)
+    return model, tok
+
+
+__all__ = ["ServeState", "load_served_model", "serve_state_from"]

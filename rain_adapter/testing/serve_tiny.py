@@ -35,3 +35,13 @@ def build_tiny_serving(root: str | Path, seed: int = 0, scale: float = 0.5,
                      fingerprint=compute_fingerprint(model, list(deltas)))
     adapter_dir = save_adapter(deltas, cfg, root / "adapter", overwrite=True)
     return model_dir, adapter_dir
+
+
+def tiny_serve_state(model_dir: str | Path, adapter_dir: str | Path, **state_kw):
+    """The served state of :func:`build_tiny_serving`'s model + adapter, float32 on the CPU, as
+    ``rain serve`` would load them; ``state_kw``: :func:`rain_adapter.serve.app.serve_state_from`'s
+    keywords (``model_name``, ``db_path``, limits, arms ...)."""
+    from rain_adapter.serve.state import load_served_model, serve_state_from
+
+    model, tok = load_served_model(str(model_dir), str(adapter_dir), device="cpu", dtype="float32")
+    return serve_state_from(model, tok, **state_kw)
