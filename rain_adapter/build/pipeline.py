@@ -14,7 +14,8 @@
    its config (``preflight.check_checkpoints``). A Hub id that cannot be fetched is one line
    (``hub.fetching``);
 3. :func:`load_lrm`: the LRM once (``AutoModelForCausalLM``, ``dtype=``), its targeted linears (``arch``);
-4. :func:`check_sources`: the same header check against the loaded modules;
+4. :func:`check_sources`: the same header check against the loaded modules, when no skeleton
+   could be built for step 2;
 5. :func:`run_stage1`: per layer, features X at Ω (``features``; one pass or ``--sequential``), then
    per module the streamed Δ_I (``taskvector``) → Stage 1 projection (``nullspace.project``) or the
    method's transform (``methods``); each finished layer goes to ``<out>.partial/`` (``cache``);
@@ -352,9 +353,10 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
     tokenizer, calib = load_calibration(opts, method, log, configs.vocab_size)
     if wants_stage2(opts, method):
         preflight.check_instruction_calibration(opts, tokenizer, configs.vocab_size, log)
-    sources = preflight.check_checkpoints(opts, method, configs, log)
+    sources, checked = preflight.check_checkpoints(opts, method, configs, log)
     targets = load_lrm(opts, method)
-    sources = check_sources(opts, targets.modules, sources)
+    if not checked:  # the skeleton is the loaded model's twin: check once, here only without it
+        sources = check_sources(opts, targets.modules, sources)
     cache = PartialCache(out_dir)
     done = cache.open(cache_settings(opts, method, targets, calib), resume=opts.resume, log=log)
     try:

@@ -200,18 +200,18 @@ def skeleton(config: Any) -> nn.Module | None:
         return None
 
 
-def check_checkpoints(opts: BuildOptions, method: MergeMethod, configs: Configs,
-                      log: BuildLog) -> tuple[taskvector.CheckpointReader, taskvector.CheckpointReader]:
+def check_checkpoints(opts: BuildOptions, method: MergeMethod, configs: Configs, log: BuildLog
+                      ) -> tuple[tuple[taskvector.CheckpointReader, taskvector.CheckpointReader], bool]:
     """Open the ITM and base and check them against the LRM's targeted modules, from the config
-    skeleton and the safetensors headers only (no weights read); returns the readers."""
-    itm_r = taskvector.CheckpointReader(opts.itm, "ITM")
-    base_r = taskvector.CheckpointReader(opts.base, "base")
+    skeleton and the safetensors headers only (no weights read). Returns (the readers, whether
+    the check ran): when the skeleton cannot be built, the pipeline checks after the LRM loads."""
+    readers = (taskvector.CheckpointReader(opts.itm, "ITM"), taskvector.CheckpointReader(opts.base, "base"))
     model = skeleton(configs.lrm)
     if model is None:
         log("[rain build] the LRM's config could not be built on the meta device: its modules are checked "
             "against the ITM / base after it loads")
-        return itm_r, base_r
+        return readers, False
     modules, *_ = select_targets(opts, method, model)
-    taskvector.check_task_vector(itm_r, base_r, taskvector.module_shapes(modules), merge_bias=opts.merge_bias)
+    taskvector.check_task_vector(*readers, taskvector.module_shapes(modules), merge_bias=opts.merge_bias)
     del model, modules
-    return itm_r, base_r
+    return readers, True
