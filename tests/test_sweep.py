@@ -33,6 +33,20 @@ def test_load_prompts(tmp_path):
         S.load_prompts(tmp_path / "bad.jsonl")
 
 
+def test_unknown_instruction_ids_are_an_error_or_counted(tmp_path):
+    """An id no check can score used to give compliance NaN without a word (issue 15)."""
+    p = tmp_path / "ifbench.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"p{i}", "instruction_id_list": ids}) + "\n" for i, ids in
+                         enumerate([["ifbench:count:conjunctions"], ["punctuation:no_comma", "ifbench:count:conjunctions"],
+                                    ["punctuation:no_comma"]])))
+    with pytest.raises(ValueError, match=r"ifbench\.jsonl: 2 row\(s\).*ifbench:count:conjunctions ×2.*--skip-unknown"):
+        S.load_prompts(p)
+    with pytest.warns(UserWarning, match="2 row"):
+        rows = S.load_prompts(p, skip_unknown=True)
+    assert len(rows) == 3
+    assert S.evaluate_rows(rows, ["a b", "a b", "a b"])["n"] == 3
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A tiny random LRM (fixture tokenizer, R1-style template) and a dense random adapter."""

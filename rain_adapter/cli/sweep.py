@@ -17,7 +17,7 @@ from .args import add_dtype, add_lambdas, lambdas_arg
 
 def _run(args: argparse.Namespace) -> int:
     lambdas = lambdas_arg(args.lambdas)
-    rows = sweep.load_prompts(args.prompts, args.limit)
+    rows = sweep.load_prompts(args.prompts, args.limit, skip_unknown=args.skip_unknown)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = sweep.load_model(args.model, args.device, args.dtype)
@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64, help="rows per generate call (mixed λ)")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="score rows on the instruction ids this library knows and count the others "
+                        "(default: unknown ids are an error)")
     p.add_argument("--device", default=None)
     add_dtype(p, default="float32", help="the LRM's dtype (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

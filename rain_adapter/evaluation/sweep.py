@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,20 @@ from tqdm.auto import tqdm
 from ..format.dtypes import resolve_dtype
 from ..format.lambdas import LambdaRangeWarning, check_lambda
 from ..format.store import resolve_adapter
-from .checks import aggregate, score_response
+from .checks import aggregate, score_response, supported_ids
 
 METRICS = ("compliance", "instruction_level", "format_validity", "thinking_rate", "accuracy", "n")
 
 
-def load_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+def load_prompts(path: str | Path, limit: int | None = None, *, skip_unknown: bool = False) -> list[dict[str, Any]]:
     """Read a JSONL / JSON list of prompt rows; each needs ``prompt`` (``instruction_id_list`` and
-    ``kwargs`` default to empty)."""
+    ``kwargs`` default to empty).
+
+    An instruction id :func:`~rain_adapter.evaluation.checks.check` cannot score would be left out of
+    compliance silently (a file of only such ids gave compliance NaN), so it is a ``ValueError``
+    naming the file, the ids and their counts; ``skip_unknown=True`` (``rain sweep --skip-unknown``)
+    keeps those rows, warns with the counts, and they are scored on the ids that are known.
+    """
     path = Path(path)
     text = path.read_text()
     if text.lstrip().startswith("["):
@@ -47,7 +54,23 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
         r.setdefault("kwargs", [{} for _ in r["instruction_id_list"]])
         if len(r["kwargs"]) != len(r["instruction_id_list"]):
             raise ValueError(f"{path}: row {i}: kwargs and instruction_id_list differ in length")
-    return rows[:limit] if limit else rows
+    rows = rows[:limit] if limit else rows
+    _check_known_ids(rows, path, skip_unknown)
+    return rows
+
+
+def _check_known_ids(rows: Sequence[dict[str, Any]], path: Path, skip_unknown: bool) -> None:
+    """Unknown instruction ids: an error, or with ``skip_unknown`` a warning counting them."""
+    known = supported_ids()
+    unknown = Counter(iid for r in rows for iid in r["instruction_id_list"] if iid not in known)
+    if not unknown:
+        return
+    n_rows = sum(1 for r in rows if any(iid not in known for iid in r["instruction_id_list"]))
+    listed = ", ".join(f"{iid} ×{n}" for iid, n in unknown.most_common(8))
+    msg = f"{path}: {n_rows} row(s) name instruction ids this library cannot score: {listed}"
+    if not skip_unknown:
+        raise ValueError(msg + " (pass --skip-unknown / skip_unknown=True to score the other ids and count these)")
+    warnings.warn(msg + "; they are left out of compliance (rows with no known id are unscored)", stacklevel=3)
 
 
 def render_prompt(tokenizer, prompt: str) -> str:
