@@ -23,3 +23,12 @@ def _isolated_adapter_home(tmp_path_factory, monkeypatch):
     """Each test sees its own empty $RAIN_ADAPTER_HOME (the toy-world cache is separate)."""
     monkeypatch.setenv("RAIN_ADAPTER_HOME", str(tmp_path_factory.mktemp("rain_home")))
     yield
+
+
+@pytest.fixture(scope="session")
+def ci_world(tmp_path_factory):
+    """The small CI toy world (``rain demo --ci``), trained once per session (≈ 1–3 min on 2 cores)."""
+    from rain_adapter.demo.train import ci_config, ensure_world
+
+    root = tmp_path_factory.mktemp("world") / "ci"
+    return ensure_world(ci_config(), root, progress=False)

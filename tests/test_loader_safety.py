@@ -270,6 +270,8 @@ def test_export_merged_refuses_bad_lambda_writes_nothing(tmp_path, qwen):
     ("default_lambda", True), ("default_lambda", "1"), ("lambda_range", [0, True]),
     ("lambda_range", [0, float("inf")]), ("base_model_name_or_path", 5), ("method", 3),
     ("itm_name_or_path", None), ("dtype", 16), ("format", 1), ("target_modules", [1]),
+    ("recommended_lambda", True), ("recommended_lambda", "1"), ("recommended_lambda", float("nan")),
+    ("recommended_lambda", 2.5), ("tune", []),   # 2.5: outside the default lambda_range [0, 2]
 ])
 def test_config_field_types_are_strict(saved, field, value):
     _edit_config(saved, **{field: value})

@@ -94,12 +94,7 @@ def test_world_calibration_feeds_stage1_and_stage2_loaders(toks):
 
 # ----------------------------------------------------------------------------- the trained CI world
 
-@pytest.fixture(scope="module")
-def ci_world(tmp_path_factory):
-    from rain_adapter.demo.train import ci_config, ensure_world
-
-    root = tmp_path_factory.mktemp("world") / "ci"
-    return ensure_world(ci_config(), root, progress=False)
+# ``ci_world``: the session fixture in conftest.py (trained once, shared with test_tune.py)
 
 
 @pytest.mark.slow

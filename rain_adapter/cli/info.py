@@ -120,6 +120,7 @@ def describe(name_or_path: str) -> str:
         f"layers       {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "layers       -",
         f"parameters   {n_params:,}   on disk {_human(disk)} in {len(files)} file(s)",
         f"λ            default {config.default_lambda}, range {config.lambda_range}",
+        *tune_lines(config),
         f"bias deltas  {sum(d.bias is not None for d in deltas.values())}",
     ]
     if config.stage1:
@@ -141,6 +142,23 @@ def describe(name_or_path: str) -> str:
     if config.fidelity:
         lines.append("fidelity\n" + format_fidelity(config.fidelity))
     return "\n".join(lines)
+
+
+def tune_lines(config) -> list[str]:
+    """What ``rain tune`` measured at λ*: compliance / accuracy / format with intervals, on which prompts."""
+    t = config.tune
+    if config.recommended_lambda is None or not t:
+        return []
+    star = next((p for p in t.get("points", []) if p.get("lambda") == config.recommended_lambda), None)
+    src = t.get("prompts") or {}
+    out = [f"tuned        λ* = {config.recommended_lambda:g} on {src.get('rows', '?')} prompts of "
+           f"{src.get('path', '?')} ({t.get('date', '?')}); floors {t.get('floors')}"]
+    if star:
+        def rate(k: str) -> str:
+            lo, hi = star.get(k + "_ci") or (float("nan"), float("nan"))
+            return f"{k} {star.get(k, float('nan')):.3f} [{lo:.2f}, {hi:.2f}]"
+        out.append("             at λ*: " + ", ".join(rate(k) for k in ("compliance", "accuracy", "format_validity")))
+    return out
 
 
 def _run(args: argparse.Namespace) -> int:

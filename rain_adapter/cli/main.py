@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "rain_adapter.cli.export",
     "rain_adapter.cli.fidelity",
     "rain_adapter.cli.sweep",
+    "rain_adapter.cli.tune",
     "rain_adapter.cli.demo",
     "rain_adapter.cli.serve",
     "rain_adapter.cli.plan",

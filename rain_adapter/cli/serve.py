@@ -4,6 +4,7 @@
                [--api-key KEY] [--db PATH] [--max-batch-size 8 --batch-window-ms 10 --max-tokens-cap 1024]
                [--batching dynamic|continuous] [--max-model-len N] [--max-body-bytes N] [--protect-all]
                [--arm-assignment random|hash] [--arm-policy fixed|thompson --arm-floor 0.05 --arm-seed 0]
+               [--checks MOD ...]
     rain ab report --db PATH [--png OUT] [--json]
 
 Also runnable without the ``rain`` entry point: ``python -m rain_adapter.cli.serve serve ...``.
@@ -58,6 +59,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--arm-seed", type=int, default=0, help="thompson: seed of the Monte Carlo and the draws")
     p.add_argument("--default-temperature", type=float, default=1.0,
                    help="temperature when a request gives none (OpenAI's default is 1.0)")
+    p.add_argument("--checks", action="append", metavar="MOD", default=None,
+                   help="a Python module (dotted name or .py path) of checks requests may name in rain_checks: "
+                        "RAIN_CHECKS = {id: fn}, else its public functions as MOD:fn; imported at start-up only "
+                        "(repeatable)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--no-fingerprint-check", action="store_true")
@@ -88,8 +93,10 @@ def run_serve(args) -> int:
 
     from ..serve.app import create_app, serve_state_from
     from ..serve.arms import load_arms
+    from ..serve.scoring import server_registry
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = server_registry(args.checks or ())  # before the model loads: a bad module fails fast
     model, tok = load_served_model(args.model, args.adapter, tokenizer_path=args.tokenizer, dtype=args.dtype,
                                    device=args.device, lam=args.lam,
                                    check_fingerprint=not args.no_fingerprint_check)
@@ -101,10 +108,14 @@ def run_serve(args) -> int:
                              default_temperature=args.default_temperature, batching=args.batching,
                              context_length=args.max_model_len, max_body_bytes=args.max_body_bytes,
                              protect_all=args.protect_all, arm_assignment=args.arm_assignment,
-                             arm_policy=args.arm_policy, arm_floor=args.arm_floor, arm_seed=args.arm_seed)
+                             arm_policy=args.arm_policy, arm_floor=args.arm_floor, arm_seed=args.arm_seed,
+                             check_registry=registry)
     app = create_app(state)
     log.info("rain serve: %s on http://%s:%d (arms: %s, λ range %s, db %s)", name, args.host, args.port,
              ", ".join(f"{a.name}={a.lam}" for a in state.arms), list(state.lambda_range), args.db)
+    if args.checks:
+        log.info("rain serve: checks from %s: %s", ", ".join(args.checks),
+                 ", ".join(sorted(registry.known_ids() - server_registry().known_ids())))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0

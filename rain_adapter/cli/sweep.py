@@ -11,24 +11,46 @@ from typing import Any
 import torch
 
 from ..evaluation import sweep
+from ..evaluation.answers import resolve_extractor
 from ..evaluation.plots import NO_PLOT_HINT, plot_sweep_if_available
+from ..evaluation.registry import registry_with
 from .args import add_dtype, add_lambdas, lambdas_arg
+
+
+def _report_unscored(unscored: list[dict[str, Any]], out: Path) -> None:
+    """Write ``unscored.json`` and print one line when any check or answer could not be scored."""
+    if not unscored:
+        return
+    summary = sweep.summarize_unscored(unscored)
+    path = out / "unscored.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    top = summary["reasons"][0]
+    print(f"unscored: {summary['total']} check(s) in {len({(u['method'], u['lambda'], u['index']) for u in unscored})} "
+          f"response(s), {len(summary['reasons'])} reason(s); most often {top['check']}: {top['reason'][:120]} "
+          f"(×{top['count']}); see {path}")
 
 
 def _run(args: argparse.Namespace) -> int:
     lambdas = lambdas_arg(args.lambdas)
-    rows = sweep.load_prompts(args.prompts, args.limit, skip_unknown=args.skip_unknown)
+    registry = registry_with(args.checks or ())  # imports module:function ids on first use
+    resolve_extractor(args.answer_extract)  # an unknown extractor is an error before any generation
+    rows = sweep.load_prompts(args.prompts, args.limit, skip_unknown=args.skip_unknown, registry=registry)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = sweep.load_model(args.model, args.device, args.dtype)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    responses_path = out / "responses.jsonl"
+    responses_path.write_text("")  # appended to per adapter, before scoring
+    (out / "unscored.json").unlink(missing_ok=True)
     t0 = time.time()
-    responses: list[dict[str, Any]] = []
+    unscored: list[dict[str, Any]] = []
     records = sweep.sweep_adapters(model, tok, args.adapter, rows, lambdas, names=args.name,
                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                   progress=not args.quiet, responses_out=responses)
+                                   progress=not args.quiet, responses_path=responses_path, registry=registry,
+                                   answer_extract=args.answer_extract, unscored_out=unscored)
     sweep.write_csv(records, out / "sweep.csv")
-    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
+    _report_unscored(unscored, out)
     png = plot_sweep_if_available(records, out / "sweep.png")
     if png is None:
         print(NO_PLOT_HINT)
@@ -47,7 +69,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--adapter", action="append", required=True, help="adapter dir / name (repeatable)")
     p.add_argument("--name", action="append", help="display name per --adapter (default: its method)")
     add_lambdas(p, default="0:1.5:0.25", help="λ grid (default 0:1.5:0.25)")
-    p.add_argument("--prompts", required=True, help="JSONL of {prompt, instruction_id_list, kwargs, answer?}")
+    p.add_argument("--prompts", required=True,
+                   help="JSONL of {prompt, instruction_id_list, kwargs, answer?, answer_extract?}")
     p.add_argument("--out", default="rain-sweep", help="output directory (default ./rain-sweep)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64, help="rows per generate call (mixed λ)")
@@ -55,6 +78,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--skip-unknown", action="store_true",
                    help="score rows on the instruction ids this library knows and count the others "
                         "(default: unknown ids are an error)")
+    p.add_argument("--checks", action="append", metavar="MOD",
+                   help="a Python module (dotted name or .py path) of checks: RAIN_CHECKS = {id: fn}, else its "
+                        "public functions as MOD:fn (repeatable)")
+    p.add_argument("--answer-extract", default=None, metavar="NAME",
+                   help="default answer extractor for accuracy: number (default), last_number, exact, choice, "
+                        "regex:PATTERN or module:function; a row's answer_extract overrides it")
     p.add_argument("--device", default=None)
     add_dtype(p, default="float32", help="the LRM's dtype (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -1,9 +1,15 @@
-"""Evaluation: IFEval-style instruction checks, thinking-format checks, λ sweeps and plots."""
+"""Evaluation: instruction checks (built-in IFEval ids, declarative ``spec:*`` checks, Python plug-ins,
+one :class:`CheckRegistry`), answer extraction for accuracy, thinking-format checks, λ sweeps and plots."""
 
+from .answers import EXTRACTORS, ExtractorRegistry, register_extractor, resolve_extractor
 from .checks import (
     SUPPORTED_IDS, UnsupportedInstruction, aggregate, answer_correct, check, score_response, split_thinking,
     strip_thinking, think_format_ok,
 )
+from .registry import CheckRegistry, default_registry, register_check_module, registry_with
+from .specs import SPEC_IDS, SpecError
 
-__all__ = ["SUPPORTED_IDS", "UnsupportedInstruction", "aggregate", "answer_correct", "check", "score_response",
+__all__ = ["EXTRACTORS", "SPEC_IDS", "SUPPORTED_IDS", "CheckRegistry", "ExtractorRegistry", "SpecError",
+           "UnsupportedInstruction", "aggregate", "answer_correct", "check", "default_registry",
+           "register_check_module", "register_extractor", "registry_with", "resolve_extractor", "score_response",
            "split_thinking", "strip_thinking", "think_format_ok"]

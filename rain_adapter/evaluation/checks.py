@@ -8,8 +8,11 @@ lacks, our own re-implementation of the same checkers below. ``language:response
 ``langdetect`` in IFEval; ours only recognises English (ASCII letters) and raises
 :class:`UnsupportedInstruction` for other languages, as for unknown ids.
 
-:func:`follow_instructions` is the one definition of prompt-level compliance (the sweeps and the
-server's ``rain_checks`` use it); :func:`supported_ids` lists the ids :func:`check` can score.
+These are the *built-in* ids of the check registry (:mod:`rain_adapter.evaluation.registry`), which
+adds declarative ``spec:*`` checks and Python plug-ins; :func:`supported_ids` lists the built-in
+ones, ``CheckRegistry.known_ids()`` all. :func:`follow_instructions`, :func:`score_response` and
+:func:`aggregate` are :mod:`rain_adapter.evaluation.scoring`'s, scoring through the registry;
+:func:`answer_correct` uses :mod:`rain_adapter.evaluation.answers` (default extractor ``number``).
 
 Reasoning models: :func:`split_thinking` removes the ``<think>…</think>`` block before compliance
 is scored. :func:`think_format_ok`: exactly one ``</think>``, at most one ``<think>``, non-empty
@@ -24,6 +27,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from . import answers as _answers
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -69,18 +74,10 @@ def has_thinking(text: str) -> bool:
     return THINK_CLOSE in text or THINK_OPEN in text
 
 
-_NUM = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def answer_correct(response: str, answer: str | int | float) -> bool:
-    """The last number in the answer part (after ``</think>``) equals ``answer`` (numeric compare)."""
-    nums = _NUM.findall(strip_thinking(response).replace(",", ""))
-    if not nums:
-        return False
-    try:
-        return abs(float(nums[-1]) - float(str(answer).replace(",", ""))) < 1e-9
-    except ValueError:
-        return nums[-1] == str(answer).strip()
+def answer_correct(response: str, answer: str | int | float, extract: str | Callable | None = None) -> bool:
+    """The answer ``extract`` (default ``"number"``, :mod:`~rain_adapter.evaluation.answers`) finds in
+    the answer part (after ``</think>``) equals ``answer`` (numeric compare when both are numbers)."""
+    return _answers.answer_correct(strip_thinking(response), answer, extract)
 
 
 # ----------------------------------------------------------------------------- our checkers
@@ -319,7 +316,8 @@ def check(instruction_id: str, kwargs: dict[str, Any] | None, response: str, pro
 
 
 def supported_ids() -> frozenset[str]:
-    """Every instruction id :func:`check` can score: ours, plus IFEval's registry when it is in use."""
+    """The built-in ids :func:`check` can score: ours, plus IFEval's registry when it is in use (the
+    check registry's ``known_ids()`` adds ``spec:*`` and plug-ins)."""
     return frozenset(_CHECKS) | frozenset(_lm_eval_registry() or ())
 
 
@@ -332,59 +330,24 @@ class InstructionResult:
     error: str | None = None
 
 
+# the scoring functions live in .scoring (which imports this module); these keep their old home working
 def follow_instructions(instructions: Sequence[tuple[str, dict[str, Any] | None]], response: str,
-                        prompt: str | None = None) -> tuple[bool | None, list[InstructionResult]]:
-    """Prompt-level strict compliance: ``(all scored instructions pass, per-instruction results)``.
+                        prompt: str | None = None, *, registry=None) -> tuple[bool | None, list[InstructionResult]]:
+    """Prompt-level strict compliance: :func:`rain_adapter.evaluation.scoring.follow_instructions`."""
+    from .scoring import follow_instructions as run
 
-    The one definition of compliance (the sweeps' :func:`score_response` and the server's
-    ``rain_checks`` both use it): an instruction :func:`check` cannot score
-    (:class:`UnsupportedInstruction`) is left out; the first element is None when none was scored.
-    """
-    results = []
-    for iid, kw in instructions:
-        try:
-            results.append(InstructionResult(iid, check(iid, kw, response, prompt=prompt)))
-        except UnsupportedInstruction as e:
-            results.append(InstructionResult(iid, None, str(e)))
-    scored = [r.ok for r in results if r.ok is not None]
-    return (all(scored) if scored else None), results
+    return run(instructions, response, prompt, registry=registry)
 
 
-def score_response(row: dict[str, Any], response: str) -> dict[str, Any]:
-    """Metrics of one generated ``response`` for a prompt row ``{prompt, instruction_id_list, kwargs, answer?}``.
+def score_response(row: dict[str, Any], response: str, *, registry=None, extract=None) -> dict[str, Any]:
+    """Metrics of one response to a prompt row: :func:`rain_adapter.evaluation.scoring.score_response`."""
+    from .scoring import score_response as run
 
-    Returns ``{follow_all, follow_each: [bool|None], think_ok, has_think, correct}``; ``follow_all``
-    is None when the row has no (supported) instruction, ``correct`` None without an answer.
-    """
-    ids = list(row.get("instruction_id_list") or [])
-    kwargs = list(row.get("kwargs") or [{}] * len(ids))
-    follow_all, each = follow_instructions(list(zip(ids, kwargs)), response, prompt=row.get("prompt"))
-    answer = row.get("answer")
-    return {
-        "follow_all": follow_all,
-        "follow_each": [r.ok for r in each],
-        "think_ok": think_format_ok(response),
-        "has_think": has_thinking(response),
-        "correct": answer_correct(response, answer) if answer not in (None, "") else None,
-    }
+    return run(row, response, registry=registry, extract=extract)
 
 
 def aggregate(scores: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Means over rows: compliance (prompt-level strict), instruction-level, format validity,
-    thinking rate, accuracy (NaN where nothing was scored); ``n`` rows."""
-    nan = float("nan")
+    """Means and scored counts over rows: :func:`rain_adapter.evaluation.scoring.aggregate`."""
+    from .scoring import aggregate as run
 
-    def mean(xs: list[bool]) -> float:
-        return sum(xs) / len(xs) if xs else nan
-
-    follow = [s["follow_all"] for s in scores if s["follow_all"] is not None]
-    inst = [e for s in scores for e in s["follow_each"] if e is not None]
-    correct = [s["correct"] for s in scores if s["correct"] is not None]
-    return {
-        "compliance": mean(follow),
-        "instruction_level": mean(inst),
-        "format_validity": mean([s["think_ok"] for s in scores]),
-        "thinking_rate": mean([s["has_think"] for s in scores]),
-        "accuracy": mean(correct),
-        "n": float(len(scores)),
-    }
+    return run(scores)

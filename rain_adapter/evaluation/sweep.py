@@ -1,20 +1,26 @@
 """λ sweeps: greedy generation at several λ in one batch, scored per λ and method.
 
 ``rain sweep --model PATH --adapter A [--adapter B …] --lambdas 0:1.5:0.25 --prompts FILE
-[--out DIR] [--max-new-tokens N]``
+[--out DIR] [--max-new-tokens N] [--checks MOD …] [--answer-extract NAME] [--skip-unknown]``
 
 Prompts file: JSONL (or a JSON list) of IFEval-style rows ``{prompt, instruction_id_list, kwargs,
-answer?}``. Each batch holds (prompt, λ) pairs for several λ at once: the adapter is attached once
-(:meth:`RainAdapter.attach`) and ``set_lambda`` gets one λ per row. Per (method, λ): compliance
-(prompt-level strict, thinking stripped), instruction-level compliance, thinking-format validity,
-thinking rate and accuracy (rows with ``answer``). Writes ``sweep.csv``, ``responses.jsonl`` and
-``sweep.png`` under ``--out``.
+answer?, answer_extract?}``. An id is a built-in IFEval id, a declarative ``spec:*`` check or a
+Python check (``module:function``, or a module given with ``--checks``); see
+:mod:`rain_adapter.evaluation.registry`. Unknown ids and invalid ``spec:*`` kwargs are errors when
+the file is loaded. Each batch holds (prompt, λ) pairs for several λ at once: the adapter is
+attached once (:meth:`RainAdapter.attach`) and ``set_lambda`` gets one λ per row. Per (method, λ):
+compliance (prompt-level strict, thinking stripped), instruction-level compliance, thinking-format
+validity, thinking rate and accuracy (rows with ``answer``, :mod:`rain_adapter.evaluation.answers`),
+each with the number of rows it was scored on. Responses are appended to ``responses.jsonl`` as
+soon as an adapter's generation ends, before scoring; a check that fails is *unscored* with its
+reason (``unscored.json``). Writes ``sweep.csv``, ``responses.jsonl`` and ``sweep.png`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -27,19 +33,28 @@ from tqdm.auto import tqdm
 from ..format.dtypes import resolve_dtype
 from ..format.lambdas import LambdaRangeWarning, check_lambda
 from ..format.store import resolve_adapter
-from .checks import aggregate, score_response, supported_ids
+from .answers import Extractor, resolve_extractor
+from .registry import CheckRegistry, default_registry
+from .scoring import aggregate, score_response
+from .specs import SpecError
 
-METRICS = ("compliance", "instruction_level", "format_validity", "thinking_rate", "accuracy", "n")
+#: rates, then the counts: rows, rows each rate was scored on, rows with something unscored
+METRICS = ("compliance", "instruction_level", "format_validity", "thinking_rate", "accuracy", "n",
+           "n_compliance", "n_accuracy", "n_format", "unscored")
+COUNTS = ("n", "n_compliance", "n_accuracy", "n_format", "unscored")
 
 
-def load_prompts(path: str | Path, limit: int | None = None, *, skip_unknown: bool = False) -> list[dict[str, Any]]:
+def load_prompts(path: str | Path, limit: int | None = None, *, skip_unknown: bool = False,
+                 registry: CheckRegistry | None = None) -> list[dict[str, Any]]:
     """Read a JSONL / JSON list of prompt rows; each needs ``prompt`` (``instruction_id_list`` and
     ``kwargs`` default to empty).
 
-    An instruction id :func:`~rain_adapter.evaluation.checks.check` cannot score would be left out of
-    compliance silently (a file of only such ids gave compliance NaN), so it is a ``ValueError``
-    naming the file, the ids and their counts; ``skip_unknown=True`` (``rain sweep --skip-unknown``)
-    keeps those rows, warns with the counts, and they are scored on the ids that are known.
+    An instruction id the check ``registry`` (default: the process's) does not know would be left
+    out of compliance silently (a file of only such ids gave compliance NaN), so it is a
+    ``ValueError`` naming the file, the ids and their counts; ``skip_unknown=True`` (``rain sweep
+    --skip-unknown``) keeps those rows, warns with the counts, and they are scored on the ids that
+    are known. The kwargs of ``spec:*`` and plug-in checks and a row's ``answer_extract`` are
+    checked here too (a ``ValueError`` naming the file, row and field).
     """
     path = Path(path)
     text = path.read_text()
@@ -55,13 +70,33 @@ def load_prompts(path: str | Path, limit: int | None = None, *, skip_unknown: bo
         if len(r["kwargs"]) != len(r["instruction_id_list"]):
             raise ValueError(f"{path}: row {i}: kwargs and instruction_id_list differ in length")
     rows = rows[:limit] if limit else rows
-    _check_known_ids(rows, path, skip_unknown)
+    registry = registry or default_registry()
+    _check_known_ids(rows, path, skip_unknown, registry)
+    _check_kwargs(rows, path, registry)
     return rows
 
 
-def _check_known_ids(rows: Sequence[dict[str, Any]], path: Path, skip_unknown: bool) -> None:
+def _check_kwargs(rows: Sequence[dict[str, Any]], path: Path, registry: CheckRegistry) -> None:
+    """Invalid kwargs of a known ``spec:*`` / plug-in id, or an unknown ``answer_extract``: ValueError."""
+    for i, r in enumerate(rows):
+        for iid, kw in zip(r["instruction_id_list"], r["kwargs"]):
+            if not registry.known(iid):
+                continue
+            try:
+                registry.validate(iid, kw)
+            except SpecError as e:
+                raise ValueError(f"{path}: row {i}: {iid}: kwargs field {e.field!r}: {e.message}") from None
+        if r.get("answer_extract") is not None:
+            try:
+                resolve_extractor(r["answer_extract"])
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}: row {i}: field 'answer_extract': {e}") from None
+
+
+def _check_known_ids(rows: Sequence[dict[str, Any]], path: Path, skip_unknown: bool,
+                     registry: CheckRegistry) -> None:
     """Unknown instruction ids: an error, or with ``skip_unknown`` a warning counting them."""
-    known = supported_ids()
+    known = {iid for r in rows for iid in r["instruction_id_list"] if registry.known(iid)}
     unknown = Counter(iid for r in rows for iid in r["instruction_id_list"] if iid not in known)
     if not unknown:
         return
@@ -69,7 +104,8 @@ def _check_known_ids(rows: Sequence[dict[str, Any]], path: Path, skip_unknown: b
     listed = ", ".join(f"{iid} ×{n}" for iid, n in unknown.most_common(8))
     msg = f"{path}: {n_rows} row(s) name instruction ids this library cannot score: {listed}"
     if not skip_unknown:
-        raise ValueError(msg + " (pass --skip-unknown / skip_unknown=True to score the other ids and count these)")
+        raise ValueError(msg + " (pass your own checks with --checks MOD, or --skip-unknown / skip_unknown=True "
+                         "to score the other ids and count these)")
     warnings.warn(msg + "; they are left out of compliance (rows with no known id are unscored)", stacklevel=3)
 
 
@@ -125,33 +161,72 @@ def _skip_ids(tokenizer) -> set[int]:
     return special - keep
 
 
-def evaluate_rows(rows: Sequence[dict[str, Any]], responses: Sequence[str]) -> dict[str, float]:
-    """Aggregate metrics (see :func:`rain_adapter.evaluation.checks.aggregate`) of responses to rows."""
-    return aggregate([score_response(r, resp) for r, resp in zip(rows, responses)])
+def score_rows(rows: Sequence[dict[str, Any]], responses: Sequence[str], *, registry: CheckRegistry | None = None,
+               answer_extract: str | Extractor | None = None) -> list[dict[str, Any]]:
+    """Per-row scores (:func:`rain_adapter.evaluation.scoring.score_response`) of responses to rows."""
+    return [score_response(r, resp, registry=registry, extract=answer_extract) for r, resp in zip(rows, responses)]
+
+
+def evaluate_rows(rows: Sequence[dict[str, Any]], responses: Sequence[str], *, registry: CheckRegistry | None = None,
+                  answer_extract: str | Extractor | None = None) -> dict[str, float]:
+    """Aggregate metrics (see :func:`rain_adapter.evaluation.scoring.aggregate`) of responses to rows."""
+    return aggregate(score_rows(rows, responses, registry=registry, answer_extract=answer_extract))
+
+
+def append_responses(path: str | Path, items: Sequence[dict[str, Any]]) -> None:
+    """Append ``items`` to a JSONL file (flushed and synced: they survive a crash that follows)."""
+    with Path(path).open("a") as f:
+        f.writelines(json.dumps(x) + "\n" for x in items)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def sweep_attached(rain_model, tokenizer, rows: Sequence[dict[str, Any]], lambdas: Sequence[float], *,
                    method: str, max_new_tokens: int = 128, batch_size: int = 64, progress: bool = True,
-                   responses_out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Sweep λ on a RainModel: every (row, λ) pair generated in mixed-λ batches; one record per λ."""
-    pairs = [(r, lam) for lam in lambdas for r in rows]
+                   responses_out: list[dict[str, Any]] | None = None, responses_path: str | Path | None = None,
+                   registry: CheckRegistry | None = None, answer_extract: str | Extractor | None = None,
+                   unscored_out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Sweep λ on a RainModel: every (row, λ) pair generated in mixed-λ batches; one record per λ.
+
+    The responses (``{method, lambda, index, prompt, response}``) go to ``responses_out`` and are
+    appended to ``responses_path`` before anything is scored; each unscored check is appended to
+    ``unscored_out`` as ``{method, lambda, index, check, reason}``."""
+    pairs = [(i, lam) for lam in lambdas for i in range(len(rows))]
     lambda_range = getattr(getattr(rain_model, "rain_config", None), "lambda_range", None)
     # the shared λ policy once per method here, instead of one range warning per generate call below
     check_lambda(lambdas, lambda_range, what=method)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=LambdaRangeWarning)
-        resp = generate_responses(rain_model, tokenizer, [r["prompt"] for r, _ in pairs],
+        resp = generate_responses(rain_model, tokenizer, [rows[i]["prompt"] for i, _ in pairs],
                                   lambdas=[lam for _, lam in pairs], max_new_tokens=max_new_tokens,
                                   batch_size=batch_size, progress=progress, desc=f"sweep {method}")
+    items = [{"method": method, "lambda": float(lam), "index": i, "prompt": rows[i]["prompt"], "response": x}
+             for (i, lam), x in zip(pairs, resp)]
+    if responses_path is not None:
+        append_responses(responses_path, items)
+    if responses_out is not None:
+        responses_out.extend(items)
     records = []
     for lam in lambdas:
-        sel = [(r, x) for (r, la), x in zip(pairs, resp) if la == lam]
-        rec = {"method": method, "lambda": float(lam), **evaluate_rows([r for r, _ in sel], [x for _, x in sel])}
-        records.append(rec)
-        if responses_out is not None:
-            responses_out.extend({"method": method, "lambda": float(lam), "prompt": r["prompt"], "response": x}
-                                 for r, x in sel)
+        sel = [(i, x) for (i, la), x in zip(pairs, resp) if la == lam]
+        scores = score_rows([rows[i] for i, _ in sel], [x for _, x in sel], registry=registry,
+                            answer_extract=answer_extract)
+        records.append({"method": method, "lambda": float(lam), **aggregate(scores)})
+        if unscored_out is not None:
+            unscored_out.extend({"method": method, "lambda": float(lam), "index": i, **u}
+                                for (i, _), sc in zip(sel, scores) for u in sc["unscored"])
     return records
+
+
+def summarize_unscored(unscored: Sequence[dict[str, Any]], examples: int = 5) -> dict[str, Any]:
+    """``{"total", "reasons": [{check, reason, count, examples: [{method, lambda, index}]}]}``, most frequent first."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for u in unscored:
+        groups.setdefault((u["check"], u["reason"]), []).append(u)
+    reasons = [{"check": c, "reason": r, "count": len(us),
+                "examples": [{k: u[k] for k in ("method", "lambda", "index")} for u in us[:examples]]}
+               for (c, r), us in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+    return {"total": len(unscored), "reasons": reasons}
 
 
 def method_name(adapter: str | Path) -> str:
@@ -166,9 +241,10 @@ def method_name(adapter: str | Path) -> str:
 
 def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Sequence[dict[str, Any]],
                    lambdas: Sequence[float], *, names: Sequence[str] | None = None, max_new_tokens: int = 128,
-                   batch_size: int = 64, progress: bool = True,
-                   responses_out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Attach each adapter in turn to ``model`` (an HF causal LM), sweep λ, detach."""
+                   batch_size: int = 64, progress: bool = True, responses_out: list[dict[str, Any]] | None = None,
+                   **score_kw: Any) -> list[dict[str, Any]]:
+    """Attach each adapter in turn to ``model`` (an HF causal LM), sweep λ, detach. ``score_kw``:
+    :func:`sweep_attached`'s ``responses_path``, ``registry``, ``answer_extract``, ``unscored_out``."""
     from ..runtime.model import RainAdapter
 
     records: list[dict[str, Any]] = []
@@ -183,36 +259,45 @@ def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Seque
         rm = RainAdapter.attach(model, str(ad) if isinstance(ad, Path) else ad)
         try:
             records += sweep_attached(rm, tokenizer, rows, lambdas, method=name, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size, progress=progress, responses_out=responses_out)
+                                      batch_size=batch_size, progress=progress, responses_out=responses_out,
+                                      **score_kw)
         finally:
             rm.detach()
     return records
 
 
 def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Sweep records as CSV (``method, lambda`` and :data:`METRICS`; rates with 4 decimals)."""
+    """Sweep records as CSV (``method, lambda`` and :data:`METRICS`: rates with 4 decimals, then the
+    scored n of each cell)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["method", "lambda", *METRICS], extrasaction="ignore")
         w.writeheader()
         for r in records:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) and k not in ("lambda", "n") else v)
+            w.writerow({k: (int(v) if k in COUNTS else f"{v:.4f}" if isinstance(v, float) and k != "lambda" else v)
                         for k, v in r.items()})
     return path
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width text table of sweep records."""
-    head = f"{'method':<18}{'λ':>6}{'comply':>8}{'inst':>7}{'format':>8}{'think':>7}{'acc':>7}{'n':>5}"
+    """A fixed-width text table of sweep records: the rates, the rows (n) and the rows compliance
+    (n_c) and accuracy (n_a) were scored on."""
+    head = (f"{'method':<18}{'λ':>6}{'comply':>8}{'inst':>7}{'format':>8}{'think':>7}{'acc':>7}{'n':>5}"
+            f"{'n_c':>5}{'n_a':>5}")
     lines = [head, "-" * len(head)]
     for r in records:
         def f(k: str) -> str:
             v = r.get(k, float("nan"))
             return "   -" if v != v else f"{v:.2f}"
         lines.append(f"{r['method']:<18}{r['lambda']:>6.2f}{f('compliance'):>8}{f('instruction_level'):>7}"
-                     f"{f('format_validity'):>8}{f('thinking_rate'):>7}{f('accuracy'):>7}{int(r.get('n', 0)):>5}")
+                     f"{f('format_validity'):>8}{f('thinking_rate'):>7}{f('accuracy'):>7}{int(r.get('n', 0)):>5}"
+                     f"{_count(r, 'n_compliance'):>5}{_count(r, 'n_accuracy'):>5}")
     return "\n".join(lines)
+
+
+def _count(r: dict[str, Any], k: str) -> str:
+    return str(int(r[k])) if k in r else "-"
 
 
 def load_model(path: str | Path, device: str | None = None, dtype: str = "float32"):

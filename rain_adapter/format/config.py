@@ -144,10 +144,14 @@ class RainConfig:
     rank: int | dict[str, int] | None = None
     default_lambda: float = 1.0
     lambda_range: list[float] = field(default_factory=lambda: [0.0, 2.0])
+    #: λ* found by ``rain tune`` on a dev set (None: never tuned); tune also sets ``default_lambda``
+    #: to it and ``lambda_range`` to the measured range, and records its report under ``tune``
+    recommended_lambda: float | None = None
     dtype: str = "float32"
     stage1: dict[str, Any] = field(default_factory=dict)
     stage2: dict[str, Any] = field(default_factory=dict)
     fidelity: dict[str, Any] = field(default_factory=dict)
+    tune: dict[str, Any] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -186,7 +190,7 @@ class RainConfig:
         if self.storage == "lowrank" and self.rank is None:
             raise bad("rank", "is required when storage is 'lowrank'")
         self._validate_lambdas(bad)
-        for name in ("stage1", "stage2", "fidelity", "fingerprint", "extra"):
+        for name in ("stage1", "stage2", "fidelity", "tune", "fingerprint", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "must be an object")
 
@@ -204,6 +208,9 @@ class RainConfig:
             raise bad("default_lambda", f"must be a finite number, got {self.default_lambda!r:.80}")
         if not lr[0] <= self.default_lambda <= lr[1]:
             raise bad("default_lambda", f"{self.default_lambda} lies outside lambda_range {lr}")
+        rec = self.recommended_lambda
+        if rec is not None and not (is_finite_number(rec) and lr[0] <= rec <= lr[1]):
+            raise bad("recommended_lambda", f"must be null or a finite number inside lambda_range {lr}, got {rec!r:.80}")
 
     def check_deltas(self, deltas: dict[str, ModuleDelta], source: str = "adapter") -> None:
         """The deltas agree with ``storage``, ``layers`` and ``rank``; else an error naming ``source``
@@ -282,8 +289,16 @@ class RainConfig:
         return cls.from_dict(data, source=str(path))
 
     def save(self, path: str | Path) -> Path:
+        """Write the JSON atomically (a temporary file in the same directory, then ``os.replace``), so
+        rewriting a live adapter's config (``rain tune``) never leaves half a file."""
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        self.validate(str(path))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path

@@ -10,16 +10,18 @@ Rain extensions (the ``openai`` client sends them with ``extra_body``): ``rain_l
 the adapter's ``lambda_range``), ``rain_arm`` (an arm name), ``rain_checks`` (IFEval-style
 instructions: a list of ``{"instruction_id", "kwargs"}`` — ``id`` is accepted for
 ``instruction_id`` and a bare string for an id without kwargs — or one IFEval record
-``{"instruction_id_list", "kwargs"}``).
+``{"instruction_id_list", "kwargs"}``), with ids the server's check registry knows (built-in, ``spec:*``,
+``rain serve --checks`` modules; a request never imports) and their ``spec:*`` / plug-in kwargs valid.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..evaluation.checks import supported_ids
+from ..evaluation.registry import CheckRegistry
+from ..evaluation.specs import SpecError
 from ..format.config import is_finite_number, is_int
 from .errors import APIError, bad_request
 from .limits import (MAX_CHOICES, MAX_COMMENT_CHARS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
@@ -27,6 +29,7 @@ from .limits import (MAX_CHOICES, MAX_COMMENT_CHARS, MAX_N, MAX_PROMPTS, MAX_STO
 from .logprobs import parse_logprobs
 from .sampling import parse_logits_spec
 from .scheduler import GenParams
+from .scoring import DEFAULT_SERVER_REGISTRY
 
 CHAT_ROLES = ("system", "user", "assistant", "developer")
 #: OpenAI fields this server does not implement: a 400 naming them, never a silent 200
@@ -44,14 +47,16 @@ class RequestLimits:
     arm_names: frozenset[str]
     max_tokens_cap: int
     default_temperature: float = 1.0
+    check_registry: CheckRegistry | None = None     # None: scoring.DEFAULT_SERVER_REGISTRY
 
 
 @dataclass(frozen=True)
 class RainCheck:
-    """One ``rain_checks`` entry: an instruction id evaluation's checks can score, and its kwargs."""
+    """One ``rain_checks`` entry: a known check id, its kwargs, and the registry that validated (and scores) it."""
 
     instruction_id: str
     kwargs: dict[str, Any]
+    registry: CheckRegistry | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -350,8 +355,10 @@ def _arm_and_lambda(body: dict, limits: RequestLimits) -> tuple[str | None, floa
     return arm, lam
 
 
-def parse_rain_checks(value: Any) -> tuple[RainCheck, ...]:
-    """Validate ``rain_checks``: every id must be one evaluation's checks can score (400 otherwise)."""
+def parse_rain_checks(value: Any, registry: CheckRegistry | None = None) -> tuple[RainCheck, ...]:
+    """Validate ``rain_checks``: every id must be one ``registry`` (default: the server's default,
+    built-in and ``spec:*`` ids) knows without importing, with valid ``spec:*`` kwargs (400 otherwise)."""
+    registry = registry or DEFAULT_SERVER_REGISTRY
     if value is None:
         return ()
     if isinstance(value, dict) and "instruction_id_list" in value:  # IFEval record layout
@@ -361,7 +368,6 @@ def parse_rain_checks(value: Any) -> tuple[RainCheck, ...]:
         value = [{"instruction_id": i, "kwargs": k} for i, k in zip(ids, kws or [{}] * len(ids))]
     if not isinstance(value, list):
         raise bad_request("rain_checks must be a list of {instruction_id, kwargs}", "rain_checks")
-    known = supported_ids()
     out = []
     for i, c in enumerate(value):
         if isinstance(c, str):
@@ -372,10 +378,14 @@ def parse_rain_checks(value: Any) -> tuple[RainCheck, ...]:
         kw = c.get("kwargs") or {}
         if not isinstance(iid, str) or not isinstance(kw, dict):
             raise bad_request(f"rain_checks[{i}] needs a string instruction_id and an object kwargs", "rain_checks")
-        if iid not in known:
-            raise bad_request(f"rain_checks[{i}]: unknown instruction_id {iid!r}; known: {sorted(known)}",
-                              "rain_checks")
-        out.append(RainCheck(iid, kw))
+        if not registry.known(iid):
+            raise bad_request(f"rain_checks[{i}]: unknown instruction_id {iid!r}; known: "
+                              f"{sorted(registry.known_ids())}", "rain_checks")
+        try:
+            registry.validate(iid, kw)
+        except SpecError as e:
+            raise bad_request(f"rain_checks[{i}]: {iid}: kwargs.{e.field}: {e.message}", "rain_checks") from None
+        out.append(RainCheck(iid, kw, registry))
     return tuple(out)
 
 
@@ -384,7 +394,7 @@ def _common(body: dict, limits: RequestLimits, chat: bool) -> dict[str, Any]:
     sampling = _sampling(body, limits, chat)
     arm, lam = _arm_and_lambda(body, limits)
     user = text_field(body, "user", MAX_USER_CHARS)
-    rain = RainExtensions(lam=lam, arm=arm, checks=parse_rain_checks(body.get("rain_checks")))
+    rain = RainExtensions(lam=lam, arm=arm, checks=parse_rain_checks(body.get("rain_checks"), limits.check_registry))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("stream must be a boolean", "stream")

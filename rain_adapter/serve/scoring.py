@@ -1,11 +1,17 @@
 """Scoring a completion with evaluation's checks, never letting a check that cannot run mislabel it.
 
 :func:`score_output` calls :mod:`rain_adapter.evaluation.checks` (``think_format_ok``,
-``follow_instructions``: the definitions the λ sweeps use) one instruction at a time and catches
-everything: a check that cannot run (bad kwargs, lm-eval's IFEval registry without NLTK's
-``punkt_tab``, any other exception) is **unscored** with its reason — ``ok`` None and ``error`` set —
-and left out of compliance, never counted as non-compliant. ``compliant`` is None when nothing was
-scored. :func:`probe_checks` runs at start-up and returns a warning per check that cannot run here.
+``follow_instructions``: the definitions the λ sweeps use) one instruction at a time through the
+server's check registry, and catches everything: a check that cannot run (bad kwargs, lm-eval's
+IFEval registry without NLTK's ``punkt_tab``, a plug-in that returns None or raises) is **unscored**
+with its reason — ``ok`` None and ``error`` set — and left out of compliance, never counted as
+non-compliant. ``compliant`` is None when nothing was scored. :func:`probe_checks` runs at start-up
+and returns a warning per check that cannot run here.
+
+The registry (:func:`server_registry`, ``rain serve --checks MOD``) knows the built-in ids, the
+``spec:*`` kinds and the modules registered at start-up, and never imports: a request naming any
+other ``module:function`` is a 400 (:func:`rain_adapter.serve.requests.parse_rain_checks`). Each
+parsed check carries the registry it was validated against, and is scored with it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..evaluation import checks as _checks
+from ..evaluation.registry import CheckRegistry, registry_with
 
 log = logging.getLogger("rain_adapter.serve")
 
@@ -25,6 +32,15 @@ PROBES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("length_constraints:number_sentences", {"num_sentences": 1, "relation": "at least"}),
     ("length_constraints:number_words", {"num_words": 1, "relation": "at least"}),
 )
+
+
+#: the registry of a server started without ``--checks`` (and of requests parsed without one)
+DEFAULT_SERVER_REGISTRY = CheckRegistry(allow_import=False)
+
+
+def server_registry(modules: Sequence[str] = ()) -> CheckRegistry:
+    """A registry that never imports, with ``modules`` (``rain serve --checks``) registered now."""
+    return registry_with(modules, allow_import=False) if modules else DEFAULT_SERVER_REGISTRY
 
 
 @dataclass(frozen=True)
@@ -41,18 +57,24 @@ class OutputScore:
         return sum(1 for r in self.results if r["ok"] is None)
 
 
-def _one(iid: str, kwargs: dict[str, Any] | None, text: str) -> dict[str, Any]:
+def _one(iid: str, kwargs: dict[str, Any] | None, text: str, registry: CheckRegistry | None) -> dict[str, Any]:
     try:
-        _, res = _checks.follow_instructions([(iid, kwargs)], text)
+        # the default server registry knows only built-in and spec:* ids, which evaluation's default
+        # registry scores the same way: pass a registry only when it holds --checks modules
+        extra = {"registry": registry} if registry not in (None, DEFAULT_SERVER_REGISTRY) else {}
+        _, res = _checks.follow_instructions([(iid, kwargs)], text, **extra)
         r = res[0]
         return {"instruction_id": iid, "ok": r.ok, **({"error": r.error} if r.error else {})}
     except Exception as e:  # noqa: BLE001 - a check that cannot run is unscored, never non-compliant
         return {"instruction_id": iid, "ok": None, "error": f"check could not run: {type(e).__name__}: {e}"[:500]}
 
 
-def score_output(text: str, checks: Sequence[Any]) -> OutputScore:
-    """Score ``text`` (``checks``: objects with ``instruction_id`` and ``kwargs``); see the module doc."""
-    rows = [_one(c.instruction_id, c.kwargs, text) for c in checks]
+def score_output(text: str, checks: Sequence[Any], registry: CheckRegistry | None = None) -> OutputScore:
+    """Score ``text`` (``checks``: objects with ``instruction_id``, ``kwargs`` and optionally the
+    ``registry`` they were validated against); ``registry`` overrides theirs (default: the server's
+    default registry); see the module doc."""
+    rows = [_one(c.instruction_id, c.kwargs, text,
+                 registry or getattr(c, "registry", None) or DEFAULT_SERVER_REGISTRY) for c in checks]
     scored = [r["ok"] for r in rows if r["ok"] is not None]
     try:
         fv: bool | None = bool(_checks.think_format_ok(text))
@@ -62,16 +84,16 @@ def score_output(text: str, checks: Sequence[Any]) -> OutputScore:
     return OutputScore(fv, (all(scored) if scored else None), rows)
 
 
-def probe_checks() -> list[str]:
+def probe_checks(registry: CheckRegistry | None = None) -> list[str]:
     """A warning for each probe check that cannot run in this environment (empty when all can)."""
     out = []
     for iid, kw in PROBES:
         if iid not in _checks.supported_ids():
             continue
-        r = _one(iid, kw, "One sentence here. And another one.")
+        r = _one(iid, kw, "One sentence here. And another one.", registry)
         if r["ok"] is None:
             out.append(f"check {iid} cannot run ({r.get('error')}); requests asking for it are logged unscored")
     return out
 
 
-__all__ = ["OutputScore", "probe_checks", "score_output"]
+__all__ = ["DEFAULT_SERVER_REGISTRY", "OutputScore", "probe_checks", "score_output", "server_registry"]

@@ -15,7 +15,7 @@ from .prom import ServeMetrics
 from .request_log import RequestLog
 from .requests import RequestLimits
 from .scheduler import GenJob, JobRejected, Scheduler, SchedulerHealth, SchedulerUnavailable, make_scheduler
-from .scoring import probe_checks
+from .scoring import probe_checks, server_registry
 from .thompson import DEFAULT_FLOOR, ThompsonPolicy, reward_of
 
 log = logging.getLogger("rain_adapter.serve")
@@ -29,6 +29,8 @@ class ServeState:
     ``scheduler``: any :class:`~rain_adapter.serve.scheduler.Scheduler`; when None, :meth:`start`
     builds the one ``batching`` names ("dynamic" or "continuous"). ``context_length`` is
     ``--max-model-len`` (default: the model config's ``max_position_embeddings``).
+    ``check_registry``: what ``rain_checks`` may name (:func:`~rain_adapter.serve.scoring.server_registry`,
+    ``rain serve --checks``); it must not import (``allow_import=False``).
     """
 
     model: Any
@@ -53,6 +55,7 @@ class ServeState:
     arm_policy: str = "fixed"
     arm_floor: float = DEFAULT_FLOOR
     arm_seed: int = 0
+    check_registry: Any = None
     inflight: int = 0
     started: float = field(default_factory=time.time)
     limits: RequestLimits = field(init=False)
@@ -63,6 +66,11 @@ class ServeState:
         for a in self.arms:
             if not lo <= a.lam <= hi:
                 raise ValueError(f"arm {a.name!r}: λ={a.lam} outside the adapter's lambda_range [{lo}, {hi}]")
+        if self.check_registry is None:
+            self.check_registry = server_registry()
+        if self.check_registry.allow_import:
+            raise ValueError("check_registry: a server's check registry must not import modules on request "
+                             "(use serve.scoring.server_registry / CheckRegistry(allow_import=False))")
         if self.arm_policy not in ARM_POLICIES:
             raise ValueError(f"arm_policy must be one of {ARM_POLICIES}, got {self.arm_policy!r}")
         self.policy = None
@@ -76,7 +84,8 @@ class ServeState:
         self.metrics = ServeMetrics(self.queue_depth, lambda: self.inflight)
         self.limits = RequestLimits(model_name=self.model_name, lambda_range=(lo, hi),
                                     arm_names=frozenset(self.assigner.by_name), max_tokens_cap=self.max_tokens_cap,
-                                    default_temperature=self.default_temperature)
+                                    default_temperature=self.default_temperature,
+                                    check_registry=self.check_registry)
         self.request_log = RequestLog(self.db, self.metrics)
         self.bytes_per_token = max_token_bytes(self.tokenizer)
         if self.policy is not None:
@@ -112,7 +121,7 @@ class ServeState:
                                             max_batch_size=self.max_batch_size, batch_window_ms=self.batch_window_ms,
                                             on_batch=self.metrics.on_batch)
         self.scheduler.start()
-        for w in probe_checks():
+        for w in probe_checks(self.check_registry):
             log.warning("rain serve: %s", w)
 
     def stop(self) -> None:

@@ -1,0 +1,134 @@
+"""``rain tune``: the CLI of :mod:`rain_adapter.evaluation.tune` (λ* on the user's own dev prompts).
+
+``rain tune --model LRM --adapter A [--adapter B …] --prompts DEV.jsonl [--out DIR] [--arms FILE]
+[--no-write] [--grid 0:3:0.5 --refine-rounds 3 --min-accuracy 0.9 --min-format 0.98 …]``
+
+The dev prompts are ``rain sweep``'s rows (``{prompt, instruction_id_list, kwargs, answer?}``).
+Per adapter: the search, its curve with intervals (printed and in ``DIR/tune.json``), the responses
+(``DIR/responses.jsonl``, appended before scoring), a plot when matplotlib is installed, and —
+unless ``--no-write`` — λ*, the measured range and the report written into the adapter config
+(:mod:`rain_adapter.evaluation.tune_write`). ``--arms FILE`` writes an A/B arms file around λ*
+(one file per adapter; with several adapters the adapter's name is added to the file name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..evaluation import sweep
+from ..evaluation.answers import resolve_extractor
+from ..evaluation.registry import registry_with
+from ..evaluation.scoring import score_response
+from ..evaluation.plots import plot_sweep_if_available
+from ..evaluation.tune import TuneError, TuneOptions, TuneResult, tune_attached
+from ..evaluation.tune_write import apply_to_config, check_writable_adapter, write_arms
+from .args import add_dtype
+
+
+def options_from_args(args: argparse.Namespace) -> TuneOptions:
+    """The :class:`TuneOptions` a parsed command line stands for."""
+    return TuneOptions(**{f.name: getattr(args, f.name) for f in fields(TuneOptions)})
+
+
+def _arms_path(base: str, name: str, several: bool) -> Path:
+    p = Path(base)
+    return p.with_name(f"{p.stem}-{name}{p.suffix or '.json'}") if several else p
+
+
+def _tune_one(model, tok, adapter: str, name: str, rows, opts: TuneOptions, out: Path,
+              quiet: bool, score) -> TuneResult:
+    from ..runtime.model import RainAdapter
+
+    resp_path = out / f"responses-{name}.jsonl"
+    resp_path.unlink(missing_ok=True)
+
+    def keep(batch: list[dict[str, Any]]) -> None:
+        with resp_path.open("a") as f:
+            f.writelines(json.dumps({"adapter": name, **r}) + "\n" for r in batch)
+
+    rm = RainAdapter.attach(model, adapter)
+    try:
+        return tune_attached(rm, tok, rows, opts, score=score, progress=not quiet, on_responses=keep,
+                             on_round=None if quiet else (lambda s: print(f"  {name}: {s}")))
+    finally:
+        rm.detach()
+
+
+def _run(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    opts.validate()
+    names = [sweep.method_name(a) for a in args.adapter]
+    if not args.no_write:  # refuse a Hub snapshot or a broken config before any generation
+        for a in args.adapter:
+            check_writable_adapter(a)
+    registry = registry_with(args.checks or ())  # the same checks as rain sweep and rain serve
+    resolve_extractor(args.answer_extract)       # an unknown extractor fails before any generation
+    rows = sweep.load_prompts(args.prompts, args.limit, skip_unknown=args.skip_unknown, registry=registry)
+
+    def score(row, response):
+        return score_response(row, response, registry=registry, extract=args.answer_extract)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = sweep.load_model(args.model, args.device, args.dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"prompts": str(args.prompts), "rows": len(rows), "adapters": {}}
+    t0 = time.time()
+    for adapter, name in zip(args.adapter, names):
+        res = _tune_one(model, tok, adapter, name, rows, opts, out, args.quiet, score)
+        print(res.format_table(name))
+        report["adapters"][name] = {"adapter": str(adapter), **res.to_dict()}
+        recs = [{"method": name, "lambda": p.lam, "compliance": p.compliance, "accuracy": p.accuracy,
+                 "format_validity": p.format_validity} for p in res.points]
+        plot_sweep_if_available(recs, out / f"tune-{name}.png", title=f"rain tune: {name}")
+        # the report first: it stays on disk whatever the config write below decides
+        (out / "tune.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        if not args.no_write:
+            cfg = apply_to_config(adapter, res, opts=opts, prompts=args.prompts, n_rows=len(rows))
+            print(f"wrote default_lambda = recommended_lambda = {cfg.recommended_lambda:g}, lambda_range "
+                  f"{cfg.lambda_range} into {check_writable_adapter(adapter)}/adapter_config.json")
+        if args.arms:
+            if res.recommended_lambda <= 0:
+                raise TuneError(f"{adapter}: λ* = 0, so there are no arms around it; no arms file written")
+            print(f"wrote {write_arms(_arms_path(args.arms, name, len(args.adapter) > 1), res)}")
+    (out / "tune.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(f"{len(rows)} prompts × {len(args.adapter)} adapter(s) in {time.time() - t0:.1f}s; wrote "
+          f"{out / 'tune.json'}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``rain tune``: model flags by hand, the search flags generated from TuneOptions."""
+    p = subparsers.add_parser("tune", help="find λ*, the highest instruction compliance within accuracy and "
+                              "thinking-format floors, on your own dev prompts; write it into the adapter",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the LRM (HF directory or hub id)")
+    p.add_argument("--adapter", action="append", required=True, help="adapter dir / name (repeatable)")
+    p.add_argument("--prompts", required=True, help="dev JSONL of {prompt, instruction_id_list, kwargs, answer?}")
+    p.add_argument("--out", default="rain-tune", help="report directory (default ./rain-tune)")
+    p.add_argument("--arms", default=None, help="write an A/B arms file (below / tuned / above λ*) here")
+    p.add_argument("--no-write", action="store_true", help="report only; leave the adapter config alone")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="score rows on the checks this library knows and count the others (default: error)")
+    p.add_argument("--checks", action="append", metavar="MOD",
+                   help="a Python module (dotted name or .py path) of checks, as for rain sweep (repeatable)")
+    p.add_argument("--answer-extract", default=None, metavar="NAME",
+                   help="answer extractor for accuracy: number (default), last_number, exact, choice, "
+                        "regex:PATTERN or module:function; a row's answer_extract overrides it")
+    g = p.add_argument_group("search")
+    for f in fields(TuneOptions):
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default})")
+    p.add_argument("--device", default=None)
+    add_dtype(p, default="float32", help="the LRM's dtype (default float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run)
