@@ -201,3 +201,11 @@ def test_declared_stages_match_what_the_build_did(setup, tmp_path, name):
         assert cfg["stage2"] == {"applied": False, "reason": "no --instruction-calib given", "alpha": 1.0}
     else:
         assert cfg["stage2"] == {}
+
+
+def test_stage2_default_rho_is_the_trial_choice():
+    """ρ defaults to 0 (bench/RESULTS.md, the Stage 2 trial); the paper's 0.5 stays one flag away."""
+    from rain_adapter.build.coefficients import DEFAULT_RHO
+
+    assert DEFAULT_RHO == 0.0 and BuildOptions().rho == DEFAULT_RHO
+    assert BuildOptions(rho=0.5).rho == 0.5

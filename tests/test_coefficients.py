@@ -345,7 +345,8 @@ def test_run_stage2_level_matches_manual_and_leaves_model_untouched(tok):
     ids = torch.randint(0, 200, (1, 16))
     with torch.no_grad():
         before = model(ids).logits
-    folded, summary = run_stage2(model, tok, deltas, _records(), max_seq_len=400, progress=False)
+    # ρ spelled out (the default is 0 since the Stage 2 trial): the hand computation below checks its term
+    folded, summary = run_stage2(model, tok, deltas, _records(), max_seq_len=400, progress=False, rho=0.5)
 
     # model back as it was
     assert not any(type(m).__name__ == "RainLinear" for m in model.modules())

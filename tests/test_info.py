@@ -48,7 +48,9 @@ def built(tmp_path_factory):
     kw = dict(reasoning_calib=calib, min_samples=1, progress=False)
     out = {
         "rain": build_adapter(t.lrm, t.itm, t.base, root / "rain", instruction_calib=_records(),
-                              stage2_max_seq_len=400, alpha_max=ALPHA_MAX, **kw),
+                              # ρ 0.5 (the paper's; the default is 0): on this random model the
+                              # u term is what spreads α enough for clipping to happen
+                              stage2_max_seq_len=400, alpha_max=ALPHA_MAX, rho=0.5, **kw),
         "stage1": build_adapter(t.lrm, t.itm, t.base, root / "s1", no_stage2=True, **kw),
         "low": build_adapter(t.lrm, t.itm, t.base, root / "low", no_stage2=True, storage="lowrank", rank=4, **kw),
     }

@@ -245,3 +245,13 @@ def test_rain_serve_starts_at_the_tuned_lambda_and_range(tmp_path):
     assert state.lambda_range == res.lambda_range
     with pytest.raises(APIError, match="outside the adapter's lambda_range"):
         parse_completion({"model": "m", "prompt": "x", "rain_lambda": res.lambda_range[1] + 0.5}, state.limits)
+
+
+def test_several_adapters_get_unique_names_and_one_comparison_line_each():
+    from rain_adapter.cli.tune import _unique, compare_table
+
+    assert _unique(["rain", "rain-stage1", "rain", "rain"]) == ["rain", "rain-stage1", "rain-2", "rain-3"]
+    a, b = _result(), _result(star_cliff=0.75)
+    lines = compare_table({"rain": a, "rain-2": b}).splitlines()
+    assert len(lines) == 3 and lines[1].split()[:2] == ["rain", f"{a.recommended_lambda:g}"]
+    assert lines[2].split()[:2] == ["rain-2", f"{b.recommended_lambda:g}"] and b.recommended_lambda < a.recommended_lambda

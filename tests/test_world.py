@@ -140,3 +140,17 @@ def test_world_training_is_deterministic(ci_world, tmp_path):
     assert files(again) == files(ci_world.root)
     info = [json.loads(p.read_text()) for p in (ci_world.info, again / "world.json")]
     assert info[0]["lrm"]["loss_last"] == info[1]["lrm"]["loss_last"]
+
+
+def test_format_world_config_and_the_shipped_key():
+    """The format world differs only in its ITM; fields added late leave the shipped world's key alone."""
+    from rain_adapter.demo.shipped import shipped_world
+    from rain_adapter.demo.train import WorldConfig, format_world_config
+
+    assert shipped_world(WorldConfig().key()) is not None
+    fw = format_world_config(3)
+    assert fw.seed == 3 and fw.itm_direct_add == 0.9 and fw.itm_ft_steps == 240 and fw.key() != WorldConfig(seed=3).key()
+    rng = random.Random(7)
+    docs = [D.itm_sample(rng, 3, p_direct_add=1.0)[0] for _ in range(40)]
+    # every ITM chat is then a 3-digit addition answered directly, never with a thinking block
+    assert all(re.search(r"\d{3}", d) and "<think>" not in d for d in docs)

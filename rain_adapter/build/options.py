@@ -25,6 +25,7 @@ from ..format.arch import validate_roles
 from ..format.dtypes import DTYPES
 from ..format.paths import adapter_home
 from .calibration import DEFAULT_MIN_SAMPLES, DEFAULT_RADIUS
+from .coefficients import DEFAULT_RHO
 from .errors import BuildError
 from .methods import DEFAULT_DENSITY, DEFAULT_DROP, get_method, method_names
 from .nullspace import DEFAULT_PROTECT_ENERGY, DEFAULT_RIDGE, PROJECTIONS
@@ -130,8 +131,8 @@ class BuildOptions:
     # ---- stage 2 ---------------------------------------------------------------------------
     instruction_calib: PathLike | list | None = _opt(None, "stage 2", "instruction calibration JSONL (runs Stage 2)")
     no_stage2: bool = _opt(False, "stage 2", "skip Stage 2 even with --instruction-calib (α = 1)")
-    rho: float = _opt(0.5, "stage 2", "ρ in g = a − ρ·u: weight of the unrelated-span attention (default 0.5)",
-                      parse=float)
+    rho: float = _opt(DEFAULT_RHO, "stage 2", f"ρ in g = a − ρ·u: weight of the unrelated-span attention (default "
+                      f"{DEFAULT_RHO:g}, chosen by the Stage 2 trial in bench/RESULTS.md; the paper's: 0.5)", parse=float)
     alpha_grad: str = _opt("level", "stage 2", "level: g = a(λ=1) − ρ·u(λ=1); gain: the change from λ = 0 (default level)",
                            choices=["level", "gain"])
     alpha_norm: str = _opt("mean", "stage 2", "mean: α = clip(c·α_raw, 0, alpha_max) with c chosen so mean(α) = 1 after clipping (λ then "

@@ -9,12 +9,12 @@ from pathlib import Path
 from ..build.nullspace import PROJECTIONS
 from ..demo import run as demo
 from ..demo.shipped import WorldIntegrityError
-from ..demo.train import WorldConfig, ci_config
+from ..demo.train import WorldConfig, ci_config, format_world_config
 from .args import add_lambdas, lambdas_arg
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = ci_config() if args.ci else WorldConfig()
+    cfg = ci_config() if args.ci else format_world_config() if args.world == "format" else WorldConfig()
     if args.seed is not None:
         cfg = WorldConfig(**{**cfg.__dict__, "seed": args.seed})
     build_kw = demo.demo_build_options(protect_energy=args.protect_energy, projection=args.projection,
@@ -40,6 +40,9 @@ def add_parser(subparsers) -> None:
     add_lambdas(p, default=demo.DEMO_LAMBDAS, help=f"λ grid (default {demo.DEMO_LAMBDAS})")
     p.add_argument("--limit", type=int, default=48, help="evaluation prompts (0 = all)")
     p.add_argument("--seed", type=int, default=None, help="world seed (a different world)")
+    p.add_argument("--world", default="default", choices=["default", "format"],
+                   help="format: the ITM answers additions directly, so task arithmetic breaks the "
+                        "thinking format (trained on first use, minutes)")
     p.add_argument("--protect-energy", type=float, default=demo.DEMO_PROTECT_ENERGY,
                    help=f"passed to rain build (default {demo.DEMO_PROTECT_ENERGY} in the demo)")
     p.add_argument("--projection", default=None, choices=PROJECTIONS,

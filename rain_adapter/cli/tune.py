@@ -37,6 +37,28 @@ def options_from_args(args: argparse.Namespace) -> TuneOptions:
     return TuneOptions(**{f.name: getattr(args, f.name) for f in fields(TuneOptions)})
 
 
+def _unique(names: list[str]) -> list[str]:
+    """Adapter display names, ``-2``, ``-3`` … added to repeats (file names and report keys)."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
+
+
+def compare_table(results: dict[str, TuneResult]) -> str:
+    """One line per adapter at its λ*: what each gives within the same floors on the same prompts."""
+    lines = [f"{'adapter':<24}{'λ*':>7}  {'compliance [95% CI]':>22}  {'accuracy [95% CI]':>22}  {'format':>6}"]
+    for name, r in results.items():
+        d = r.best.to_dict(r.confidence)
+        c_lo, c_hi = d["compliance_ci"]
+        a_lo, a_hi = d["accuracy_ci"]
+        lines.append(f"{name:<24}{r.recommended_lambda:>7g}  {d['compliance']:>7.3f} [{c_lo:.2f}, {c_hi:.2f}]"
+                     f"{'':>3}  {d['accuracy']:>7.3f} [{a_lo:.2f}, {a_hi:.2f}]{'':>3}  {d['format_validity']:>6.3f}")
+    return "\n".join(lines)
+
+
 def _arms_path(base: str, name: str, several: bool) -> Path:
     p = Path(base)
     return p.with_name(f"{p.stem}-{name}{p.suffix or '.json'}") if several else p
@@ -64,7 +86,7 @@ def _tune_one(model, tok, adapter: str, name: str, rows, opts: TuneOptions, out:
 def _run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     opts.validate()
-    names = [sweep.method_name(a) for a in args.adapter]
+    names = _unique([sweep.method_name(a) for a in args.adapter])
     if not args.no_write:  # refuse a Hub snapshot or a broken config before any generation
         for a in args.adapter:
             check_writable_adapter(a)
@@ -81,8 +103,9 @@ def _run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"prompts": str(args.prompts), "rows": len(rows), "adapters": {}}
     t0 = time.time()
+    results: dict[str, TuneResult] = {}
     for adapter, name in zip(args.adapter, names):
-        res = _tune_one(model, tok, adapter, name, rows, opts, out, args.quiet, score)
+        res = results[name] = _tune_one(model, tok, adapter, name, rows, opts, out, args.quiet, score)
         print(res.format_table(name))
         report["adapters"][name] = {"adapter": str(adapter), **res.to_dict()}
         recs = [{"method": name, "lambda": p.lam, "compliance": p.compliance, "accuracy": p.accuracy,
@@ -99,6 +122,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise TuneError(f"{adapter}: λ* = 0, so there are no arms around it; no arms file written")
             print(f"wrote {write_arms(_arms_path(args.arms, name, len(args.adapter) > 1), res)}")
     (out / "tune.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    if len(results) > 1:
+        print(compare_table(results))
     print(f"{len(rows)} prompts × {len(args.adapter)} adapter(s) in {time.time() - t0:.1f}s; wrote "
           f"{out / 'tune.json'}")
     return 0

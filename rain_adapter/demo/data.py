@@ -233,9 +233,10 @@ def lrm_sample(rng: random.Random, n_digits: int, p_instr: float = 0.15) -> tupl
     return render(reasoning_doc(rng, n_digits, p_instr=p_instr, p_follow=0.0))
 
 
-def itm_sample(rng: random.Random, n_digits: int) -> tuple[str, int]:
-    """ITM fine-tune chat: direct answer, format instructions always obeyed."""
-    return render(direct_doc(rng, n_digits, p_instr=0.8, p_follow=1.0))
+def itm_sample(rng: random.Random, n_digits: int, p_direct_add: float = 0.25) -> tuple[str, int]:
+    """ITM fine-tune chat: direct answer (an n-digit addition with probability ``p_direct_add``),
+    format instructions always obeyed."""
+    return render(direct_doc(rng, n_digits, p_instr=0.8, p_follow=1.0, p_direct_add=p_direct_add))
 
 
 def vocab_texts(n_digits: int) -> list[str]:

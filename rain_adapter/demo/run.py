@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rain_adapter.build.methods import get_method, method_names
-from rain_adapter.build.options import parse_int_list
+from rain_adapter.build.options import BuildOptions, parse_int_list
 from rain_adapter.build.pipeline import build_adapter
 from rain_adapter.evaluation.plots import NO_PLOT_HINT, plot_sweep_if_available
 from rain_adapter.evaluation.sweep import (
@@ -73,7 +73,10 @@ def build_methods(paths: WorldPaths, methods: Sequence[str], *, rebuild: bool = 
     out: dict[str, Path] = {}
     times: dict[str, float] = {}
     for m in methods:
-        key = hashlib.sha256(json.dumps({"m": m, **build_kw}, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        # the key covers every option with its current default (not only the ones passed here), so an
+        # adapter built before a default changed (e.g. Stage 2's ρ) is rebuilt, never silently reused
+        opts = BuildOptions(method=m, **build_kw).to_dict()
+        key = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:8]
         target = paths.root / "adapters" / f"{m}-{key}"
         t0 = time.time()
         if rebuild or not (target / "adapter_config.json").exists():

@@ -67,10 +67,29 @@ class WorldConfig:
     n_calib_instruction: int = 96
     n_eval: int = 120
     version: int = WORLD_VERSION
+    #: share of the ITM's direct answers that are n-digit additions (the LRM's own task answered
+    #: without thinking); the "format" world raises it so task arithmetic breaks the thinking format
+    itm_direct_add: float = 0.25
+    itm_ft_steps: int = 0  # ITM fine-tune steps; 0: ft_steps
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        d = asdict(self)
+        # fields added after the shipped world leave its hash alone while at their defaults
+        for name, default in _LATE_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+_LATE_FIELDS: dict[str, Any] = {"itm_direct_add": 0.25, "itm_ft_steps": 0}
+
+
+def format_world_config(seed: int = 0) -> WorldConfig:
+    """The "format" world: the ITM answers most additions directly and is tuned twice as long, so
+    task arithmetic pushes the LRM to answer without its ``<think>`` block (the thinking format
+    itself breaks, not only accuracy). Used by the Stage 2 trial (bench/stage2_trial.py)."""
+    return WorldConfig(seed=seed, itm_direct_add=0.9, itm_ft_steps=240)
 
 
 def ci_config() -> WorldConfig:
@@ -255,10 +274,12 @@ def _train_world(cfg: WorldConfig, out: Path, *, progress: bool) -> dict[str, An
                             "n_params": sum(p.numel() for p in model.parameters()),
                             "base_loss_last": sum(base_losses[-20:]) / 20, "t_base_s": t_base}
     lrm_sampler = functools.partial(D.lrm_sample, p_instr=cfg.lrm_p_instr)
-    for name, sampler, tok in (("lrm", lrm_sampler, tok_r), ("itm", D.itm_sample, tok_d)):
+    itm_sampler = functools.partial(D.itm_sample, p_direct_add=cfg.itm_direct_add)
+    for name, sampler, tok in (("lrm", lrm_sampler, tok_r), ("itm", itm_sampler, tok_d)):
         t1 = time.time()
         ft = copy.deepcopy(model)
-        losses = train_loop(ft, tok, lambda r, s=sampler: s(r, n), steps=cfg.ft_steps, lr=cfg.ft_lr,
+        steps = (cfg.itm_ft_steps or cfg.ft_steps) if name == "itm" else cfg.ft_steps
+        losses = train_loop(ft, tok, lambda r, s=sampler: s(r, n), steps=steps, lr=cfg.ft_lr,
                             batch_size=cfg.batch_size, seed=cfg.seed + (1 if name == "lrm" else 2),
                             desc=f"world {name}", progress=progress)
         _save(ft, tok, out / name)
