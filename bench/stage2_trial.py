@@ -58,6 +58,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "rain-gain-rho0": ("rain", {"alpha_grad": "gain", "rho": 0.0}),
     "rain-rho0-amax3": ("rain", {"rho": 0.0, "alpha_max": 3.0}),
     "task-arithmetic": ("task-arithmetic", {}),   # the format table's reference, not a Stage 2 variant
+    # Stage 1 scope, not Stage 2: is "project the first half only" (the earlier ablation) a rule?
+    "rain-stage1-layers0-1": ("rain-stage1", {"project_layers": [0, 1]}),
+    "rain-rho0-layers0-1": ("rain", {"rho": 0.0, "project_layers": [0, 1]}),
 }
 #: seeds 0-2 of each kind are the trial; seed 3 of each was held out to confirm the chosen default
 WORLDS = {f"default/{s}": WorldConfig(seed=s) for s in (0, 1, 2, 3)}
@@ -194,6 +197,25 @@ def format_report(out: Path) -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
+def scope_report(out: Path, boot: int) -> str:
+    """Stage 1 scope: projecting layers 0-1 only vs all layers, for rain-stage1 and rain (ρ 0)."""
+    rng = np.random.default_rng(1)
+    lines = ["| world | arm | acc @ c=0.25, all layers | layers 0-1 only | Δ [95% CI] | compliance at λ*: all / 0-1 |",
+             "|---|---|---:|---:|---|---|"]
+    for wdir in sorted(d for d in out.iterdir() if d.is_dir() and (d / "lrm.json").exists()):
+        lrm, variants = _load(wdir)
+        n = len(lrm)
+        draws = [rng.integers(0, n, n) for _ in range(boot)]
+        for full, part in (("rain-stage1", "rain-stage1-layers0-1"), ("rain-rho0", "rain-rho0-layers0-1")):
+            if full not in variants or part not in variants:
+                continue
+            (cf, af), (cp, ap) = _stats(lrm, variants[full], np.arange(n)), _stats(lrm, variants[part], np.arange(n))
+            d = [_stats(lrm, variants[part], x)[1] - _stats(lrm, variants[full], x)[1] for x in draws]
+            lines.append(f"| {wdir.name} | {full} | {af:.2f} | {ap:.2f} | {ap - af:+.2f} {_ci(d)} | "
+                         f"{cf:.2f} / {cp:.2f} |".replace("nan", "n/a"))
+    return "\n".join(lines)
+
+
 def report(out: Path, boot: int, seed: int, ref: str = "rain-stage1") -> str:
     rng = np.random.default_rng(seed)
     worlds = sorted(d for d in out.iterdir() if d.is_dir() and (d / "lrm.json").exists())
@@ -208,7 +230,8 @@ def report(out: Path, boot: int, seed: int, ref: str = "rain-stage1") -> str:
         ref_per = variants[ref]
         ref_b = [_stats(lrm, ref_per, d) for d in draws]
         c_ref, a_ref = _stats(lrm, ref_per, full)
-        order = [ref] + [v for v in VARIANTS if v in variants and v not in (ref, "task-arithmetic")]
+        order = [ref] + [v for v in VARIANTS if v in variants and v not in (ref, "task-arithmetic")
+                         and "layers" not in v]
         for v in order:
             per = variants[v]
             c, a = _stats(lrm, per, full)
@@ -261,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             run_world(name, WORLDS[name], lambdas, args.n, out, progress=not args.quiet,
                       variants=args.variants.split(","))
     text = "\n\n".join([report(out, args.boot, seed=0), report(out, args.boot, seed=0, ref="rain"),
-                         format_report(out)])
+                         format_report(out), scope_report(out, args.boot)])
     (out / "stage2_trial.md").write_text(text + "\n")
     print(text)
     return 0
