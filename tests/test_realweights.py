@@ -302,3 +302,30 @@ def test_serve_chat_completion_lambda_zero_is_bare(real, adapter_dir, tmp_path):
     assert (r0.model_extra or {}).get("rain", {}).get("lambda") == 0.0
     local1 = _until_eos(model, _greedy(served, ids, rain_lambda=1.0)[0])
     assert r1.choices[0].message.content == stok.decode(local1, skip_special_tokens=True)
+
+
+def test_feature_cache_on_real_weights(triple, tmp_path, monkeypatch):
+    """A second build with another --protect-energy reads the features from --feature-cache: no
+    calibration forward, the same deltas as a build without the cache (timings go to the log)."""
+    import rain_adapter.build.features as F
+    from rain_adapter.build.pipeline import build_adapter
+
+    lrm, itm, base, calib = triple
+    kw = dict(reasoning_calib=calib, layers=BUILD_LAYERS, progress=False, verbose=False)
+    t = time.perf_counter()
+    build_adapter(lrm, itm, base, tmp_path / "miss", protect_energy=PROTECT, feature_cache=tmp_path / "fc", **kw)
+    t_miss = time.perf_counter() - t
+    t = time.perf_counter()
+    plain = build_adapter(lrm, itm, base, tmp_path / "plain", protect_energy=0.95, **kw)
+    t_plain = time.perf_counter() - t
+
+    def no_forward(*a, **k):
+        raise AssertionError("the calibration forward ran although the features are cached")
+    monkeypatch.setattr(F, "iter_layer_features", no_forward)
+    t = time.perf_counter()
+    hit = build_adapter(lrm, itm, base, tmp_path / "hit", protect_energy=0.95, feature_cache=tmp_path / "fc", **kw)
+    t_hit = time.perf_counter() - t
+    _log(f"feature cache: build with the cache filling {t_miss:.1f} s, plain build {t_plain:.1f} s, "
+         f"build from the cache {t_hit:.1f} s (protect-energy {PROTECT} then 0.95)")
+    (_, a), (_, b) = load_adapter(plain), load_adapter(hit)
+    assert a.keys() == b.keys() and all(torch.equal(a[n].delta, b[n].delta) for n in a)

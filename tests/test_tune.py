@@ -255,3 +255,56 @@ def test_several_adapters_get_unique_names_and_one_comparison_line_each():
     lines = compare_table({"rain": a, "rain-2": b}).splitlines()
     assert len(lines) == 3 and lines[1].split()[:2] == ["rain", f"{a.recommended_lambda:g}"]
     assert lines[2].split()[:2] == ["rain-2", f"{b.recommended_lambda:g}"] and b.recommended_lambda < a.recommended_lambda
+
+
+# ----------------------------------------------------------------------------- --search (build settings)
+
+def test_parse_search_uses_each_options_parser_and_refuses_the_rest():
+    from rain_adapter.cli.tune_search import parse_search
+
+    got = parse_search(["protect_energy=0.9/0.99", "project_layers=all/0-1/0,2", "alpha_grad=level/gain"])
+    assert got == {"protect_energy": [0.9, 0.99], "project_layers": [None, (0, 1), (0, 2)],
+                   "alpha_grad": ["level", "gain"]}
+    for bad, match in (("lrm=x", "cannot be searched"), ("protect_energy", "expected KEY=V1/V2"),
+                       ("protect_energy=a", "value 'a'"), ("alpha_grad=steep", "not in")):
+        with pytest.raises(ValueError, match=match):
+            parse_search([bad])
+
+
+def test_combinations_put_the_adapters_own_settings_first_once():
+    from rain_adapter.cli.tune_search import combinations
+
+    rec = {"protect_energy": 0.95, "project_layers": None}
+    combos = combinations(rec, {"protect_energy": [0.9, 0.95], "project_layers": [None, (0, 1)]})
+    assert combos[0] == {"protect_energy": 0.95, "project_layers": None}
+    assert len(combos) == 4 and combos.count(combos[0]) == 1
+
+
+@pytest.mark.slow
+def test_tune_search_rebuilds_variants_and_picks_one(tmp_path, monkeypatch):
+    """One adapter built by rain build, --search over protect_energy: every variant is built from the
+    recorded options, tuned, reported with its settings, and the best is named."""
+    from rain_adapter.build.pipeline import build_adapter
+    from rain_adapter.cli.main import main
+    from rain_adapter.testing.fixtures import make_tiny_triple, write_reasoning_calib
+
+    t = make_tiny_triple(tmp_path / "t", seed=5)
+    calib = write_reasoning_calib(tmp_path / "c.json", n=3, seed=2)
+    monkeypatch.chdir(tmp_path)
+    ad = build_adapter(t.lrm, t.itm, t.base, tmp_path / "ad", reasoning_calib=calib, min_samples=1, progress=False,
+                       verbose=False, method="rain-stage1")
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"prompt": f"Say {w}.", "instruction_id_list": ["spec:char_count"],
+                                       "kwargs": [{"max": 2000}], "answer": "1"}) + "\n" for w in "abcd"))
+    rc = main(["tune", "--model", str(t.lrm), "--adapter", str(ad), "--prompts", str(dev), "--search",
+               "protect_energy=0.5/0.95", "--grid", "0:1:0.5", "--refine-rounds", "1", "--max-new-tokens", "8",
+               "--min-accuracy", "0", "--no-write", "--out", str(tmp_path / "out"), "--quiet"])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "tune.json").read_text())
+    names = list(report["adapters"])
+    assert names[0].endswith("(as built)") and report["adapters"][names[0]]["settings"] == {"protect_energy": 0.95}
+    assert len(names) == 2 and report["adapters"][names[1]]["settings"] == {"protect_energy": 0.5}
+    variant = tmp_path / "out" / "variants" / "protect_energy=0.5"
+    cfg = RainConfig.load(variant)
+    assert cfg.stage1["protect_energy"] == 0.5 and cfg.extra["build_options"]["protect_energy"] == 0.5
+    assert report["best"] in names

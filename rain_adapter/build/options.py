@@ -154,6 +154,9 @@ class BuildOptions:
                                 parse=int)
     dtype: str = _opt("float32", "storage and compute", "LRM dtype for the forward passes", choices=sorted(DTYPES))
     device: str | None = _opt(None, "storage and compute", "cpu, cuda, cuda:1 ... (default: where the model loads)")
+    feature_cache: PathLike | None = _opt(
+        None, "storage and compute", "directory that keeps the Stage 1 features of this LRM + calibration set; a "
+        "later build with other projection settings reuses them instead of running the forward again (default: off)")
     progress: bool = _opt(True, "storage and compute", "hide the progress bars")
     verbose: bool = _opt(True, "storage and compute", "do not print the per-module table and the build log")
 
@@ -220,6 +223,10 @@ class BuildOptions:
                              "(--alpha-norm mean); raise --alpha-max or use --alpha-norm none", field="alpha_max")
 
     def _check_storage(self) -> None:
+        fc = Path(self.feature_cache).expanduser() if self.feature_cache is not None else None
+        if fc is not None and fc.exists() and not fc.is_dir():
+            raise BuildError(f"--feature-cache {self.feature_cache} exists and is not a directory",
+                             field="feature_cache")
         if self.storage == "lowrank" and self.rank is None and self.rank_energy is None:
             raise BuildError("--storage lowrank needs --rank R or --rank-energy E", field="rank")
         if self.storage == "dense" and (self.rank is not None or self.rank_energy is not None):

@@ -19,7 +19,8 @@
 5. :func:`run_stage1`: per layer, features X at Ω (``features``; one pass or ``--sequential``), then
    per module the streamed Δ_I (``taskvector``) → Stage 1 projection (``nullspace.project``) or the
    method's transform (``methods``); each finished layer goes to ``<out>.partial/`` (``cache``);
-   then :func:`check_kept_norm` warns loudly when Stage 1 left (almost) nothing of Δ;
+   with ``--feature-cache`` the features come from / go to ``feature_cache`` (a full hit runs no
+   forward); then :func:`check_kept_norm` warns loudly when Stage 1 left (almost) nothing of Δ;
 6. :func:`apply_stage2`: Stage 2 (``coefficients.run_stage2``) when the method has it and an
    instruction calibration set is given;
 7. :func:`compress_storage`: ``--storage lowrank`` → ``lowrank.compress``;
@@ -63,6 +64,7 @@ from .cache import PARTIAL_SUFFIX, PartialCache
 from .calibration import CalibrationSet, prepare_reasoning_calibration
 from .coefficients import run_stage2
 from .errors import KeptNormWarning
+from .feature_cache import FeatureCache, feature_settings
 from .features import trim_heap
 from .lowrank import compress, rank_field
 from .methods import MergeMethod, get_method, module_generator
@@ -171,7 +173,8 @@ def check_sources(opts: BuildOptions, modules: dict[str, nn.Linear], sources: So
 
 def cache_settings(opts: BuildOptions, method: MergeMethod, targets: Targets,
                    calib: CalibrationSet | None) -> dict[str, Any]:
-    """Everything the cached layers depend on (a partial cache made with other settings is not reused)."""
+    """Everything the cached layers depend on (a partial cache made with other settings is not reused);
+    not ``feature_cache``, which changes where the features come from, never the result."""
     return {
         "lrm": str(opts.lrm), "itm": str(opts.itm), "base": str(opts.base), "method": method.name,
         "modules": list(targets.modules), "projection": opts.projection if method.projects else None,
@@ -216,8 +219,25 @@ class LayerWork:
                                {n: s for n, (_, s) in done.items()})
 
 
+def stage1_features(o: BuildOptions, targets: Targets, feat_todo: list[int], calib: CalibrationSet,
+                    pad_id: int | None, log: BuildLog | None = None):
+    """``(layer, {module: X})`` for every layer of ``feat_todo``: from the LRM forward
+    (``features.iter_layer_features``), or with ``--feature-cache`` from the cache where it holds
+    them (the forward then runs only for the layers it lacks, and they are saved)."""
+    def compute(layers: list[int]):
+        mods = {n: targets.modules[n] for l in layers for n in targets.by_layer[l]}
+        return features.iter_layer_features(targets.model, mods, calib, sequential=o.sequential,
+                                            batch_size=o.batch_size, device=o.device, pad_id=pad_id,
+                                            progress=o.progress)
+
+    if o.feature_cache is None:
+        return compute(feat_todo)
+    fc = FeatureCache(o.feature_cache, feature_settings(o, calib, targets.model), warn=log.warn if log else None)
+    return fc.layers(feat_todo, targets.by_layer, targets.fingerprint, compute, log or (lambda msg: None))
+
+
 def run_stage1(work: LayerWork, targets: Targets, todo: list[int], calib: CalibrationSet | None,
-               pad_id: int | None) -> None:
+               pad_id: int | None, log: BuildLog | None = None) -> None:
     """Every layer in ``todo`` through ``work``: first those that need no features (plain Δ or a
     transform), then the projected ones as the features arrive, layer by layer."""
     o = work.opts
@@ -228,10 +248,7 @@ def run_stage1(work: LayerWork, targets: Targets, todo: list[int], calib: Calibr
         trim_heap()
     if not feat_todo:
         return
-    todo_mods = {n: targets.modules[n] for l in feat_todo for n in targets.by_layer[l]}
-    it = features.iter_layer_features(targets.model, todo_mods, calib, sequential=o.sequential,
-                                      batch_size=o.batch_size, device=o.device, pad_id=pad_id,
-                                      progress=o.progress)
+    it = stage1_features(o, targets, feat_todo, calib, pad_id, log)
     for l, feats in tqdm(it, total=len(feat_todo), desc="stage 1 (layers)", disable=not o.progress):
         work.layer(l, targets.by_layer[l], feats)
         del feats
@@ -362,7 +379,8 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
     try:
         with torch.inference_mode():
             run_stage1(LayerWork(opts, method, sources, targets.proj_layers, cache), targets,
-                       [l for l in sorted(targets.by_layer) if l not in done], calib, tokenizer.pad_token_id)
+                       [l for l in sorted(targets.by_layer) if l not in done], calib, tokenizer.pad_token_id,
+                       log)
     except BaseException:
         cache.discard_if_empty()
         raise
