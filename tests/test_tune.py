@@ -308,3 +308,21 @@ def test_tune_search_rebuilds_variants_and_picks_one(tmp_path, monkeypatch):
     cfg = RainConfig.load(variant)
     assert cfg.stage1["protect_energy"] == 0.5 and cfg.extra["build_options"]["protect_energy"] == 0.5
     assert report["best"] in names
+
+
+@pytest.mark.parametrize("seed", [random.randrange(10**6) for _ in range(6)])
+def test_floor_on_the_lower_bound_is_never_bolder(seed):
+    """--floor-on lower judges the floors on the Wilson lower bound: λ* and the range never go further
+    than with the point estimate; on a point that meets the floor only by its estimate it stops earlier."""
+    point = _curve(seed)
+    evaluate = lambda lams: [point(x) for x in lams]  # noqa: E731
+    est = search(evaluate, TuneOptions(refine_rounds=0))
+    low = search(evaluate, TuneOptions(refine_rounds=0, floor_on="lower"))
+    assert low.lambda_range[1] <= est.lambda_range[1] and low.recommended_lambda <= est.recommended_lambda
+    # 0.93 of 0.95 meets the 0.9·0.95 = 0.855 floor as an estimate, but not at n = 30 as a lower bound
+    P = LambdaPoint
+    pts = [P(0.0, 0, 30, 28, 30, 30, 30), P(1.0, 9, 30, 28, 30, 30, 30)]
+    assert choose(pts, {"accuracy": 0.9 * 28 / 30})[0].lam == 1.0
+    assert choose(pts, {"accuracy": 0.9 * 28 / 30}, lower=0.95)[0].lam == 0.0
+    with pytest.raises(TuneError, match="floor_on"):
+        TuneOptions(floor_on="upper").validate()

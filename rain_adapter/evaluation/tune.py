@@ -51,6 +51,8 @@ class TuneOptions:
     min_accuracy: float = _opt(0.90, "accuracy floor as a share of the LRM's (0: no floor)")
     min_format: float = _opt(0.98, "thinking-format validity floor as a share of the LRM's (0: no floor)")
     confidence: float = _opt(0.95, "level of the reported Wilson intervals")
+    floor_on: str = _opt("estimate", "estimate: a λ meets a floor when its measured rate does; lower: when the "
+                         "Wilson lower bound at --confidence does (conservative on small dev sets)")
     max_new_tokens: int = _opt(256, "tokens generated per response")
     batch_size: int = _opt(64, "rows per generate call (several λ mixed in one batch)")
 
@@ -59,6 +61,8 @@ class TuneOptions:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 raise TuneError(f"tune: {name} must lie in [0, 1] (a share of the LRM's value), got {v!r}")
+        if self.floor_on not in ("estimate", "lower"):
+            raise TuneError(f"tune: floor_on must be 'estimate' or 'lower', got {self.floor_on!r}")
         if not 0 <= self.refine_rounds <= 10:
             raise TuneError(f"tune: refine_rounds must lie in [0, 10], got {self.refine_rounds}")
         grid = self.lambdas()
@@ -181,16 +185,28 @@ def _floors(base: LambdaPoint, opts: TuneOptions) -> dict[str, float]:
     return floors
 
 
-def _meets(p: LambdaPoint, floors: dict[str, float]) -> bool:
-    # a tiny slack so that "≥ 98 % of 1.0" is met by 0.98 computed in floating point
-    eps = 1e-12
-    return all(getattr(p, k) >= v - eps for k, v in floors.items())
+_COUNTS = {"accuracy": ("acc_k", "acc_n"), "format_validity": ("fmt_k", "fmt_n")}
 
 
-def choose(points: Sequence[LambdaPoint], floors: dict[str, float]) -> tuple[LambdaPoint, float, dict[float, bool]]:
-    """(λ* point, end of the feasible region from λ = 0, feasibility per λ); see the module doc."""
+def _meets(p: LambdaPoint, floors: dict[str, float], lower: float | None = None) -> bool:
+    """Every floor met by the rate, or with ``lower`` (a confidence) by its Wilson lower bound."""
+    eps = 1e-12  # a tiny slack so that "≥ 98 % of 1.0" is met by 0.98 computed in floating point
+    for k, v in floors.items():
+        rate = getattr(p, k)
+        if lower is not None:
+            kk, nn = (getattr(p, a) for a in _COUNTS[k])
+            rate = wilson(kk, nn, lower)[0] if nn else float("nan")
+        if not rate >= v - eps:
+            return False
+    return True
+
+
+def choose(points: Sequence[LambdaPoint], floors: dict[str, float], *, lower: float | None = None
+           ) -> tuple[LambdaPoint, float, dict[float, bool]]:
+    """(λ* point, end of the feasible region from λ = 0, feasibility per λ); see the module doc.
+    ``lower``: judge the floors on the Wilson lower bound at this confidence (``floor_on="lower"``)."""
     pts = sorted(points, key=lambda p: p.lam)
-    feasible = {p.lam: _meets(p, floors) for p in pts}
+    feasible = {p.lam: (p.lam == 0.0 or _meets(p, floors, lower)) for p in pts}
     region = [pts[0]]
     for p in pts[1:]:
         if not feasible[p.lam]:
@@ -211,9 +227,10 @@ def search(evaluate: Callable[[list[float]], list[LambdaPoint]], opts: TuneOptio
         raise TuneError(f"tune: the grid must start at λ = 0 (the LRM) and go up, got {grid}")
     points = {p.lam: p for p in evaluate(grid)}
     floors = _floors(points[0.0], opts)
+    lower = opts.confidence if opts.floor_on == "lower" else None
     h = opts.step()
     for r in range(opts.refine_rounds):
-        best, end, _ = choose(list(points.values()), floors)
+        best, end, _ = choose(list(points.values()), floors, lower=lower)
         h /= 2
         # λ* ± h zooms in on a compliance peak; end + h bisects the gap between the last feasible λ
         # and the first infeasible one, where λ* lies when compliance rises with λ (even while the
@@ -223,9 +240,9 @@ def search(evaluate: Callable[[list[float]], list[LambdaPoint]], opts: TuneOptio
         if cands:
             points.update({p.lam: p for p in evaluate(cands)})
         if on_round:
-            new_best = choose(list(points.values()), floors)[0]
+            new_best = choose(list(points.values()), floors, lower=lower)[0]
             on_round(f"round {r + 1}: evaluated {cands or 'nothing new'}; λ* = {new_best.lam:g}")
-    best, region_end, feasible = choose(list(points.values()), floors)
+    best, region_end, feasible = choose(list(points.values()), floors, lower=lower)
     return TuneResult(points=sorted(points.values(), key=lambda p: p.lam), floors=floors, best=best,
                       lambda_range=(0.0, region_end), feasible=feasible, confidence=opts.confidence)
 
