@@ -1,6 +1,6 @@
 """Stage 2: instruction-attention guided coefficients α per attention head (docs/DESIGN.md §6.3).
 
-Pipeline (``run_stage2``):
+Pipeline (``run_stage2``; steps 1-2 are :func:`stage2_statistics`, 3-4 :func:`stage2_alpha`):
 
 1. Prepare the instruction calibration set (:mod:`rain_adapter.build.spans`): one tokenisation per
    sample, per instruction i the prompt tokens I_i, related response tokens R_i and unrelated
@@ -49,7 +49,8 @@ from .spans import CalibSample, prepare_instruction_samples
 
 __all__ = [
     "Stage2Error", "AttentionStats", "collect_attention_stats", "alpha_from_stats", "fold_alpha",
-    "fold_alpha_all", "run_stage2", "format_alpha_table", "ALPHA_GRADS", "ALPHA_NORMS", "alpha_with_stats",
+    "fold_alpha_all", "run_stage2", "stage2_statistics", "stage2_alpha", "format_alpha_table", "ALPHA_GRADS",
+    "ALPHA_NORMS", "alpha_with_stats",
 ]
 
 #: minimum fraction of (sample, instruction) pairs whose alignment a must be > 0
@@ -226,32 +227,17 @@ def _model_device(model) -> torch.device:
 DEFAULT_RHO = 0.0
 
 
-def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_calib, *, rho: float = DEFAULT_RHO,
-               alpha_grad: str = "level", alpha_norm: str = "mean", alpha_max: float = 1.5,
-               max_samples: int | None = None, max_seq_len: int = 4096, device=None, progress: bool = True,
-               o_alpha: str = "mean") -> tuple[dict[str, ModuleDelta], dict]:
-    """Stage 2 end to end: (α-folded deltas, ``config["stage2"]`` summary).
-
-    ``model``: the LRM (HF causal LM, not already wrapped); the deltas are attached through
-    ``RainLinear`` for the passes and detached afterwards (also on error), so the model comes back
-    unchanged.  ``instruction_calib``: a JSONL path or a list of records (see :mod:`rain_adapter.build.spans`).
-    """
+def stage2_statistics(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_calib, *,
+                      alpha_grad: str = "level", max_samples: int | None = None, max_seq_len: int = 4096,
+                      device=None, progress: bool = True) -> dict:
+    """Steps 1-2 of :func:`run_stage2`, the attention passes: ``{"a1", "u1"}`` (and ``"a0", "u0"``
+    for ``alpha_grad="gain"``) = E[·] as ``[L, H]`` float64, ``"n_a"``, ``"n_u"``, ``"n_a_positive"``
+    (pair counts) and ``"samples"`` (the :class:`SpanReport` as a dict). Nothing here depends on ρ,
+    α_max, ``alpha_norm`` or ``o_alpha``, which is what lets ``--feature-cache`` keep it (§5.7)."""
     from ..format.config import RainConfig
-    from ..runtime.model import RainAdapter, RainModel
+    from ..runtime.model import RainAdapter
 
-    t0 = time.perf_counter()
-    if alpha_grad not in ALPHA_GRADS:
-        raise Stage2Error(f"alpha_grad must be one of {ALPHA_GRADS}, got {alpha_grad!r}")
-    if alpha_norm not in ALPHA_NORMS:
-        raise Stage2Error(f"alpha_norm must be one of {ALPHA_NORMS}, got {alpha_norm!r}")
-    if alpha_norm == "mean" and not alpha_max >= 1:   # fail before the passes: mean 1 is unreachable
-        raise Stage2Error(f"alpha_max = {alpha_max!r} < 1: α clipped to [0, alpha_max] cannot have mean 1 "
-                          f"(alpha_norm='mean'); raise --alpha-max or use --alpha-norm none")
-    if isinstance(model, RainModel):
-        raise Stage2Error("run_stage2 needs the bare LRM; detach() the attached adapter first")
-    if not deltas:
-        raise Stage2Error("run_stage2: no deltas given")
-    n_heads, n_kv, head_dim = attention_geometry(model.config)
+    n_heads = attention_geometry(model.config)[0]
     n_layers = int(model.config.num_hidden_layers)
     samples, report = prepare_instruction_samples(
         instruction_calib if isinstance(instruction_calib, (str, Path)) or instruction_calib is None
@@ -279,16 +265,26 @@ def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_cal
 
     if stats.n_a == 0:
         raise Stage2Error("no alignment statistic collected (no sample with related response spans)")
-    frac_pos = stats.n_a_positive / stats.n_a
-    if frac_pos < MIN_POSITIVE_FRACTION:
+    if stats.n_a_positive / stats.n_a < MIN_POSITIVE_FRACTION:
         raise Stage2Error(
             f"alignment a > 0 on only {stats.n_a_positive}/{stats.n_a} instruction pairs "
             f"(< {MIN_POSITIVE_FRACTION:.0%}): the attention statistics are broken")
     m = stats.means()
-    res = alpha_with_stats(m["a1"], m["u1"], rho=rho, alpha_grad=alpha_grad,
-                           a0=m["a0"] if alpha_grad == "gain" else None,
-                           u0=m["u0"] if alpha_grad == "gain" else None,
-                           alpha_norm=alpha_norm, alpha_max=alpha_max)
+    keep = ("a1", "u1", "a0", "u0") if alpha_grad == "gain" else ("a1", "u1")
+    return {**{k: m[k] for k in keep}, "n_a": stats.n_a, "n_u": stats.n_u, "n_a_positive": stats.n_a_positive,
+            "samples": report.to_dict()}
+
+
+def stage2_alpha(deltas: dict[str, ModuleDelta], m: dict, geometry: tuple[int, int, int], *, rho: float,
+                 alpha_grad: str, alpha_norm: str, alpha_max: float, o_alpha: str, max_samples: int | None,
+                 max_seq_len: int, progress: bool = True) -> tuple[dict[str, ModuleDelta], dict]:
+    """Steps 3-4 of :func:`run_stage2`: α from the statistics ``m`` (:func:`stage2_statistics`),
+    folded into ``deltas``, and the ``config["stage2"]`` summary (without ``seconds``)."""
+    n_heads, n_kv, head_dim = geometry
+    n_layers = int(m["a1"].shape[0])
+    gain = alpha_grad == "gain"
+    res = alpha_with_stats(m["a1"], m["u1"], rho=rho, alpha_grad=alpha_grad, a0=m["a0"] if gain else None,
+                           u0=m["u0"] if gain else None, alpha_norm=alpha_norm, alpha_max=alpha_max)
     alpha, raw, norm = res.alpha, res.raw, res.normaliser
     if progress:
         print("[rain build] stage2: " + format_alpha_stats(res.stats, alpha_max), file=sys.stderr, flush=True)
@@ -311,13 +307,57 @@ def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_cal
         "alpha_stats": res.stats,
         "alpha_clipped": {"low": int((raw / norm < 0).sum()), "high": int((raw / norm > alpha_max).sum())},
         "mean_a": float(m["a1"].mean()), "mean_u": float(m["u1"].mean()),
-        "pairs_a": stats.n_a, "pairs_u": stats.n_u, "frac_a_positive": round(frac_pos, 4),
-        "samples": report.to_dict(),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "pairs_a": m["n_a"], "pairs_u": m["n_u"], "frac_a_positive": round(m["n_a_positive"] / m["n_a"], 4),
+        "samples": m["samples"],
     }
-    if alpha_grad == "gain":
+    if gain:
         summary["mean_a0"] = float(m["a0"].mean())
         summary["mean_u0"] = float(m["u0"].mean())
+    return folded, summary
+
+
+def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_calib, *, rho: float = DEFAULT_RHO,
+               alpha_grad: str = "level", alpha_norm: str = "mean", alpha_max: float = 1.5,
+               max_samples: int | None = None, max_seq_len: int = 4096, device=None, progress: bool = True,
+               o_alpha: str = "mean", stats_cache=None) -> tuple[dict[str, ModuleDelta], dict]:
+    """Stage 2 end to end: (α-folded deltas, ``config["stage2"]`` summary).
+
+    ``model``: the LRM (HF causal LM, not already wrapped); the deltas are attached through
+    ``RainLinear`` for the passes and detached afterwards (also on error), so the model comes back
+    unchanged.  ``instruction_calib``: a JSONL path or a list of records (see :mod:`rain_adapter.build.spans`).
+    ``stats_cache``: optional hook with ``load() -> dict | None`` and ``save(dict)`` for the result of
+    :func:`stage2_statistics` (``feature_cache.Stage2StatsCache``); a hit runs no attention pass
+    and the summary records ``"stats_from_cache": True``.
+    """
+    from ..runtime.model import RainModel
+
+    t0 = time.perf_counter()
+    if alpha_grad not in ALPHA_GRADS:
+        raise Stage2Error(f"alpha_grad must be one of {ALPHA_GRADS}, got {alpha_grad!r}")
+    if alpha_norm not in ALPHA_NORMS:
+        raise Stage2Error(f"alpha_norm must be one of {ALPHA_NORMS}, got {alpha_norm!r}")
+    if alpha_norm == "mean" and not alpha_max >= 1:   # fail before the passes: mean 1 is unreachable
+        raise Stage2Error(f"alpha_max = {alpha_max!r} < 1: α clipped to [0, alpha_max] cannot have mean 1 "
+                          f"(alpha_norm='mean'); raise --alpha-max or use --alpha-norm none")
+    if isinstance(model, RainModel):
+        raise Stage2Error("run_stage2 needs the bare LRM; detach() the attached adapter first")
+    if not deltas:
+        raise Stage2Error("run_stage2: no deltas given")
+    geometry = attention_geometry(model.config)
+    m = stats_cache.load() if stats_cache is not None else None
+    if m is not None and tuple(m["a1"].shape) != (int(model.config.num_hidden_layers), geometry[0]):
+        m = None   # cannot happen with an intact key; never fold a table of the wrong shape
+    from_cache = m is not None
+    if m is None:
+        m = stage2_statistics(model, tokenizer, deltas, instruction_calib, alpha_grad=alpha_grad,
+                              max_samples=max_samples, max_seq_len=max_seq_len, device=device, progress=progress)
+        if stats_cache is not None:
+            stats_cache.save(m)
+    folded, summary = stage2_alpha(deltas, m, geometry, rho=rho, alpha_grad=alpha_grad, alpha_norm=alpha_norm,
+                                   alpha_max=alpha_max, o_alpha=o_alpha, max_samples=max_samples,
+                                   max_seq_len=max_seq_len, progress=progress)
+    summary["stats_from_cache"] = from_cache
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
     return folded, summary
 
 

@@ -20,6 +20,11 @@ The key leaves out the module set and the projected layers (checked per layer in
 ``--project-layers 0-1`` build reuses the layers of an all-layers build. A write that fails (a full
 or read-only disk) is one warning line (``store.disk_errors``) and the build goes on without
 saving; the cache is never needed for a correct result.
+
+Stage 2's attention statistics (``coefficients.stage2_statistics``) are kept next to the features
+by :class:`Stage2StatsCache` under ``DIR/<key>/stage2/<stats key>``, keyed on
+:func:`stage2_settings`: everything they depend on and none of ρ, α_max, ``alpha_norm``,
+``o_alpha``, so a rebuild changing only those runs no attention pass.
 """
 
 from __future__ import annotations
@@ -125,16 +130,17 @@ class FeatureCache:
     def _sidecar(self, layer: int) -> Path:
         return self.dir / f"layer_{layer}.sha256"
 
-    def ours(self) -> bool:
-        """Whether ``dir`` may be used: absent, empty, or carrying our marker (else a warning)."""
+    def ours(self, quiet: bool = False) -> bool:
+        """Whether ``dir`` may be used: absent, empty, or carrying our marker (else a warning, unless ``quiet``)."""
         d = self.dir
         if not d.exists() or store.has_marker(d) or (d.is_dir() and not any(d.iterdir())):
             return True
-        self.warn(f"feature cache: {d} exists but was not created by rain build (no {store.MARKER_NAME} "
-                  "marker): it is left alone and not used; move it away to use this cache")
+        if not quiet:
+                self.warn(f"feature cache: {d} exists but was not created by rain build (no {store.MARKER_NAME} "
+                      "marker): it is left alone and not used; move it away to use this cache")
         return False
 
-    def open(self) -> bool:
+    def open(self, what: str = "its features") -> bool:
         """Create ``dir`` (marker, ``meta.json``) for writing; False (with a warning) when it cannot be."""
         try:
             with store.disk_errors(self.dir):
@@ -146,7 +152,7 @@ class FeatureCache:
                     tmp.write_text(json.dumps({"key": self.key, "settings": self.settings}, indent=1))
                     os.replace(tmp, meta)
         except OSError as e:
-            self._write_failed(e)
+            self._write_failed(e, what)
             return False
         now = time.time()
         for tmp in self.dir.glob(".*.tmp"):
@@ -157,10 +163,10 @@ class FeatureCache:
                 pass
         return True
 
-    def _write_failed(self, e: OSError) -> None:
+    def _write_failed(self, e: OSError, what: str = "its features") -> None:
         self.writable = False
         self.warn(f"feature cache: could not write {e.filename or self.dir} ({e.strerror or e}); the build "
-                  "goes on without saving its features")
+                  f"goes on without saving {what}")
 
     def _drop(self, layer: int) -> None:
         for f in (self._sidecar(layer), self.layer_path(layer)):
@@ -264,3 +270,141 @@ class FeatureCache:
             if usable:
                 self.save(l, feats, by_layer[l], fingerprint)
             yield l, feats
+
+
+# ---- Stage 2's attention statistics ----------------------------------------------------------------
+STAGE2_DIR = "stage2"
+
+
+def instruction_digest(source: Any) -> str:
+    """16 hex of sha256 of the instruction calibration: a file's bytes, or the records as sorted JSON."""
+    from .spans import default_instruction_calib_path
+
+    if source is None or isinstance(source, (str, Path)):
+        return file_sha256(Path(source if source is not None else default_instruction_calib_path()).expanduser())[:16]
+    return hashlib.sha256(json.dumps(list(source), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def deltas_digest(deltas: dict[str, Any]) -> str:
+    """16 hex of sha256 of the Stage 1 deltas' names, shapes and :func:`weight_sample` values (a few
+    reads per module): an ITM / base rewritten in place changes it."""
+    from ..format.fingerprint import weight_sample
+
+    h = hashlib.sha256()
+    for name, md in deltas.items():
+        h.update(name.encode())
+        for t in (md.delta, md.lora_A, md.lora_B, md.bias):
+            if t is None:
+                h.update(b"-")
+                continue
+            h.update(repr(tuple(t.shape)).encode())
+            if t.numel():
+                h.update(weight_sample(t.reshape(1, -1) if t.ndim < 2 else t.flatten(1)).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def stage2_settings(opts: Any, stage1: dict[str, Any], feature_key: str | None, tokenizer: Any,
+                    deltas: dict[str, Any], limits: tuple[int | None, int]) -> dict[str, Any]:
+    """Everything Stage 2's statistics depend on and none of ρ / α_max / alpha_norm / o_alpha:
+    ``stage1`` (``pipeline.cache_settings``, the resume key) and a digest of the deltas, the
+    features' key, the instruction set (a digest; ``limits`` = Stage 2's max samples and
+    max sequence length), the tokenizer (size, chat template), ``alpha_grad``, dtype, device,
+    torch / transformers versions."""
+    import transformers  # lazy, as everywhere in build
+
+    template = getattr(tokenizer, "chat_template", None)
+    return {
+        "stage1": stage1, "deltas": deltas_digest(deltas), "feature_key": feature_key,
+        "instruction": instruction_digest(opts.instruction_calib),
+        "max_samples": limits[0], "max_seq_len": limits[1], "vocab": len(tokenizer),
+        "chat_template": None if template is None else hashlib.sha256(str(template).encode()).hexdigest()[:16],
+        "alpha_grad": opts.alpha_grad, "dtype": opts.dtype, "device": None if opts.device is None else str(opts.device),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+
+
+class Stage2StatsCache:
+    """Stage 2's attention statistics (``coefficients.stage2_statistics``) under
+    ``<features dir>/stage2/<key>``: ``.safetensors`` (the ``[L, H]`` float64 means), ``.json``
+    (``{"key", "settings", "stats"}``: the counts and the span report) and ``.sha256`` (both files'
+    sha256, renamed into place last). The ``stats_cache`` hook of ``coefficients.run_stage2``."""
+
+    def __init__(self, features: FeatureCache, settings: dict[str, Any],
+                 log: Callable[[str], None] | None = None) -> None:
+        self.fc = features
+        self.settings = settings
+        self.key = settings_key(settings)
+        self.dir = features.dir / STAGE2_DIR
+        self._log = log or (lambda msg: None)
+        self.usable = True
+
+    def files(self) -> tuple[Path, Path, Path]:
+        """(tensors, json, checksum sidecar)."""
+        return tuple(self.dir / f"{self.key}.{ext}" for ext in ("safetensors", "json", "sha256"))  # type: ignore[return-value]
+
+    def _drop(self) -> None:
+        for f in self.files()[::-1]:
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _read(self) -> dict[str, Any]:
+        tensors, meta_p, side = self.files()
+        sums = json.loads(side.read_text())
+        for p in (tensors, meta_p):
+            if file_sha256(p) != sums.get(p.name):
+                raise ValueError(f"{p} does not match its checksum (corrupt or truncated)")
+        meta = json.loads(meta_p.read_text())
+        if meta.get("key") != self.key or not isinstance(meta.get("stats"), dict):
+            raise ValueError(f"{meta_p} holds another key")
+        with safe_open(str(tensors), framework="pt") as f:
+            stats = {**meta["stats"], **{k: f.get_tensor(k) for k in f.keys()}}
+        want = ("a1", "u1", "a0", "u0") if self.settings.get("alpha_grad") == "gain" else ("a1", "u1")
+        if any(k not in stats for k in (*want, "n_a", "n_u", "n_a_positive", "samples")):
+            raise KeyError("a statistic is missing")
+        return stats
+
+    def load(self) -> dict[str, Any] | None:
+        """The cached statistics, or None (a miss; a corrupt entry is warned about and dropped)."""
+        where = f"{self.dir} (key {self.key})"
+        self.usable = self.fc.ours(quiet=True)
+        if not self.usable or not self.files()[2].is_file():
+            self._log(f"[rain build] stage2: attention statistics not in the feature cache {where}; running the passes")
+            return None
+        try:
+            stats = self._read()
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, SafetensorError) as e:
+            self.fc.warn(f"feature cache: Stage 2 statistics {self.files()[0]} unusable ({e}); they are recomputed "
+                         f"(to clear the cache: rm -r {self.fc.dir})")
+            self._drop()
+            return None
+        self._log(f"[rain build] stage2: attention statistics from the feature cache {where}; no attention pass")
+        return stats
+
+    def save(self, stats: dict[str, Any]) -> None:
+        """Write ``stats`` (sidecar last); a failed write warns once and the build goes on."""
+        if not self.usable or not self.fc.writable or not self.fc.open("its Stage 2 statistics"):
+            return
+        files = self.files()
+        tag = uuid.uuid4().hex[:8]
+        tmps = tuple(self.dir / f".{p.name}.{tag}.tmp" for p in files)
+        try:
+            files[2].unlink(missing_ok=True)  # a stale sidecar must never vouch for new files
+            with store.disk_errors(self.dir):
+                self.dir.mkdir(exist_ok=True)
+            with store.disk_errors(tmps[0]):
+                save_file({k: v.contiguous() for k, v in stats.items() if isinstance(v, Tensor)}, str(tmps[0]))
+            with store.disk_errors(tmps[1]):
+                rest = {k: v for k, v in stats.items() if not isinstance(v, Tensor)}
+                tmps[1].write_text(json.dumps({"key": self.key, "settings": self.settings, "stats": rest}, indent=1))
+                tmps[2].write_text(json.dumps({files[0].name: file_sha256(tmps[0]), files[1].name: file_sha256(tmps[1])}))
+                for tmp, p in zip(tmps, files):
+                    os.replace(tmp, p)
+        except OSError as e:
+            self.fc._write_failed(e, "its Stage 2 statistics")
+            return
+        finally:
+            for tmp in tmps:
+                tmp.unlink(missing_ok=True)
+        self._log(f"[rain build] stage2: attention statistics saved to the feature cache {self.dir} (key {self.key})")

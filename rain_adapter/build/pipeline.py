@@ -22,7 +22,8 @@
    with ``--feature-cache`` the features come from / go to ``feature_cache`` (a full hit runs no
    forward); then :func:`check_kept_norm` warns loudly when Stage 1 left (almost) nothing of Δ;
 6. :func:`apply_stage2`: Stage 2 (``coefficients.run_stage2``) when the method has it and an
-   instruction calibration set is given;
+   instruction calibration set is given; with ``--feature-cache`` its attention statistics come
+   from / go to the cache (``feature_cache.Stage2StatsCache``: a hit runs no attention pass);
 7. :func:`compress_storage`: ``--storage lowrank`` → ``lowrank.compress``;
 8. :func:`make_config` + atomic ``store.save_adapter``; the partial cache is removed.
 
@@ -64,7 +65,7 @@ from .cache import PARTIAL_SUFFIX, PartialCache
 from .calibration import CalibrationSet, prepare_reasoning_calibration
 from .coefficients import run_stage2
 from .errors import KeptNormWarning
-from .feature_cache import FeatureCache, feature_settings
+from .feature_cache import FeatureCache, Stage2StatsCache, feature_settings, stage2_settings
 from .features import trim_heap
 from .lowrank import compress, rank_field
 from .methods import MergeMethod, get_method, module_generator
@@ -271,8 +272,22 @@ def wants_stage2(opts: BuildOptions, method: MergeMethod) -> bool:
     return method.stage2 and opts.instruction_calib is not None and not opts.no_stage2
 
 
+def stage2_stats_cache(opts: BuildOptions, method: MergeMethod, targets: Targets, calib: CalibrationSet | None,
+                       tokenizer: Any, deltas: dict[str, ModuleDelta], limits: tuple[int | None, int],
+                       log: BuildLog | None = None) -> Stage2StatsCache | None:
+    """With ``--feature-cache``: where Stage 2's attention statistics are kept, next to the features
+    (keyed on ``feature_cache.stage2_settings``: the resume key, the features' key, the instruction set,
+    ...; not ρ / α_max / alpha_norm / o_alpha). None without the cache or a reasoning calibration set."""
+    if opts.feature_cache is None or calib is None:
+        return None
+    fc = FeatureCache(opts.feature_cache, feature_settings(opts, calib, targets.model), warn=log.warn if log else None)
+    settings = stage2_settings(opts, cache_settings(opts, method, targets, calib), fc.key, tokenizer, deltas, limits)
+    return Stage2StatsCache(fc, settings, log)
+
+
 def apply_stage2(opts: BuildOptions, method: MergeMethod, targets: Targets, tokenizer: Any,
-                 deltas: dict[str, ModuleDelta]) -> tuple[dict[str, ModuleDelta], dict[str, Any], str]:
+                 deltas: dict[str, ModuleDelta], calib: CalibrationSet | None = None, log: BuildLog | None = None
+                 ) -> tuple[dict[str, ModuleDelta], dict[str, Any], str]:
     """(deltas with α folded in, ``config.stage2``, the method name to record)."""
     if not method.stage2:
         return deltas, {}, method.name
@@ -282,12 +297,13 @@ def apply_stage2(opts: BuildOptions, method: MergeMethod, targets: Targets, toke
     if opts.sequential and opts.device is not None:
         targets.model.to(opts.device)
     # Stage 2 samples hold the whole response, so they may need their own limits.
+    limits = (opts.max_samples if opts.stage2_max_samples is None else opts.stage2_max_samples,
+              opts.max_seq_len if opts.stage2_max_seq_len is None else opts.stage2_max_seq_len)
     deltas, stage2 = run_stage2(
         targets.model, tokenizer, deltas, opts.instruction_calib, rho=opts.rho, alpha_grad=opts.alpha_grad,
-        alpha_norm=opts.alpha_norm, alpha_max=opts.alpha_max, o_alpha=opts.o_alpha,
-        max_samples=opts.max_samples if opts.stage2_max_samples is None else opts.stage2_max_samples,
-        max_seq_len=opts.max_seq_len if opts.stage2_max_seq_len is None else opts.stage2_max_seq_len,
-        device=opts.device, progress=opts.progress)
+        alpha_norm=opts.alpha_norm, alpha_max=opts.alpha_max, o_alpha=opts.o_alpha, max_samples=limits[0],
+        max_seq_len=limits[1], device=opts.device, progress=opts.progress,
+        stats_cache=stage2_stats_cache(opts, method, targets, calib, tokenizer, deltas, limits, log))
     return deltas, stage2, method.name
 
 
@@ -392,7 +408,7 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
     log.mark("stage1")
     log.table(stats)
     checks = check_kept_norm(opts, method, stats, calib, log)
-    deltas, stage2, method_name = apply_stage2(opts, method, targets, tokenizer, deltas)
+    deltas, stage2, method_name = apply_stage2(opts, method, targets, tokenizer, deltas, calib, log)
     log.mark("stage2")
     deltas, fidelity, rank = compress_storage(opts, deltas)
     config = make_config(opts, targets, method_name=method_name, stage1=stage1_record(opts, method, targets, stats,
