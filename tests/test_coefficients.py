@@ -14,7 +14,7 @@ from rain_adapter.build.coefficients import (
     Stage2Error, alpha_from_stats, fold_alpha, fold_alpha_all, format_alpha_table, run_stage2,
 )
 from rain_adapter.format.delta import ModuleDelta
-from rain_adapter.testing.fixtures import make_tokenizer
+from rain_adapter.testing.fixtures import make_instruction_records, make_tokenizer
 from rain_adapter.build.spans import prepare_instruction_samples
 from rain_adapter.testing.tiny import random_deltas, tiny_model
 
@@ -310,21 +310,7 @@ def test_fold_shape_mismatch_is_clear():
 # the passes end to end
 # ----------------------------------------------------------------------------------------------
 def _records():
-    recs = []
-    topics = ["cats", "the sea", "mountains", "coffee", "trains"]
-    for i, t in enumerate(topics):
-        recs.append({
-            "id": i, "prompt": f"Write two lines about {t}. End with the word Done.",
-            "reason": f"The user wants lines about {t} and the ending word.",
-            "response": f"Here is a short piece.\nLine one on {t}.\nLine two on {t}.\nThanks for asking. Done",
-            "related_prompt_list": [
-                {"instruction_id": "length", "prompt_spans": [f"Write two lines about {t}"],
-                 "response_spans": [f"Line one on {t}", f"Line two on {t}"], "unrelated_response_spans": []},
-                {"instruction_id": "end", "prompt_spans": ["End with the word Done"],
-                 "response_spans": ["Done"], "unrelated_response_spans": ["Line one"]},
-            ],
-            "unrelated_response_spans": ["Here is a short piece", "Thanks for asking"],
-        })
+    recs = make_instruction_records(["cats", "the sea", "mountains", "coffee", "trains"])
     recs.append({**recs[0], "id": 99, "response": "z" * 600 + recs[0]["response"]})   # too long
     return recs
 

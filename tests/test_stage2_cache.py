@@ -19,27 +19,12 @@ from rain_adapter.build.feature_cache import FeatureCache, FeatureCacheWarning, 
 from rain_adapter.build.pipeline import build_adapter
 from rain_adapter.format.config import RainConfig
 from rain_adapter.format.store import read_tensors
-from rain_adapter.testing.fixtures import make_tiny_triple, write_reasoning_calib
+from rain_adapter.testing.fixtures import make_instruction_records, make_tiny_triple, write_reasoning_calib
 
 TIMING = ("seconds", "stats_from_cache")
 
 
-def _records() -> list[dict]:
-    recs = []
-    for i, t in enumerate(["owls", "rivers", "bread"]):
-        recs.append({
-            "id": i, "prompt": f"Write two lines about {t}. End with the word Done.",
-            "reason": f"Two lines on {t}, then the ending word.",
-            "response": f"Sure.\nLine one on {t}.\nLine two on {t}.\nThat is all. Done",
-            "related_prompt_list": [
-                {"instruction_id": "length", "prompt_spans": [f"Write two lines about {t}"],
-                 "response_spans": [f"Line one on {t}", f"Line two on {t}"]},
-                {"instruction_id": "end", "prompt_spans": ["End with the word Done"], "response_spans": ["Done"],
-                 "unrelated_response_spans": ["Line one"]},
-            ],
-            "unrelated_response_spans": ["Sure.", "That is all"],
-        })
-    return recs
+_records = make_instruction_records   # the shared Stage 2 records (testing/fixtures.py)
 
 
 @pytest.fixture(scope="module")

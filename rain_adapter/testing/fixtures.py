@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -237,3 +238,23 @@ def write_reasoning_calib(path: str | Path, n: int = 8, seed: int = 0, jsonl: bo
     else:
         path.write_text(json.dumps(samples))
     return path
+
+
+def make_instruction_records(topics: Sequence[str] = ("owls", "rivers", "bread")) -> list[dict[str, Any]]:
+    """Stage 2 instruction-calibration records (DESIGN §6.3's shape): per topic two instructions,
+    "two lines" (related response spans: the lines) and "end with Done", plus unrelated spans."""
+    recs = []
+    for i, t in enumerate(topics):
+        recs.append({
+            "id": i, "prompt": f"Write two lines about {t}. End with the word Done.",
+            "reason": f"Two lines on {t}, then the ending word.",
+            "response": f"Sure.\nLine one on {t}.\nLine two on {t}.\nThat is all. Done",
+            "related_prompt_list": [
+                {"instruction_id": "length", "prompt_spans": [f"Write two lines about {t}"],
+                 "response_spans": [f"Line one on {t}", f"Line two on {t}"]},
+                {"instruction_id": "end", "prompt_spans": ["End with the word Done"], "response_spans": ["Done"],
+                 "unrelated_response_spans": ["Line one"]},
+            ],
+            "unrelated_response_spans": ["Sure.", "That is all"],
+        })
+    return recs
