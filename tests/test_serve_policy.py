@@ -74,18 +74,18 @@ def test_report_never_fails_and_json_is_strict():
 
 
 def test_a_check_that_cannot_run_is_unscored_not_non_compliant(monkeypatch):
-    from rain_adapter.evaluation import checks
+    from rain_adapter.evaluation.registry import CheckRegistry
     from rain_adapter.serve.requests import parse_rain_checks
     from rain_adapter.serve.scoring import probe_checks, score_output
 
-    real = checks.follow_instructions
+    real = CheckRegistry.check
 
-    def flaky(instr, text, prompt=None):
-        if instr[0][0] == "length_constraints:number_sentences":
+    def flaky(self, iid, kwargs, response, prompt=None):   # lm-eval's checker without NLTK's data
+        if iid == "length_constraints:number_sentences":
             raise LookupError("Resource punkt_tab not found")
-        return real(instr, text, prompt)
+        return real(self, iid, kwargs, response, prompt=prompt)
 
-    monkeypatch.setattr(checks, "follow_instructions", flaky)
+    monkeypatch.setattr(CheckRegistry, "check", flaky)
     cs = parse_rain_checks([{"instruction_id": "length_constraints:number_sentences",
                              "kwargs": {"num_sentences": 1, "relation": "at least"}}, "punctuation:no_comma"])
     sc = score_output("</think>no commas", cs)

@@ -1,7 +1,7 @@
 """Scoring a completion with evaluation's checks, never letting a check that cannot run mislabel it.
 
-:func:`score_output` calls :mod:`rain_adapter.evaluation.checks` (``think_format_ok``,
-``follow_instructions``: the definitions the λ sweeps use) one instruction at a time through the
+:func:`score_output` calls evaluation's ``think_format_ok`` and
+:func:`~rain_adapter.evaluation.scoring.follow_instructions` (the definitions the λ sweeps use) one instruction at a time through the
 server's check registry, and catches everything: a check that cannot run (bad kwargs, lm-eval's
 IFEval registry without NLTK's ``punkt_tab``, a plug-in that returns None or raises) is **unscored**
 with its reason — ``ok`` None and ``error`` set — and left out of compliance, never counted as
@@ -23,6 +23,7 @@ from typing import Any
 
 from ..evaluation import checks as _checks
 from ..evaluation.registry import CheckRegistry, registry_with
+from ..evaluation.scoring import follow_instructions
 
 log = logging.getLogger("rain_adapter.serve")
 
@@ -57,12 +58,9 @@ class OutputScore:
         return sum(1 for r in self.results if r["ok"] is None)
 
 
-def _one(iid: str, kwargs: dict[str, Any] | None, text: str, registry: CheckRegistry | None) -> dict[str, Any]:
+def _one(iid: str, kwargs: dict[str, Any] | None, text: str, registry: CheckRegistry) -> dict[str, Any]:
     try:
-        # the default server registry knows only built-in and spec:* ids, which evaluation's default
-        # registry scores the same way: pass a registry only when it holds --checks modules
-        extra = {"registry": registry} if registry not in (None, DEFAULT_SERVER_REGISTRY) else {}
-        _, res = _checks.follow_instructions([(iid, kwargs)], text, **extra)
+        _, res = follow_instructions([(iid, kwargs)], text, registry=registry)
         r = res[0]
         return {"instruction_id": iid, "ok": r.ok, **({"error": r.error} if r.error else {})}
     except Exception as e:  # noqa: BLE001 - a check that cannot run is unscored, never non-compliant
@@ -90,7 +88,7 @@ def probe_checks(registry: CheckRegistry | None = None) -> list[str]:
     for iid, kw in PROBES:
         if iid not in _checks.supported_ids():
             continue
-        r = _one(iid, kw, "One sentence here. And another one.", registry)
+        r = _one(iid, kw, "One sentence here. And another one.", registry or DEFAULT_SERVER_REGISTRY)
         if r["ok"] is None:
             out.append(f"check {iid} cannot run ({r.get('error')}); requests asking for it are logged unscored")
     return out
