@@ -18,8 +18,8 @@ from rain_adapter.build.feature_cache import FeatureCache, FeatureCacheWarning
 from rain_adapter.build.options import BuildError, BuildOptions
 from rain_adapter.build.pipeline import build_adapter
 from rain_adapter.format.config import RainConfig
-from rain_adapter.format.store import MARKER_NAME, has_marker, read_tensors
-from rain_adapter.testing.fixtures import make_tiny_triple, write_reasoning_calib
+from rain_adapter.format.store import MARKER_NAME, has_marker
+from rain_adapter.testing.fixtures import assert_same_adapter_tensors, make_tiny_triple, write_reasoning_calib
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +70,7 @@ def forwards(monkeypatch):
     return calls
 
 
-def _same_deltas(a, b):
-    ta, tb = read_tensors(a), read_tensors(b)
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+_same_deltas = assert_same_adapter_tensors   # testing/fixtures.py
 
 
 def test_cache_layout(cache_a):

@@ -18,8 +18,9 @@ from rain_adapter.build.cache import file_sha256
 from rain_adapter.build.feature_cache import FeatureCache, FeatureCacheWarning, Stage2StatsCache
 from rain_adapter.build.pipeline import build_adapter
 from rain_adapter.format.config import RainConfig
-from rain_adapter.format.store import read_tensors
-from rain_adapter.testing.fixtures import make_instruction_records, make_tiny_triple, write_reasoning_calib
+from rain_adapter.testing.fixtures import (
+    assert_same_adapter_tensors, make_instruction_records, make_tiny_triple, write_reasoning_calib,
+)
 
 TIMING = ("seconds", "stats_from_cache")
 
@@ -78,11 +79,7 @@ def _stats_files(cache):
     return sorted(cache.glob("*/stage2/*"))
 
 
-def _same_deltas(a, b):
-    ta, tb = read_tensors(a), read_tensors(b)
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+_same_deltas = assert_same_adapter_tensors   # testing/fixtures.py
 
 
 def _stage2(out):

@@ -258,3 +258,13 @@ def make_instruction_records(topics: Sequence[str] = ("owls", "rivers", "bread")
             "unrelated_response_spans": ["Sure.", "That is all"],
         })
     return recs
+
+
+def assert_same_adapter_tensors(a: str | Path, b: str | Path) -> None:
+    """Two adapter directories hold the same tensor names with bit-identical values (``torch.equal``)."""
+    from rain_adapter.format.store import read_tensors
+
+    ta, tb = read_tensors(Path(a)), read_tensors(Path(b))
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
