@@ -37,11 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rain_adapter.demo.run import build_methods
+from rain_adapter.demo.run import build_methods, value_at_compliance
 from rain_adapter.demo.soundness import max_new_tokens
 from rain_adapter.build.coefficients import Stage2Error
 from rain_adapter.demo.train import WorldConfig, ensure_world, format_world_config
-from rain_adapter.evaluation.checks import score_response
+from rain_adapter.evaluation.scoring import score_response
+from rain_adapter.evaluation.tune import LambdaPoint, choose
 from rain_adapter.evaluation.sweep import generate_responses, load_model, load_prompts
 from rain_adapter.runtime.model import RainAdapter
 
@@ -120,36 +121,39 @@ def run_world(name: str, cfg: WorldConfig, lambdas: list[float], n: int, out: Pa
 
 # ----------------------------------------------------------------------------- statistics
 
+def _lams(per: dict[str, np.ndarray]) -> list[float]:
+    return [0.0] + sorted(float(x) for x in per if float(x) != 0.0)
+
+
 def curve(lrm: np.ndarray, per: dict[str, np.ndarray], idx: np.ndarray):
     """(λs, [k, 3] means over the prompts ``idx``) with λ = 0 from the LRM."""
-    lams = [0.0] + sorted(float(x) for x in per if float(x) != 0.0)
-    m = [np.nanmean(lrm[idx], axis=0)] + [np.nanmean(per[str(x) if str(x) in per else repr(x)][idx], axis=0)
-                                          for x in lams[1:]]
+    lams = _lams(per)
+    m = [np.nanmean(lrm[idx], axis=0)] + [np.nanmean(per[str(x)][idx], axis=0) for x in lams[1:]]
     return np.array(lams), np.array(m)
 
 
-def comply_at_star(lams: np.ndarray, m: np.ndarray) -> float:
-    """Compliance at λ*: the feasible region from λ = 0, the most compliant λ in it (smaller on ties)."""
-    acc0, fmt0 = m[0, 1], m[0, 2]
-    best = m[0, 0]
-    for k in range(1, len(lams)):
-        if m[k, 1] < ACC_KEEP * acc0 - 1e-12 or m[k, 2] < FORMAT_KEEP * fmt0 - 1e-12:
-            break
-        best = max(best, m[k, 0])
-    return float(best)
+def _point(lam: float, scores: np.ndarray) -> LambdaPoint:
+    """The counts ``rain tune`` works with, from one λ's [n, 3] (compliant, correct, format) rows."""
+    def kn(col: int) -> tuple[int, int]:
+        v = scores[:, col]
+        v = v[~np.isnan(v)]
+        return int(v.sum()), len(v)
+    return LambdaPoint(lam, *kn(0), *kn(1), *kn(2))
+
+
+def comply_at_star(lrm: np.ndarray, per: dict[str, np.ndarray], idx: np.ndarray) -> float:
+    """Compliance at λ* by ``rain tune``'s own rule (:func:`rain_adapter.evaluation.tune.choose`)."""
+    pts = [_point(0.0, lrm[idx])] + [_point(x, per[str(x)][idx]) for x in _lams(per)[1:]]
+    floors = {"accuracy": ACC_KEEP * pts[0].accuracy, "format_validity": FORMAT_KEEP * pts[0].format_validity}
+    return float(choose(pts, floors)[0].compliance)
 
 
 def acc_at(lams: np.ndarray, m: np.ndarray, c: float = MATCH_C, col: int = 1) -> float:
-    """Accuracy (``col`` 1; format validity: 2) at compliance c (first crossing, linear in between);
-    NaN when never reached."""
-    for k in range(len(lams) - 1):
-        ca, cb = m[k, 0], m[k + 1, 0]
-        if ca == c:
-            return float(m[k, col])
-        if (ca - c) * (cb - c) < 0:
-            t = (c - ca) / (cb - ca)
-            return float(m[k, col] + t * (m[k + 1, col] - m[k, col]))
-    return float(m[-1, col]) if m[-1, 0] == c else float("nan")
+    """Accuracy (``col`` 1; format validity: 2) at compliance c, by the demo's rule
+    (:func:`rain_adapter.demo.run.value_at_compliance`: first crossing, linear); NaN when never reached."""
+    recs = [{"lambda": float(x), "compliance": float(r[0]), "v": float(r[col])} for x, r in zip(lams, m)]
+    v = value_at_compliance(recs, c, "v")
+    return float("nan") if v is None else float(v)
 
 
 def _load(wdir: Path):
@@ -167,7 +171,7 @@ def _load(wdir: Path):
 
 def _stats(lrm, per, idx):
     lams, m = curve(lrm, per, idx)
-    return comply_at_star(lams, m), acc_at(lams, m)
+    return comply_at_star(lrm, per, idx), acc_at(lams, m)
 
 
 def _ci(xs: list[float]) -> str:
