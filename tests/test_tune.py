@@ -326,3 +326,15 @@ def test_floor_on_the_lower_bound_is_never_bolder(seed):
     assert choose(pts, {"accuracy": 0.9 * 28 / 30}, lower=0.95)[0].lam == 0.0
     with pytest.raises(TuneError, match="floor_on"):
         TuneOptions(floor_on="upper").validate()
+
+
+def test_a_dev_set_without_references_is_written_with_null_accuracy(tmp_path):
+    """--min-accuracy 0 on prompts without answers: the config and report hold null, never NaN."""
+    _, ad = _tiny_adapter(tmp_path)
+    res = search(lambda lams: [LambdaPoint(x, round(x * 33), 100, 0, 0, 10, 10) for x in lams],
+                 TuneOptions(min_accuracy=0.0, grid="0:2:0.5"))
+    apply_to_config(ad, res, opts=TuneOptions(min_accuracy=0.0), prompts=tmp_path / "dev.jsonl", n_rows=0)
+    text = (ad / "adapter_config.json").read_text()
+    assert "NaN" not in text
+    star = next(p for p in json.loads(text)["tune"]["points"] if p["lambda"] == res.recommended_lambda)
+    assert star["accuracy"] is None and star["accuracy_ci"] is None and star["compliance"] > 0

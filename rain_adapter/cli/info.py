@@ -155,8 +155,10 @@ def tune_lines(config) -> list[str]:
            f"{src.get('path', '?')} ({t.get('date', '?')}); floors {t.get('floors')}"]
     if star:
         def rate(k: str) -> str:
-            lo, hi = star.get(k + "_ci") or (float("nan"), float("nan"))
-            return f"{k} {star.get(k, float('nan')):.3f} [{lo:.2f}, {hi:.2f}]"
+            if star.get(k) is None:   # nothing scored for it (e.g. no references)
+                return f"{k} -"
+            lo, hi = star[k + "_ci"]
+            return f"{k} {star[k]:.3f} [{lo:.2f}, {hi:.2f}]"
         out.append("             at λ*: " + ", ".join(rate(k) for k in ("compliance", "accuracy", "format_validity")))
     return out
 

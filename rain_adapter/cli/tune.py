@@ -33,8 +33,10 @@ from ..evaluation.answers import resolve_extractor
 from ..evaluation.registry import registry_with
 from ..evaluation.scoring import score_response
 from ..evaluation.plots import plot_sweep_if_available
+from ..evaluation.stats import wilson
 from ..evaluation.tune import TuneError, TuneOptions, TuneResult, tune_attached
 from ..evaluation.tune_write import apply_to_config, check_writable_adapter, write_arms
+from ..format.store import resolve_adapter
 from .args import add_dtype
 from .tune_search import SEARCHABLE, best_variant, build_variants, parse_search
 
@@ -59,11 +61,11 @@ def compare_table(results: dict[str, TuneResult]) -> str:
     w = max(24, *(len(n) + 2 for n in results))
     lines = [f"{'adapter':<{w}}{'λ*':>7}  {'compliance [95% CI]':>22}  {'accuracy [95% CI]':>22}  {'format':>6}"]
     for name, r in results.items():
-        d = r.best.to_dict(r.confidence)
-        c_lo, c_hi = d["compliance_ci"]
-        a_lo, a_hi = d["accuracy_ci"]
-        lines.append(f"{name:<{w}}{r.recommended_lambda:>7g}  {d['compliance']:>7.3f} [{c_lo:.2f}, {c_hi:.2f}]"
-                     f"{'':>3}  {d['accuracy']:>7.3f} [{a_lo:.2f}, {a_hi:.2f}]{'':>3}  {d['format_validity']:>6.3f}")
+        b = r.best
+        c_lo, c_hi = wilson(b.comply_k, b.comply_n, r.confidence)
+        a_lo, a_hi = wilson(b.acc_k, b.acc_n, r.confidence)
+        lines.append(f"{name:<{w}}{r.recommended_lambda:>7g}  {b.compliance:>7.3f} [{c_lo:.2f}, {c_hi:.2f}]"
+                     f"{'':>3}  {b.accuracy:>7.3f} [{a_lo:.2f}, {a_hi:.2f}]{'':>3}  {b.format_validity:>6.3f}")
     return "\n".join(lines)
 
 
@@ -113,7 +115,7 @@ def _finish_one(args, adapter: str, name: str, res: TuneResult, opts: TuneOption
     if not args.no_write:
         cfg = apply_to_config(adapter, res, opts=opts, prompts=args.prompts, n_rows=n_rows)
         print(f"wrote default_lambda = recommended_lambda = {cfg.recommended_lambda:g}, lambda_range "
-              f"{cfg.lambda_range} into {check_writable_adapter(adapter)}/adapter_config.json")
+              f"{cfg.lambda_range} into {resolve_adapter(adapter) / 'adapter_config.json'}")
     if args.arms:
         if res.recommended_lambda <= 0:
             raise TuneError(f"{adapter}: λ* = 0, so there are no arms around it; no arms file written")

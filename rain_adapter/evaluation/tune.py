@@ -112,8 +112,9 @@ class LambdaPoint:
         d: dict[str, Any] = {"lambda": self.lam, **{k: v for k, v in asdict(self).items() if k != "lam"}}
         for name, k, n in (("compliance", self.comply_k, self.comply_n), ("accuracy", self.acc_k, self.acc_n),
                            ("format_validity", self.fmt_k, self.fmt_n)):
-            d[name] = self._rate(k, n)
-            d[name + "_ci"] = list(wilson(k, n, confidence))
+            # a rate nothing was scored for (no references: --min-accuracy 0) is JSON null, never NaN
+            d[name] = self._rate(k, n) if n else None
+            d[name + "_ci"] = list(wilson(k, n, confidence)) if n else None
         return d
 
 

@@ -37,27 +37,30 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_writable_adapter(adapter: str | Path) -> Path:
-    """The local adapter directory tune may rewrite; a Hub snapshot (in the HF cache) is refused."""
+def _writable(adapter: str | Path) -> tuple[Path, RainConfig]:
+    """(directory, config) of a local adapter tune may rewrite; a Hub snapshot (HF cache) is refused."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
     root = resolve_adapter(adapter)
     if root.resolve().is_relative_to(Path(HF_HUB_CACHE).resolve()):
         raise TuneError(f"{root}: is a Hugging Face cache snapshot; copy the adapter to a directory of your "
                         "own (or pass --no-write) before tuning it")
-    RainConfig.load(root)  # a readable rain adapter config, or a clear ConfigError
-    return root
+    return root, RainConfig.load(root)  # a readable rain adapter config, or a clear ConfigError
+
+
+def check_writable_adapter(adapter: str | Path) -> Path:
+    """The local adapter directory tune may rewrite (checked before any generation)."""
+    return _writable(adapter)[0]
 
 
 def apply_to_config(adapter: str | Path, result: TuneResult, *, opts: TuneOptions, prompts: str | Path,
                     n_rows: int) -> RainConfig:
     """Write λ*, the measured range and the report into the adapter's config (see the module doc)."""
-    root = check_writable_adapter(adapter)
+    root, cfg = _writable(adapter)
     if result.recommended_lambda <= 0.0:
         base = result.baseline
         raise TuneError(f"{root}: no λ > 0 raised compliance above the LRM's ({base.compliance:.3f}) while "
                         f"meeting the floors {result.floors}; the config is left as it was")
-    cfg = RainConfig.load(root)
     prompts = Path(prompts)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
