@@ -248,9 +248,11 @@ def test_rain_serve_starts_at_the_tuned_lambda_and_range(tmp_path):
 
 
 def test_several_adapters_get_unique_names_and_one_comparison_line_each():
-    from rain_adapter.cli.tune import _unique, compare_table
+    from rain_adapter.cli.tune import compare_table
+    from rain_adapter.evaluation.sweep import unique_names
 
-    assert _unique(["rain", "rain-stage1", "rain", "rain"]) == ["rain", "rain-stage1", "rain-2", "rain-3"]
+    assert unique_names(["rain", "rain-stage1", "rain", "rain"]) == ["rain", "rain-stage1", "rain-2", "rain-3"]
+    assert unique_names(["rain", "rain-2", "rain"]) == ["rain", "rain-2", "rain-3"]   # never a second rain-2
     a, b = _result(), _result(star_cliff=0.75)
     lines = compare_table({"rain": a, "rain-2": b}).splitlines()
     assert len(lines) == 3 and lines[1].split()[:2] == ["rain", f"{a.recommended_lambda:g}"]

@@ -46,16 +46,6 @@ def options_from_args(args: argparse.Namespace) -> TuneOptions:
     return TuneOptions(**{f.name: getattr(args, f.name) for f in fields(TuneOptions)})
 
 
-def _unique(names: list[str]) -> list[str]:
-    """Adapter display names, ``-2``, ``-3`` … added to repeats (file names and report keys)."""
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
-    return out
-
-
 def compare_table(results: dict[str, TuneResult]) -> str:
     """One line per adapter at its λ*: what each gives within the same floors on the same prompts."""
     w = max(24, *(len(n) + 2 for n in results))
@@ -97,7 +87,7 @@ def _targets(args: argparse.Namespace, out: Path) -> tuple[list[tuple[str, str]]
     """(name, adapter) pairs to tune: the ``--adapter`` list, or with ``--search`` the variants of the
     one adapter (built here, before the LRM is loaded for generation)."""
     if not args.search:
-        names = _unique([sweep.method_name(a) for a in args.adapter])
+        names = sweep.unique_names([sweep.method_name(a) for a in args.adapter])
         return list(zip(names, args.adapter)), {}
     if len(args.adapter) != 1:
         raise ValueError("--search tunes the build settings of one adapter: give exactly one --adapter")

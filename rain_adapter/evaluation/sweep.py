@@ -239,6 +239,20 @@ def method_name(adapter: str | Path) -> str:
         return Path(str(adapter)).name
 
 
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Display names, a repeat getting ``-2``, ``-3`` … (the first suffix not already taken), so report
+    keys and file names never collide (``rain sweep``, ``rain tune``)."""
+    used: set[str] = set()
+    out = []
+    for name in names:
+        base, k = name, 2
+        while name in used:
+            name, k = f"{base}-{k}", k + 1
+        used.add(name)
+        out.append(name)
+    return out
+
+
 def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Sequence[dict[str, Any]],
                    lambdas: Sequence[float], *, names: Sequence[str] | None = None, max_new_tokens: int = 128,
                    batch_size: int = 64, progress: bool = True, responses_out: list[dict[str, Any]] | None = None,
@@ -248,14 +262,9 @@ def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Seque
     from ..runtime.model import RainAdapter
 
     records: list[dict[str, Any]] = []
-    names = list(names) if names else []
-    used: set[str] = set()
-    for i, ad in enumerate(adapters):
-        name = names[i] if i < len(names) else method_name(ad)
-        base_name, k = name, 2
-        while name in used:
-            name, k = f"{base_name}-{k}", k + 1
-        used.add(name)
+    given = list(names) if names else []
+    labels = unique_names([given[i] if i < len(given) else method_name(ad) for i, ad in enumerate(adapters)])
+    for ad, name in zip(adapters, labels):
         rm = RainAdapter.attach(model, str(ad) if isinstance(ad, Path) else ad)
         try:
             records += sweep_attached(rm, tokenizer, rows, lambdas, method=name, max_new_tokens=max_new_tokens,
