@@ -95,9 +95,8 @@ def variant_options(rec: dict[str, Any], combo: dict[str, Any], *, lrm: str, out
             raise ValueError(f"recorded build option {k!r} = {kw[k]!r} does not exist from here (paths are "
                              "recorded as given to rain build: run rain tune from that directory)")
     kw.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in combo.items()})
-    kw.update(lrm=lrm, out=str(out), overwrite=True, resume=False, preset=None, progress=False, verbose=False)
-    if "feature_cache" in known:
-        kw["feature_cache"] = str(feature_cache)
+    kw.update(lrm=lrm, out=str(out), overwrite=True, resume=False, preset=None, progress=False, verbose=False,
+              feature_cache=str(feature_cache))
     return BuildOptions(**kw)
 
 
