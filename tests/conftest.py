@@ -32,3 +32,19 @@ def ci_world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("world") / "ci"
     return ensure_world(ci_config(), root, progress=False)
+
+
+@pytest.fixture(scope="session")
+def triple(tmp_path_factory):
+    """The tiny Qwen2 base / ITM / LRM (seed 0) the build tests share; read-only (tests copy before editing)."""
+    from rain_adapter.testing.fixtures import make_tiny_triple
+
+    return make_tiny_triple(tmp_path_factory.mktemp("triple"), arch="qwen2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory):
+    """A 3-sample reasoning calibration file (3 × 12 = 36 thinking positions < hidden 64)."""
+    from rain_adapter.testing.fixtures import write_reasoning_calib
+
+    return write_reasoning_calib(tmp_path_factory.mktemp("calib") / "calib.json", n=3)

@@ -9,19 +9,12 @@ import pytest
 import torch
 
 from rain_adapter.build.pipeline import build_adapter
-from rain_adapter.testing.fixtures import PLAIN_CHAT_TEMPLATE, make_tiny_triple, write_reasoning_calib
+from rain_adapter.testing.fixtures import PLAIN_CHAT_TEMPLATE
 
 N_SAMPLES = 3  # 3 × 12 = 36 thinking positions < hidden 64
 
 
-@pytest.fixture(scope="module")
-def triple(tmp_path_factory):
-    return make_tiny_triple(tmp_path_factory.mktemp("build"), arch="qwen2", seed=0)
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_reasoning_calib(tmp_path_factory.mktemp("calib") / "calib.json", n=N_SAMPLES)
+# `triple` and `calib`: the shared session fixtures of conftest.py
 
 
 def _build(triple, calib, out, **kw):

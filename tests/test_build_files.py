@@ -19,19 +19,11 @@ from rain_adapter.build.cache import CacheError, PartialCache, load_layer, save_
 from rain_adapter.build.pipeline import build_adapter
 from rain_adapter.cli.main import main
 from rain_adapter.format.delta import ModuleDelta
-from rain_adapter.testing.fixtures import make_tiny_triple, write_reasoning_calib
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.fixture(scope="module")
-def triple(tmp_path_factory):
-    return make_tiny_triple(tmp_path_factory.mktemp("files"), arch="qwen2", seed=0)
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_reasoning_calib(tmp_path_factory.mktemp("calib") / "calib.json", n=3)
+# `triple` and `calib`: the shared session fixtures of conftest.py
 
 
 def _build(triple, calib, out, **kw):

@@ -32,14 +32,7 @@ from rain_adapter.testing.fixtures import make_reasoning_samples, make_tiny_trip
     write_reasoning_calib
 
 
-@pytest.fixture(scope="module")
-def triple(tmp_path_factory):
-    return make_tiny_triple(tmp_path_factory.mktemp("inputs"), arch="qwen2", seed=0)
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_reasoning_calib(tmp_path_factory.mktemp("calib") / "calib.json", n=3)
+# `triple` and `calib`: the shared session fixtures of conftest.py
 
 
 def _build(triple, calib, out, **kw):
