@@ -340,3 +340,16 @@ def test_a_dev_set_without_references_is_written_with_null_accuracy(tmp_path):
     assert "NaN" not in text
     star = next(p for p in json.loads(text)["tune"]["points"] if p["lambda"] == res.recommended_lambda)
     assert star["accuracy"] is None and star["accuracy_ci"] is None and star["compliance"] > 0
+
+
+def test_unscored_rows_are_counted_with_their_reasons():
+    from rain_adapter.evaluation.tune import point_from_scores
+
+    scores = [{"follow_all": True, "correct": True, "think_ok": True, "unscored": []},
+              {"follow_all": None, "correct": None, "think_ok": True,
+               "unscored": [{"check": "ifbench:x", "reason": "LookupError: punkt_tab"},
+                            {"check": "answer:number", "reason": "ValueError: no number"}]}]
+    p = point_from_scores(1.0, scores)
+    assert (p.comply_k, p.comply_n, p.acc_n, p.fmt_n, p.unscored) == (1, 1, 1, 2, 1)
+    assert p.unscored_reasons == {"ifbench:x: LookupError: punkt_tab": 1, "answer:number: ValueError: no number": 1}
+    assert p.to_dict()["unscored_reasons"] == p.unscored_reasons

@@ -137,6 +137,12 @@ def _run(args: argparse.Namespace) -> int:
     for name, adapter in targets:
         res = results[name] = _tune_one(model, tok, adapter, name, rows, opts, out, args.quiet, score)
         print(res.format_table(name))
+        unscored = {p.lam: p.unscored for p in res.points if p.unscored}
+        if unscored:  # left out of the n above, and said so: never silently dropped
+            top = max((r for p in res.points for r in p.unscored_reasons.items()), key=lambda kv: kv[1])
+            print(f"rain tune: warning: {name}: rows with a check or answer that could not be scored were left "
+                  f"out of the rates (λ: rows) {unscored}; most often {top[0]} (×{top[1]}); all reasons in "
+                  f"{out / 'tune.json'}", file=sys.stderr)
         report["adapters"][name] = {"adapter": str(adapter), **variants.get(name, {}), **res.to_dict()}
         recs = [{"method": name, "lambda": p.lam, "compliance": p.compliance, "accuracy": p.accuracy,
                  "format_validity": p.format_validity} for p in res.points]

@@ -24,6 +24,7 @@ synthetic curves; :func:`tune_attached` plugs in generation + scoring on a RainM
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -91,6 +92,7 @@ class LambdaPoint:
     fmt_k: int
     fmt_n: int
     unscored: int = 0   # rows with a check or an answer that could not be scored (left out of the n above)
+    unscored_reasons: dict[str, int] = field(default_factory=dict)   # "check: reason" -> rows
 
     @staticmethod
     def _rate(k: int, n: int) -> float:
@@ -254,8 +256,9 @@ def point_from_scores(lam: float, scores: Sequence[dict[str, Any]]) -> LambdaPoi
     correct = [s["correct"] for s in scores if s.get("correct") is not None]
     fmt = [s["think_ok"] for s in scores if s.get("think_ok") is not None]
     unscored = sum(1 for s in scores if s.get("unscored"))
+    reasons = Counter(f"{u['check']}: {u['reason']}"[:200] for s in scores for u in s.get("unscored") or ())
     return LambdaPoint(float(lam), sum(map(bool, follow)), len(follow), sum(map(bool, correct)), len(correct),
-                       sum(map(bool, fmt)), len(fmt), unscored)
+                       sum(map(bool, fmt)), len(fmt), unscored, dict(reasons.most_common(5)))
 
 
 def tune_attached(rain_model, tokenizer, rows: Sequence[dict[str, Any]], opts: TuneOptions, *,
