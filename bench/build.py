@@ -124,12 +124,12 @@ def child(args) -> None:
     meter = _Meter()
     import transformers
 
-    import rain_adapter.build.cache as C
-    import rain_adapter.build.pipeline as B
-    import rain_adapter.build.features as F
-    import rain_adapter.build.nullspace as NS
+    import rain_adapter.merging.cache as C
+    import rain_adapter.merging.pipeline as B
+    import rain_adapter.merging.features as F
+    import rain_adapter.merging.nullspace as NS
     import rain_adapter.format.store as ST
-    import rain_adapter.build.taskvector as TV
+    import rain_adapter.merging.taskvector as TV
 
     # phases (module attributes looked up at call time by build.py / features.py)
     meter.wrap(transformers.AutoModelForCausalLM, "from_pretrained", "load_lrm")
@@ -202,7 +202,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
-    from rain_adapter.build.calibration import default_reasoning_calib
+    from rain_adapter.merging.calibration import default_reasoning_calib
 
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()

@@ -7,9 +7,9 @@
 #   bash bench/gpu_session.sh all       # the three in one call (needs ~10 min: use on a warm cache)
 #
 # Runs on the lent machine's own python3 (its torch / triton; nothing can be downloaded there):
-# the package goes in with --no-deps, and when that is refused `kernels/` is linked in place so
-# `rain_adapter.kernels` imports from the source tree. Logs and tables go to $OUT (the device
-# tool returns that folder) or ./gpu_out.
+# the package goes in with --no-deps; when that is refused, the two source folders go on PYTHONPATH
+# (`rain_adapter` from the repo root, `rain_kernels` from `kernels/`). Logs and tables go to $OUT
+# (the device tool returns that folder) or ./gpu_out.
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-$PWD/gpu_out}
@@ -21,11 +21,10 @@ PY=${PYTHON:-python3}
   'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt" | tail -1
 
-if ! $PY -c "import rain_adapter.kernels" 2>/dev/null; then
+if ! $PY -c "import rain_adapter, rain_kernels" 2>/dev/null; then
   if ! $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
-    echo "pip install refused (see install.log): linking kernels/ into the package"
-    ln -sfn ../kernels rain_adapter/kernels
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    echo "pip install refused (see install.log): importing from the source folders"
+    export PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
   fi
 fi
 

@@ -16,11 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rain_adapter.format.arch import target_names
-from rain_adapter.build.calibration import CalibItem, CalibrationSet
-from rain_adapter.build.features import collect_features
-from rain_adapter.build.spans import prepare_instruction_samples
+from rain_adapter.merging.calibration import CalibItem, CalibrationSet
+from rain_adapter.merging.features import collect_features
+from rain_adapter.merging.spans import prepare_instruction_samples
 from rain_adapter.format.store import load_adapter
-from rain_adapter.build.taskvector import CheckpointReader, task_vector
+from rain_adapter.merging.taskvector import CheckpointReader, task_vector
 from rain_adapter.demo.train import world_paths
 
 from _worlds import cached_adapter, world_for_seed  # bench/ is the script's folder

@@ -9,7 +9,7 @@ times y = x Wᵀ + b + s ⊙ (x Dᵀ) (dense D) or s ⊙ ((x Aᵀ) Bᵀ) (low ra
 - ``merged``: ``F.linear(x, W + λD)`` — the floor (what a merged checkpoint costs);
 - ``addmm``: torch GEMM then ``addmm`` of the delta product (``F.linear`` + ``torch.addmm``);
 - ``peft``: PEFT-style unfused ``base(x) + lora_B(lora_A(x)) * s`` (dense: ``+ (x Dᵀ) * s``);
-- ``ours``: ``rain_adapter.kernels.rain_linear`` with one mixed λ per row (Triton on CUDA,
+- ``ours``: ``rain_kernels.rain_linear`` with one mixed λ per row (Triton on CUDA,
   the PyTorch path on CPU), and ``ours-u`` with one uniform λ for the whole batch.
 
 Ratios are time / merged; ``GB/s`` is the bytes ours must read (W, the delta, x, y) over its time,
@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from rain_adapter.kernels import rain_linear, triton_available
+from rain_kernels import rain_linear, triton_available
 
 # (hidden, intermediate, n_heads, n_kv_heads, head_dim)
 MODELS = {"7b": (3584, 18944, 28, 4, 128), "14b": (5120, 13824, 40, 8, 128)}

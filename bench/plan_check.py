@@ -10,7 +10,7 @@
    the latency of a hooked 8-token forward of 1- and 5-layer micro models (per forward, per layer).
 2. Runs real builds through bench/build.py (Stage 1, --no-stage2, dense, float32): the tiny triple
    (hidden 64, 2 layers), the ~100M random Qwen2 triple (one pass, and --sequential).
-3. Predicts each with ``rain_adapter.build.plan`` (exact token counts from the triple's tokenizer)
+3. Predicts each with ``rain_adapter.merging.plan`` (exact token counts from the triple's tokenizer)
    and prints predicted vs measured: wall time, peak anonymous memory, peak RSS, adapter size.
 """
 
@@ -51,8 +51,8 @@ import json, sys, tempfile, time
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 import transformers
-import rain_adapter.build.pipeline as B
-from rain_adapter.build.features import trim_heap
+import rain_adapter.merging.pipeline as B
+from rain_adapter.merging.features import trim_heap
 micro = sys.argv[1]
 def status():
     d = {l.split(':')[0]: int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith(('RssAnon', 'RssFile'))}
@@ -107,8 +107,8 @@ def calibrate(threads: int):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from rain_adapter.build.nullspace import project
-    from rain_adapter.build.plan import PROFILES
+    from rain_adapter.merging.nullspace import project
+    from rain_adapter.merging.plan import PROFILES
 
     torch.set_num_threads(threads)
     a, b = torch.randn(2048, 768), torch.randn(768, 2560)
@@ -161,8 +161,8 @@ def measured(triple_dir: Path, layers: int, samples: int, threads: int, sequenti
 def predicted(lrm: Path, samples: int, sequential: bool, prof) -> dict:
     from transformers import AutoTokenizer
 
-    from rain_adapter.build.calibration import prepare_reasoning_calibration
-    from rain_adapter.build.plan import CalibShape, ModelShape, PlanOptions, make_plan
+    from rain_adapter.merging.calibration import prepare_reasoning_calibration
+    from rain_adapter.merging.plan import CalibShape, ModelShape, PlanOptions, make_plan
 
     m = ModelShape.from_config(json.loads((lrm / "config.json").read_text()), str(lrm))
     c = prepare_reasoning_calibration(AutoTokenizer.from_pretrained(str(lrm)), max_samples=samples,

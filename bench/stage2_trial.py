@@ -39,7 +39,7 @@ import torch
 
 from rain_adapter.demo.run import build_methods, value_at_compliance
 from rain_adapter.demo.soundness import max_new_tokens
-from rain_adapter.build.coefficients import Stage2Error
+from rain_adapter.merging.coefficients import Stage2Error
 from rain_adapter.demo.train import WorldConfig, ensure_world, format_world_config
 from rain_adapter.evaluation.scoring import score_response
 from rain_adapter.evaluation.tune import LambdaPoint, choose

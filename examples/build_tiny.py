@@ -54,7 +54,7 @@ def thinking_vs_elsewhere(rain_model, tokenizer, reasoning_calib: Path, radius: 
                           ) -> dict[str, tuple[float, float]]:
     """Per targeted module: ‖y(λ=1) − y(λ=0)‖ / ‖y(λ=0)‖ over the thinking positions Ω and over the
     other positions of the first calibration sample (module inputs captured by forward hooks)."""
-    from rain_adapter.build.calibration import prepare_reasoning_calibration
+    from rain_adapter.merging.calibration import prepare_reasoning_calibration
     from rain_adapter.runtime.layers import RainLinear
 
     cs = prepare_reasoning_calibration(tokenizer, str(reasoning_calib), radius=radius, max_samples=1, min_samples=1)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rain_adapter import RainAdapter
-    from rain_adapter.build.pipeline import build_adapter
+    from rain_adapter.merging.pipeline import build_adapter
     from rain_adapter.format.config import RainConfig
     from rain_adapter.testing.fixtures import make_tiny_triple
     from rain_adapter.cli.info import describe

@@ -6,7 +6,7 @@
 What it does (default: ~10 s on one CPU core, tiny random model; nothing is downloaded):
 
 1. ``make_tiny_triple`` writes a tiny Qwen2 base / ITM / LRM with an offline byte-level tokenizer;
-2. builds two adapters through ``rain_adapter.build.pipeline.build_adapter``: ``rain`` (Stage 1 null-space
+2. builds two adapters through ``rain_adapter.merging.pipeline.build_adapter``: ``rain`` (Stage 1 null-space
    projection; Stage 2 needs instruction data and is shown in ``examples/build_tiny.py``) and the
    ``task-arithmetic`` baseline (plain Δ_I);
 3. writes ``prompts.jsonl``: a few IFEval-style rows ``{prompt, instruction_id_list, kwargs, answer}``;
@@ -53,7 +53,7 @@ PROMPTS = [
 
 def _tiny_setup(root: Path) -> tuple[Path, list[tuple[str, Path]], Path]:
     """(LRM dir, [(name, adapter dir)], prompts file) for the tiny random triple."""
-    from rain_adapter.build.pipeline import build_adapter
+    from rain_adapter.merging.pipeline import build_adapter
     from rain_adapter.testing.fixtures import make_tiny_triple, write_reasoning_calib
 
     triple = make_tiny_triple(root / "triple", arch="qwen2", seed=0)

@@ -9,12 +9,12 @@ the method registry), the adapter format (``RainConfig``, ``ModuleDelta``, load 
 (``RainAdapter``, ``RainModel``, ``RainLinear``) and export. Everything else is private.
 """
 
-from .build.coefficients import Stage2Error, run_stage2
-from .build.lowrank import compress
-from .build.methods import REGISTRY as METHODS_REGISTRY
-from .build.methods import MergeMethod, get_method, method_names
-from .build.options import BuildError, BuildOptions
-from .build.pipeline import build_adapter
+from .merging.coefficients import Stage2Error, run_stage2
+from .merging.lowrank import compress
+from .merging.methods import REGISTRY as METHODS_REGISTRY
+from .merging.methods import MergeMethod, get_method, method_names
+from .merging.options import BuildError, BuildOptions
+from .merging.pipeline import build_adapter
 from .export import ExportError, export_merged, export_peft
 from .format.config import ConfigError, RainConfig
 from .format.delta import ModuleDelta

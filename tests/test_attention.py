@@ -1,11 +1,11 @@
-"""Row-only attention statistics probe (rain_adapter.build.attention) against full eager attentions."""
+"""Row-only attention statistics probe (rain_adapter.merging.attention) against full eager attentions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rain_adapter.build.attention import (
+from rain_adapter.merging.attention import (
     AttentionPair, attention_pair_stats, attention_probe, make_recorder,
 )
 from rain_adapter.testing.tiny import tiny_model

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from rain_adapter.build.pipeline import build_adapter
+from rain_adapter.merging.pipeline import build_adapter
 from rain_adapter.testing.fixtures import PLAIN_CHAT_TEMPLATE
 
 N_SAMPLES = 3  # 3 × 12 = 36 thinking positions < hidden 64
@@ -27,7 +27,7 @@ def _features(model, calib_path):
     from transformers import AutoTokenizer
 
     from rain_adapter.format.arch import target_linears
-    from rain_adapter.build.calibration import prepare_reasoning_calibration
+    from rain_adapter.merging.calibration import prepare_reasoning_calibration
 
     tok = AutoTokenizer.from_pretrained(model.name_or_path)
     cs = prepare_reasoning_calibration(tok, calib_path, min_samples=1)
@@ -48,7 +48,7 @@ def _residuals(triple, calib, adapter):
     from transformers import AutoModelForCausalLM
 
     from rain_adapter import RainAdapter
-    from rain_adapter.build.taskvector import CheckpointReader, task_vector
+    from rain_adapter.merging.taskvector import CheckpointReader, task_vector
 
     lrm = AutoModelForCausalLM.from_pretrained(triple.lrm, dtype=torch.float32).eval()
     X = _features(lrm, calib)
@@ -123,10 +123,10 @@ def test_energy_and_ridge_tradeoff(triple, calib, tmp_path):
 
 
 def test_baselines_and_cli(triple, calib, tmp_path):
-    from rain_adapter.build.methods import dare, module_generator, ties_trim
+    from rain_adapter.merging.methods import dare, module_generator, ties_trim
     from rain_adapter.cli.main import main
     from rain_adapter.format.store import load_adapter
-    from rain_adapter.build.taskvector import CheckpointReader, task_vector
+    from rain_adapter.merging.taskvector import CheckpointReader, task_vector
 
     itm, base = CheckpointReader(triple.itm), CheckpointReader(triple.base)
     n = "model.layers.1.mlp.up_proj"
@@ -156,7 +156,7 @@ def test_baselines_and_cli(triple, calib, tmp_path):
 
 
 def test_resume_after_interruption(triple, calib, tmp_path, monkeypatch):
-    import rain_adapter.build.pipeline as b
+    import rain_adapter.merging.pipeline as b
 
     real = b.project
     calls = {"n": 0}
@@ -197,8 +197,8 @@ def _copy(src, dst):
 
 
 def test_bad_inputs_leave_no_output(triple, calib, tmp_path):
-    from rain_adapter.build.calibration import CalibrationError
-    from rain_adapter.build.taskvector import CheckpointError
+    from rain_adapter.merging.calibration import CalibrationError
+    from rain_adapter.merging.taskvector import CheckpointError
 
     out = tmp_path / "out"
 

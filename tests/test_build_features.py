@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rain_adapter.format.arch import target_linears
-from rain_adapter.build.calibration import prepare_reasoning_calibration
-from rain_adapter.build.features import collect_features
+from rain_adapter.merging.calibration import prepare_reasoning_calibration
+from rain_adapter.merging.features import collect_features
 from rain_adapter.testing.fixtures import make_reasoning_samples, make_tokenizer, tiny_triple_config
 
 
@@ -49,7 +49,7 @@ def test_trim_heap_and_missing_module_error():
     (not a silently short feature matrix)."""
     from transformers import AutoModelForCausalLM
 
-    from rain_adapter.build.features import trim_heap
+    from rain_adapter.merging.features import trim_heap
 
     trim_heap()
     torch.manual_seed(0)

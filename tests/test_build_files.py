@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import rain_adapter.build.cache as layer_cache
-import rain_adapter.build.pipeline as pipeline
+import rain_adapter.merging.cache as layer_cache
+import rain_adapter.merging.pipeline as pipeline
 import rain_adapter.format.store as store
-from rain_adapter.build.cache import CacheError, PartialCache, load_layer, save_layer
-from rain_adapter.build.pipeline import build_adapter
+from rain_adapter.merging.cache import CacheError, PartialCache, load_layer, save_layer
+from rain_adapter.merging.pipeline import build_adapter
 from rain_adapter.cli.main import main
 from rain_adapter.format.delta import ModuleDelta
 

@@ -17,16 +17,16 @@ import warnings
 import pytest
 import torch
 
-import rain_adapter.build.features as features
-import rain_adapter.build.pipeline as pipeline
-from rain_adapter.build.calibration import CalibrationError, check_round_trip, prepare_reasoning_calibration
-from rain_adapter.build.errors import BuildError, ConfigMismatchWarning, HubFetchError, KeptNormWarning
-from rain_adapter.build.nullspace import PROJECTIONS, project
-from rain_adapter.build.options import BuildOptions
-from rain_adapter.build.pipeline import build_adapter
-from rain_adapter.build.presets import PRESETS, format_presets
-from rain_adapter.build.spans import SpanError, prepare_instruction_samples
-from rain_adapter.build.taskvector import CheckpointReader
+import rain_adapter.merging.features as features
+import rain_adapter.merging.pipeline as pipeline
+from rain_adapter.merging.calibration import CalibrationError, check_round_trip, prepare_reasoning_calibration
+from rain_adapter.merging.errors import BuildError, ConfigMismatchWarning, HubFetchError, KeptNormWarning
+from rain_adapter.merging.nullspace import PROJECTIONS, project
+from rain_adapter.merging.options import BuildOptions
+from rain_adapter.merging.pipeline import build_adapter
+from rain_adapter.merging.presets import PRESETS, format_presets
+from rain_adapter.merging.spans import SpanError, prepare_instruction_samples
+from rain_adapter.merging.taskvector import CheckpointReader
 from rain_adapter.cli.main import main
 from rain_adapter.testing.fixtures import make_reasoning_samples, make_tiny_triple, make_tokenizer, \
     write_reasoning_calib

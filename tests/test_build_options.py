@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from rain_adapter.build.methods import METHODS, REGISTRY, get_method, method_names
-from rain_adapter.build.options import BuildError, BuildOptions, flag, parse_int_list, parse_str_list
-from rain_adapter.build.pipeline import build_adapter, resolve_options
+from rain_adapter.merging.methods import METHODS, REGISTRY, get_method, method_names
+from rain_adapter.merging.options import BuildError, BuildOptions, flag, parse_int_list, parse_str_list
+from rain_adapter.merging.pipeline import build_adapter, resolve_options
 from rain_adapter.cli.build import options_from_args
 from rain_adapter.cli.main import main, make_parser
 from rain_adapter.testing.fixtures import make_tiny_triple, write_reasoning_calib
@@ -205,7 +205,7 @@ def test_declared_stages_match_what_the_build_did(setup, tmp_path, name):
 
 def test_stage2_default_rho_is_the_trial_choice():
     """ρ defaults to 0 (bench/RESULTS.md, the Stage 2 trial); the paper's 0.5 stays one flag away."""
-    from rain_adapter.build.coefficients import DEFAULT_RHO
+    from rain_adapter.merging.coefficients import DEFAULT_RHO
 
     assert DEFAULT_RHO == 0.0 and BuildOptions().rho == DEFAULT_RHO
     assert BuildOptions(rho=0.5).rho == 0.5

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rain_adapter.build.pipeline import build_adapter
+from rain_adapter.merging.pipeline import build_adapter
 from rain_adapter.testing.fixtures import make_tiny_triple, write_reasoning_calib
 
 
@@ -30,8 +30,8 @@ def test_lowrank_keeps_constraint(setup, tmp_path):
     assert cfg_l.storage == "lowrank" and cfg_l.fidelity and all(d.rank <= 8 for d in dl.values())
     # the truncated SVD of Δ⊥ stays in Δ⊥'s row space, orthogonal to the protected directions
     from rain_adapter.format.arch import target_linears
-    from rain_adapter.build.calibration import prepare_reasoning_calibration
-    from rain_adapter.build.features import collect_features
+    from rain_adapter.merging.calibration import prepare_reasoning_calibration
+    from rain_adapter.merging.features import collect_features
     from transformers import AutoModelForCausalLM, AutoTokenizer
     m = AutoModelForCausalLM.from_pretrained(triple.lrm, dtype=torch.float32).eval()
     cs = prepare_reasoning_calibration(AutoTokenizer.from_pretrained(triple.lrm), calib, min_samples=1)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rain_adapter.build.calibration import (CalibrationError, build_text, load_samples,
+from rain_adapter.merging.calibration import (CalibrationError, build_text, load_samples,
                                       prepare_reasoning_calibration)
 from rain_adapter.testing.fixtures import PLAIN_CHAT_TEMPLATE, make_reasoning_samples, make_tokenizer, write_reasoning_calib
 

@@ -1,4 +1,4 @@
-"""Stage 2 coefficients: α formula, folding rules, the passes end to end (rain_adapter.build.coefficients)."""
+"""Stage 2 coefficients: α formula, folding rules, the passes end to end (rain_adapter.merging.coefficients)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 
-from rain_adapter.build import coefficients as coef
+from rain_adapter.merging import coefficients as coef
 from rain_adapter.format.arch import attention_geometry, module_layer, module_role
-from rain_adapter.build.attention import attention_pair_stats
-from rain_adapter.build.coefficients import (
+from rain_adapter.merging.attention import attention_pair_stats
+from rain_adapter.merging.coefficients import (
     Stage2Error, alpha_from_stats, fold_alpha, fold_alpha_all, format_alpha_table, run_stage2,
 )
 from rain_adapter.format.delta import ModuleDelta
 from rain_adapter.testing.fixtures import make_instruction_records, make_tokenizer
-from rain_adapter.build.spans import prepare_instruction_samples
+from rain_adapter.merging.spans import prepare_instruction_samples
 from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 
@@ -93,7 +93,7 @@ def _stats_with_clipping(seed: int, L: int = 6, H: int = 8) -> tuple[torch.Tenso
 @pytest.mark.parametrize("seed", [101, 202, 303])
 @pytest.mark.parametrize("alpha_max", [1.5, 3.0])
 def test_mean_alpha_is_one_after_clipping(seed, alpha_max):
-    from rain_adapter.build.alpha import alpha_with_stats
+    from rain_adapter.merging.alpha import alpha_with_stats
 
     a1, u1 = _stats_with_clipping(seed)
     r = alpha_with_stats(a1, u1, rho=0.5, alpha_max=alpha_max)
@@ -138,7 +138,7 @@ def test_renormalised_alpha_keeps_the_order_of_heads(seed):
 
 
 def test_no_clipping_gives_the_old_alpha_bit_for_bit():
-    from rain_adapter.build.alpha import alpha_with_stats
+    from rain_adapter.merging.alpha import alpha_with_stats
 
     g = torch.Generator().manual_seed(4242)
     a1 = 0.05 + 0.01 * torch.rand(3, 8, generator=g)          # float32 statistics, as collected
@@ -157,7 +157,7 @@ def test_no_clipping_gives_the_old_alpha_bit_for_bit():
 
 
 def test_mean_one_scale_exact_cases_and_impossible():
-    from rain_adapter.build.alpha import mean_one_scale
+    from rain_adapter.merging.alpha import mean_one_scale
 
     assert mean_one_scale(torch.tensor([3.0, 1.0]), 1.5) == 0.5          # 1.5 + c = 2
     assert mean_one_scale(torch.tensor([3.0, 1.0, 0.5]), 1.5) == 1.0     # 1.5 + c·1.5 = 3
@@ -173,7 +173,7 @@ def test_mean_one_scale_exact_cases_and_impossible():
 
 def test_format_alpha_table_shows_the_spread():
     a1, u1 = _stats_with_clipping(11, L=2, H=4)
-    from rain_adapter.build.alpha import alpha_with_stats
+    from rain_adapter.merging.alpha import alpha_with_stats
 
     r = alpha_with_stats(a1, u1, alpha_max=2.0)
     summary = {"method": "instruction-attention", "alpha_max": 2.0, "alpha_stats": r.stats,
@@ -362,7 +362,7 @@ def test_run_stage2_level_matches_manual_and_leaves_model_untouched(tok):
             if d.bias is not None:
                 mods[name].bias += d.bias
     samples, _ = prepare_instruction_samples(_records(), tok, max_seq_len=400)
-    from rain_adapter.build.attention import AttentionPair
+    from rain_adapter.merging.attention import AttentionPair
 
     a_list, u_list = [], []
     for s in samples:
@@ -423,7 +423,7 @@ def test_run_stage2_all_zero_statistics_is_an_error(tok, monkeypatch):
 def test_run_stage2_nothing_usable(tok):
     model = _model("qwen2")
     deltas = random_deltas(model, seed=0)
-    from rain_adapter.build.spans import SpanError
+    from rain_adapter.merging.spans import SpanError
 
     with pytest.raises(SpanError, match="max_seq_len=50"):
         run_stage2(model, tok, deltas, _records(), max_seq_len=50, progress=False)
@@ -438,7 +438,7 @@ def test_run_stage2_nothing_usable(tok):
 
 
 def test_run_stage2_on_shared_set(tok):
-    from rain_adapter.build.spans import default_instruction_calib_path
+    from rain_adapter.merging.spans import default_instruction_calib_path
 
     try:
         path = default_instruction_calib_path()

@@ -19,7 +19,7 @@ import torch
 import rain_adapter.runtime.layers as layers
 from rain_adapter import RainAdapter, RainConfig
 from rain_adapter.format.arch import ROLES
-from rain_adapter.kernels import rain_linear, rain_linear_torch_fast
+from rain_kernels import rain_linear, rain_linear_torch_fast
 from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 ARCHS = ["qwen2", "llama"]
@@ -289,7 +289,7 @@ def test_shrunk_argument_of_the_general_path():
 
 _WORKER = """
 import torch
-from rain_adapter.kernels import ops
+from rain_kernels import ops
 g = torch.Generator().manual_seed(5)
 M, N, K = 3, 21, 40
 x, W, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)

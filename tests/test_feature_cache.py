@@ -1,4 +1,4 @@
-"""The opt-in Stage 1 feature cache (``--feature-cache``, build/feature_cache.py, docs/DESIGN.md §5.7):
+"""The opt-in Stage 1 feature cache (``--feature-cache``, merging/feature_cache.py, docs/DESIGN.md §5.7):
 a build that changes only projection settings reuses the features and runs no forward, with a
 result bit-identical to an uncached build."""
 
@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 
-from rain_adapter.build import feature_cache as fcmod
-from rain_adapter.build import features
-from rain_adapter.build.feature_cache import FeatureCache, FeatureCacheWarning
-from rain_adapter.build.options import BuildError, BuildOptions
-from rain_adapter.build.pipeline import build_adapter
+from rain_adapter.merging import feature_cache as fcmod
+from rain_adapter.merging import features
+from rain_adapter.merging.feature_cache import FeatureCache, FeatureCacheWarning
+from rain_adapter.merging.options import BuildError, BuildOptions
+from rain_adapter.merging.pipeline import build_adapter
 from rain_adapter.format.config import RainConfig
 from rain_adapter.format.store import MARKER_NAME, has_marker
 from rain_adapter.testing.fixtures import assert_same_adapter_tensors, make_tiny_triple, write_reasoning_calib
@@ -220,8 +220,8 @@ def test_cli_flag_and_validation(capsys, tmp_path):
 def test_feature_cache_does_not_change_the_resume_key():
     from types import SimpleNamespace
 
-    from rain_adapter.build.methods import get_method
-    from rain_adapter.build.pipeline import cache_settings
+    from rain_adapter.merging.methods import get_method
+    from rain_adapter.merging.pipeline import cache_settings
 
     targets = SimpleNamespace(modules={"m": None}, proj_layers={0})
     opts = BuildOptions(lrm="l", itm="i", base="b", out="o")

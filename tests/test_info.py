@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from rain_adapter.build.pipeline import build_adapter
-from rain_adapter.build.taskvector import CheckpointReader, task_vector
+from rain_adapter.merging.pipeline import build_adapter
+from rain_adapter.merging.taskvector import CheckpointReader, task_vector
 from rain_adapter.cli import info
 from rain_adapter.format.delta import ModuleDelta
 from rain_adapter.format.store import load_adapter

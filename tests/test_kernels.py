@@ -1,4 +1,4 @@
-"""Tests of ``rain_adapter.kernels`` (the RAIN linear: y = x Wᵀ + b + s ⊙ (x Dᵀ + bias_delta)).
+"""Tests of ``rain_kernels`` (the RAIN linear: y = x Wᵀ + b + s ⊙ (x Dᵀ + bias_delta)).
 
 - The PyTorch path, in process, against a float64 reference formed explicitly in float64.
 - The Triton kernels on the CPU under ``TRITON_INTERPRET=1``: the interpreter is chosen when a
@@ -96,7 +96,7 @@ SHAPES = [(1, 37, 45), (3, 40, 33), (16, 70, 64), (77, 50, 29)]  # non-multiples
 @pytest.mark.parametrize("R", [0, 1, 8, 64])
 @pytest.mark.parametrize("has_b,has_bd", [(True, True), (False, False), (True, False)])
 def test_torch_path_matches_float64(M, N, K, R, has_b, has_bd):
-    from rain_adapter.kernels import rain_linear_torch
+    from rain_kernels import rain_linear_torch
 
     seed = _fresh_seed()
     x, W, b, s, D, A, B, bd = _inputs(M, N, K, R, has_b, has_bd, seed)
@@ -115,7 +115,7 @@ def test_torch_path_matches_float64(M, N, K, R, has_b, has_bd):
 @pytest.mark.parametrize("R", [0, 8])
 def test_torch_path_all_zero_skips_delta(R):
     """All λ = 0: exactly F.linear, and the delta is never used (a NaN delta cannot leak)."""
-    from rain_adapter.kernels import rain_linear, rain_linear_torch
+    from rain_kernels import rain_linear, rain_linear_torch
 
     seed = _fresh_seed()
     x, W, b, s, D, A, B, bd = _inputs(9, 20, 24, R, True, True, seed, kind="zero")
@@ -125,7 +125,7 @@ def test_torch_path_all_zero_skips_delta(R):
 
 
 def test_torch_path_zero_rows_immune_to_nan_delta():
-    from rain_adapter.kernels import rain_linear_torch
+    from rain_kernels import rain_linear_torch
 
     seed = _fresh_seed()
     x, W, b, s, D, A, B, bd = _inputs(7, 20, 24, 0, True, False, seed)
@@ -136,7 +136,7 @@ def test_torch_path_zero_rows_immune_to_nan_delta():
 
 
 def test_torch_path_bf16_and_broadcast_scale():
-    from rain_adapter.kernels import rain_linear_torch
+    from rain_kernels import rain_linear_torch
 
     seed = _fresh_seed()
     x, W, b, s, D, A, B, bd = _inputs(5, 24, 32, 8, True, True, seed, dtype=torch.bfloat16)
@@ -148,17 +148,17 @@ def test_torch_path_bf16_and_broadcast_scale():
 
 
 def test_shape_errors_name_the_module():
-    from rain_adapter.kernels import rain_linear
+    from rain_kernels import rain_linear
 
     x, W = torch.randn(2, 8), torch.randn(4, 8)
-    with pytest.raises(ValueError, match="rain_adapter.kernels.*delta"):
+    with pytest.raises(ValueError, match="rain_kernels.*delta"):
         rain_linear(x, W, None, torch.ones(2), delta=torch.randn(4, 7))
-    with pytest.raises(ValueError, match="rain_adapter.kernels.*lora_B"):
+    with pytest.raises(ValueError, match="rain_kernels.*lora_B"):
         rain_linear(x, W, None, torch.ones(2), lora_A=torch.randn(3, 8), lora_B=torch.randn(4, 2))
 
 
 def test_dispatch_env(monkeypatch):
-    from rain_adapter import kernels
+    import rain_kernels as kernels
 
     x, W, b, s, D, A, B, bd = _inputs(3, 8, 16, 0, True, False, _fresh_seed())
     monkeypatch.setenv("RAIN_KERNEL", "torch")
@@ -207,7 +207,7 @@ INTERP_CASES = _interp_cases()
 def _worker() -> None:
     """Runs every interpreter case; prints one JSON line of results. Needs TRITON_INTERPRET=1."""
     assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("RAIN_KERNEL_POISON") == "1"
-    from rain_adapter.kernels import ops, rain_linear
+    from rain_kernels import ops, rain_linear
 
     results = {}
     for c in INTERP_CASES:
@@ -369,7 +369,7 @@ def _gpu_env_ok() -> None:
 @pytest.fixture
 def poison(monkeypatch):
     """Every buffer the launchers allocate (output, split-K workspace, shrink output) starts NaN."""
-    from rain_adapter.kernels import ops
+    from rain_kernels import ops
 
     monkeypatch.setattr(ops, "_POISON", True)
 
@@ -382,7 +382,7 @@ def poison(monkeypatch):
 @pytest.mark.parametrize("R", [0, 1, 8, 64])
 def test_gpu_full_shapes(dtype, M, R, kind, poison):
     _gpu_env_ok()
-    from rain_adapter.kernels import ops
+    from rain_kernels import ops
 
     N, K = 3584 - 24, 3584 + 40  # not multiples of any tile
     for has_b, has_bd in ((True, True), (False, False)):
@@ -405,7 +405,7 @@ def test_gpu_full_shapes(dtype, M, R, kind, poison):
 def test_gpu_split_k_is_deterministic(R, poison):
     """The decode path's split-K reduce sums in a fixed order: two runs agree bit for bit."""
     _gpu_env_ok()
-    from rain_adapter.kernels import ops
+    from rain_kernels import ops
 
     seed = _fresh_seed()
     x, W, b, s, D, A, B, bd = _inputs(4, 1024, 8192, R, True, True, seed, dtype=torch.bfloat16,
@@ -424,7 +424,7 @@ def test_gpu_split_k_is_deterministic(R, poison):
 @pytest.mark.parametrize("M", [4, 64])
 def test_gpu_cuda_graph_lambda_change(R, M, poison):
     _gpu_env_ok()
-    from rain_adapter.kernels import rain_linear
+    from rain_kernels import rain_linear
 
     seed = _fresh_seed()
     x, W, b, s, D, A, B, bd = _inputs(M, 1000, 1536, R, True, True, seed, dtype=torch.bfloat16,
@@ -450,7 +450,7 @@ def test_gpu_cuda_graph_lambda_change(R, M, poison):
 @pytest.mark.parametrize("R", [0, 8])
 def test_gpu_torch_compile(R):
     _gpu_env_ok()
-    from rain_adapter.kernels import rain_linear
+    from rain_kernels import rain_linear
 
     seed = _fresh_seed()
     x, W, b, s, D, A, B, bd = _inputs(33, 512, 768, R, True, True, seed, dtype=torch.bfloat16,

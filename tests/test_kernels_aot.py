@@ -2,7 +2,7 @@
 
 The interpreter tests (``test_kernels.py``) check the math; this compiles every config the
 launchers can pick, with the specialisation Triton's JIT gives a real launch, and reads the
-compiler's outputs (``rain_adapter.kernels.audit``): a kernel left with no config that fits in
+compiler's outputs (``rain_kernels.audit``): a kernel left with no config that fits in
 shared memory, or a bf16 config that spills registers or leaves its K loop unpipelined, fails
 here, before a GPU session spends device time finding it.
 """
@@ -25,7 +25,7 @@ try:
 except Exception as e:  # pragma: no cover - depends on the triton build
     pytest.skip(f"no NVIDIA triton backend: {e}", allow_module_level=True)
 
-from rain_adapter.kernels import audit  # noqa: E402
+from rain_kernels import audit  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["bf16", "fp32"])

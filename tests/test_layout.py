@@ -16,21 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "rain_adapter"
 
 #: package -> the packages it may import (itself implied). The order of the pipeline: format is a
-#: leaf; build and runtime sit on it (Stage 2 runs the merged model, so build uses runtime);
-#: export / evaluation / serve consume adapters; demo drives build + evaluation; cli drives all.
+#: leaf; merging and runtime sit on it (Stage 2 runs the merged model, so merging uses runtime);
+#: export / evaluation / serve consume adapters; demo drives merging + evaluation; cli drives all.
 ALLOWED: dict[str, set[str]] = {
     "format": set(),
     "kernels": set(),
     "runtime": {"format", "kernels"},
-    "build": {"format", "runtime", "kernels"},
-    "export": {"format", "build", "runtime", "kernels"},
+    "merging": {"format", "runtime", "kernels"},
+    "export": {"format", "merging", "runtime", "kernels"},
     "evaluation": {"format", "runtime", "kernels"},
     "serve": {"format", "runtime", "evaluation", "kernels"},
-    "demo": {"format", "build", "runtime", "export", "evaluation", "kernels"},
-    "testing": {"format", "build", "runtime", "export", "serve", "evaluation", "kernels"},
-    "cli": {"format", "build", "runtime", "export", "serve", "evaluation", "demo", "kernels"},
+    "demo": {"format", "merging", "runtime", "export", "evaluation", "kernels"},
+    "testing": {"format", "merging", "runtime", "export", "serve", "evaluation", "kernels"},
+    "cli": {"format", "merging", "runtime", "export", "serve", "evaluation", "demo", "kernels"},
 }
-CORE = ("format", "build", "runtime", "kernels", "export", "serve", "evaluation")
+CORE = ("format", "merging", "runtime", "kernels", "export", "serve", "evaluation")
 #: excluded from the length limits: the Triton kernels (one kernel body is one function), the toy
 #: world and the test scaffolding (not product code)
 LIMIT_EXEMPT = ("kernels", "demo", "testing")
@@ -38,19 +38,25 @@ MAX_FUNCTION_LINES = 100
 MAX_MODULE_LINES = 450
 
 
+#: the import packages the project installs, by source folder (pyproject.toml's package-dir)
+ROOTS = {"rain_adapter": PKG, "rain_kernels": ROOT / "kernels" / "rain_kernels"}
+
+
 def _source_files() -> list[tuple[str, Path]]:
-    """(dotted module, path) for every module of the installed package, kernels included."""
+    """(dotted module, path) for every module the project installs, kernels included."""
     out = []
-    for p in sorted(PKG.rglob("*.py")):
-        rel = p.relative_to(PKG).with_suffix("")
-        out.append((".".join(("rain_adapter",) + rel.parts), p))
-    for p in sorted((ROOT / "kernels").glob("*.py")):
-        out.append((f"rain_adapter.kernels.{p.stem}", p))
+    for top, folder in ROOTS.items():
+        for p in sorted(folder.rglob("*.py")):
+            rel = p.relative_to(folder).with_suffix("")
+            out.append((".".join((top,) + rel.parts), p))
     return out
 
 
 def _package_of(dotted: str) -> str | None:
+    """The layering package of a module: ``rain_kernels.*`` is ``kernels``, ``rain_adapter.X.*`` is X."""
     parts = dotted.split(".")
+    if parts[0] == "rain_kernels":
+        return "kernels"
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else None
 
 
@@ -68,12 +74,12 @@ def _imports(dotted: str, path: Path) -> list[tuple[int, str]]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            if mod.startswith("rain_adapter"):
+            if mod.startswith(tuple(ROOTS)):
                 # `from . import x` names a submodule: count it
                 names = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
                 out += [(node.lineno, n) for n in names]
         elif isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names if a.name.startswith("rain_adapter")]
+            out += [(node.lineno, a.name) for a in node.names if a.name.startswith(tuple(ROOTS))]
     return out
 
 
@@ -128,8 +134,8 @@ def _guarded_own_imports(path: Path) -> list[int]:
             continue
         for stmt in node.body:
             for sub in ast.walk(stmt):
-                own = (isinstance(sub, ast.ImportFrom) and (sub.level or (sub.module or "").startswith("rain_adapter"))) \
-                    or (isinstance(sub, ast.Import) and any(a.name.startswith("rain_adapter") for a in sub.names))
+                own = (isinstance(sub, ast.ImportFrom) and (sub.level or (sub.module or "").startswith(tuple(ROOTS)))) \
+                    or (isinstance(sub, ast.Import) and any(a.name.startswith(tuple(ROOTS)) for a in sub.names))
                 if own:
                     lines.append(sub.lineno)
     return lines
@@ -163,7 +169,7 @@ def test_scripts_use_public_names_only(folder):
     bad = []
     for path in sorted((ROOT / folder).glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rain_adapter"):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(tuple(ROOTS)):
                 bad += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names
                         if a.name.startswith("_")]
                 if any(part.startswith("_") for part in (node.module or "").split(".")):

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from rain_adapter.build import lowrank
+from rain_adapter.merging import lowrank
 from rain_adapter.format.delta import ModuleDelta
-from rain_adapter.build.lowrank import compress, compress_one, format_fidelity, rank_field
+from rain_adapter.merging.lowrank import compress, compress_one, format_fidelity, rank_field
 
 
 def _known_spectrum(out: int, inp: int, sigmas: list[float], seed: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rain_adapter.build.nullspace import project, protected_count
+from rain_adapter.merging.nullspace import project, protected_count
 
 
 def _data(seed, out=24, inp=40, n=16, rank=None):
@@ -83,7 +83,7 @@ def test_bad_args():
 def test_small_svd_runs_single_threaded_and_restores_threads():
     """Small CPU SVDs are capped at one thread (latency-bound; see SMALL_SVD_FLOPS) and the
     caller's thread count is restored; the basis is the same SVD."""
-    from rain_adapter.build.nullspace import feature_basis
+    from rain_adapter.merging.nullspace import feature_basis
 
     old = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -1,4 +1,4 @@
-"""``rain plan`` (rain_adapter.build.plan + cli/plan.py): the cost formulas by hand on a tiny config,
+"""``rain plan`` (rain_adapter.merging.plan + cli/plan.py): the cost formulas by hand on a tiny config,
 the CLI's table and JSON for a preset and a local config dir, clear errors, and the fit advice."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from rain_adapter.build.plan import (GiB, PROFILES, REFERENCE_CONFIGS, CalibShape, ModelShape, PlanError,
+from rain_adapter.merging.plan import (GiB, PROFILES, REFERENCE_CONFIGS, CalibShape, ModelShape, PlanError,
                                      PlanOptions, estimate_calib, forward_flops, make_plan, projection_flops,
                                      svd_flops)
-from rain_adapter.build.presets import PRESETS
+from rain_adapter.merging.presets import PRESETS
 from rain_adapter.cli.main import main
 
 TINY = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

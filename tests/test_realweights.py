@@ -150,7 +150,7 @@ def test_fingerprint_rejects_perturbed_weights(real, adapter_dir):
 def _calibration_file(path: Path) -> Path:
     """The first N_CALIB samples of the shared reasoning set, reasoning cut to its first ~300 chars
     (at a word boundary) so the forward stays cheap; same JSON shape."""
-    from rain_adapter.build.calibration import default_reasoning_calib
+    from rain_adapter.merging.calibration import default_reasoning_calib
 
     try:
         src = default_reasoning_calib()
@@ -195,7 +195,7 @@ def triple(real, tmp_path_factory):
 
 
 def test_stage1_needs_thinking_markers(real, triple):
-    from rain_adapter.build.calibration import CalibrationError, prepare_reasoning_calibration
+    from rain_adapter.merging.calibration import CalibrationError, prepare_reasoning_calibration
     from tokenizers import AddedToken
 
     _, tok, _ = real
@@ -211,9 +211,9 @@ def test_stage1_needs_thinking_markers(real, triple):
 def test_stage1_build_on_real_weights(triple, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rain_adapter.build.pipeline import build_adapter, format_stats_table
-    from rain_adapter.build.calibration import prepare_reasoning_calibration
-    from rain_adapter.build.features import collect_features
+    from rain_adapter.merging.pipeline import build_adapter, format_stats_table
+    from rain_adapter.merging.calibration import prepare_reasoning_calibration
+    from rain_adapter.merging.features import collect_features
 
     lrm, itm, base, calib = triple
     t = time.perf_counter()
@@ -307,8 +307,8 @@ def test_serve_chat_completion_lambda_zero_is_bare(real, adapter_dir, tmp_path):
 def test_feature_cache_on_real_weights(triple, tmp_path, monkeypatch):
     """A second build with another --protect-energy reads the features from --feature-cache: no
     calibration forward, the same deltas as a build without the cache (timings go to the log)."""
-    import rain_adapter.build.features as F
-    from rain_adapter.build.pipeline import build_adapter
+    import rain_adapter.merging.features as F
+    from rain_adapter.merging.pipeline import build_adapter
 
     lrm, itm, base, calib = triple
     kw = dict(reasoning_calib=calib, layers=BUILD_LAYERS, progress=False, verbose=False)

@@ -1,4 +1,4 @@
-"""Instruction calibration loader and span → token mapping (rain_adapter.build.spans)."""
+"""Instruction calibration loader and span → token mapping (rain_adapter.merging.spans)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rain_adapter.testing.fixtures import PLAIN_CHAT_TEMPLATE, make_tokenizer
-from rain_adapter.build.spans import (
+from rain_adapter.merging.spans import (
     SpanError, build_sample_text, load_instruction_records, prepare_instruction_samples,
 )
 
@@ -136,7 +136,7 @@ def test_bad_file_names_file_line_field(tmp_path):
 
 def test_shared_instruction_set(tok):
     try:
-        from rain_adapter.build.spans import default_instruction_calib_path
+        from rain_adapter.merging.spans import default_instruction_calib_path
 
         path = default_instruction_calib_path()
     except Exception as e:  # the shared data is not in this checkout

@@ -1,4 +1,4 @@
-"""Stage 2's attention statistics in the feature cache (``--feature-cache``, build/feature_cache.py:
+"""Stage 2's attention statistics in the feature cache (``--feature-cache``, merging/feature_cache.py:
 Stage2StatsCache, docs/DESIGN.md §5.7): a rebuild that changes only ρ / α_max / alpha_norm / o_alpha
 runs no attention pass and gives the deltas of an uncached build, bit for bit."""
 
@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 
-from rain_adapter.build import coefficients
-from rain_adapter.build import feature_cache as fcmod
-from rain_adapter.build.cache import file_sha256
-from rain_adapter.build.feature_cache import FeatureCache, FeatureCacheWarning, Stage2StatsCache
-from rain_adapter.build.pipeline import build_adapter
+from rain_adapter.merging import coefficients
+from rain_adapter.merging import feature_cache as fcmod
+from rain_adapter.merging.cache import file_sha256
+from rain_adapter.merging.feature_cache import FeatureCache, FeatureCacheWarning, Stage2StatsCache
+from rain_adapter.merging.pipeline import build_adapter
 from rain_adapter.format.config import RainConfig
 from rain_adapter.testing.fixtures import (
     assert_same_adapter_tensors, make_instruction_records, make_tiny_triple, write_reasoning_calib,

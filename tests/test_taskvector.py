@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from rain_adapter.testing.fixtures import make_tiny_triple
-from rain_adapter.build.taskvector import (CheckpointError, CheckpointReader, check_task_vector,
+from rain_adapter.merging.taskvector import (CheckpointError, CheckpointReader, check_task_vector,
                                      iter_task_vectors)
 
 

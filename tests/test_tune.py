@@ -185,7 +185,7 @@ def test_recommended_lambda_outside_the_range_is_a_config_error():
 @pytest.mark.slow
 def test_tune_on_the_ci_world_matches_a_brute_force_sweep(ci_world, tmp_path):
     from rain_adapter import RainAdapter
-    from rain_adapter.build.pipeline import build_adapter
+    from rain_adapter.merging.pipeline import build_adapter
     from rain_adapter.demo.soundness import max_new_tokens
     from rain_adapter.evaluation.sweep import load_model, load_prompts
     from rain_adapter.evaluation.tune import tune_attached
@@ -286,7 +286,7 @@ def test_combinations_put_the_adapters_own_settings_first_once():
 def test_tune_search_rebuilds_variants_and_picks_one(tmp_path, monkeypatch):
     """One adapter built by rain build, --search over protect_energy: every variant is built from the
     recorded options, tuned, reported with its settings, and the best is named."""
-    from rain_adapter.build.pipeline import build_adapter
+    from rain_adapter.merging.pipeline import build_adapter
     from rain_adapter.cli.main import main
     from rain_adapter.testing.fixtures import make_tiny_triple, write_reasoning_calib
 

@@ -81,8 +81,8 @@ def test_calibration_sets_have_the_shared_shapes(toks):
 
 
 def test_world_calibration_feeds_stage1_and_stage2_loaders(toks):
-    from rain_adapter.build.calibration import prepare_reasoning_calibration
-    from rain_adapter.build.spans import prepare_instruction_samples
+    from rain_adapter.merging.calibration import prepare_reasoning_calibration
+    from rain_adapter.merging.spans import prepare_instruction_samples
 
     tok_r, _ = toks
     cs = prepare_reasoning_calibration(tok_r, D.reasoning_calibration(16, 2), radius=5, min_samples=8)
@@ -99,7 +99,7 @@ def test_world_calibration_feeds_stage1_and_stage2_loaders(toks):
 
 @pytest.mark.slow
 def test_ci_world_is_sound_and_rain_keeps_format(ci_world, tmp_path):
-    from rain_adapter.build.pipeline import build_adapter
+    from rain_adapter.merging.pipeline import build_adapter
     from rain_adapter.evaluation.sweep import load_model, load_prompts, sweep_adapters
     from rain_adapter.demo.run import CI_GATE
     from rain_adapter.demo.soundness import evaluate_world, is_sound, max_new_tokens

@@ -1,4 +1,4 @@
-"""``rain build``: the subcommand, generated from :class:`~rain_adapter.build.options.BuildOptions`.
+"""``rain build``: the subcommand, generated from :class:`~rain_adapter.merging.options.BuildOptions`.
 
 One flag per dataclass field, in field order, inside the field's ``group``: ``--`` + name with
 ``_`` → ``-``; a bool is a switch (``--name`` when its default is False, ``--no-name`` storing
@@ -19,11 +19,11 @@ import argparse
 import warnings
 from dataclasses import MISSING, Field, fields
 
-from ..build.errors import BuildWarning
-from ..build.methods import REGISTRY
-from ..build.options import GROUPS, BuildOptions, flag
-from ..build.pipeline import build_adapter
-from ..build.presets import format_presets
+from ..merging.errors import BuildWarning
+from ..merging.methods import REGISTRY
+from ..merging.options import GROUPS, BuildOptions, flag
+from ..merging.pipeline import build_adapter
+from ..merging.presets import format_presets
 
 DESCRIPTION = ("Stream the ITM−base task vector, project it away from the LRM's inputs at the thinking "
                "positions (Stage 1), optionally compute per-head coefficients (Stage 2), write the adapter.")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..build.nullspace import PROJECTIONS
+from ..merging.nullspace import PROJECTIONS
 from ..demo import run as demo
 from ..demo.shipped import WorldIntegrityError
 from ..demo.train import WorldConfig, ci_config, format_world_config

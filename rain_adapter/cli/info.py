@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ..build.coefficients import format_alpha_table
-from ..build.lowrank import format_fidelity
-from ..build.methods import REGISTRY
+from ..merging.coefficients import format_alpha_table
+from ..merging.lowrank import format_fidelity
+from ..merging.methods import REGISTRY
 from ..format.arch import module_layer, module_role
 from ..format.delta import ModuleDelta
 from ..format.store import load_adapter, resolve_adapter

@@ -3,7 +3,7 @@
     rain plan --preset qwen14b --profile h200 --dtype bfloat16 [--stage2] [--json]
     rain plan --model DIR|config.json [--count-tokens] --profile cpu --tflops 0.09 ...
 
-The model is ``rain_adapter.build.plan``; nothing but configs and calibration files is read (and,
+The model is ``rain_adapter.merging.plan``; nothing but configs and calibration files is read (and,
 with ``--count-tokens``, the local LRM's tokenizer).
 """
 
@@ -14,7 +14,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ..build.plan import (GiB, PROFILES, REFERENCE_CONFIGS, BuildPlan, CalibShape, ModelShape, PlanError,
+from ..merging.plan import (GiB, PROFILES, REFERENCE_CONFIGS, BuildPlan, CalibShape, ModelShape, PlanError,
                           PlanOptions, estimate_calib, make_plan)
 
 #: --flag → DeviceProfile field (overrides of the named profile)
@@ -28,7 +28,7 @@ def load_model_shape(args: argparse.Namespace) -> tuple[ModelShape, str | None]:
     """(shape, local LRM dir or None) from --preset (offline table) or --model (dir, config.json, or a
     Hub id of the table)."""
     if args.preset:
-        from ..build.presets import get_preset
+        from ..merging.presets import get_preset
 
         lrm = get_preset(args.preset).lrm
         if lrm not in REFERENCE_CONFIGS:
@@ -54,7 +54,7 @@ def load_model_shape(args: argparse.Namespace) -> tuple[ModelShape, str | None]:
 
 def load_calib(args: argparse.Namespace, lrm_dir: str | None) -> tuple[CalibShape, CalibShape | None]:
     """Reasoning (Stage 1) and instruction (Stage 2, when asked for) calibration sizes."""
-    from ..build.calibration import load_samples
+    from ..merging.calibration import load_samples
     from ..format.paths import calibration_dir
 
     if args.samples is not None:
@@ -85,7 +85,7 @@ def _count_tokens(args: argparse.Namespace, lrm_dir: str | None) -> CalibShape:
         raise PlanError("--count-tokens needs --model DIR holding the LRM's tokenizer")
     from transformers import AutoTokenizer
 
-    from ..build.calibration import prepare_reasoning_calibration
+    from ..merging.calibration import prepare_reasoning_calibration
 
     c = prepare_reasoning_calibration(AutoTokenizer.from_pretrained(lrm_dir), args.reasoning_calib, radius=args.radius,
                                       max_samples=args.max_samples, max_seq_len=args.max_seq_len, min_samples=1)

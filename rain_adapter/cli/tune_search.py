@@ -24,7 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..build.options import BuildOptions
+from ..merging.options import BuildOptions
 from ..format.config import RainConfig
 from ..format.store import resolve_adapter
 
@@ -113,7 +113,7 @@ def build_variants(adapter: str, lrm: str, search: dict[str, list[Any]], out: Pa
                    feature_cache: Path | None = None, say=print) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, adapter path, combo) per combination: the original adapter for its own settings, a fresh
     build under ``out/variants`` for every other."""
-    from ..build.pipeline import build_adapter
+    from ..merging.pipeline import build_adapter
 
     rec = recorded_options(adapter)
     fc = Path(feature_cache) if feature_cache else out / "features"

@@ -5,7 +5,7 @@
    ``retrain=True`` always trains);
 2. check that it is sound (:mod:`rain_adapter.demo.soundness`): the gate (:func:`gate_for`) stops the
    demo with :class:`WorldNotSound` unless ``allow_unsound``;
-3. build RAIN and the baselines with :func:`rain_adapter.build.pipeline.build_adapter` from the world's own
+3. build RAIN and the baselines with :func:`rain_adapter.merging.pipeline.build_adapter` from the world's own
    reasoning / instruction calibration sets (cached next to the world);
 4. sweep λ on held-out reasoning prompts with format instructions (mixed-λ batches), print the
    table, write ``sweep.csv``, ``sweep.png``, ``responses.jsonl`` and ``summary.json``.
@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rain_adapter.build.methods import get_method, method_names
-from rain_adapter.build.options import BuildOptions, parse_int_list
-from rain_adapter.build.pipeline import build_adapter
+from rain_adapter.merging.methods import get_method, method_names
+from rain_adapter.merging.options import BuildOptions, parse_int_list
+from rain_adapter.merging.pipeline import build_adapter
 from rain_adapter.evaluation.plots import NO_PLOT_HINT, plot_sweep_if_available
 from rain_adapter.evaluation.sweep import (
     format_table, load_model, load_prompts, sweep_adapters, write_csv,
@@ -39,7 +39,7 @@ from . import shipped
 from .soundness import evaluate_world, is_sound, max_new_tokens
 from .train import WorldConfig, WorldPaths, ci_config, ensure_world, set_threads
 
-#: every registered build method (rain_adapter.build.methods.REGISTRY), in registry order
+#: every registered build method (rain_adapter.merging.methods.REGISTRY), in registry order
 DEMO_METHODS = method_names()
 FORMAT_KEEP = 0.98
 ACC_KEEP = 0.9
@@ -163,7 +163,7 @@ def run_demo(cfg: WorldConfig | None = None, *, root: Path | None = None, out: P
     """The whole demo; returns ``{world, soundness, records, summary, timings, out}``.
 
     ``root``: the world's directory (default: the cache dir named by ``cfg``'s hash);
-    ``build_kw``: extra options for :func:`rain_adapter.build.pipeline.build_adapter` (e.g. ``protect_energy``).
+    ``build_kw``: extra options for :func:`rain_adapter.merging.pipeline.build_adapter` (e.g. ``protect_energy``).
     """
     say = print if verbose else (lambda *a, **k: None)
     lambdas = parse_lambdas(DEMO_LAMBDAS) if lambdas is None else list(lambdas)
@@ -266,7 +266,7 @@ def check_gate(sound: dict[str, Any], cfg: WorldConfig, limit: int | None, *, al
 
 def demo_build_options(*, protect_energy: float | None = None, projection: str | None = None,
                        seed: int | None = None, project_layers: str | None = None) -> dict[str, Any]:
-    """The options ``rain demo`` passes on to :func:`rain_adapter.build.pipeline.build_adapter`:
+    """The options ``rain demo`` passes on to :func:`rain_adapter.merging.pipeline.build_adapter`:
     the given ones only; ``project_layers`` is a layer list as ``rain build`` takes it (``"0-1"``)."""
     build_kw: dict[str, Any] = {}
     if protect_energy is not None:

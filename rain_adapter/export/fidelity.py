@@ -51,7 +51,7 @@ class FidelityError(ValueError):
 
 def calib_texts(path: str | Path, tokenizer, max_samples: int | None = None) -> list[str]:
     """Texts of the calibration samples (see the module doc)."""
-    from ..build.calibration import build_text, load_samples
+    from ..merging.calibration import build_text, load_samples
 
     samples = load_samples(path, required=("prompt", "response"))
     if max_samples is not None:
@@ -177,7 +177,7 @@ def run_fidelity(
             raise FidelityError(
                 f"{adapter} is already low-rank; --rank/--rank-energy compress a *dense* adapter. To measure "
                 "this one, pass --dense-twin DIR (the same build with --storage dense)")
-        from ..build.lowrank import compress
+        from ..merging.lowrank import compress
 
         low, fid_report = compress(deltas, rank=rank, rank_energy=rank_energy, max_rank=max_rank, progress=progress)
         reference, candidate, mode = (cfg, deltas), (cfg, low), "compressed-in-memory"

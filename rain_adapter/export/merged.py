@@ -50,10 +50,10 @@ def _resolve_lrm(lrm: str | Path) -> Path:
 def lrm_weight_files(root: Path) -> tuple[list[str], dict[str, str]]:
     """(shard file names in order, {tensor key: file name}) of an HF safetensors checkpoint.
 
-    Read through :class:`~rain_adapter.build.taskvector.CheckpointReader`, the one reader of HF
+    Read through :class:`~rain_adapter.merging.taskvector.CheckpointReader`, the one reader of HF
     checkpoints (index, single file or loose shards; missing shards and pickle-only dirs refused).
     """
-    from ..build.taskvector import CheckpointReader
+    from ..merging.taskvector import CheckpointReader
 
     reader = CheckpointReader(root, "LRM")
     wmap = {k: reader.file_of(k).name for k in reader.keys()}

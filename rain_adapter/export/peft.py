@@ -16,7 +16,7 @@ lam=L)``: ``x Wᵀ + b + λ (x Aᵀ) Bᵀ``. ``target_modules`` lists the exact 
 ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``.
 
 Dense adapters export only with ``--rank R`` or ``--rank-energy E`` (compressed on the fly with
-:func:`rain_adapter.build.lowrank.compress`; the fidelity report goes into the README). A low-rank
+:func:`rain_adapter.merging.lowrank.compress`; the fidelity report goes into the README). A low-rank
 adapter exports as is, or re-compressed when a rank is given.
 
 Bias deltas: a plain LoRA cannot carry them, so they are an error by default (naming the
@@ -75,7 +75,7 @@ def to_lowrank(
         return dict(deltas), None
     if rank is None and rank_energy is None:
         raise ExportError("--max-rank needs --rank or --rank-energy")
-    from ..build.lowrank import compress
+    from ..merging.lowrank import compress
 
     return compress(deltas, rank=rank, rank_energy=rank_energy, max_rank=max_rank, progress=progress)
 
@@ -202,7 +202,7 @@ def _peft_readme(lam: float, deltas: dict[str, ModuleDelta], source: str, base_m
         "```",
     ]
     if fidelity:
-        from ..build.lowrank import format_fidelity
+        from ..merging.lowrank import format_fidelity
 
         lines += ["", "## Low-rank fidelity (compressed for this export)", "", "```", format_fidelity(fidelity), "```"]
     return "\n".join(lines) + "\n"

@@ -138,7 +138,7 @@ class RainConfig:
     format_version: int = FORMAT_VERSION
     itm_name_or_path: str = ""
     itm_base_name_or_path: str = ""
-    #: the build method's registry name (rain_adapter.build.methods), "peft-import" or "custom";
+    #: the build method's registry name (rain_adapter.merging.methods), "peft-import" or "custom";
     #: informative only: attach treats every adapter alike (W + λ·D)
     method: str = "rain"
     rank: int | dict[str, int] | None = None

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..format.delta import ModuleDelta
 from ..format.arch import module_role
 from ..format.lambdas import check_lambda
-from ..kernels import lowrank_shrink, rain_linear, rain_linear_torch_fast, use_triton
+from rain_kernels import lowrank_shrink, rain_linear, rain_linear_torch_fast, use_triton
 
 #: input dtypes of the eager fast path (the delta is added in x's dtype: float32 accumulate at least)
 _FAST_DTYPES = (torch.float32, torch.float64)
@@ -146,7 +146,7 @@ class LambdaState:
         return hit[0]
 
     def fast_args(self, x: Tensor, name: str = "") -> tuple[float | Tensor, Tensor | None]:
-        """``(lam, keep)`` of :func:`~rain_adapter.kernels.rain_linear_torch_fast` for ``x``: a uniform
+        """``(lam, keep)`` of :func:`~rain_kernels.rain_linear_torch_fast` for ``x``: a uniform
         λ → ``(λ as a host float, None)``; otherwise ``(col [M, 1] in x's dtype, keep)`` with ``keep`` =
         (λ ≠ 0) ``[M, 1]`` only when some λ is 0. Cached (the same objects) until λ changes."""
         if self.scalar is not None:

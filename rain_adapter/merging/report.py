@@ -2,7 +2,7 @@
 
 Log lines go to stderr (prefixed ``[rain build]``), the stats table to stdout; both only when
 ``verbose``. Warnings (:meth:`BuildLog.warn`) are printed whatever ``verbose`` says, raised as a
-Python warning of a named :class:`~rain_adapter.build.errors.BuildWarning` class, and recorded.
+Python warning of a named :class:`~rain_adapter.merging.errors.BuildWarning` class, and recorded.
 The timings end up in ``config.extra["build_seconds"]``.
 
 :func:`kept_norm_check` looks at Stage 1's result: the overall kept norm

@@ -95,7 +95,7 @@ class BuildOptions:
     overwrite: bool = _opt(False, "models", "replace an existing output directory")
     resume: bool = _opt(False, "models", "continue from <out>.partial if its settings match")
     # ---- scope -----------------------------------------------------------------------------
-    method: str = _opt("rain", "scope", "merge method (rain_adapter.build.methods.REGISTRY)", choices=method_names())
+    method: str = _opt("rain", "scope", "merge method (rain_adapter.merging.methods.REGISTRY)", choices=method_names())
     targets: Sequence[str] | None = _opt(None, "scope", "roles, e.g. q,k,v,o,gate,up,down (default all)",
                                          parse=parse_str_list)
     layers: Sequence[int] | None = _opt(None, "scope", "layer ids, e.g. 0-3,8 (default all)", parse=parse_int_list)

@@ -10,7 +10,7 @@ A record (one JSON object per line) holds at least::
 Other fields (id, instruction_id_list, verdict, meta, negative_response_spans, ...) are kept in
 ``record`` but not used.
 
-Text of a sample (exactly as ``rain_adapter.build.calibration.build_text`` for Stage 1)::
+Text of a sample (exactly as ``rain_adapter.merging.calibration.build_text`` for Stage 1)::
 
     chat_template([{user: prompt}], add_generation_prompt=True)   # R1-style: ends with "<think>\\n"
     [+ "<think>\\n" if the generation prompt does not open the think block itself]

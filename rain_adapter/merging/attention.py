@@ -117,7 +117,7 @@ def _allowed_keys(mask: Tensor | None, rows: Tensor, seq_len: int, sliding_windo
             allowed &= kv[None, :] > rows[:, None] - int(sliding_window)
         return allowed[None], None
     if mask.ndim != 4:
-        raise ValueError(f"rain_adapter.build.attention: unsupported attention mask shape {tuple(mask.shape)}")
+        raise ValueError(f"rain_adapter.merging.attention: unsupported attention mask shape {tuple(mask.shape)}")
     m = mask[0][:, rows, :]     # [1 or H, c, T_k]
     m = m[..., -seq_len:] if m.shape[-1] != seq_len else m
     if m.dtype == torch.bool:
@@ -129,22 +129,22 @@ def _record(rec: _Recorder, module: nn.Module, query: Tensor, key: Tensor,
             attention_mask: Tensor | None, scaling: float | None, kwargs: dict) -> None:
     """Accumulate Σ_{t∈Q_p} Σ_{τ∈K_p} P[t, τ] / (|Q_p||K_p|) for every pair p into rec.results."""
     if query.shape[0] != 1:
-        raise ValueError("rain_adapter.build.attention: the probe supports batch size 1 only "
+        raise ValueError("rain_adapter.merging.attention: the probe supports batch size 1 only "
                          f"(got query of shape {tuple(query.shape)})")
     B, H, Tq, hD = query.shape
     KV, Tk = key.shape[1], key.shape[2]
     if Tq != rec.seq_len or Tk != rec.seq_len:
-        raise ValueError(f"rain_adapter.build.attention: expected a full forward over {rec.seq_len} tokens without "
+        raise ValueError(f"rain_adapter.merging.attention: expected a full forward over {rec.seq_len} tokens without "
                          f"cache, got query length {Tq} and key length {Tk}")
     if H % KV:
-        raise ValueError(f"rain_adapter.build.attention: {H} query heads not a multiple of {KV} kv heads")
+        raise ValueError(f"rain_adapter.merging.attention: {H} query heads not a multiple of {KV} kv heads")
     n_rep = H // KV
     if scaling is None:
         scaling = hD ** -0.5
     softcap = kwargs.get("softcap")
     sliding_window = kwargs.get("sliding_window")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise NotImplementedError("rain_adapter.build.attention: attention sinks are not supported by the probe")
+        raise NotImplementedError("rain_adapter.merging.attention: attention sinks are not supported by the probe")
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         layer = rec.calls
@@ -225,7 +225,7 @@ def attention_probe(model, rec: _Recorder) -> Iterator[_Recorder]:
     """Switch every config of ``model`` to the probe for the duration of the block; restore after."""
     cfgs = _configs(model)
     if not cfgs:
-        raise ValueError("rain_adapter.build.attention: the model has no config with an attention implementation")
+        raise ValueError("rain_adapter.merging.attention: the model has no config with an attention implementation")
     saved = [cfg._attn_implementation_internal if hasattr(cfg, "_attn_implementation_internal")
              else cfg._attn_implementation for cfg in cfgs]
     try:
@@ -234,7 +234,7 @@ def attention_probe(model, rec: _Recorder) -> Iterator[_Recorder]:
             if isinstance(o, str) and o.startswith(PROBE_PREFIX):
                 o = o[len(PROBE_PREFIX):]
             if not isinstance(o, str):
-                raise ValueError(f"rain_adapter.build.attention: unsupported attention implementation {o!r}")
+                raise ValueError(f"rain_adapter.merging.attention: unsupported attention implementation {o!r}")
             rec.orig = o
             cfg._attn_implementation = _register(o)
         _ACTIVE.append(rec)
@@ -249,19 +249,19 @@ def attention_probe(model, rec: _Recorder) -> Iterator[_Recorder]:
 def _as_index(x, seq_len: int, what: str) -> Tensor:
     t = torch.as_tensor(x, dtype=torch.long).flatten().unique()
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= seq_len):
-        raise ValueError(f"rain_adapter.build.attention: {what} positions out of range [0, {seq_len})")
+        raise ValueError(f"rain_adapter.merging.attention: {what} positions out of range [0, {seq_len})")
     return t
 
 
 def make_recorder(pairs: Sequence[AttentionPair], seq_len: int, chunk: int = 256) -> _Recorder:
     """Build the membership matrices for ``pairs`` over a sequence of ``seq_len`` tokens."""
     if not pairs:
-        raise ValueError("rain_adapter.build.attention: no (queries, keys) pairs given")
+        raise ValueError("rain_adapter.merging.attention: no (queries, keys) pairs given")
     qs = [_as_index(p.queries, seq_len, "query") for p in pairs]
     ks = [_as_index(p.keys, seq_len, "key") for p in pairs]
     for i, (q, k) in enumerate(zip(qs, ks)):
         if q.numel() == 0 or k.numel() == 0:
-            raise ValueError(f"rain_adapter.build.attention: pair {i} has an empty query or key set")
+            raise ValueError(f"rain_adapter.merging.attention: pair {i} has an empty query or key set")
     rows = torch.cat(qs).unique()                       # sorted
     row_member = torch.zeros(len(pairs), rows.numel(), dtype=torch.float32)
     key_member = torch.zeros(seq_len, len(pairs), dtype=torch.float32)
@@ -294,12 +294,12 @@ def attention_pair_stats(model, input_ids: Tensor, pairs: Sequence[AttentionPair
     """
     ids = input_ids if input_ids.ndim == 2 else input_ids[None]
     if ids.shape[0] != 1:
-        raise ValueError("rain_adapter.build.attention: attention_pair_stats takes one sequence (batch 1)")
+        raise ValueError("rain_adapter.merging.attention: attention_pair_stats takes one sequence (batch 1)")
     rec = make_recorder(pairs, ids.shape[1], chunk)
     with attention_probe(model, rec):
         _forward(model, ids)
     if not rec.results:
-        raise RuntimeError("rain_adapter.build.attention: the probe was never called: the model's attention does not "
+        raise RuntimeError("rain_adapter.merging.attention: the probe was never called: the model's attention does not "
                            "dispatch through transformers' AttentionInterface")
     layers = sorted(rec.results)
     L = n_layers if n_layers is not None else layers[-1] + 1

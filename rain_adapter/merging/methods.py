@@ -1,7 +1,7 @@
 """The ``--method`` registry of ``rain build`` (in the style of mergekit's merge methods).
 
 Each method is one frozen :class:`MergeMethod` that declares what it is and what it needs: its name,
-a one-line description, the :class:`~rain_adapter.build.options.BuildOptions` fields it reads
+a one-line description, the :class:`~rain_adapter.merging.options.BuildOptions` fields it reads
 (``params``), whether it runs Stage 1 projection and Stage 2, and its per-module transform. The
 pipeline reads these declarations instead of branching on the name; ``REGISTRY`` / ``get_method`` /
 ``method_names`` are the lookup, ``METHODS`` the derived tuple of names.

@@ -1,4 +1,4 @@
-"""RAIN linear kernels (installed as ``rain_adapter.kernels``).
+"""RAIN linear kernels (installed as ``rain_kernels``).
 
 ``rain_linear(x2d, weight, bias, scale, delta=None, lora_A=None, lora_B=None, bias_delta=None)``
 computes, for x2d ``[M, K]``, weight ``[N, K]`` and a float32 λ per row ``scale [M]``::
@@ -48,7 +48,7 @@ def kernel_mode() -> str:
     """The ``RAIN_KERNEL`` setting: ``torch``, ``triton`` or ``auto`` (the default)."""
     mode = os.environ.get("RAIN_KERNEL", "auto").strip().lower() or "auto"
     if mode not in ("torch", "triton", "auto"):
-        raise ValueError(f"rain_adapter.kernels: RAIN_KERNEL must be torch|triton|auto, got {mode!r}")
+        raise ValueError(f"rain_kernels: RAIN_KERNEL must be torch|triton|auto, got {mode!r}")
     return mode
 
 
@@ -87,9 +87,9 @@ def use_triton(x2d: Tensor) -> bool:
         return False
     if mode == "triton":
         if not triton_available():
-            raise RuntimeError("rain_adapter.kernels: RAIN_KERNEL=triton but triton does not import")
+            raise RuntimeError("rain_kernels: RAIN_KERNEL=triton but triton does not import")
         if not x2d.is_cuda and not _interpreting():
-            raise RuntimeError("rain_adapter.kernels: RAIN_KERNEL=triton on a CPU tensor needs "
+            raise RuntimeError("rain_kernels: RAIN_KERNEL=triton on a CPU tensor needs "
                                "TRITON_INTERPRET=1 (set before triton is imported)")
         return True
     return x2d.is_cuda and triton_available()

@@ -1,4 +1,4 @@
-"""Tables of ``rain plan`` (rain_adapter/build/plan.py): the preset LRMs' shapes and the device profiles."""
+"""Tables of ``rain plan`` (rain_adapter/merging/plan.py): the preset LRMs' shapes and the device profiles."""
 
 from __future__ import annotations
 

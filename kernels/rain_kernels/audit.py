@@ -22,7 +22,7 @@ the speed goals are about) that no config that fits spills or runs an unpipeline
 
 The specialisation matters: compiled with plain ``i32`` strides (no "stride == 1"), the dense
 128×128 tile needed 255 registers with spills and no pipelined loads; with the JIT's
-specialisation it is 188 registers, no spills, pipelined. ``python -m rain_adapter.kernels.audit``
+specialisation it is 188 registers, no spills, pipelined. ``python -m rain_kernels.audit``
 prints the table (``bench/RESULTS.md`` holds one); ``tests/test_kernels_aot.py`` asserts on it.
 """
 from __future__ import annotations
@@ -131,7 +131,7 @@ def compile_sm90(spec: LaunchSpec):
         elif n in consts:
             sig[n] = "constexpr"
         else:
-            raise ValueError(f"rain_adapter.kernels.audit: {spec.name}: no value for argument {n!r}")
+            raise ValueError(f"rain_kernels.audit: {spec.name}: no value for argument {n!r}")
     src = ASTSource(fn=spec.fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))

@@ -8,7 +8,7 @@
    (:data:`STRUCTURAL_FIELDS`: model type, hidden size, layers, heads, kv heads, head dim, MLP
    width) are a :class:`BuildError` listing ``field: LRM value vs ITM value vs base value``; other
    differences (:data:`OTHER_FIELDS`: ``rope_theta``, ``vocab_size``, ``max_position_embeddings``,
-   ``tie_word_embeddings`` ...) a :class:`~rain_adapter.build.errors.ConfigMismatchWarning` in the
+   ``tie_word_embeddings`` ...) a :class:`~rain_adapter.merging.errors.ConfigMismatchWarning` in the
    same form. The LRM's ``vocab_size`` bounds the calibration token ids.
 2. (pipeline) the tokenizer and the reasoning calibration set, every sample round-tripped.
 3. :func:`check_instruction_calibration`: when Stage 2 will run, the instruction set is loaded,

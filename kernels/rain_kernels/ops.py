@@ -44,7 +44,7 @@ def _same_dtype(t: Optional[Tensor], dtype: torch.dtype, name: str) -> Optional[
         return t
     if name not in _warned:
         _warned.add(name)
-        warnings.warn(f"rain_adapter.kernels: {name} is {t.dtype}, x is {dtype}; casting on every "
+        warnings.warn(f"rain_kernels: {name} is {t.dtype}, x is {dtype}; casting on every "
                       f"call (store it in the input dtype)", stacklevel=3)
     return t.to(dtype)
 
@@ -218,7 +218,7 @@ def launch_lowrank(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Ten
     if variant is None:
         variant = _choose_variant(x, N, R, run)
     if variant not in ("split", "fused"):
-        raise ValueError(f"rain_adapter.kernels.ops: variant must be split|fused, got {variant!r}")
+        raise ValueError(f"rain_kernels.ops: variant must be split|fused, got {variant!r}")
     if variant == "fused" and R > _FUSED_MAX_R:
         variant = "split"
     return run(variant)

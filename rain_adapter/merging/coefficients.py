@@ -2,18 +2,18 @@
 
 Pipeline (``run_stage2``; steps 1-2 are :func:`stage2_statistics`, 3-4 :func:`stage2_alpha`):
 
-1. Prepare the instruction calibration set (:mod:`rain_adapter.build.spans`): one tokenisation per
+1. Prepare the instruction calibration set (:mod:`rain_adapter.merging.spans`): one tokenisation per
    sample, per instruction i the prompt tokens I_i, related response tokens R_i and unrelated
    response tokens U_i.
 2. Attach the Stage 1 deltas to the LRM through ``RainLinear`` (no weight rewrite) and, per
    sample, run one forward at λ = 1 (and one at λ = 0 for ``alpha_grad="gain"``) with the row-only
-   attention probe (:mod:`rain_adapter.build.attention`):
+   attention probe (:mod:`rain_adapter.merging.attention`):
 
        a^{ℓ,h} = Σ_{t∈R} Σ_{τ∈I} P[t, τ] / (|I||R|)     u^{ℓ,h} = Σ_{t∈U} Σ_{τ∈I} P[t, τ] / (|I||U|)
 
    (queries = response tokens, keys = instruction prompt tokens).  E_x is the mean over the
    (sample, instruction) pairs where the statistic is defined (R_i resp. U_i non-empty).
-3. Closed form per head (:func:`alpha_from_stats`, in :mod:`rain_adapter.build.alpha`)::
+3. Closed form per head (:func:`alpha_from_stats`, in :mod:`rain_adapter.merging.alpha`)::
 
        g = E[a1] − ρ E[u1]                                   ("level", default)
        g = E[a1 − a0] − ρ E[u1 − u0]                         ("gain")
@@ -324,7 +324,7 @@ def run_stage2(model, tokenizer, deltas: dict[str, ModuleDelta], instruction_cal
 
     ``model``: the LRM (HF causal LM, not already wrapped); the deltas are attached through
     ``RainLinear`` for the passes and detached afterwards (also on error), so the model comes back
-    unchanged.  ``instruction_calib``: a JSONL path or a list of records (see :mod:`rain_adapter.build.spans`).
+    unchanged.  ``instruction_calib``: a JSONL path or a list of records (see :mod:`rain_adapter.merging.spans`).
     ``stats_cache``: optional hook with ``load() -> dict | None`` and ``save(dict)`` for the result of
     :func:`stage2_statistics` (``feature_cache.Stage2StatsCache``); a hit runs no attention pass
     and the summary records ``"stats_from_cache": True``.

@@ -32,8 +32,8 @@ def check_args(
     bias_delta: Tensor | None,
     shrunk: Tensor | None = None,
 ) -> None:
-    """Validate shapes; errors name ``rain_adapter.kernels`` and the offending argument."""
-    where = "rain_adapter.kernels.rain_linear"
+    """Validate shapes; errors name ``rain_kernels`` and the offending argument."""
+    where = "rain_kernels.rain_linear"
     if x2d.dim() != 2:
         raise ValueError(f"{where}: x2d must be [M, K], got shape {tuple(x2d.shape)}")
     M, K = x2d.shape

@@ -5,7 +5,7 @@ fetches an id (``AutoConfig`` / ``AutoTokenizer`` / ``AutoModelForCausalLM.from_
 ``huggingface_hub.snapshot_download`` for the ITM and base shards) runs inside :func:`fetching`,
 which turns a failed fetch (offline, ``HF_HUB_OFFLINE``, no network, no such repository, a gated
 one; huggingface_hub's errors and transformers' ``OSError`` wrappers of them) into one
-:class:`~rain_adapter.build.errors.HubFetchError` line naming the repo id and how to pass a local
+:class:`~rain_adapter.merging.errors.HubFetchError` line naming the repo id and how to pass a local
 directory instead, rather than a long traceback. A local directory is never treated as an id, and
 errors from loading one pass through unchanged.
 """
