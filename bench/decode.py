@@ -2,7 +2,6 @@
 
     python bench/decode.py [--models smollm2,qwen100m] [--batches 1,8,32] [--new-tokens 24]
                            [--prompt 32] [--repeats 3] [--threads 1] [--clock cpu|wall] [--arms ...] [--all-arms]
-                           [--legacy]
 
 Per model and batch size, every arm runs greedy ``generate`` (``use_cache``, ``--new-tokens`` new
 tokens forced with ``min_new_tokens``) and one prefill forward of ``[batch, --prompt]`` tokens:
@@ -13,10 +12,7 @@ tokens forced with ``min_new_tokens``) and one prefill forward of ``[batch, --pr
   at batch 1 "mixed" is a 1-element λ list, which the runtime treats as uniform);
 - ``dense-u`` / ``dense-mix``: the same with a dense delta ``[out, in]``;
 - ``peft-rN``: a PEFT LoRA of rank N on the same modules (``peft`` installed; else the column is
-  left out);
-- ``legacy-rN-u``: (``--legacy``) the rank-N adapter through the forward path before issue 14
-  (per-call λ expansion, a host check of λ, the per-module shrink), selected by the private
-  environment switch ``RAIN_LEGACY_FORWARD=1`` read when the adapter is attached.
+  left out).
 
 Times are ``--clock cpu`` (default: this process's CPU time, ``time.process_time``; with one
 torch thread that is the work done, and it is far less disturbed than wall time when other jobs
@@ -96,12 +92,8 @@ class Arm:
                              init_lora_weights=False)
             self.runner = get_peft_model(self.model, cfg).eval()
         else:
-            kind = name.removeprefix("legacy-").split("-")[0]
-            os.environ["RAIN_LEGACY_FORWARD"] = "1" if name.startswith("legacy-") else "0"
-            try:
-                self.runner = RainAdapter.attach(self.model, self.adapters[kind], check_fingerprint=False)
-            finally:
-                os.environ.pop("RAIN_LEGACY_FORWARD", None)
+            kind = name.split("-")[0]
+            self.runner = RainAdapter.attach(self.model, self.adapters[kind], check_fingerprint=False)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -141,7 +133,7 @@ def time_arm(arm: Arm, batch: int, ids: torch.Tensor, prompt: torch.Tensor, new:
 
 def bench_model(name: str, args) -> list[dict]:
     model, vocab = load_model(name)
-    kinds = {a.removeprefix("legacy-").split("-")[0] for a in args.arms if a[0] in "rdl"}
+    kinds = {a.split("-")[0] for a in args.arms if a[0] in "rd"}
     adapters = {k: adapter(model, k) for k in kinds}
     rows = []
     for batch in args.batches:
@@ -178,13 +170,10 @@ def main() -> None:
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
     ap.add_argument("--arms", default=",".join(DEFAULT_ARMS))
     ap.add_argument("--all-arms", action="store_true", help=f"arms: {','.join(ALL_ARMS)}")
-    ap.add_argument("--legacy", action="store_true", help="add legacy-r16-u (the pre-issue-14 forward)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.arms = list(ALL_ARMS if args.all_arms else args.arms.split(","))
-    if args.legacy:
-        args.arms.append("legacy-r16-u")
     if "merged" not in args.arms:
         args.arms.insert(0, "merged")
     try:

@@ -20,7 +20,7 @@ from .format.config import ConfigError, RainConfig
 from .format.delta import ModuleDelta
 from .format.fingerprint import compute_fingerprint
 from .format.lambdas import check_lambda, parse_lambdas
-from .format.paths import adapter_home, calibration_dir, shared_calibration_dir
+from .format.paths import adapter_home, calibration_dir
 from .format.peft_lora import PeftImportError, load_peft_lora
 from .format.store import AdapterError, AdapterNotFoundError, load_adapter, resolve_adapter, save_adapter
 from .runtime.layers import RainLinear
@@ -41,7 +41,6 @@ __all__ = [
     "get_method",
     "method_names",
     "run_stage2",
-    "shared_calibration_dir",
     # adapter format
     "AdapterError",
     "AdapterNotFoundError",

@@ -58,7 +58,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def ungroup(rm) -> None:
     for layer in rm.rain_layers.values():
-        layer.group, layer.group_slice = None, None
+        layer.group = None
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -200,12 +200,11 @@ def _member(rm, suffix: str):
 
 def _alone(layer, x):
     """The layer's output computed without its group (the per-module shrink)."""
-    g, sl = layer.group, layer.group_slice
-    layer.group, layer.group_slice = None, None
+    g, layer.group = layer.group, None
     try:
         return layer(x)
     finally:
-        layer.group, layer.group_slice = g, sl
+        layer.group = g
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -162,9 +162,9 @@ def test_dispatch_env(monkeypatch):
 
     x, W, b, s, D, A, B, bd = _inputs(3, 8, 16, 0, True, False, _fresh_seed())
     monkeypatch.setenv("RAIN_KERNEL", "torch")
-    assert not kernels._use_triton(x)
+    assert not kernels.use_triton(x)
     monkeypatch.setenv("RAIN_KERNEL", "auto")
-    assert kernels._use_triton(x) is False  # CPU tensor
+    assert kernels.use_triton(x) is False  # CPU tensor
     monkeypatch.setenv("RAIN_KERNEL", "bogus")
     with pytest.raises(ValueError, match="RAIN_KERNEL"):
         kernels.rain_linear(x, W, b, s, delta=D)

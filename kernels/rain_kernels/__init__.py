@@ -95,9 +95,6 @@ def use_triton(x2d: Tensor) -> bool:
     return x2d.is_cuda and triton_available()
 
 
-_use_triton = use_triton  # the older private name (tests)
-
-
 def rain_linear(
     x2d: Tensor,
     weight: Tensor,

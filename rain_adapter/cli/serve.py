@@ -65,7 +65,8 @@ def _add_serve(sub) -> None:
                         "(repeatable)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--no-fingerprint-check", action="store_true")
+    p.add_argument("--no-check-fingerprint", action="store_true",
+                   help="attach even if the model's weights differ from the ones the adapter was built for")
     p.add_argument("--log-level", default="info")
     p.add_argument("--graceful-timeout", type=int, default=30,
                    help="seconds to wait for in-flight requests on shutdown")
@@ -99,7 +100,7 @@ def run_serve(args) -> int:
     registry = server_registry(args.checks or ())  # before the model loads: a bad module fails fast
     model, tok = load_served_model(args.model, args.adapter, tokenizer_path=args.tokenizer, dtype=args.dtype,
                                    device=args.device, lam=args.lam,
-                                   check_fingerprint=not args.no_fingerprint_check)
+                                   check_fingerprint=not args.no_check_fingerprint)
     arms = load_arms(args.arms) if args.arms else None
     name = args.served_model_name or Path(str(args.adapter or args.model).rstrip("/")).name
     state = serve_state_from(model, tok, model_name=name, db_path=args.db, arms=arms, lam=args.lam,

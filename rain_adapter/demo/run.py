@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -278,11 +277,3 @@ def demo_build_options(*, protect_energy: float | None = None, projection: str |
     if project_layers is not None:
         build_kw["project_layers"] = parse_int_list(project_layers)
     return build_kw
-
-
-def clear_cache(cfg: WorldConfig | None = None) -> None:
-    """Remove the cached world for ``cfg`` (tests / benchmarks of the cold path)."""
-    from .train import world_home
-
-    shutil.rmtree(world_home() / (cfg or WorldConfig()).key(), ignore_errors=True)
-

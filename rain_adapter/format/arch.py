@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from torch import nn
 
 ROLES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-ATTENTION_ROLES = ("q", "k", "v", "o")
-MLP_ROLES = ("gate", "up", "down")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,3 @@ def calibration_dir() -> Path:
         )
     return d
 
-
-#: The name used before the layout change (the sets came from ``../shared``); same function.
-shared_calibration_dir = calibration_dir

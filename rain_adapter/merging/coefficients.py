@@ -66,7 +66,6 @@ class AttentionStats:
         self.n_a = 0
         self.n_u = 0
         self.n_a_positive = 0
-        self.has_lambda0 = False
 
     def add(self, a1: Tensor | None, u1: Tensor | None, a0: Tensor | None = None, u0: Tensor | None = None) -> None:
         """Add one pair's statistics (each ``[L, H]`` or None when undefined)."""
@@ -76,7 +75,6 @@ class AttentionStats:
             self.n_a_positive += int(bool(a1.double().mean() > 0))
             if a0 is not None:
                 self.a0 += a0.double()
-                self.has_lambda0 = True
         if u1 is not None:
             self.u1 += u1.double()
             self.n_u += 1

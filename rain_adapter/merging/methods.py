@@ -4,7 +4,7 @@ Each method is one frozen :class:`MergeMethod` that declares what it is and what
 a one-line description, the :class:`~rain_adapter.merging.options.BuildOptions` fields it reads
 (``params``), whether it runs Stage 1 projection and Stage 2, and its per-module transform. The
 pipeline reads these declarations instead of branching on the name; ``REGISTRY`` / ``get_method`` /
-``method_names`` are the lookup, ``METHODS`` the derived tuple of names.
+``method_names`` are the lookup.
 
 All methods store D = T(Δ_I) with α = 1 except ``rain`` (Stage 2 folds α in), so every comparison
 goes through the same attach / λ path: W(λ) = W_R + λ·D.
@@ -128,7 +128,6 @@ REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("dare-ties", "DARE (drop with p = --drop, rescale 1/(1 − p), seeded) then the TIES trim",
                 ("density", "drop", "seed"), transform=_dare_ties),
 )}
-METHODS: tuple[str, ...] = tuple(REGISTRY)
 
 
 def method_names() -> list[str]:

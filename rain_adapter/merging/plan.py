@@ -35,7 +35,6 @@ and the hidden states of every batch. The measured check is bench/plan_check.py 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 

@@ -15,7 +15,6 @@ changing it never recompiles a graph or invalidates a captured CUDA graph.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -218,8 +217,6 @@ class RainLinear(nn.Module):
         # set by ShrinkGroup: the group whose stacked lora_A this layer's shrink is a column slice of
         self.group: ShrinkGroup | None = None
         self.group_index = 0
-        self.group_slice: tuple[int, int] | None = None
-        self._legacy = os.environ.get("RAIN_LEGACY_FORWARD", "0") == "1"  # private bench switch
 
     @property
     def in_features(self) -> int:
@@ -246,8 +243,6 @@ class RainLinear(nn.Module):
         if st.all_zero and not capturing:
             st.on(x.device)  # have λ's device copy ready before any capture (no H2D copy in it)
             return self.base(x)
-        if self._legacy:
-            return self._legacy_forward(x)
         x2d = x.reshape(-1, x.shape[-1])
         eager = not capturing and not torch.compiler.is_compiling()
         triton = use_triton(x2d)
@@ -270,15 +265,6 @@ class RainLinear(nn.Module):
             t = g.take(self.group_index, x, x2d)
         y = rain_linear(x2d, W, b, st.scale(x, self.name, cached=eager), delta=D, lora_A=A, lora_B=B,
                         bias_delta=bd, shrunk=t)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    def _legacy_forward(self, x: Tensor) -> Tensor:
-        """The forward before issue 14 (λ expanded per call, per-module shrink), kept for
-        bench/decode.py's before/after line: set ``RAIN_LEGACY_FORWARD=1`` before attaching."""
-        lam = self.state.on(x.device)
-        scale = token_scale(lam, x.shape, self.name) if self.state.per_token else row_scale(lam, x.shape)
-        y = rain_linear(x.reshape(-1, x.shape[-1]), self.base.weight, self.base.bias, scale, delta=self.rain_delta,
-                        lora_A=self.lora_A, lora_B=self.lora_B, bias_delta=self.rain_bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def delta_module(self) -> ModuleDelta:
@@ -318,7 +304,7 @@ class ShrinkGroup:
     buffer ``rain_group_A`` of the first member (so ``model.to()`` moves it; each member keeps its
     own ``lora_A`` too, for the other paths and the exports). The first member called with an
     input x computes ``t_all = x A_catᵀ [M, Σr]`` once (x's dtype; times λ on the fast path,
-    unscaled for the kernels) and keeps it; member i then reads columns ``group_slice`` of it. An
+    unscaled for the kernels) and keeps it; member i then reads its own column block of it. An
     entry is served only for the very tensor object it was made from (a reference is held, so its
     id cannot be reused) and the very λ object it was scaled by, with the same shape and autograd
     version (``x._version``: an in-place change invalidates it), and at most once per member: when
@@ -335,10 +321,8 @@ class ShrinkGroup:
         self.owner = owner
         self.size = len(members)
         self.ranks = [int(m.lora_A.shape[0]) for m in members]
-        off = 0
-        for i, (m, r) in enumerate(zip(members, self.ranks)):
-            m.group, m.group_index, m.group_slice = self, i, (off, off + r)
-            off += r
+        for i, m in enumerate(members):
+            m.group, m.group_index = self, i
         self.clear()
 
     def clear(self) -> None:

@@ -21,7 +21,7 @@ from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
 from ..format.lambdas import check_lambda
 from .layers import LambdaState, RainLinear, group_shared_inputs
-from ..format.fingerprint import check_fingerprint
+from ..format import fingerprint
 from ..format.store import AdapterError, adapter_from
 
 LambdaLike = float | Sequence[float] | Tensor
@@ -234,7 +234,7 @@ class RainAdapter:
         # 1. validate everything before touching the model
         modules = _check_modules(model, deltas, source)
         if check_fingerprint and config.fingerprint:
-            check_fingerprint_fn(config, model)
+            fingerprint.check_fingerprint(config, model)
         state = LambdaState(config.default_lambda if lam is None else 1.0, config.lambda_range)
         if lam is not None:
             state.set(lam, "attach(lam)")
@@ -260,5 +260,3 @@ class RainAdapter:
                 raise
         return RainModel(model, config, wrappers, originals, state, source)
 
-
-check_fingerprint_fn = check_fingerprint
