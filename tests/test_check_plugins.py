@@ -15,6 +15,7 @@ import pytest
 
 from rain_adapter.evaluation import answers as A
 from rain_adapter.evaluation import checks as C
+from rain_adapter.evaluation import scoring as Sc
 from rain_adapter.evaluation import sweep as S
 from rain_adapter.evaluation.registry import CheckRegistry, registry_with
 from rain_adapter.evaluation.specs import SPEC_IDS, SpecError
@@ -239,8 +240,8 @@ def test_every_spec_kind_is_known_and_ifeval_unchanged():
         reg.validate("spec:regex", {"pattern": "["})
     assert ei.value.field == "pattern"
     # follow_instructions goes through the registry: IFEval ids as before, spec ids too
-    ok, res = C.follow_instructions([("punctuation:no_comma", {}), ("spec:word_count", {"max": 2})],
-                                    "r, s</think>two words")
+    ok, res = Sc.follow_instructions([("punctuation:no_comma", {}), ("spec:word_count", {"max": 2})],
+                                     "r, s</think>two words")
     assert ok is True and [r.ok for r in res] == [True, True]
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from rain_adapter.evaluation import checks as C
+from rain_adapter.evaluation import scoring as Sc
 
 
 @pytest.fixture(autouse=True)
@@ -85,14 +86,14 @@ def test_score_and_aggregate():
         {"prompt": "p", "instruction_id_list": ["change_case:english_capital"], "kwargs": [{}], "answer": "3"},
         {"prompt": "p", "instruction_id_list": ["made:up"], "kwargs": [{}]},
     ]
-    s0 = C.score_response(rows[0], "x\n</think>\n\nTHE ANSWER IS 3.")
+    s0 = Sc.score_response(rows[0], "x\n</think>\n\nTHE ANSWER IS 3.")
     assert s0["follow_all"] and s0["think_ok"] and s0["correct"]
-    s1 = C.score_response(rows[1], "no thinking")
+    s1 = Sc.score_response(rows[1], "no thinking")
     assert s1["follow_all"] is None and s1["follow_each"] == [None] and s1["correct"] is None
-    agg = C.aggregate([s0, s1])
+    agg = Sc.aggregate([s0, s1])
     assert agg["compliance"] == 1.0 and agg["format_validity"] == 0.5 and agg["accuracy"] == 1.0
     assert agg["thinking_rate"] == 0.5 and agg["n"] == 2
-    assert math.isnan(C.aggregate([s1])["compliance"])
+    assert math.isnan(Sc.aggregate([s1])["compliance"])
 
 
 def test_world_responses_are_checkable():
@@ -112,18 +113,18 @@ def test_world_responses_are_checkable():
 
 def test_follow_instructions_is_the_one_compliance():
     """Prompt-level compliance over the scorable instructions; unscorable ones are None with a reason."""
-    ok, res = C.follow_instructions([("punctuation:no_comma", {}), ("made:up", {}),
-                                     ("startend:end_checker", {"end_phrase": 5})], "r</think>no commas")
+    ok, res = Sc.follow_instructions([("punctuation:no_comma", {}), ("made:up", {}),
+                                      ("startend:end_checker", {"end_phrase": 5})], "r</think>no commas")
     assert ok is True and [r.ok for r in res] == [True, None, None]
     assert "no checker" in res[1].error and "bad kwargs" in res[2].error
-    assert C.follow_instructions([], "x") == (None, [])
-    assert C.follow_instructions([("made:up", {})], "x")[0] is None
-    assert C.follow_instructions([("punctuation:no_comma", None)], "a, b")[0] is False
+    assert Sc.follow_instructions([], "x") == (None, [])
+    assert Sc.follow_instructions([("made:up", {})], "x")[0] is None
+    assert Sc.follow_instructions([("punctuation:no_comma", None)], "a, b")[0] is False
     nth = {"num_paragraphs": 1, "nth_paragraph": -5, "first_word": "a"}  # an index out of range
-    assert C.follow_instructions([("length_constraints:nth_paragraph_first_word", nth)], "a b")[1][0].ok is None
+    assert Sc.follow_instructions([("length_constraints:nth_paragraph_first_word", nth)], "a b")[1][0].ok is None
     # score_response is defined through it
     row = {"instruction_id_list": ["punctuation:no_comma", "made:up"], "kwargs": [{}, {}]}
-    s = C.score_response(row, "r</think>a, b")
+    s = Sc.score_response(row, "r</think>a, b")
     assert s["follow_all"] is False and s["follow_each"] == [False, None]
 
 

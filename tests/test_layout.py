@@ -1,5 +1,6 @@
-"""The layout keeps its promises (docs/DESIGN.md §11): imports flow one way between the packages,
-the core never imports the demo world or the test scaffolding, no guarded imports of our own code,
+"""The layout keeps its promises (docs/DESIGN.md §11): imports flow one way between the packages, no
+import cycles between modules (imports inside functions count), the core never imports the demo world
+or the test scaffolding, no guarded imports of our own code,
 functions and modules short enough to read, and scripts use public names only.
 
 These read the source with ``ast``; nothing is imported or run.
@@ -8,6 +9,8 @@ These read the source with ``ast``; nothing is imported or run.
 from __future__ import annotations
 
 import ast
+import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -60,12 +63,21 @@ def _package_of(dotted: str) -> str | None:
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else None
 
 
+@functools.cache
+def _module_names() -> frozenset[str]:
+    """Every installed module and package by dotted name (a package without ``.__init__``)."""
+    return frozenset(d.removesuffix(".__init__") for d, _ in _source_files())
+
+
 def _imports(dotted: str, path: Path) -> list[tuple[int, str]]:
-    """Absolute names of the rain_adapter modules a file imports (relative imports resolved)."""
+    """Absolute names of the project modules a file imports, anywhere in it (function-level imports
+    too), relative imports resolved. ``from P import x`` names the submodule ``P.x`` when there is one,
+    else ``P`` itself (a module, or a package: its ``__init__``)."""
     is_pkg = path.name == "__init__.py"
     here = dotted.split(".") if is_pkg else dotted.split(".")[:-1]
     if is_pkg:
         here = here[:-1] if here[-1] == "__init__" else here
+    known = _module_names()
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -75,9 +87,8 @@ def _imports(dotted: str, path: Path) -> list[tuple[int, str]]:
             else:
                 mod = node.module or ""
             if mod.startswith(tuple(ROOTS)):
-                # `from . import x` names a submodule: count it
-                names = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
-                out += [(node.lineno, n) for n in names]
+                names = {f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names}
+                out += [(node.lineno, n) for n in sorted(names)]
         elif isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names if a.name.startswith(tuple(ROOTS))]
     return out
@@ -118,6 +129,161 @@ def test_the_layering_table_has_no_cycles():
 
     for p in ALLOWED:
         visit(p)
+
+
+def _node(mod: str, files: dict[str, Path]) -> str | None:
+    """The graph node of an imported name: the module itself, or a package's ``__init__`` module."""
+    return mod if mod in files else f"{mod}.__init__" if f"{mod}.__init__" in files else None
+
+
+def _module_graph() -> dict[str, dict[str, str]]:
+    """module -> {module it imports: where (``path:line``)}, over every module of rain_adapter and
+    rain_kernels; a package is its ``__init__`` module (``rain_adapter.serve.__init__``). Imports inside
+    functions count: deferring one hides a cycle from the interpreter, not from the design."""
+    files = dict(_source_files())
+    graph: dict[str, dict[str, str]] = {}
+    for dotted, path in files.items():
+        edges = graph.setdefault(dotted, {})
+        for line, mod in _imports(dotted, path):
+            dst = _node(mod, files)
+            if dst is not None and dst != dotted:
+                edges.setdefault(dst, f"{path.relative_to(ROOT)}:{line}")
+    return graph
+
+
+def _strongly_connected(graph: dict[str, dict[str, str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components with more than one module (each one holds a cycle)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _shortest_cycle(graph: dict[str, dict[str, str]], start: str, members: set[str]) -> list[str]:
+    """The shortest path ``start -> ... -> start`` inside ``members`` (breadth first)."""
+    prev: dict[str, str] = {}
+    queue = [start]
+    while queue:
+        v = queue.pop(0)
+        for w in sorted(graph[v]):
+            if w not in members or w in prev:
+                continue
+            prev[w] = v
+            if w == start:
+                path = [start]
+                while path[-1] != start or len(path) == 1:
+                    path.append(prev[path[-1]])
+                return path[::-1]
+            queue.append(w)
+    raise AssertionError(f"{start} is on no cycle")  # pragma: no cover - a component member always is
+
+
+def _cycles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
+    """One shortest cycle through each module of each strongly connected component, deduplicated."""
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    for comp in _strongly_connected(graph):
+        for v in comp:
+            cyc = _shortest_cycle(graph, v, set(comp))[:-1]
+            i = cyc.index(min(cyc))
+            key = tuple(cyc[i:] + cyc[:i])
+            if key not in seen:
+                seen.add(key)
+                out.append(list(key) + [key[0]])
+    return sorted(out)
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b": "a.py:1"}, "b": {"c": "b.py:1"}, "c": {"a": "c.py:1", "d": "c.py:2"},
+             "d": {"e": "d.py:1"}, "e": {"d": "e.py:1"}, "f": {"a": "f.py:1"}}
+    assert _cycles(graph) == [["a", "b", "c", "a"], ["d", "e", "d"]]
+
+
+def test_the_module_graph_resolves_relative_submodule_and_package_imports(tmp_path):
+    fake = tmp_path / "fake.py"
+    fake.write_text("from . import checks, not_a_module\nfrom .. import __version__\nfrom ..serve import app\n"
+                    "from .registry import CheckRegistry\n\n\ndef f():\n    from .scoring import aggregate\n")
+    got = set(_imports("rain_adapter.evaluation.fake", fake))
+    assert got == {(1, "rain_adapter.evaluation"), (1, "rain_adapter.evaluation.checks"), (2, "rain_adapter"),
+                   (3, "rain_adapter.serve.app"), (4, "rain_adapter.evaluation.registry"),
+                   (8, "rain_adapter.evaluation.scoring")}
+    files = dict(_source_files())
+    assert _node("rain_adapter", files) == "rain_adapter.__init__"
+    assert _node("rain_adapter.evaluation", files) == "rain_adapter.evaluation.__init__"
+    assert _node("rain_adapter.serve.app", files) == "rain_adapter.serve.app"
+    assert _node("rain_kernels", files) == "rain_kernels.__init__"
+    graph = _module_graph()
+    assert "rain_adapter.evaluation.checks" in graph["rain_adapter.evaluation.__init__"]
+    assert "rain_adapter.evaluation.answers" in graph["rain_adapter.evaluation.checks"]  # from . import answers
+
+
+def test_no_import_cycles_between_modules():
+    """No module reaches itself through imports, counting those inside functions (docs/DESIGN.md §11)."""
+    graph = _module_graph()
+    bad = []
+    for cyc in _cycles(graph):
+        where = ", ".join(graph[a][b] for a, b in zip(cyc, cyc[1:]))
+        bad.append(f"{' -> '.join(cyc)}   ({where})")
+    assert not bad, "import cycles between modules:\n" + "\n".join(bad)
+
+
+def _package_edges() -> set[tuple[str, str]]:
+    """(importer, imported) packages of every import the code makes (top-level __init__ left out)."""
+    edges = set()
+    for dotted, path in _source_files():
+        src = _package_of(dotted)
+        for _, mod in _imports(dotted, path) if src is not None else ():
+            dst = _package_of(mod)
+            if dst is not None and dst != src:
+                edges.add((src, dst))
+    return edges
+
+
+def test_the_design_diagram_shows_the_imports_the_code_makes():
+    """docs/DESIGN.md §1: solid arrows are exactly the package imports made today; dotted arrows exactly
+    the allowed, unused ones (``kernels`` aside: the text says every package but format may use it)."""
+    design = (ROOT / "docs" / "DESIGN.md").read_text()
+    block = design.split("How the packages import each other", 1)[1].split("```mermaid", 1)[1].split("```", 1)[0]
+    arrows: dict[str, set[tuple[str, str]]] = {"-->": set(), "-.->": set()}
+    for line in block.splitlines():
+        m = re.fullmatch(r"\s*(\w+) (-->|-\.->)(?:\|[^|]*\|)? (\w+)\s*", line)
+        if m:
+            arrows[m.group(2)].add((m.group(1), m.group(3)))
+    used = _package_edges()
+    unused = {(p, q) for p, allowed in ALLOWED.items() for q in allowed if q != "kernels"} - used
+    problems = [f"{a} --> {b}: drawn solid, but no module of {a}/ imports {b}/" for a, b in arrows["-->"] - used]
+    problems += [f"{a} --> {b}: imported, but not drawn solid" for a, b in used - arrows["-->"]]
+    problems += [f"{a} -.-> {b}: drawn dotted, but {'imported' if (a, b) in used else 'not allowed'}"
+                 for a, b in arrows["-.->"] - unused]
+    problems += [f"{a} -.-> {b}: allowed and unused, but not drawn dotted" for a, b in unused - arrows["-.->"]]
+    assert not problems, "docs/DESIGN.md §1's import diagram differs from the code:\n" + "\n".join(sorted(problems))
 
 
 def _guarded_own_imports(path: Path) -> list[int]:

@@ -316,7 +316,8 @@ def test_both_schedulers_implement_the_protocol():
     from rain_adapter import RainAdapter, RainConfig
     from rain_adapter.serve.batching import BatchScheduler
     from rain_adapter.serve.continuous import ContinuousScheduler
-    from rain_adapter.serve.scheduler import Scheduler, SchedulerHealth, make_scheduler
+    from rain_adapter.serve.scheduler import Scheduler, SchedulerHealth
+    from rain_adapter.serve.scheduler_factory import make_scheduler
     from rain_adapter.testing.fixtures import make_tokenizer
     from rain_adapter.testing.tiny import random_deltas, tiny_model
 

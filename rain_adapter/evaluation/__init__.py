@@ -4,10 +4,10 @@ search of ``rain tune`` (:class:`TuneOptions`, :func:`tune_attached`, :func:`app
 
 from .answers import EXTRACTORS, ExtractorRegistry, register_extractor, resolve_extractor
 from .checks import (
-    SUPPORTED_IDS, UnsupportedInstruction, aggregate, answer_correct, check, score_response, split_thinking,
-    strip_thinking, think_format_ok,
+    SUPPORTED_IDS, UnsupportedInstruction, answer_correct, check, split_thinking, strip_thinking, think_format_ok,
 )
 from .registry import CheckRegistry, default_registry, register_check_module, registry_with
+from .scoring import aggregate, score_response
 from .specs import SPEC_IDS, SpecError
 from .tune import LambdaPoint, TuneError, TuneOptions, TuneResult, search, tune_attached
 from .tune_write import apply_to_config, arms_around

@@ -10,9 +10,10 @@ lacks, our own re-implementation of the same checkers below. ``language:response
 
 These are the *built-in* ids of the check registry (:mod:`rain_adapter.evaluation.registry`), which
 adds declarative ``spec:*`` checks and Python plug-ins; :func:`supported_ids` lists the built-in
-ones, ``CheckRegistry.known_ids()`` all. :func:`follow_instructions`, :func:`score_response` and
-:func:`aggregate` are :mod:`rain_adapter.evaluation.scoring`'s, scoring through the registry;
-:func:`answer_correct` uses :mod:`rain_adapter.evaluation.answers` (default extractor ``number``).
+ones, ``CheckRegistry.known_ids()`` all. ``follow_instructions``, ``score_response`` and ``aggregate``
+live in :mod:`rain_adapter.evaluation.scoring` (which imports this module and the registry; this module
+imports neither, so the registry can import it); :func:`answer_correct` uses
+:mod:`rain_adapter.evaluation.answers` (default extractor ``number``).
 
 Reasoning models: :func:`split_thinking` removes the ``<think>…</think>`` block before compliance
 is scored. :func:`think_format_ok`: exactly one ``</think>``, at most one ``<think>``, non-empty
@@ -275,11 +276,6 @@ def _lm_eval_registry() -> dict | None:
     return instructions_registry.INSTRUCTION_DICT
 
 
-def backend() -> str:
-    """``"lm_eval"`` when IFEval's registry is used, ``"ours"`` otherwise."""
-    return "lm_eval" if _lm_eval_registry() is not None else "ours"
-
-
 def check(instruction_id: str, kwargs: dict[str, Any] | None, response: str, prompt: str | None = None) -> bool:
     """IFEval strict check of one instruction on ``response`` (thinking is stripped first).
 
@@ -329,25 +325,3 @@ class InstructionResult:
     ok: bool | None
     error: str | None = None
 
-
-# the scoring functions live in .scoring (which imports this module); these keep their old home working
-def follow_instructions(instructions: Sequence[tuple[str, dict[str, Any] | None]], response: str,
-                        prompt: str | None = None, *, registry=None) -> tuple[bool | None, list[InstructionResult]]:
-    """Prompt-level strict compliance: :func:`rain_adapter.evaluation.scoring.follow_instructions`."""
-    from .scoring import follow_instructions as run
-
-    return run(instructions, response, prompt, registry=registry)
-
-
-def score_response(row: dict[str, Any], response: str, *, registry=None, extract=None) -> dict[str, Any]:
-    """Metrics of one response to a prompt row: :func:`rain_adapter.evaluation.scoring.score_response`."""
-    from .scoring import score_response as run
-
-    return run(row, response, registry=registry, extract=extract)
-
-
-def aggregate(scores: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Means and scored counts over rows: :func:`rain_adapter.evaluation.scoring.aggregate`."""
-    from .scoring import aggregate as run
-
-    return run(scores)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..format.dtypes import resolve_dtype
 from ..format.lambdas import LambdaRangeWarning, check_lambda
 from ..format.store import resolve_adapter
+from ..runtime.model import RainAdapter
 from .answers import Extractor, resolve_extractor
 from .registry import CheckRegistry, default_registry
 from .scoring import aggregate, score_response
@@ -259,8 +260,6 @@ def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Seque
                    **score_kw: Any) -> list[dict[str, Any]]:
     """Attach each adapter in turn to ``model`` (an HF causal LM), sweep λ, detach. ``score_kw``:
     :func:`sweep_attached`'s ``responses_path``, ``registry``, ``answer_extract``, ``unscored_out``."""
-    from ..runtime.model import RainAdapter
-
     records: list[dict[str, Any]] = []
     given = list(names) if names else []
     labels = unique_names([given[i] if i < len(given) else method_name(ad) for i, ad in enumerate(adapters)])

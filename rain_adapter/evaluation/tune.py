@@ -24,13 +24,16 @@ synthetic curves; :func:`tune_attached` plugs in generation + scoring on a RainM
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..format.lambdas import parse_lambdas
+from ..format.lambdas import LambdaRangeWarning, parse_lambdas
+from .scoring import score_response
 from .stats import n_to_separate, wilson
+from .sweep import generate_responses
 
 __all__ = ["LambdaPoint", "TuneError", "TuneOptions", "TuneResult", "choose", "search", "tune_attached"]
 
@@ -270,12 +273,6 @@ def tune_attached(rain_model, tokenizer, rows: Sequence[dict[str, Any]], opts: T
 
     ``on_responses`` gets each round's responses ``{lambda, index, prompt, response}`` before they are
     scored (``rain tune`` appends them to ``responses.jsonl``, so a scoring failure loses nothing)."""
-    import warnings
-
-    from ..format.lambdas import LambdaRangeWarning
-    from .scoring import score_response
-    from .sweep import generate_responses
-
     score = score or score_response
 
     def evaluate(lams: list[float]) -> list[LambdaPoint]:

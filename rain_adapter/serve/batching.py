@@ -192,8 +192,6 @@ class BatchScheduler:
         if self._started:
             self._thread.join(timeout)
 
-    shutdown = stop  # the name before the Scheduler protocol
-
     # ---------------------------------------------------------------- internals
     def _special_ids(self) -> tuple[int, set[int], set[int]]:
         tok = self.tok

@@ -235,7 +235,7 @@ async def _sse_choices(cs: ChoiceSet, rlog: RequestLog, disconnected: Disconnect
         if cs.failed is not None:
             fi, err = cs.failed
             await cs.log(rlog, fi, "error", err.message, 500)
-            cs.log_rest_quietly(rlog, "cancelled", ANOTHER_FAILED, 500)
+            await asyncio.to_thread(cs.log_rest_quietly, rlog, "cancelled", ANOTHER_FAILED, 500)  # off the loop
             yield sse(err.body())
             return
         if cs.first.request.include_usage:

@@ -336,8 +336,6 @@ class ContinuousScheduler:
         self.hook.remove()
         self._thread.join(timeout)
 
-    shutdown = stop  # the name before the Scheduler protocol
-
     # ---------------------------------------------------------------- internals
     def _drop(self, rid: str, cancelled: bool = False) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import bad_request
+from .fields import int_field
 
 MAX_TOP_LOGPROBS = 20
 Entry = tuple[int, "float | None", list[tuple[int, float]]]
@@ -25,8 +26,6 @@ Entry = tuple[int, "float | None", list[tuple[int, float]]]
 
 def parse_logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
     """(k top alternatives or None for no logprobs, echo) of a request (400 naming a bad field)."""
-    from .requests import int_field
-
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise bad_request("echo must be a boolean", "echo")

@@ -24,6 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .metrics_db import MetricsDB
+from .thompson import beta_summary, reward_of
+
 Z95 = 1.959963984540054
 
 
@@ -162,8 +165,6 @@ def ab_report(rows: list[dict[str, Any]], allocations: list[dict[str, Any]] | No
 
 def posterior_table(ok_rows: list[dict[str, Any]], allocation: dict[str, float]) -> dict[str, Any]:
     """Per arm of the latest allocation: Beta posterior (mean, 95% interval) of the reward and the allocation."""
-    from .thompson import beta_summary, reward_of
-
     rng = np.random.default_rng(0)
     out = {}
     for arm, share in allocation.items():
@@ -250,8 +251,6 @@ def plot_report(rep: dict[str, Any], out: str | Path) -> Path:
 
 
 def report_from_db(db_path: str | Path) -> dict[str, Any]:
-    from .metrics_db import MetricsDB
-
     p = Path(db_path)
     if not p.exists():
         raise FileNotFoundError(f"rain ab report: no request log at {p}")

@@ -9,8 +9,10 @@ Every request that passed the API key check gets one row, whatever happened to i
 * ``rejected`` — a 4xx before generation (``http_status`` and ``reason``: the error message).
 
 Rows are written in a worker thread (SQLite and the scoring are CPU work, kept off the event loop);
-``commit`` returns once the row is durable. ``on_row`` callbacks (the Thompson policy) see each
-committed row.
+``commit`` returns once the row is durable. The one exception is :meth:`RequestLog.write_quietly`, which
+writes on the calling thread: a streaming response's ``finally`` uses it on the event loop when its
+task is cancelled mid-stream, where an ``await`` would not complete. ``on_row`` callbacks (the Thompson
+policy) see each committed row.
 """
 
 from __future__ import annotations

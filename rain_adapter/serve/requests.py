@@ -22,8 +22,9 @@ from typing import Any
 
 from ..evaluation.registry import CheckRegistry
 from ..evaluation.specs import SpecError
-from ..format.config import is_finite_number, is_int
+from ..format.config import is_finite_number
 from .errors import APIError, bad_request
+from .fields import int_field, number_field, text_field
 from .limits import (MAX_CHOICES, MAX_COMMENT_CHARS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
                      MAX_USER_CHARS)
 from .logprobs import parse_logprobs
@@ -178,31 +179,7 @@ class FeedbackRequest:
 
 
 # ----------------------------------------------------------------------------- field readers
-def number_field(body: dict, name: str, default: float | None, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False) -> float | None:
-    """A finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); ``default`` when absent or null."""
-    v = body.get(name, None)
-    if v is None:
-        return default
-    if not is_finite_number(v):
-        raise bad_request(f"{name} must be a finite number, got {v!r}", name)
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise bad_request(f"{name}={v} is below the allowed range ({'>' if lo_open else '>='} {lo})", name)
-    if hi is not None and v > hi:
-        raise bad_request(f"{name}={v} is above the allowed maximum {hi}", name)
-    return float(v)
-
-
-def int_field(body: dict, name: str, default: int | None = None) -> int | None:
-    """An integer (not a bool); ``default`` when absent or null."""
-    v = body.get(name, None)
-    if v is None:
-        return default
-    if not is_int(v):
-        raise bad_request(f"{name} must be an integer, got {v!r}", name)
-    return v
-
-
+# (the generic ones, number_field / int_field / text_field, are in .fields)
 def _stop(body: dict) -> tuple[str, ...]:
     v = body.get("stop")
     if v is None:
@@ -215,18 +192,6 @@ def _stop(body: dict) -> tuple[str, ...]:
     if any(len(s) > MAX_STOP_CHARS for s in v):
         raise bad_request(f"each stop string may have at most {MAX_STOP_CHARS} characters", "stop")
     return tuple(v)
-
-
-def text_field(body: dict, name: str, cap: int) -> str | None:
-    """A string of at most ``cap`` characters, or None when absent / null."""
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise bad_request(f"{name} must be a string, got {type(v).__name__}", name)
-    if len(v) > cap:
-        raise bad_request(f"{name} may have at most {cap} characters, got {len(v)}", name)
-    return v
 
 
 def unsupported(body: dict) -> None:
@@ -445,5 +410,5 @@ def parse_feedback(body: dict) -> FeedbackRequest:
 
 
 __all__ = ["ChatRequest", "CompletionRequest", "FeedbackRequest", "GenerationRequest", "RainCheck",
-           "RainExtensions", "RequestLimits", "SamplingParams", "int_field", "number_field", "parse_chat",
-           "parse_completion", "parse_feedback", "parse_json_body", "parse_rain_checks"]
+           "RainExtensions", "RequestLimits", "SamplingParams", "parse_chat", "parse_completion", "parse_feedback",
+           "parse_json_body", "parse_rain_checks"]

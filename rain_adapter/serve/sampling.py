@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import bad_request
+from .fields import int_field, number_field
+
 
 @dataclass(frozen=True)
 class LogitsSpec:
@@ -90,19 +93,12 @@ class RequestLogitsProcessor:
         return out
 
 
-
-
 def _num(body: dict, name: str, default: float, lo: float, hi: float) -> float:
-    from .requests import number_field
-
     return float(number_field(body, name, default, lo, hi))
 
 
 def parse_logits_spec(body: dict, max_tokens: int | None) -> LogitsSpec | None:
     """The request's processing fields (400 naming a bad one); None when they change nothing."""
-    from .errors import bad_request
-    from .requests import int_field
-
     rep = _num(body, "repetition_penalty", 1.0, 0.0, 2.0)
     if rep <= 0:
         raise bad_request("repetition_penalty must be > 0", "repetition_penalty")

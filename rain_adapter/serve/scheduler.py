@@ -8,17 +8,18 @@ ids, one λ, :class:`GenParams`) and ``submit`` s it; the worker sends :class:`G
 Two implementations: :class:`~rain_adapter.serve.batching.BatchScheduler` (dynamic batching, one
 ``generate`` call per batch with per-row λ) and
 :class:`~rain_adapter.serve.continuous.ContinuousScheduler` (continuous batching with a per-token
-λ). :func:`make_scheduler` picks one by name; ``serve.app`` talks only to :class:`Scheduler`.
+λ). :func:`~rain_adapter.serve.scheduler_factory.make_scheduler` picks one by name; ``serve.app`` talks
+only to :class:`Scheduler`. This module imports neither implementation (both import it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+#: the schedulers :func:`~rain_adapter.serve.scheduler_factory.make_scheduler` builds (``rain serve --batching``)
 BATCHING_MODES = ("dynamic", "continuous")
 
 
@@ -133,19 +134,5 @@ class Scheduler(Protocol):
         """Queue depth, busy, accepting."""
 
 
-def make_scheduler(batching: str, model, tokenizer, *, max_batch_size: int, batch_window_ms: float,
-                   on_batch: Callable[[int, float], None] | None = None) -> Scheduler:
-    """A new (not yet started) scheduler for ``batching`` = "dynamic" or "continuous"."""
-    # imported here: both modules import the job types above, and continuous needs an adapter
-    from .batching import BatchScheduler
-    from .continuous import ContinuousScheduler
-
-    classes = {"dynamic": BatchScheduler, "continuous": ContinuousScheduler}
-    if batching not in classes:
-        raise ValueError(f"rain_adapter.serve: batching must be 'dynamic' or 'continuous', got {batching!r}")
-    return classes[batching](model, tokenizer, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
-                             on_batch=on_batch)
-
-
 __all__ = ["BATCHING_MODES", "GenEvent", "GenJob", "GenParams", "JobRejected", "Scheduler", "SchedulerHealth",
-           "SchedulerUnavailable", "make_scheduler"]
+           "SchedulerUnavailable"]

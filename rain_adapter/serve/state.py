@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime.model import RainAdapter
 from .arms import Arm, ArmAssigner
 from .errors import APIError
 from .limits import DEFAULT_MAX_BODY_BYTES, max_token_bytes
@@ -14,7 +15,8 @@ from .metrics_db import MetricsDB
 from .prom import ServeMetrics
 from .request_log import RequestLog
 from .requests import RequestLimits
-from .scheduler import GenJob, JobRejected, Scheduler, SchedulerHealth, SchedulerUnavailable, make_scheduler
+from .scheduler import GenJob, JobRejected, Scheduler, SchedulerHealth, SchedulerUnavailable
+from .scheduler_factory import make_scheduler
 from .scoring import probe_checks, server_registry
 from .thompson import DEFAULT_FLOOR, ThompsonPolicy, reward_of
 
@@ -178,8 +180,6 @@ def load_served_model(model_path: str, adapter: str | None, *, tokenizer_path: s
     tok = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
     if adapter:
-        from ..runtime.model import RainAdapter
-
         model = RainAdapter.attach(model, adapter, lam=lam, check_fingerprint=check_fingerprint)
     return model, tok
 
