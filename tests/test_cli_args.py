@@ -1,10 +1,12 @@
-"""The CLI's shared pieces: the one λ grammar, the one λ policy (runtime = export = CLI), and a
-``rain`` that fails loudly on a broken subcommand but names the extra for a missing optional package."""
+"""The CLI's shared pieces: the one λ grammar, the one λ policy (runtime = export = CLI), a
+``rain`` that fails loudly on a broken subcommand but names the extra for a missing optional package,
+plain-text help for every subcommand, one ``--dtype``, and input errors (one line) vs bugs (traceback)."""
 
 from __future__ import annotations
 
 import importlib
 import math
+import re
 import warnings
 
 import pytest
@@ -202,3 +204,155 @@ def test_a_missing_optional_package_names_the_extra_when_the_command_runs(monkey
     monkeypatch.setattr(info, "_run", needs_our_own)
     with pytest.raises(ModuleNotFoundError):              # our own code: a traceback, not a hint
         main(["info", str(tmp_path)])
+
+
+# --------------------------------------------------------------------------- help, --dtype, errors
+def _subcommands():
+    """(words, parser) for every ``rain`` subcommand, nested ones (``export peft``, ``ab report``) too."""
+    import argparse
+
+    from rain_adapter.cli.main import make_parser
+
+    out = []
+
+    def walk(words, parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    out.append((words + [name], sub))
+                    walk(words + [name], sub)
+
+    walk([], make_parser())
+    return out
+
+
+def test_every_subcommand_is_found():
+    names = {" ".join(w) for w, _ in _subcommands()}
+    assert {"info", "build", "export", "export peft", "export merged", "fidelity", "sweep", "tune", "demo",
+            "serve", "ab", "ab report", "plan"} <= names, names
+
+
+#: reST that must not reach a terminal: roles (:mod:`x`), double-backtick literals, **bold**, `x`_ links
+REST = re.compile(r":[a-z]+:`|``|\*\*\w[^*\n]*\*\*|`_")
+
+
+@pytest.mark.parametrize("words", [w for w, _ in _subcommands()], ids=lambda w: " ".join(w))
+def test_help_is_plain_text(words, capsys):
+    from rain_adapter.cli.main import main
+
+    with pytest.raises(SystemExit) as ei:
+        main([*words, "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    assert f"rain {' '.join(words)}" in out                       # the usage line names the command
+    usage_end = out.index("\n\n") if "\n\n" in out else len(out)
+    assert out[usage_end:].strip(), "no description / options after the usage line"
+    bad = REST.findall(out)
+    assert not bad, f"reST markup in `rain {' '.join(words)} --help`: {bad}\n{out}"
+
+
+def _dtype_commands():
+    return [(w, p) for w, p in _subcommands() if "--dtype" in p._option_string_actions]
+
+
+def _argv_with_required(words, parser, *extra):
+    """``words`` plus a dummy value for every required argument of ``parser``, then ``extra``."""
+    argv = list(words)
+    for a in parser._actions:
+        if a.required and a.option_strings:
+            argv += [a.option_strings[0], "1" if a.type in (int, float) else "x"]
+        elif not a.option_strings and a.dest != "help" and a.nargs is None:
+            argv.append("x")
+    return argv + list(extra)
+
+
+def test_dtype_is_one_option_everywhere():
+    from rain_adapter.cli.args import DTYPE_CHOICES
+    from rain_adapter.cli.main import make_parser
+    from rain_adapter.format.dtypes import DTYPES
+
+    cmds = _dtype_commands()
+    assert {" ".join(w) for w, _ in cmds} == {"build", "plan", "export peft", "fidelity", "sweep", "tune", "serve"}
+    parser = make_parser()
+    for words, sub in cmds:
+        action = sub._option_string_actions["--dtype"]
+        assert tuple(action.choices) == DTYPE_CHOICES == tuple(sorted(DTYPES)) and action.type is None, words
+        for name in DTYPE_CHOICES:                                # every table name parses to itself
+            args = parser.parse_args(_argv_with_required(words, sub, "--dtype", name))
+            assert args.dtype == name, (words, name)
+
+
+@pytest.mark.parametrize("bad", ["bf16", "auto", "torch.float32", "Float32"])
+def test_a_bad_dtype_is_the_same_argparse_error_everywhere(bad, capsys):
+    from rain_adapter.cli.main import make_parser
+
+    parser = make_parser()
+    errors = set()
+    for words, sub in _dtype_commands():
+        with pytest.raises(SystemExit) as ei:
+            parser.parse_args(_argv_with_required(words, sub, "--dtype", bad))
+        assert ei.value.code == 2
+        err = capsys.readouterr().err
+        assert f"rain {' '.join(words)}: error: argument --dtype: invalid choice: '{bad}'" in err, err
+        errors.add(err.strip().splitlines()[-1].split(": error: ", 1)[1])
+    assert len(errors) == 1, errors                               # word for word the same message
+
+
+def test_a_type_error_is_a_bug_with_a_traceback_a_value_error_one_line(monkeypatch, tmp_path, capsys):
+    import rain_adapter.cli.info as info
+    from rain_adapter.cli.main import USER_ERRORS, main
+
+    assert not any(issubclass(e, (KeyError, TypeError)) for e in USER_ERRORS)
+
+    def bug(args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(info, "_run", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):   # propagates: Python prints the traceback
+        main(["info", str(tmp_path)])
+
+    def key_bug(args):
+        return {}["missing"]
+
+    monkeypatch.setattr(info, "_run", key_bug)
+    with pytest.raises(KeyError):
+        main(["info", str(tmp_path)])
+    assert "rain info: error" not in capsys.readouterr().err
+
+    def bad_input(args):
+        raise ValueError(f"{tmp_path}/adapter_config.json: field 'storage' is 'sparse'")
+
+    monkeypatch.setattr(info, "_run", bad_input)
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rain info: error: {tmp_path}/adapter_config.json: field 'storage' is 'sparse'\n"
+
+
+def test_a_traceback_reaches_the_terminal_through_the_entry_point(tmp_path):
+    """``python -m rain_adapter.cli.main`` with a handler that raises TypeError: a traceback on
+    stderr, exit status 1 (Python's), not the one-line ``rain CMD: error:`` form."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rain_adapter.cli.info as info, rain_adapter.cli.main as m\n"
+            "def bug(args): raise TypeError('a bug')\n"
+            "info._run = bug\n"
+            "sys.exit(m.main(['info', sys.argv[1]]))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr and "TypeError: a bug" in r.stderr
+    assert "rain info: error" not in r.stderr
+
+
+def test_a_model_without_the_expected_linears_is_an_input_error():
+    import torch
+
+    from rain_adapter.format.arch import target_linears
+    from rain_adapter.testing.tiny import tiny_model
+
+    model = tiny_model("qwen2", seed=0)
+    model.model.layers[0].self_attn.q_proj = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' is Identity, expected nn.Linear"):
+        target_linears(model, ["q"], [0])
+    del model.model.layers[1].mlp.down_proj
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.down_proj' not found"):
+        target_linears(model, ["down"], [1])

@@ -23,7 +23,9 @@ LAMBDAS_HELP = "comma list of λ values and/or start:stop:step ranges (stop incl
 
 
 def add_dtype(parser: Options, *, default: str | None, help: str) -> None:
-    """``--dtype NAME`` with the choices of the one dtype table."""
+    """``--dtype NAME`` with the choices of the one dtype table: every subcommand that takes a dtype
+    (build, plan, export peft, fidelity, sweep, tune, serve) adds it here, so the accepted names,
+    the parsing and the error for a bad name are the same everywhere."""
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=default, help=help)
 
 

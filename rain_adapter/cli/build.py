@@ -24,6 +24,7 @@ from ..merging.methods import REGISTRY
 from ..merging.options import GROUPS, BuildOptions, flag
 from ..merging.pipeline import build_adapter
 from ..merging.presets import format_presets
+from .args import add_dtype
 
 DESCRIPTION = ("Stream the ITM−base task vector, project it away from the LRM's inputs at the thinking "
                "positions (Stage 1), optionally compute per-head coefficients (Stage 2), write the adapter.")
@@ -33,6 +34,9 @@ def _add_option(group: argparse._ArgumentGroup, f: Field) -> None:
     """One BuildOptions field → one flag (see the module docstring)."""
     md, default = f.metadata, f.default
     assert default is not MISSING, f"BuildOptions.{f.name} needs a default to become a flag"
+    if f.name == "dtype":  # the one --dtype of every subcommand (same table, same error)
+        add_dtype(group, default=default, help=md["help"])
+        return
     if isinstance(default, bool):
         if default:
             group.add_argument("--no-" + flag(f.name)[2:], dest=f.name, action="store_false",

@@ -12,6 +12,23 @@ from ..demo.shipped import WorldIntegrityError
 from ..demo.train import WorldConfig, ci_config, format_world_config
 from .args import add_lambdas, lambdas_arg
 
+#: ``rain demo --help`` (plain text; rain_adapter.demo.run's docstring is for developers)
+DESCRIPTION = """\
+Run the toy world end to end on a CPU:
+
+1. load the world's tiny base, LRM and ITM from the cache, else from the world shipped with the
+   package (hash-checked), else train them (--retrain always trains);
+2. check that the world is sound: one that fails the gate stops the demo, unless
+   --allow-unsound is given (the exit status is then 1);
+3. build RAIN and the baselines from the world's own reasoning and instruction calibration sets;
+4. sweep λ on held-out reasoning prompts that carry format instructions (several λ in one
+   batch), print the table and write sweep.csv, sweep.png, responses.jsonl and summary.json.
+
+The summary per method: λ*, the λ with the highest compliance among those whose format validity
+is at least 98 % of the LRM's; the gap closed, (compliance at λ* − the LRM's compliance) /
+(the ITM's compliance − the LRM's), on the same prompts; and for every baseline its format
+validity and accuracy where it reaches RAIN's compliance."""
+
 
 def _run(args: argparse.Namespace) -> int:
     cfg = ci_config() if args.ci else format_world_config() if args.world == "format" else WorldConfig()
@@ -33,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     """Register ``rain demo``."""
     p = subparsers.add_parser("demo", help="train a toy LRM/ITM world on the CPU, build RAIN and baselines, "
-                              "sweep λ", description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              "sweep λ", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ci", action="store_true", help="the small CI world (2-digit additions, fewer steps)")
     p.add_argument("--out", default=None, help="output dir (default <world cache>/demo)")
     p.add_argument("--methods", default=",".join(demo.DEMO_METHODS), help="comma list (default: all)")

@@ -7,6 +7,58 @@ import argparse
 from ..export import merged, peft
 from .args import add_dtype, add_lambda, add_lambdas, lambdas_arg
 
+# ``rain export … --help`` (plain text; the module docstrings of rain_adapter.export are for developers)
+DESCRIPTION = """\
+Export an adapter for tools that do not load RAIN adapters:
+
+  rain export peft ADAPTER OUT [--lambda L | --lambdas SPEC] [--rank R | --rank-energy E]
+      a standard PEFT LoRA at a fixed λ (for PEFT and vLLM); --lambdas writes one LoRA per λ arm
+  rain export merged ADAPTER OUT --lrm DIR [--lambda L]
+      a plain Hugging Face checkpoint with W + λ·D merged into the LRM's weights
+
+rain export peft --help and rain export merged --help list the options."""
+
+PEFT_DESCRIPTION = """\
+Export an adapter as a standard PEFT LoRA, for PEFT and vLLM:
+
+  rain export peft ADAPTER OUT --lambda L
+
+Every module gets scaling 1 and λ is folded into lora_B (lora_A = A, lora_B = λ·B), so the
+LoRA equals the adapter attached at λ = L, also in engines such as vLLM that ignore PEFT's
+per-module rank and alpha patterns. target_modules lists the exact module paths.
+
+A dense adapter exports only with --rank R or --rank-energy E (compressed on the fly; the
+fidelity of the compression goes into the README written with it). A low-rank adapter exports
+as it is, or compressed again when a rank is given.
+
+A plain LoRA cannot carry bias deltas, so they are an error by default (naming the modules).
+--lora-bias writes them as PEFT's lora_bias (PEFT 0.14 or newer): exact in PEFT, but vLLM does
+not load LoRA biases.
+
+--lambdas 0.25,0.5,1 (or a range such as 0.25:1:0.25) writes one LoRA per λ arm under
+OUT/rain-<λ>/ and OUT/README.md with the vLLM command that serves each arm as its own LoRA
+module (vLLM has no per-request LoRA scale, so one arm is one LoRA).
+
+OUT must not exist unless --overwrite is given; the export is written into a temporary
+directory next to it and renamed at the end."""
+
+MERGED_DESCRIPTION = """\
+Export an adapter as a plain Hugging Face checkpoint with the delta merged in:
+
+  rain export merged ADAPTER OUT --lrm DIR --lambda L
+
+The LRM's safetensors are streamed shard by shard, one tensor at a time: every targeted weight
+becomes W + λ·D (computed in float32, stored in the checkpoint's dtype), every targeted bias
+b + λ·d_b, and every other tensor is copied. The shard files and their index are kept, and the
+config, tokenizer and generation files are copied, so AutoModelForCausalLM.from_pretrained(OUT)
+loads the result without rain-adapter installed.
+
+The LRM's weights are checked against the adapter's fingerprint as they stream; a mismatch stops
+the export unless --no-check-fingerprint is given.
+
+OUT must not exist unless --overwrite is given; the export is written into a temporary
+directory next to it and renamed at the end."""
+
 
 def _run_peft(args: argparse.Namespace) -> int:
     lambdas = lambdas_arg(args.lambdas)
@@ -34,7 +86,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_peft(sub) -> None:
     pp = sub.add_parser(
         "peft", help="standard PEFT LoRA (scaling 1, λ folded into lora_B); --lambdas writes one LoRA per arm",
-        description=peft.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=PEFT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(pp)
     g = pp.add_mutually_exclusive_group()
@@ -54,7 +106,7 @@ def _add_peft(sub) -> None:
 
 def _add_merged(sub) -> None:
     pm = sub.add_parser("merged", help="plain HF checkpoint W + λD, streamed shard by shard from the LRM",
-                        description=merged.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description=MERGED_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(pm)
     add_lambda(pm, default=None, help="strength (default: the adapter's default_lambda)")
     pm.add_argument("--lrm", required=True, help="the LRM checkpoint directory (safetensors) the adapter was built for")
@@ -66,7 +118,8 @@ def _add_merged(sub) -> None:
 
 def add_parser(subparsers) -> None:
     """Register ``rain export peft`` and ``rain export merged``."""
-    p = subparsers.add_parser("export", help="export an adapter as a PEFT LoRA or a merged HF checkpoint")
+    p = subparsers.add_parser("export", help="export an adapter as a PEFT LoRA or a merged HF checkpoint",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="export_kind", metavar="KIND", required=True)
     _add_peft(sub)
     _add_merged(sub)

@@ -29,6 +29,15 @@ from ..format.arch import module_layer, module_role
 from ..format.delta import ModuleDelta
 from ..format.store import load_adapter, resolve_adapter
 
+#: ``rain info --help`` (plain text; the module docstring is for developers)
+DESCRIPTION = """\
+Describe an adapter: where it is, its method and models, storage, modules and layers, size on
+disk, the λ default and range, what rain tune measured at λ*, the Stage 1 and stored delta norms
+relative to task arithmetic, the Stage 2 α table and the low-rank fidelity.
+
+PATH is an adapter directory, a name in $RAIN_ADAPTER_HOME, or a Hub repo id. With --json the
+config and the module shapes are printed as JSON instead."""
+
 
 def _human(n: float) -> str:
     """A byte count in B / KiB / MiB / GiB."""
@@ -174,7 +183,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register ``rain info``."""
-    p = sub.add_parser("info", help="describe an adapter (config, modules, storage, size, α, fidelity)")
+    p = sub.add_parser("info", help="describe an adapter (config, modules, storage, size, α, fidelity)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="adapter directory, name in $RAIN_ADAPTER_HOME, or Hub repo id")
     p.add_argument("--json", action="store_true", help="print the config and module shapes as JSON")
     p.set_defaults(func=_run)

@@ -37,8 +37,10 @@ COMMAND_MODULES = (
 OPTIONAL_EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "matplotlib": "eval",
                    "triton": "triton"}
 
-#: Errors a command reports as ``rain CMD: error: …`` (exit 2) instead of a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, NotImplementedError)
+#: Errors a command reports as ``rain CMD: error: …`` (exit 2) instead of a traceback. Input errors
+#: are ValueErrors (or subclasses) naming the file / field; a KeyError or TypeError is a bug and
+#: shows its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
 #: OSError numbers of a full disk / a refused write, also reported in one line (exit 2).
 DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 ACCESS_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",

@@ -16,6 +16,18 @@ from pathlib import Path
 
 from ..merging.plan import (GiB, PROFILES, REFERENCE_CONFIGS, BuildPlan, CalibShape, ModelShape, PlanError,
                           PlanOptions, estimate_calib, make_plan)
+from .args import add_dtype
+
+#: ``rain plan --help`` (plain text; the module docstring is for developers)
+DESCRIPTION = """\
+Predict a build's memory, disk, FLOPs and time before starting it:
+
+  rain plan --preset qwen14b --profile h200 --dtype bfloat16 [--stage2] [--json]
+  rain plan --model DIR|config.json [--count-tokens] --profile cpu --tflops 0.09 ...
+
+No weights are loaded: only the model's config and the calibration files are read (and, with
+--count-tokens, the local LRM's tokenizer). The device is a named --profile; any of the device
+options below overrides one of its numbers."""
 
 #: --flag → DeviceProfile field (overrides of the named profile)
 PROFILE_FLAGS = {"tflops": "tflops", "fp32_tflops": "fp32_tflops", "mem_gbps": "mem_gbps", "disk_gbps": "disk_gbps",
@@ -151,12 +163,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register ``rain plan``."""
-    p = sub.add_parser("plan", help="predict a build's memory, disk, FLOPs and time (no weights loaded)")
+    p = sub.add_parser("plan", help="predict a build's memory, disk, FLOPs and time (no weights loaded)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="a rain build preset (offline config table)")
     p.add_argument("--model", help="the LRM: a dir with config.json, a config.json, or a preset LRM's Hub id")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     g = p.add_argument_group("build options (as rain build)")
-    g.add_argument("--dtype", default="float32", help="LRM dtype for the forwards (default float32, as rain build)")
+    add_dtype(g, default="float32", help="LRM dtype for the forwards (default float32, as rain build)")
     g.add_argument("--storage", default="dense", choices=["dense", "lowrank"])
     g.add_argument("--rank", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=1)

@@ -19,14 +19,39 @@ import sys
 from pathlib import Path
 
 from ..serve.scheduler import BATCHING_MODES
+from .args import add_dtype
 from ..serve.state import load_served_model  # noqa: F401  (also the public name examples use)
 
 log = logging.getLogger("rain_adapter.serve")
 
+#: ``rain serve --help`` (plain text; the module docstring is for developers)
+DESCRIPTION = """\
+Serve an LRM with a RAIN adapter behind an OpenAI-compatible HTTP API (/v1/chat/completions,
+/v1/completions), with λ chosen per request and A/B arms:
+
+  rain serve --model PATH --adapter NAME [--lambda L] [--arms FILE] [--host 127.0.0.1 --port 8000]
+             [--api-key KEY] [--db PATH] [--max-batch-size 8 --batch-window-ms 10]
+             [--max-tokens-cap 1024] [--batching dynamic|continuous] [--max-model-len N]
+             [--max-body-bytes N] [--protect-all] [--arm-assignment random|hash]
+             [--arm-policy fixed|thompson --arm-floor 0.05 --arm-seed 0] [--checks MOD ...]
+
+Every request is logged to the SQLite file --db; rain ab report summarises it per arm.
+Without the rain entry point: python -m rain_adapter.cli.serve serve ..."""
+
+AB_DESCRIPTION = """\
+A/B reports over the request log that rain serve writes:
+
+  rain ab report --db PATH [--png OUT] [--json]"""
+
+AB_REPORT_DESCRIPTION = """\
+Per-arm rates, user feedback and latency with 95 % intervals, read from the SQLite request log
+that rain serve writes (--db). --json prints JSON instead of the table; --png also writes a plot
+of the rates per arm (needs matplotlib)."""
+
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server with a per-request λ and A/B arms",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the LRM: an HF checkpoint directory or hub id")
     p.add_argument("--adapter", help="the RAIN adapter: directory, name in $RAIN_ADAPTER_HOME, or hub id "
                                      "(omit to serve the bare model; λ is then ignored)")
@@ -63,7 +88,7 @@ def _add_serve(sub) -> None:
                    help="a Python module (dotted name or .py path) of checks requests may name in rain_checks: "
                         "RAIN_CHECKS = {id: fn}, else its public functions as MOD:fn; imported at start-up only "
                         "(repeatable)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
+    add_dtype(p, default=None, help="the model's dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--no-check-fingerprint", action="store_true",
                    help="attach even if the model's weights differ from the ones the adapter was built for")
@@ -74,9 +99,11 @@ def _add_serve(sub) -> None:
 
 
 def _add_ab(sub) -> None:
-    p = sub.add_parser("ab", help="A/B reports over the serve request log")
+    p = sub.add_parser("ab", help="A/B reports over the serve request log", description=AB_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     absub = p.add_subparsers(dest="ab_command", metavar="ABCOMMAND", required=True)
-    r = absub.add_parser("report", help="per-arm rates, feedback and latency with 95%% intervals")
+    r = absub.add_parser("report", help="per-arm rates, feedback and latency with 95%% intervals",
+                         description=AB_REPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--db", required=True, help="the SQLite request log written by rain serve")
     r.add_argument("--png", help="write a PNG plot of the rates per arm")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -98,7 +125,7 @@ def run_serve(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = server_registry(args.checks or ())  # before the model loads: a bad module fails fast
-    model, tok = load_served_model(args.model, args.adapter, tokenizer_path=args.tokenizer, dtype=args.dtype,
+    model, tok = load_served_model(args.model, args.adapter, tokenizer_path=args.tokenizer, dtype=args.dtype or "auto",
                                    device=args.device, lam=args.lam,
                                    check_fingerprint=not args.no_check_fingerprint)
     arms = load_arms(args.arms) if args.arms else None

@@ -16,6 +16,29 @@ from ..evaluation.plots import NO_PLOT_HINT, plot_sweep_if_available
 from ..evaluation.registry import registry_with
 from .args import add_dtype, add_lambdas, lambdas_arg
 
+#: ``rain sweep --help`` (plain text; rain_adapter.evaluation.sweep's docstring is for developers)
+DESCRIPTION = """\
+Generate at several λ per adapter and score instruction compliance, thinking format and accuracy:
+
+  rain sweep --model LRM --adapter A [--adapter B ...] --prompts FILE [--lambdas 0:1.5:0.25]
+             [--out DIR] [--max-new-tokens N] [--checks MOD ...] [--answer-extract NAME]
+             [--skip-unknown]
+
+The prompts file is JSONL (or a JSON list) of IFEval-style rows {prompt, instruction_id_list,
+kwargs, answer?, answer_extract?}. An instruction id is a built-in IFEval id, a declarative
+spec:* check, or a Python check (module:function, or a module given with --checks). Unknown ids
+and invalid spec:* kwargs are errors when the file is loaded (--skip-unknown counts them
+instead).
+
+Generation is greedy. Each adapter is attached once and every batch mixes several λ, one per
+row. Per adapter and λ: prompt-level compliance (thinking stripped), instruction-level
+compliance, thinking-format validity, thinking rate and accuracy (rows with an answer), each
+with the number of rows it was scored on. A check that cannot be scored is left out of the
+rates and listed with its reason in unscored.json.
+
+Writes sweep.csv, responses.jsonl (appended as soon as an adapter's generation ends, before
+scoring) and sweep.png (when matplotlib is installed) under --out."""
+
 
 def _report_unscored(unscored: list[dict[str, Any]], out: Path) -> None:
     """Write ``unscored.json`` and print one line when any check or answer could not be scored."""
@@ -64,7 +87,7 @@ def add_parser(subparsers) -> None:
     """Register ``rain sweep``."""
     p = subparsers.add_parser("sweep", help="generate at several λ per adapter and score instruction "
                               "compliance, thinking format and accuracy",
-                              description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the LRM (HF directory or hub id)")
     p.add_argument("--adapter", action="append", required=True, help="adapter dir / name (repeatable)")
     p.add_argument("--name", action="append", help="display name per --adapter (default: its method)")

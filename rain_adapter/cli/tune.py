@@ -40,6 +40,27 @@ from ..format.store import resolve_adapter
 from .args import add_dtype
 from .tune_search import SEARCHABLE, best_variant, build_variants, parse_search
 
+#: ``rain tune --help`` (plain text; the module docstring is for developers)
+DESCRIPTION = """\
+Find λ*, the λ with the highest instruction compliance within accuracy and thinking-format
+floors, on your own dev prompts, and write it into the adapter:
+
+  rain tune --model LRM --adapter A [--adapter B ...] --prompts DEV.jsonl [--out DIR]
+            [--arms FILE] [--no-write] [--grid 0:3:0.5 --refine-rounds 3 --min-accuracy 0.9
+            --min-format 0.98 ...]
+
+The dev prompts are rain sweep's rows ({prompt, instruction_id_list, kwargs, answer?}). For
+each adapter the search and its curve with intervals are printed and written to DIR/tune.json,
+the responses to DIR/responses-<adapter>.jsonl (appended before scoring), and a plot when
+matplotlib is installed. Unless --no-write is given, λ*, the measured range and the report are
+written into the adapter's adapter_config.json. --arms FILE writes an A/B arms file around λ*
+(one file per adapter; with several adapters the adapter's name is added to the file name).
+
+--search KEY=V1/V2 (repeatable) tunes build settings too: the one adapter is rebuilt from its
+recorded build options for every combination of values (Stage 1's features are computed once
+and shared through a feature cache), every variant is tuned, and the one with the highest
+compliance at its λ* is named. Variants are written under DIR/variants/."""
+
 
 def options_from_args(args: argparse.Namespace) -> TuneOptions:
     """The :class:`TuneOptions` a parsed command line stands for."""
@@ -175,7 +196,7 @@ def add_parser(subparsers) -> None:
     """Register ``rain tune``: model flags by hand, the search flags generated from TuneOptions."""
     p = subparsers.add_parser("tune", help="find λ*, the highest instruction compliance within accuracy and "
                               "thinking-format floors, on your own dev prompts; write it into the adapter",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the LRM (HF directory or hub id)")
     p.add_argument("--adapter", action="append", required=True, help="adapter dir / name (repeatable)")
     p.add_argument("--prompts", required=True, help="dev JSONL of {prompt, instruction_id_list, kwargs, answer?}")

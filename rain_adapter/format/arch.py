@@ -104,12 +104,14 @@ def target_linears(
     for name in target_names(model.config, targets, layers):
         mod = modules.get(name)
         if mod is None:
-            raise KeyError(f"module {name!r} not found in {type(model).__name__}")
+            raise ValueError(f"module {name!r} not found in {type(model).__name__} (the model names its "
+                             "linears differently from its architecture's usual layout)")
         if not isinstance(mod, nn.Linear):
             # An already-attached RainLinear exposes its wrapped layer as .base.
             base = getattr(mod, "base", None)
             if not isinstance(base, nn.Linear):
-                raise TypeError(f"module {name!r} is {type(mod).__name__}, expected nn.Linear")
+                raise ValueError(f"module {name!r} is {type(mod).__name__}, expected nn.Linear (a quantized or "
+                                 "otherwise replaced layer cannot be merged)")
         out[name] = mod
     return out
 
