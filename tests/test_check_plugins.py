@@ -206,6 +206,12 @@ def test_invalid_spec_kwargs_fail_at_load_naming_file_row_and_field(tmp_path, my
     rows = [{"prompt": "x", "answer": "1", "answer_extract": "nope"}]
     with pytest.raises(ValueError, match="row 0: field 'answer_extract'.*unknown answer extractor 'nope'"):
         S.load_prompts(_write(tmp_path / "bad.jsonl", rows))
+    for how, why in [(5, "answer extractor must be a name \\(a string\\), got int 5"),
+                     ("mychecks:nosuch",
+                      "answer extractor 'mychecks:nosuch': module 'mychecks' has no function 'nosuch'")]:
+        rows = [{"prompt": "x", "answer": "1", "answer_extract": how}]
+        with pytest.raises(ValueError, match=rf"bad\.jsonl: row 0: field 'answer_extract': {why}"):
+            S.load_prompts(_write(tmp_path / "bad.jsonl", rows))
 
 
 @pytest.mark.parametrize("iid,kw,good,bad", [
@@ -315,6 +321,37 @@ def test_sweep_cli_with_checks_module_and_answer_extract(mychecks, tmp_path, fak
     rc = main(["sweep", "--model", "m", "--adapter", "x", "--prompts", str(prompts), "--out", str(out),
                "--answer-extract", "regex:(", "--quiet"])
     assert rc == 2 and "does not compile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stem,body,why", [
+    ("badlist_checks", "RAIN_CHECKS = [1]\n", "RAIN_CHECKS must be a dict {id: function}, got a list [1]"),
+    ("badfn_checks", "RAIN_CHECKS = {'bad:one': 1}\n", "RAIN_CHECKS['bad:one'] must be a function, got 1"),
+    ("badkey_checks", "RAIN_CHECKS = {3: len}\n", "RAIN_CHECKS key 3 is not a non-empty string id"),
+])
+def test_sweep_cli_bad_checks_module_is_a_one_line_error(tmp_path, monkeypatch, capsys, stem, body, why):
+    """What a --checks module holds is user input: a RAIN_CHECKS that is not a {id: function} dict
+    (here a list) is exit 2 with one line naming the module and its file, not a TypeError traceback,
+    and nothing is loaded or generated."""
+    from rain_adapter.cli.main import main
+
+    monkeypatch.delenv("RAIN_DEBUG", raising=False)
+    monkeypatch.setattr(S, "load_model", lambda *a, **k: pytest.fail("a bad --checks module must fail first"))
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "x", "instruction_id_list": ["punctuation:no_comma"]}])
+    f = tmp_path / f"{stem}.py"
+    f.write_text(body)
+    assert stem not in sys.modules
+    try:
+        rc = main(["sweep", "--model", "m", "--adapter", "x", "--prompts", str(prompts), "--out",
+                   str(tmp_path / "out"), "--checks", str(f), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert err == (f"rain sweep: error: --checks {f}: cannot register its checks: check module {stem!r} "
+                       f"({f.resolve()}): {why}\n")
+        with pytest.raises(ValueError, match=re.escape(f"check module {stem!r} ({f.resolve()}): {why}")):
+            CheckRegistry().register_module(str(f))
+    finally:
+        sys.modules.pop(stem, None)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- answer extraction

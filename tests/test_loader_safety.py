@@ -1,7 +1,7 @@
 """Bad input to the loader and the Python API (issue 16, point 5): a clear error naming the file,
 module, field or argument; never a hang, never NaN / Inf weights, never a half-attached model.
 
-Covers: the fingerprint across load dtypes (and the legacy scheme), PEFT pattern keys (no regex),
+Covers: the fingerprint across load dtypes (scheme 2 only), PEFT pattern keys (no regex),
 the λ bound in every Python entry point, strict config types and config-vs-tensor agreement,
 regular files only inside the adapter directory (FIFO, /dev/zero, ``..``), and empty names.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
-import warnings
 
 import pytest
 import torch
@@ -29,7 +29,7 @@ from rain_adapter import (
     save_adapter,
 )
 from rain_adapter.format.config import CONFIG_NAME, read_json
-from rain_adapter.format.fingerprint import FingerprintWarning, check_fingerprint, weight_hash
+from rain_adapter.format.fingerprint import check_fingerprint
 from rain_adapter.format.lambdas import MAX_ABS_LAMBDA, LambdaRangeWarning, check_lambda, parse_lambdas
 from rain_adapter.format.peft_lora import PeftImportError, _pattern_value, load_peft_lora
 from rain_adapter.format.store import INDEX_NAME, WEIGHTS_NAME
@@ -99,33 +99,35 @@ def test_fingerprint_still_tells_models_apart(qwen):
     assert untouched(qwen)
 
 
-def test_legacy_scheme1_records_still_checked(tmp_path):
-    """Adapters written before scheme 2 carry ``{"shape", "hash"}``: still checked exactly in
-    float32 / bfloat16; on float16 weights only the shape, with a FingerprintWarning."""
-    from transformers import AutoModelForCausalLM
-
-    model = tiny_model("qwen2", seed=47)
-    model.save_pretrained(tmp_path / "lrm")
-    deltas = random_deltas(model, seed=48)
-    legacy = {n: {"shape": list(model.get_submodule(n).weight.shape), "hash": weight_hash(model.get_submodule(n).weight)}
-              for n in deltas}
-    cfg = RainConfig(base_model_name_or_path="tiny", layers=[0, 1], fingerprint=legacy)
-    path = save_adapter(deltas, cfg, tmp_path / "old")
-    for dt in (torch.float32, torch.bfloat16):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", FingerprintWarning)
-            RainAdapter.attach(AutoModelForCausalLM.from_pretrained(tmp_path / "lrm", dtype=dt), path).detach()
-    with pytest.warns(FingerprintWarning, match="float16"):
-        RainAdapter.attach(AutoModelForCausalLM.from_pretrained(tmp_path / "lrm", dtype=torch.float16), path)
-    with pytest.raises(AdapterError, match="weights differ"):
-        RainAdapter.attach(tiny_model("qwen2", seed=49), path)
+def test_old_scheme_fingerprint_record_is_refused_naming_file_and_field(saved, qwen):
+    """Fingerprint records are scheme 2 only: in adapter_config.json (written by hand here) a record
+    of the pre-release scheme 1 (``{"shape", "hash"}``, no ``scheme``) or of another scheme is a
+    ConfigError naming the file, the field and the module, before anything is attached."""
+    cfg = json.loads((saved / CONFIG_NAME).read_text())
+    name = "model.layers.0.self_attn.q_proj"
+    good = cfg["fingerprint"][name]
+    assert good["scheme"] == 2 and set(good) == {"shape", "scheme", "sample"}
+    for record, why in [({"shape": good["shape"], "hash": "0123456789abcdef"}, "has no 'scheme' field"),
+                        ({**good, "scheme": 1}, "has field 'scheme' 1"),
+                        ({**good, "scheme": "2"}, "has field 'scheme' '2'")]:
+        _edit_config(saved, fingerprint={**cfg["fingerprint"], name: record})
+        want = re.escape(f"{saved / CONFIG_NAME}: field 'fingerprint', module {name!r}: the record {why}; "
+                         "this library reads fingerprint scheme 2 only")
+        with pytest.raises(ConfigError, match=want):
+            load_adapter(saved)
+        with pytest.raises(ConfigError, match=want):
+            RainAdapter.attach(qwen, saved)
+        assert untouched(qwen)
+    _edit_config(saved, fingerprint=cfg["fingerprint"])
+    RainAdapter.attach(qwen, saved).detach()
 
 
 @pytest.mark.parametrize("record,match", [
     ("nonsense", "malformed fingerprint"),
     ({"shape": [64, 64], "scheme": 2, "sample": "!!not base64!!"}, "sample"),
     ({"shape": [64, 64], "scheme": 2}, "sample"),
-    ({"shape": [64, 64], "scheme": 7, "sample": ""}, "unknown fingerprint scheme"),
+    ({"shape": [64, 64], "scheme": 7, "sample": ""}, "fingerprint record has field 'scheme' 7"),
+    ({"shape": [64, 64], "hash": "0123456789abcdef"}, "fingerprint record has no 'scheme' field"),
 ])
 def test_malformed_fingerprint_record_names_the_module(qwen, record, match):
     cfg, deltas = make_adapter(qwen, seed=50)

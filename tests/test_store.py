@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -201,9 +202,11 @@ def test_rain_info_cli(tmp_path, qwen, capsys):
     assert rain_main(["info", str(tmp_path / "missing")]) == 2
 
 
-def test_format_v1_adapter_loads_and_resaves_as_v2(tmp_path):
-    """Format version 1 named the low-rank factors ``rain_A`` / ``rain_B``; such an adapter still
-    loads to the same deltas, and saving it again writes version 2 keys (``lora_A`` / ``lora_B``)."""
+def test_format_v1_adapter_is_refused_naming_file_and_field(tmp_path, capsys):
+    """Adapters are written in format version 2 (low-rank keys ``lora_A`` / ``lora_B``), the only
+    version read: a config of version 1 (whose files named the factors ``rain_A`` / ``rain_B``) is a
+    ConfigError naming the file, the field and the supported version; version-1 keys under a
+    version-2 config are an AdapterError naming the key."""
     from rain_adapter.format.config import FORMAT_VERSION, RainConfig
     from rain_adapter.testing.tiny import random_deltas
 
@@ -213,28 +216,27 @@ def test_format_v1_adapter_loads_and_resaves_as_v2(tmp_path):
                                           layers=[0, 1]), tmp_path / "v2")
     flat = load_file(str(v2 / WEIGHTS_NAME))
     assert any(k.endswith(".lora_A") for k in flat) and not any(k.endswith(".rain_A") for k in flat)
-    assert json.loads((v2 / "adapter_config.json").read_text())["format_version"] == FORMAT_VERSION == 2
+    cfg = json.loads((v2 / "adapter_config.json").read_text())
+    assert cfg["format_version"] == FORMAT_VERSION == 2
 
+    # written by hand: a version-1 adapter directory
     v1 = tmp_path / "v1"
     v1.mkdir()
-    save_file({k.replace(".lora_A", ".rain_A").replace(".lora_B", ".rain_B"): t for k, t in flat.items()},
-              str(v1 / WEIGHTS_NAME))
-    cfg = json.loads((v2 / "adapter_config.json").read_text())
+    old_keys = {k.replace(".lora_A", ".rain_A").replace(".lora_B", ".rain_B"): t for k, t in flat.items()}
+    save_file(old_keys, str(v1 / WEIGHTS_NAME))
     (v1 / "adapter_config.json").write_text(json.dumps({**cfg, "format_version": 1}))
-    config, loaded = load_adapter(v1)
-    assert config.format_version == 1 and set(loaded) == set(deltas)
-    for name, d in deltas.items():
-        assert torch.equal(loaded[name].lora_A, d.lora_A) and torch.equal(loaded[name].lora_B, d.lora_B)
-        assert (loaded[name].bias is None) == (d.bias is None)
-        assert d.bias is None or torch.equal(loaded[name].bias, d.bias)
-    assert any(d.bias is not None for d in loaded.values())
+    want = re.escape(f"{v1 / 'adapter_config.json'}: field 'format_version' is 1; this library reads "
+                     "format version 2 only")
+    with pytest.raises(ConfigError, match=want):
+        load_adapter(v1)
+    with pytest.raises(ConfigError, match=want):
+        RainAdapter.attach(model, v1)
+    assert untouched(model)
+    assert rain_main(["info", str(v1)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "adapter_config.json" in err and "'format_version' is 1" in err
 
-    resaved = save_adapter(loaded, config, tmp_path / "resaved")
-    assert json.loads((resaved / "adapter_config.json").read_text())["format_version"] == 2
-    assert set(load_file(str(resaved / WEIGHTS_NAME))) == set(flat)
-
-    # a version-1 file with version-2 keys (or the reverse) is refused, naming the key
-    (v1 / "adapter_config.json").write_text(json.dumps({**cfg, "format_version": 1}))
-    save_file(flat, str(v1 / WEIGHTS_NAME))
-    with pytest.raises(AdapterError, match="lora_A"):
+    # version-1 keys under a version-2 config: the unexpected key is named
+    (v1 / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=r"unexpected tensor key '.*\.rain_[AB]'"):
         load_adapter(v1)

@@ -184,6 +184,7 @@ class ExtractorRegistry:
         self._fns: dict[str, Extractor] = dict(BUILTIN)
 
     def register(self, name: str, fn: Extractor) -> None:
+        """Register ``fn`` under ``name`` (Python API: a non-callable is a caller's bug, a TypeError)."""
         if not callable(fn):
             raise TypeError(f"answer extractor {name!r} must be callable")
         self._fns[name] = fn
@@ -192,10 +193,16 @@ class ExtractorRegistry:
         return sorted(self._fns)
 
     def resolve(self, name: str | Extractor | None) -> Extractor:
-        """The extractor ``name`` stands for (a callable is returned as is); ``ValueError`` when unknown."""
+        """The extractor ``name`` stands for (a callable is returned as is).
+
+        ``name`` comes from the user (``--answer-extract``, a prompt row's ``answer_extract``): one
+        that is not a string, unknown, or a ``module:function`` that is not a function of an
+        importable module is a ``ValueError`` naming it."""
         if callable(name):
             return name
         name = name or DEFAULT
+        if not isinstance(name, str):
+            raise ValueError(f"answer extractor must be a name (a string), got {type(name).__name__} {name!r:.80}")
         if name in self._fns:
             return self._fns[name]
         if name.startswith("regex:"):
@@ -214,6 +221,7 @@ class ExtractorRegistry:
             if callable(fn):
                 self._fns[name] = fn
                 return fn
+            raise ValueError(f"answer extractor {name!r}: module {m.group(1)!r} has no function {m.group(2)!r}")
         raise ValueError(f"unknown answer extractor {name!r}; known: {', '.join(self.names())}, "
                          "regex:<pattern>, module:function")
 

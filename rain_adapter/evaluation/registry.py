@@ -119,13 +119,23 @@ class CheckRegistry:
         self._plugins[check_id] = _Plugin.of(fn)
 
     def register_module(self, spec: str | Path) -> list[str]:
-        """Register a module's checks (``RAIN_CHECKS`` or its public functions); returns their ids."""
+        """Register a module's checks (``RAIN_CHECKS`` or its public functions); returns their ids.
+
+        A ``RAIN_CHECKS`` that is not a ``{str id: callable}`` dict is a ``ValueError`` naming the
+        module (its file) and the entry: the value comes from the user's module, not from a caller."""
         name, mod = load_module(spec)
         table = getattr(mod, "RAIN_CHECKS", None)
+        where = f"check module {name!r}" + (f" ({mod.__file__})" if getattr(mod, "__file__", None) else "")
         if table is None:
             table = {f"{name}:{n}": f for n, f in _public_functions(mod).items()}
-        elif not isinstance(table, dict) or not all(isinstance(k, str) for k in table):
-            raise TypeError(f"check module {name!r}: RAIN_CHECKS must be a dict of id -> function")
+        elif not isinstance(table, dict):
+            raise ValueError(f"{where}: RAIN_CHECKS must be a dict {{id: function}}, got a "
+                             f"{type(table).__name__} {table!r:.80}")
+        for cid, fn in table.items():
+            if not isinstance(cid, str) or not cid:
+                raise ValueError(f"{where}: RAIN_CHECKS key {cid!r:.80} is not a non-empty string id")
+            if not callable(fn):
+                raise ValueError(f"{where}: RAIN_CHECKS[{cid!r}] must be a function, got {fn!r:.80}")
         for cid, fn in table.items():
             self.register(cid, fn)
         self._modules[name] = mod
@@ -232,7 +242,9 @@ def registry_with(modules: Iterable[str | Path] = (), *, allow_import: bool = Tr
     for m in modules:
         try:
             reg.register_module(m)
-        except (ImportError, OSError, TypeError, ValueError) as e:
+        except ValueError as e:  # what the module holds (RAIN_CHECKS), already naming it
+            raise ValueError(f"--checks {m}: cannot register its checks: {e}") from e
+        except (ImportError, OSError) as e:
             raise ValueError(f"--checks {m}: cannot register its checks: {type(e).__name__}: {e}") from e
     return reg
 

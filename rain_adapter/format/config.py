@@ -1,7 +1,8 @@
-"""``adapter_config.json``: the RainConfig schema (format version 2; version 1 still loads), validated on load.
+"""``adapter_config.json``: the RainConfig schema (format version 2, the only one), validated on load.
 
-Version 2 renamed the low-rank tensor keys ``rain_A`` / ``rain_B`` to PEFT's ``lora_A`` / ``lora_B``
-(same orientation); nothing else changed (docs/DESIGN.md §3).
+A file of another ``format_version`` is a :class:`ConfigError` naming the file, the field and the
+supported version; the tensor keys of format version 2 are in :mod:`rain_adapter.format.delta`
+(docs/DESIGN.md §3).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from .lambdas import MAX_ABS_LAMBDA
 
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "rain-adapter"
+#: the format version this library writes and the only one it reads
 FORMAT_VERSION = 2
-#: the versions this library reads (it writes FORMAT_VERSION)
-READABLE_VERSIONS = (1, 2)
+#: the scheme of the fingerprint records it writes and the only one it reads (format/fingerprint.py)
+FINGERPRINT_SCHEME = 2
 STORAGES = ("dense", "lowrank")
 
 #: The most bytes a JSON file of an adapter (config, shard index) may hold; a bigger one is refused.
@@ -109,6 +111,21 @@ def is_finite_number(v: Any) -> bool:
         return False
 
 
+def fingerprint_scheme_problem(record: Any) -> str | None:
+    """Why ``record`` is not a fingerprint record of :data:`FINGERPRINT_SCHEME` (an object whose
+    ``scheme`` field is that number); None if it is. Its ``shape`` and ``sample`` are checked
+    where the record is compared (format/fingerprint.py)."""
+    if not isinstance(record, dict):
+        return f"must be an object, got {record!r:.80}"
+    if "scheme" not in record:
+        return (f"has no 'scheme' field; this library reads fingerprint scheme {FINGERPRINT_SCHEME} only "
+                '({"shape": [out, in], "scheme": %d, "sample": str})' % FINGERPRINT_SCHEME)
+    if not is_int(record["scheme"]) or record["scheme"] != FINGERPRINT_SCHEME:
+        return (f"has field 'scheme' {record['scheme']!r:.80}; this library reads fingerprint scheme "
+                f"{FINGERPRINT_SCHEME} only")
+    return None
+
+
 def _rank_problem(rank: Any) -> str | None:
     """Why ``rank`` is not null, an int > 0 or a non-empty ``{module: int > 0}`` map; None if it is."""
     if rank is None or (is_int(rank) and rank > 0):
@@ -127,7 +144,7 @@ class RainConfig:
 
     ``stage1`` / ``stage2`` / ``fidelity`` are free-form reports written by the build (per-module
     statistics, α tables); ``fingerprint`` maps module name -> ``{"shape": [out, in], "scheme": 2,
-    "sample": str}`` (or, written before scheme 2, ``{"shape", "hash"}``; format/fingerprint.py).
+    "sample": str}`` (format/fingerprint.py); a record of another scheme is refused.
     """
 
     base_model_name_or_path: str = ""
@@ -174,9 +191,9 @@ class RainConfig:
                 raise bad(name, f"must be a string, got {getattr(self, name)!r:.80}")
         if self.format != FORMAT:
             raise bad("format", f"must be {FORMAT!r}, got {self.format!r}")
-        if not is_int(self.format_version) or self.format_version not in READABLE_VERSIONS:
-            raise bad("format_version", f"is {self.format_version!r:.80}; this library reads versions "
-                                        f"{', '.join(map(str, READABLE_VERSIONS))}")
+        if not is_int(self.format_version) or self.format_version != FORMAT_VERSION:
+            raise bad("format_version", f"is {self.format_version!r:.80}; this library reads format version "
+                                        f"{FORMAT_VERSION} only")
         if not isinstance(self.storage, str) or self.storage not in STORAGES:
             raise bad("storage", f"must be one of {STORAGES}, got {self.storage!r:.80}")
         if not isinstance(self.target_modules, list) or not all(
@@ -193,6 +210,10 @@ class RainConfig:
         for name in ("stage1", "stage2", "fidelity", "tune", "fingerprint", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "must be an object")
+        for module, record in self.fingerprint.items():
+            why = fingerprint_scheme_problem(record)
+            if why:
+                raise ConfigError(f"{source}: field 'fingerprint', module {module!r:.120}: the record {why}")
 
     def _validate_lambdas(self, bad) -> None:
         """``lambda_range`` finite ``[low, high]`` within the hard λ bound (|λ| <= 100), ``default_lambda``

@@ -1,7 +1,7 @@
 """The stored delta of one module: dense ``D [out, in]`` or low-rank ``lora_B [out, r] @ lora_A [r, in]``.
 
 The low-rank factors carry PEFT's names and orientation everywhere: in code, in adapter files
-(format version 2) and in PEFT exports (docs/DESIGN.md §2, §3).
+(:data:`SUFFIXES`, the tensor keys of format version 2) and in PEFT exports (docs/DESIGN.md §2, §3).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class ModuleDelta:
         return self.lora_B.to(dtype) @ self.lora_A.to(dtype)
 
     def tensors(self) -> dict[str, Tensor]:
-        """The non-empty tensors by their storage suffix (``rain_delta``, ``lora_A``, ...; format v2)."""
+        """The non-empty tensors by their storage suffix (``rain_delta``, ``lora_A``, ...: :data:`SUFFIXES`)."""
         return {suffix: getattr(self, field) for suffix, field in SUFFIXES.items() if getattr(self, field) is not None}
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "ModuleDelta":
@@ -79,11 +79,6 @@ class ModuleDelta:
         return sum(t.numel() for t in self.tensors().values())
 
 
-#: tensor-key suffix -> ModuleDelta field, as written now (format version 2)
+#: tensor-key suffix -> ModuleDelta field: the keys an adapter file holds (format version 2), the
+#: only ones written and read
 SUFFIXES = {"rain_delta": "delta", "lora_A": "lora_A", "lora_B": "lora_B", "rain_bias": "bias"}
-#: per format version: the suffixes a file of that version holds (version 1 named the factors
-#: ``rain_A`` / ``rain_B``; same orientation)
-SUFFIXES_BY_VERSION = {
-    1: {"rain_delta": "delta", "rain_A": "lora_A", "rain_B": "lora_B", "rain_bias": "bias"},
-    2: SUFFIXES,
-}

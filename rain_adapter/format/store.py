@@ -7,8 +7,8 @@ Layout::
     <dir>/README.md
 
 Tensor keys are ``<module path>.rain_delta`` (dense ``[out, in]``), ``.lora_A`` ``[r, in]`` /
-``.lora_B`` ``[out, r]`` (low-rank; ``rain_A`` / ``rain_B`` in format version 1, which still loads)
-and ``.rain_bias`` ``[out]``. safetensors only, never pickle.
+``.lora_B`` ``[out, r]`` (low-rank) and ``.rain_bias`` ``[out]`` (format version 2, the only one).
+safetensors only, never pickle.
 Writes are atomic: everything goes to a temporary sibling directory that is renamed at the end.
 """
 
@@ -22,7 +22,6 @@ import shutil
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,8 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import CONFIG_NAME, FORMAT_VERSION, ConfigError, RainConfig, checked_file, read_json
-from .delta import SUFFIXES_BY_VERSION, ModuleDelta
+from .config import CONFIG_NAME, ConfigError, RainConfig, checked_file, read_json
+from .delta import SUFFIXES, ModuleDelta
 from .errors import AdapterError, AdapterNotFoundError
 from .paths import adapter_home
 
@@ -232,9 +231,7 @@ def save_adapter(
     """
     if not deltas:
         raise AdapterError("refusing to write an adapter with no module deltas")
-    config.validate()
-    # the tensors are written with this version's keys, whatever version the config was read as
-    config = replace(config, format_version=FORMAT_VERSION)
+    config.validate()  # format_version is FORMAT_VERSION, whose keys the tensors are written with
     lowrank = any(d.is_lowrank for d in deltas.values())
     if lowrank != (config.storage == "lowrank"):
         raise AdapterError(
@@ -335,20 +332,17 @@ def read_tensors(root: Path, device=None, dtype: torch.dtype | None = None) -> d
     return out
 
 
-def group_deltas(flat: dict[str, Tensor], source: str = "adapter",
-                 format_version: int = FORMAT_VERSION) -> dict[str, ModuleDelta]:
+def group_deltas(flat: dict[str, Tensor], source: str = "adapter") -> dict[str, ModuleDelta]:
     """``{"m.lora_A": t, "m.lora_B": t}`` -> ``{"m": ModuleDelta(lora_A=..., lora_B=...)}`` with checks;
-    the key suffixes are those of ``format_version`` (``rain_A`` / ``rain_B`` in version 1)."""
-    suffixes = SUFFIXES_BY_VERSION[format_version]
+    the key suffixes are :data:`~rain_adapter.format.delta.SUFFIXES`."""
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in flat.items():
         module, _, suffix = key.rpartition(".")
-        if suffix not in suffixes:
-            raise AdapterError(f"{source}: unexpected tensor key {key!r} (format version {format_version} "
-                               f"expects *.{'/'.join(suffixes)})")
+        if suffix not in SUFFIXES:
+            raise AdapterError(f"{source}: unexpected tensor key {key!r} (expected *.{'/'.join(SUFFIXES)})")
         if not torch.isfinite(t).all():
             raise AdapterError(f"{source}: module {module!r}: {suffix} holds NaN or Inf")
-        parts.setdefault(module, {})[suffixes[suffix]] = t
+        parts.setdefault(module, {})[SUFFIXES[suffix]] = t
     out = {}
     for module, kw in parts.items():
         try:
@@ -383,8 +377,7 @@ def load_adapter(
         config, deltas = load_peft_lora(root)
         return config, {k: v.to(device=device, dtype=dtype) for k, v in deltas.items()}
     config = RainConfig.load(root)
-    deltas = group_deltas(read_tensors(root, device=device, dtype=dtype), source=str(root),
-                          format_version=config.format_version)
+    deltas = group_deltas(read_tensors(root, device=device, dtype=dtype), source=str(root))
     if not deltas:
         raise AdapterError(f"{root}: adapter holds no tensors")
     config.check_deltas(deltas, source=str(root))
