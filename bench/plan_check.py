@@ -8,7 +8,7 @@
    in fresh processes, a micro build (hidden 32, 1 layer, 1 sample: ~no compute) whose wall time is
    the start-up cost and whose end state is the process baseline (anonymous + file-backed RSS), then
    the latency of a hooked 8-token forward of 1- and 5-layer micro models (per forward, per layer).
-2. Runs real builds through bench/build.py (Stage 1, --no-stage2, dense, float32): the tiny triple
+2. Runs real builds through bench/build_bench.py (Stage 1, --no-stage2, dense, float32): the tiny triple
    (hidden 64, 2 layers), the ~100M random Qwen2 triple (one pass, and --sequential).
 3. Predicts each with ``rain_adapter.merging.plan`` (exact token counts from the triple's tokenizer)
    and prints predicted vs measured: wall time, peak anonymous memory, peak RSS, adapter size.
@@ -149,7 +149,7 @@ def calibrate(threads: int):
 
 
 def measured(triple_dir: Path, layers: int, samples: int, threads: int, sequential: bool) -> dict:
-    cmd = [sys.executable, str(HERE / "build.py"), "--samples", str(samples), "--layers", str(layers),
+    cmd = [sys.executable, str(HERE / "build_bench.py"), "--samples", str(samples), "--layers", str(layers),
            "--threads", str(threads), "--triple-dir", str(triple_dir)] + (["--sequential"] if sequential else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
     if out.returncode:

@@ -36,11 +36,11 @@ reclaimable RSS, not as anonymous memory), one layer's forward work and features
 at a time. Finished layers go to the partial cache and leave memory; at the end they are
 memory-mapped back (file-backed again) and streamed into the final write. Without Stage 2 the LRM
 is released before that, so the peak is max(LRM + one layer's work, adapter), not their sum.
-Measured on a 97.6M-parameter Qwen2 (bench/build.py, bench/RESULTS.md).
+Measured on a 97.6M-parameter Qwen2 (bench/build_bench.py, bench/RESULTS.md).
 
 ``project`` and ``prepare_reasoning_calibration`` are called through this module's globals (and
 ``features`` / ``taskvector`` / ``cache`` / ``store`` functions through their modules) so tests and
-bench/build.py can patch or time them here.
+bench/build_bench.py can patch or time them here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark `rain build` (Stage 1, --no-stage2) on a ~100M-parameter random Qwen2 triple on CPU.
 
-    python bench/build.py [--samples 16] [--sequential] [--projection hard] [--protect-energy 0.99]
+    python bench/build_bench.py [--samples 16] [--sequential] [--projection hard] [--protect-energy 0.99]
                           [--layers 13] [--threads 2] [--triple-dir DIR]
 
 Generates the triple (sharded safetensors, offline byte-level tokenizer; hidden 768, 12 heads,

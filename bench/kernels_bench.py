@@ -1,6 +1,6 @@
 """Benchmark of the RAIN linear against merged weights and unfused baselines.
 
-    python bench/kernels.py [--quick] [--models 7b,14b] [--storage lowrank,dense] [--rank 64]
+    python bench/kernels_bench.py [--quick] [--models 7b,14b] [--storage lowrank,dense] [--rank 64]
                             [--m 1,4,16,...] [--threads N] [--graphs]
 
 Per Qwen2.5-7B / -14B linear shape (q, k/v, o, gate/up, down; ``[out, in]``) and batch rows M,
