@@ -256,11 +256,9 @@ def test_bad_inputs_leave_no_output(triple, calib, tmp_path):
 
 def test_stage2_keeps_the_thinking_outputs(triple, calib, tmp_path):
     """Stage 1 + Stage 2: α folding must not undo the null-space constraint (o_proj included)."""
-    try:
-        from rain_adapter.format.paths import calibration_dir
-        inst = calibration_dir() / "instruction_calibration_set.jsonl"
-    except FileNotFoundError:
-        pytest.skip("shared calibration data not found")
+    from rain_adapter.format.paths import calibration_dir
+
+    inst = calibration_dir() / "instruction_calibration_set.jsonl"  # packaged (tests/test_packaged_data.py)
     kw = dict(projection="hard", protect_energy=1.0, instruction_calib=inst, max_samples=3, max_seq_len=100_000)
     out = _build(triple, calib, tmp_path / "s2", **kw)
     cfg = json.loads((out / "adapter_config.json").read_text())

@@ -43,11 +43,9 @@ def test_lowrank_keeps_constraint(setup, tmp_path):
 
 def test_stage2_runs_when_instruction_calib_given(setup, tmp_path):
     triple, calib = setup
-    try:
-        from rain_adapter.format.paths import calibration_dir
-        inst = calibration_dir() / "instruction_calibration_set.jsonl"
-    except FileNotFoundError:
-        pytest.skip("shared calibration data not found")
+    from rain_adapter.format.paths import calibration_dir
+
+    inst = calibration_dir() / "instruction_calibration_set.jsonl"  # packaged (tests/test_packaged_data.py)
     out = build_adapter(triple.lrm, triple.itm, triple.base, tmp_path / "s2", reasoning_calib=calib,
                         instruction_calib=inst, min_samples=1, max_samples=2, max_seq_len=100_000, progress=False)
     cfg = json.loads((out / "adapter_config.json").read_text())

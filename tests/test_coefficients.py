@@ -440,12 +440,7 @@ def test_run_stage2_nothing_usable(tok):
 def test_run_stage2_on_shared_set(tok):
     from rain_adapter.merging.spans import default_instruction_calib_path
 
-    try:
-        path = default_instruction_calib_path()
-    except Exception as e:
-        pytest.skip(f"shared calibration data not available: {e}")
-    if not path.is_file():
-        pytest.skip("shared instruction calibration set not available")
+    path = default_instruction_calib_path()  # packaged (tests/test_packaged_data.py)
     model = _model("qwen2")
     deltas = random_deltas(model, seed=0, scale=0.2)
     folded, summary = run_stage2(model, tok, deltas, path, max_samples=3, max_seq_len=4096, progress=False)

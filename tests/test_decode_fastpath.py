@@ -313,8 +313,6 @@ def test_triton_interpreter_reads_a_grouped_shrink_slice():
     proc = subprocess.run([sys.executable, "-c", _WORKER], env=env, capture_output=True, text=True, timeout=600,
                           cwd=str(Path(__file__).resolve().parent.parent))
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    if not line and "interpret" in proc.stderr.lower():
-        pytest.skip(f"Triton interpreter unavailable: {proc.stderr[-300:]}")
     assert line, proc.stderr[-2000:]
     _, err, exact0, finite = line[0].split()
     assert finite == "True" and float(err) <= 1e-5 and exact0 == "True", line[0]

@@ -152,10 +152,7 @@ def _calibration_file(path: Path) -> Path:
     (at a word boundary) so the forward stays cheap; same JSON shape."""
     from rain_adapter.merging.calibration import default_reasoning_calib
 
-    try:
-        src = default_reasoning_calib()
-    except FileNotFoundError as e:
-        pytest.skip(f"shared calibration set not found: {e}")
+    src = default_reasoning_calib()  # packaged (tests/test_packaged_data.py)
     samples = json.loads(src.read_text(encoding="utf-8"))[:N_CALIB]
     out = []
     for s in samples:

@@ -135,14 +135,9 @@ def test_bad_file_names_file_line_field(tmp_path):
 
 
 def test_shared_instruction_set(tok):
-    try:
-        from rain_adapter.merging.spans import default_instruction_calib_path
+    from rain_adapter.merging.spans import default_instruction_calib_path
 
-        path = default_instruction_calib_path()
-    except Exception as e:  # the shared data is not in this checkout
-        pytest.skip(f"shared calibration data not available: {e}")
-    if not path.is_file():
-        pytest.skip("shared instruction calibration set not available")
+    path = default_instruction_calib_path()  # packaged (tests/test_packaged_data.py)
     records = load_instruction_records(path)
     assert len(records) == 365
     samples, rep = prepare_instruction_samples(path, tok, max_samples=12, max_seq_len=4096)
