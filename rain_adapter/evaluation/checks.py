@@ -22,6 +22,7 @@ reasoning before it and a non-empty answer after it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -269,7 +270,15 @@ SUPPORTED_IDS = tuple(sorted(_CHECKS))
 def _lm_eval_registry() -> dict | None:
     if os.environ.get("RAIN_CHECKS", "auto") == "ours":
         return None
-    try:  # optional: IFEval's own checkers (lm-eval[ifeval])
+    return _import_lm_eval_registry()
+
+
+@functools.lru_cache(maxsize=1)
+def _import_lm_eval_registry() -> dict | None:
+    """IFEval's own checkers (lm-eval[ifeval]), or None. Tried once per process: a failed import is
+    not cached by Python, and retrying it per check cost ~6 ms each (lm-eval without its ifeval
+    extra), a third of `rain demo`'s time."""
+    try:
         from lm_eval.tasks.ifeval import instructions_registry  # type: ignore
     except Exception:
         return None
