@@ -350,3 +350,16 @@ def test_every_package_is_named_in_the_readme_and_docs():
     for pkg in ALLOWED:
         assert f"{pkg}/" in readme, f"README's 'where things are' table does not name {pkg}/"
         assert f"{pkg}/" in design, f"docs/DESIGN.md does not name {pkg}/"
+
+
+#: folder names that common tools skip as generated output or environments (ruff's and black's
+#: default excludes, the standard Python .gitignore template)
+EXCLUDED_BY_TOOLS = {"build", "dist", "_build", "buck-out", "node_modules", "site-packages", "venv", "env",
+                     "eggs", "sdist", "wheels", "downloads", "parts", "var", "lib", "lib64", "develop-eggs",
+                     "htmlcov", "target", "__pypackages__", "out"}
+
+
+def test_no_package_folder_is_named_like_build_output():
+    bad = [str(d.relative_to(ROOT)) for root in ROOTS.values() for d in [root, *root.rglob("*")]
+           if d.is_dir() and d.name in EXCLUDED_BY_TOOLS]
+    assert not bad, f"folders that ruff / black / .gitignore templates skip as output: {bad}"
