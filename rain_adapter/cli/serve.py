@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from ..serve.scheduler import BATCHING_MODES
-from .args import add_dtype
 from ..serve.state import load_served_model  # noqa: F401  (also the public name examples use)
+from .args import add_dtype
 
 log = logging.getLogger("rain_adapter.serve")
 
