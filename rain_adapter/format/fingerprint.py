@@ -19,7 +19,7 @@ sixteen (and float16 flushes values below 6e-5 to subnormals).
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -47,16 +47,22 @@ def _weight_of(module_or_tensor) -> Tensor:
     return (base if base is not None else module_or_tensor).weight
 
 
-def weight_sample(weight: Tensor, k: int = SAMPLE_SIZE) -> Tensor:
-    """``k`` values of ``weight [out, in]`` at fixed positions, as float64 on the CPU.
+def sample_positions(shape: Sequence[int], k: int = SAMPLE_SIZE) -> tuple[list[int], list[int]]:
+    """(rows, cols) of the ``k`` sampled entries of a weight of ``shape`` ``[out, in]``; they depend
+    only on the shape and ``k``, never on the dtype or the values."""
+    cols = int(shape[1])
+    numel = int(shape[0]) * cols
+    flat = [(j * _STRIDE) % numel for j in range(k)]
+    return [i // cols for i in flat], [i % cols for i in flat]
 
-    The positions depend only on the shape and ``k``, never on the dtype.
-    """
+
+def weight_sample(weight: Tensor, k: int = SAMPLE_SIZE) -> Tensor:
+    """``k`` values of ``weight [out, in]`` at fixed positions (:func:`sample_positions`), as
+    float64 on the CPU."""
     w = weight.detach()
-    cols = int(w.shape[1])
-    flat = [(j * _STRIDE) % w.numel() for j in range(k)]
-    rows_t = torch.tensor([i // cols for i in flat], device=w.device)
-    cols_t = torch.tensor([i % cols for i in flat], device=w.device)
+    rows, cols = sample_positions(w.shape, k)
+    rows_t = torch.tensor(rows, device=w.device)
+    cols_t = torch.tensor(cols, device=w.device)
     return w[rows_t, cols_t].to("cpu", torch.float64)
 
 
@@ -78,6 +84,22 @@ def fingerprint_record(weight: Tensor) -> dict:
     """The record of one weight: ``{"shape", "scheme", "sample"}``."""
     k = min(SAMPLE_SIZE, weight.numel())
     return {"shape": list(weight.shape), "scheme": SCHEME, "sample": _encode(weight_sample(weight, k))}
+
+
+def fingerprint_record_from_rows(shape: Sequence[int], read_rows: Callable[[list[int]], Tensor],
+                                 dtype: torch.dtype) -> dict:
+    """The record :func:`fingerprint_record` gives for a weight of ``shape`` loaded as ``dtype``,
+    reading only the rows that hold sampled entries: ``read_rows(rows)`` returns those rows
+    ``[len(rows), in]`` in any dtype (e.g. as stored in a checkpoint); they are cast to ``dtype``
+    first, as loading the model in ``dtype`` would, so the record is the same bytes."""
+    shape = [int(x) for x in shape]
+    k = min(SAMPLE_SIZE, shape[0] * shape[1])
+    rows, cols = sample_positions(shape, k)
+    wanted = sorted(set(rows))
+    block = read_rows(wanted).to(dtype)
+    at = {r: j for j, r in enumerate(wanted)}
+    sample = block[torch.tensor([at[r] for r in rows]), torch.tensor(cols)].to("cpu", torch.float64)
+    return {"shape": shape, "scheme": SCHEME, "sample": _encode(sample)}
 
 
 def compute_fingerprint(model_or_state: nn.Module | dict, module_names: Iterable[str]) -> dict:

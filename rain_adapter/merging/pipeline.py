@@ -14,6 +14,9 @@
    its config (``preflight.check_checkpoints``). A Hub id that cannot be fetched is one line
    (``hub.fetching``);
 3. :func:`load_lrm`: the LRM once (``AutoModelForCausalLM``, ``dtype=``), its targeted linears (``arch``);
+   a method that runs no LRM forward (no projection, no Stage 2: :func:`needs_lrm_weights`) loads
+   no LRM weights at all: the targets come from step 2's skeleton and the fingerprint from the
+   sampled rows of the LRM's safetensors (:func:`skeleton_targets`);
 4. :func:`check_sources`: the same header check against the loaded modules, when no skeleton
    could be built for step 2;
 5. :func:`run_stage1`: per layer, features X at Ω (``features``; one pass or ``--sequential``), then
@@ -36,7 +39,8 @@ reclaimable RSS, not as anonymous memory), one layer's forward work and features
 at a time. Finished layers go to the partial cache and leave memory; at the end they are
 memory-mapped back (file-backed again) and streamed into the final write. Without Stage 2 the LRM
 is released before that, so the peak is max(LRM + one layer's work, adapter), not their sum.
-Measured on a 97.6M-parameter Qwen2 (bench/build_bench.py, bench/RESULTS.md).
+Measured on a 97.6M-parameter Qwen2 (bench/build_bench.py, bench/RESULTS.md). A method that runs
+no LRM forward never holds the LRM: its peak is the adapter.
 
 ``project`` and ``prepare_reasoning_calibration`` are called through this module's globals (and
 ``features`` / ``taskvector`` / ``cache`` / ``store`` functions through their modules) so tests and
@@ -55,7 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..format import store
-from ..format.fingerprint import compute_fingerprint
+from ..format.fingerprint import compute_fingerprint, fingerprint_record_from_rows
 from ..format.arch import module_role
 from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
@@ -72,7 +76,8 @@ from .methods import MergeMethod, get_method, module_generator
 from .hub import fetching
 from .nullspace import ENERGY_PROJECTIONS, project
 from .options import MODEL_FIELDS, BuildError, BuildOptions
-from .report import BuildLog, calibration_line, done_line, format_stats_table, kept_norm_check
+from .report import (BuildLog, calibration_line, done_line, format_stats_table, kept_norm_check,
+                     stage1_skipped_line)
 
 __all__ = ["PARTIAL_SUFFIX", "BuildError", "BuildOptions", "build_adapter", "format_stats_table"]
 
@@ -148,8 +153,56 @@ def load_calibration(opts: BuildOptions, method: MergeMethod, log: BuildLog, voc
     return tokenizer, calib
 
 
-def load_lrm(opts: BuildOptions, method: MergeMethod) -> Targets:
-    """Load the LRM once (eval, ``opts.dtype``), pick the targeted linears, fingerprint them."""
+def needs_lrm_weights(opts: BuildOptions, method: MergeMethod) -> bool:
+    """Whether the build runs the LRM: Stage 1's features (a projecting method) or Stage 2's
+    attention statistics. A method with neither (task-arithmetic, ties, dare-ties) needs only the
+    LRM's module names and shapes and its fingerprint."""
+    return method.projects or wants_stage2(opts, method)
+
+
+def streamed_fingerprint(reader: taskvector.CheckpointReader, modules: dict[str, nn.Module],
+                         dtype: torch.dtype) -> dict[str, Any]:
+    """The fingerprint ``compute_fingerprint`` takes of the loaded LRM (``dtype``), read from its
+    safetensors instead: per targeted module only the rows holding sampled entries. A module the
+    checkpoint lacks (``<name>.weight``) or holds with another shape than ``modules`` (the
+    skeleton) is a :class:`~rain_adapter.merging.taskvector.CheckpointError`."""
+    out = {}
+    for name, m in modules.items():
+        wname, want = name + ".weight", tuple(m.weight.shape)
+        got = reader.shape(wname)
+        if got != want:
+            raise taskvector.CheckpointError(f"LRM tensor {wname!r} in {reader.file_of(wname)} has shape "
+                                             f"{list(got)}, its module in the config has {list(want)}")
+        out[name] = fingerprint_record_from_rows(got, lambda rows, w=wname: reader.rows(w, rows), dtype)
+    return out
+
+
+def skeleton_targets(opts: BuildOptions, method: MergeMethod, skeleton: nn.Module,
+                     log: BuildLog | None = None) -> Targets | None:
+    """The targets from the preflight's ``meta`` skeleton (names and shapes, no weights) and the
+    fingerprint streamed from the LRM's safetensors (:func:`streamed_fingerprint`); None (the
+    caller loads the LRM) when the checkpoint cannot give the fingerprint that way."""
+    say = log or (lambda msg: None)
+    modules, by_layer, layer_ids, proj_layers = preflight.select_targets(opts, method, skeleton)
+    try:
+        fingerprint = streamed_fingerprint(taskvector.CheckpointReader(opts.lrm, "LRM"), modules, opts.model_dtype)
+    except taskvector.CheckpointError as e:
+        say(f"[rain build] the LRM's fingerprint cannot be read from its safetensors ({e}): loading the LRM")
+        return None
+    say(f"[rain build] LRM: module names and shapes from its config, fingerprint from its safetensors "
+        f"({method.name} runs no LRM forward, so its weights are not loaded)")
+    return Targets(None, modules, list(modules), by_layer, layer_ids, proj_layers, fingerprint)
+
+
+def load_lrm(opts: BuildOptions, method: MergeMethod, skeleton: nn.Module | None = None,
+             log: BuildLog | None = None) -> Targets:
+    """The LRM's targets. When the build runs no LRM forward (:func:`needs_lrm_weights` False) and
+    the preflight built the ``meta`` ``skeleton``: :func:`skeleton_targets`, no weights loaded.
+    Otherwise load the LRM once (eval, ``opts.dtype``), pick the targeted linears, fingerprint them."""
+    if skeleton is not None and not needs_lrm_weights(opts, method):
+        targets = skeleton_targets(opts, method, skeleton, log)
+        if targets is not None:
+            return targets
     from transformers import AutoModelForCausalLM  # lazy, as above
 
     with fetching(opts.lrm, "lrm"):
@@ -386,10 +439,11 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
     tokenizer, calib = load_calibration(opts, method, log, configs.vocab_size)
     if wants_stage2(opts, method):
         preflight.check_instruction_calibration(opts, tokenizer, configs.vocab_size, log)
-    sources, checked = preflight.check_checkpoints(opts, method, configs, log)
-    targets = load_lrm(opts, method)
-    if not checked:  # the skeleton is the loaded model's twin: check once, here only without it
+    sources, skeleton = preflight.check_checkpoints(opts, method, configs, log)
+    targets = load_lrm(opts, method, skeleton, log)
+    if skeleton is None:  # the skeleton is the loaded model's twin: check once, here only without it
         sources = check_sources(opts, targets.modules, sources)
+    del skeleton
     cache = PartialCache(out_dir)
     done = cache.open(cache_settings(opts, method, targets, calib), resume=opts.resume, log=log)
     try:
@@ -406,7 +460,10 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
         targets.release()
     deltas, stats = assemble(cache, targets)
     log.mark("stage1")
-    log.table(stats)
+    if method.projects:
+        log.table(stats)
+    else:
+        log(stage1_skipped_line(method.name, stats))
     checks = check_kept_norm(opts, method, stats, calib, log)
     deltas, stage2, method_name = apply_stage2(opts, method, targets, tokenizer, deltas, calib, log)
     log.mark("stage2")

@@ -17,7 +17,8 @@
 4. :func:`check_checkpoints`: the LRM's module names and shapes from a skeleton built from its
    config on the ``meta`` device (no weights), the same targets ``load_lrm`` will pick
    (:func:`select_targets`), checked against the ITM's and base's safetensors headers
-   (``taskvector.check_task_vector``).
+   (``taskvector.check_task_vector``). The skeleton is handed back: a method that runs no LRM
+   forward takes its targets from it and never loads the LRM's weights (``pipeline.load_lrm``).
 """
 
 from __future__ import annotations
@@ -201,17 +202,18 @@ def skeleton(config: Any) -> nn.Module | None:
 
 
 def check_checkpoints(opts: BuildOptions, method: MergeMethod, configs: Configs, log: BuildLog
-                      ) -> tuple[tuple[taskvector.CheckpointReader, taskvector.CheckpointReader], bool]:
+                      ) -> tuple[tuple[taskvector.CheckpointReader, taskvector.CheckpointReader], nn.Module | None]:
     """Open the ITM and base and check them against the LRM's targeted modules, from the config
-    skeleton and the safetensors headers only (no weights read). Returns (the readers, whether
-    the check ran): when the skeleton cannot be built, the pipeline checks after the LRM loads."""
+    skeleton and the safetensors headers only (no weights read). Returns (the readers, the
+    skeleton): the skeleton is None when it cannot be built, and the pipeline then checks after
+    the LRM loads; otherwise the check ran, and a method that reads no LRM activations takes the
+    module names and shapes from the skeleton instead of loading the LRM (``pipeline.load_lrm``)."""
     readers = (taskvector.CheckpointReader(opts.itm, "ITM"), taskvector.CheckpointReader(opts.base, "base"))
     model = skeleton(configs.lrm)
     if model is None:
         log("[rain build] the LRM's config could not be built on the meta device: its modules are checked "
             "against the ITM / base after it loads")
-        return readers, False
+        return readers, None
     modules, *_ = select_targets(opts, method, model)
     taskvector.check_task_vector(*readers, taskvector.module_shapes(modules), merge_bias=opts.merge_bias)
-    del model, modules
-    return readers, True
+    return readers, model

@@ -1,4 +1,5 @@
-"""What ``rain build`` tells the user: the per-module Stage 1 table, the build log, the timings.
+"""What ``rain build`` tells the user: the per-module Stage 1 table (one line instead for a method
+that does not project), the build log, the timings.
 
 Log lines go to stderr (prefixed ``[rain build]``), the stats table to stdout; both only when
 ``verbose``. Warnings (:meth:`BuildLog.warn`) are printed whatever ``verbose`` says, raised as a
@@ -30,19 +31,33 @@ KEPT_NORM_ZERO = 0.01
 
 
 def format_stats_table(stats: dict[str, dict]) -> str:
-    """Per module: rows, protected rank, residual ‖Δ⊥X‖/‖ΔX‖ next to kept norm ‖Δ⊥‖/‖Δ‖."""
+    """Per module: rows, protected rank, residual ‖Δ⊥X‖/‖ΔX‖ next to kept norm ‖Δ⊥‖/‖Δ‖ (``-``
+    where a module has no such value, e.g. a layer outside ``--project-layers``; never ``nan``).
+    For the Stage 1 of a projecting method; a method without one prints
+    :func:`stage1_skipped_line` instead."""
     lines = [f"{'module':<44} {'rows':>6} {'prot.rank':>9} {'residual':>10} {'kept norm':>10}"]
     for n, s in stats.items():
+        kept_s = f"{s['kept_norm']:>10.4f}" if "kept_norm" in s else f"{'-':>10}"
         if "residual" in s:
-            lines.append(f"{n:<44} {s['rows']:>6} {s['protected_rank']:>9} {s['residual']:>10.3e} {s['kept_norm']:>10.4f}")
+            lines.append(f"{n:<44} {s['rows']:>6} {s['protected_rank']:>9} {s['residual']:>10.3e} {kept_s}")
         else:
-            lines.append(f"{n:<44} {'-':>6} {'-':>9} {'-':>10} {s.get('kept_norm', float('nan')):>10.4f}")
+            lines.append(f"{n:<44} {'-':>6} {'-':>9} {'-':>10} {kept_s}")
     res = [s["residual"] for s in stats.values() if "residual" in s]
     kept = [s["kept_norm"] for s in stats.values() if "kept_norm" in s]
     if kept:
-        lines.append(f"{'overall':<44} {'':>6} {'':>9} {(max(res) if res else float('nan')):>10.3e} "
+        res_s = f"{max(res):>10.3e}" if res else f"{'-':>10}"
+        lines.append(f"{'overall':<44} {'':>6} {'':>9} {res_s} "
                      f"{sum(kept) / len(kept):>10.4f}   (max residual, mean kept norm)")
     return "\n".join(lines)
+
+
+def stage1_skipped_line(method: str, stats: dict[str, dict]) -> str:
+    """The one line ``rain build`` prints instead of the Stage 1 table for a method that does not
+    project (task-arithmetic, ties, dare-ties): with the share of ‖Δ‖ its transform kept overall
+    (:func:`kept_norm_total`) when there is one."""
+    total = kept_norm_total(stats)
+    kept = f"; its transform kept {total:.1%} of the task vector's norm" if total is not None else ""
+    return f"[rain build] Stage 1: skipped (method {method} does not project{kept})"
 
 
 def kept_norm_total(stats: dict[str, dict]) -> float | None:

@@ -131,6 +131,18 @@ class CheckpointReader:
         self.loaded += 1
         return t.to(dtype)
 
+    def rows(self, name: str, rows: list[int]) -> Tensor:
+        """Rows ``rows`` of the 2-D tensor ``name``, ``[len(rows), in]`` in the stored dtype, read
+        row by row (``get_slice``): the rest of the tensor is never read. Not counted in ``loaded``."""
+        file = self.file_of(name)
+        try:
+            with safe_open(str(file), "pt") as f:
+                sl = f.get_slice(name)
+                return torch.cat([sl[r:r + 1] for r in rows])
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.label} shard {file}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from e
+
 
 def _as_reader(x, label: str) -> CheckpointReader:
     return x if isinstance(x, CheckpointReader) else CheckpointReader(x, label)
