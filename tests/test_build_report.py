@@ -115,3 +115,35 @@ def test_stats_table_never_prints_nan():
     text = format_stats_table(stats)
     assert "nan" not in text and "1.000e-03" in text
     assert "nan" not in format_stats_table({"b": stats["b"]})
+
+
+# ---- the clock (issue 25, 3) ------------------------------------------------------------------
+def test_printed_total_covers_preflight_and_loading(triple, tmp_path, monkeypatch, capsys):
+    """The clock starts on entry to build_adapter: a slow step before the configs are read (here
+    the output directory check, made slow) and the loading are inside the printed total, and the
+    phases (preflight, load, ...) add up to it."""
+    import re
+    import time
+
+    slow = 1.0
+    real = pipeline.output_dir
+
+    def slow_output_dir(opts):
+        time.sleep(slow)
+        return real(opts)
+
+    monkeypatch.setattr(pipeline, "output_dir", slow_output_dir)
+    t0 = time.perf_counter()
+    assert main(_argv(triple, tmp_path / "ta", "--method", "task-arithmetic")) == 0
+    wall = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    m = re.search(r"\] wrote .* in ([\d.]+) s total wall time \(preflight ([\d.]+) s, load ([\d.]+) s, "
+                  r"stage 1 ([\d.]+) s, stage 2 ([\d.]+) s, write ([\d.]+) s\)$", err, re.M)
+    assert m, err
+    total, *phases = map(float, m.groups())
+    assert slow <= total <= wall + 0.05
+    assert wall - total < 0.5 * slow  # only argument parsing lies outside the build
+    assert phases[0] >= slow  # the slow step is in the preflight phase
+    assert abs(sum(phases) - total) <= 0.1 * len(phases)  # rounding of each printed phase
+    recorded = json.loads((tmp_path / "ta" / "adapter_config.json").read_text())["extra"]["build_seconds"]
+    assert list(recorded) == ["preflight", "load", "stage1", "stage2", "total"] and recorded["preflight"] >= slow

@@ -432,18 +432,23 @@ def make_config(opts: BuildOptions, targets: Targets, *, method_name: str, stage
 def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, base: str | Path | None = None,
                   out: str | Path | None = None, *, options: BuildOptions | None = None, **kwargs: Any) -> Path:
     """Build an adapter and return its directory. ``kwargs``: BuildOptions fields (``rain build
-    --help``), laid over ``options``; see the module docstring for the steps."""
+    --help``), laid over ``options``; see the module docstring for the steps. The build's clock
+    (:class:`~rain_adapter.merging.report.BuildLog`) starts here, before anything else, so the
+    time of the final ``wrote ...`` line is the whole call: preflight and loading included."""
+    t_start = BuildLog.now()
     opts = resolve_options(lrm, itm, base, out, options, kwargs)
-    out_dir, method, log = output_dir(opts), get_method(opts.method), BuildLog(opts.verbose)
+    out_dir, method, log = output_dir(opts), get_method(opts.method), BuildLog(opts.verbose, t_start=t_start)
     configs = preflight.check_configs(opts, log)
     tokenizer, calib = load_calibration(opts, method, log, configs.vocab_size)
     if wants_stage2(opts, method):
         preflight.check_instruction_calibration(opts, tokenizer, configs.vocab_size, log)
     sources, skeleton = preflight.check_checkpoints(opts, method, configs, log)
+    log.mark("preflight")
     targets = load_lrm(opts, method, skeleton, log)
     if skeleton is None:  # the skeleton is the loaded model's twin: check once, here only without it
         sources = check_sources(opts, targets.modules, sources)
     del skeleton
+    log.mark("load")
     cache = PartialCache(out_dir)
     done = cache.open(cache_settings(opts, method, targets, calib), resume=opts.resume, log=log)
     try:
@@ -472,5 +477,6 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
                          calib, checks), stage2=stage2, fidelity=fidelity, rank=rank, log=log)
     store.save_adapter(deltas, config, out_dir, overwrite=opts.overwrite)
     cache.remove()
-    log(done_line(out_dir, method_name, len(deltas), opts.storage, log.elapsed()))
+    log.mark("write")
+    log(done_line(out_dir, method_name, len(deltas), opts.storage, log.elapsed(), log.marks))
     return out_dir

@@ -95,17 +95,34 @@ def calibration_line(info: dict[str, Any]) -> str:
             f"thinking positions (skipped {info['skipped']})")
 
 
-def done_line(out: Any, method: str, n_modules: int, storage: str, seconds: float) -> str:
-    return f"[rain build] wrote {out} ({method}, {n_modules} modules, {storage}) in {seconds:.1f} s"
+#: how :func:`done_line` names the build's phases (:class:`BuildLog` marks)
+PHASE_LABELS = {"stage1": "stage 1", "stage2": "stage 2"}
+
+
+def done_line(out: Any, method: str, n_modules: int, storage: str, seconds: float,
+              phases: dict[str, float] | None = None) -> str:
+    """``[rain build] wrote OUT (...) in S s total wall time (preflight a s, load b s, ...)``:
+    ``seconds`` is the whole build (:meth:`BuildLog.elapsed`), ``phases`` its marks."""
+    line = f"[rain build] wrote {out} ({method}, {n_modules} modules, {storage}) in {seconds:.1f} s total wall time"
+    if phases:
+        line += " (" + ", ".join(f"{PHASE_LABELS.get(k, k)} {v:.1f} s" for k, v in phases.items()) + ")"
+    return line
 
 
 class BuildLog:
     """The build's log and clock: ``log(msg)`` prints when verbose; ``mark(name)`` records the
-    seconds since the previous mark (stage1 = start → layers assembled, stage2 = → after Stage 2)."""
+    seconds since the previous mark. ``build_adapter`` starts the clock (``t_start``) on entry,
+    before the options are resolved, and marks preflight = → the input checks done (options,
+    output directory, configs, tokenizer and calibration, checkpoint headers), load = → the LRM
+    loaded (or its skeleton and fingerprint), stage1 = → layers assembled, stage2 = → after
+    Stage 2, write = → the adapter written; the marks add up to :meth:`elapsed`."""
 
-    def __init__(self, verbose: bool = True) -> None:
+    #: the clock the build uses (``t_start`` values come from it)
+    now = staticmethod(time.perf_counter)
+
+    def __init__(self, verbose: bool = True, t_start: float | None = None) -> None:
         self.verbose = verbose
-        self.t_start = time.perf_counter()
+        self.t_start = self.now() if t_start is None else t_start
         self._t_last = self.t_start
         self.marks: dict[str, float] = {}
         self.warnings: list[str] = []
@@ -126,13 +143,15 @@ class BuildLog:
             print(format_stats_table(stats), flush=True)
 
     def mark(self, name: str) -> None:
-        now = time.perf_counter()
+        now = self.now()
         self.marks[name] = now - self._t_last
         self._t_last = now
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.t_start
+        """Seconds since the clock started (the start of ``build_adapter``)."""
+        return self.now() - self.t_start
 
     def seconds(self) -> dict[str, float]:
-        """``{<mark>: s, ..., "total": s}`` rounded to ms (``config.extra["build_seconds"]``)."""
+        """``{<mark>: s, ..., "total": s}`` rounded to ms (``config.extra["build_seconds"]``, taken
+        when the config is made: every mark but ``write``, and the total up to then)."""
         return {**{k: round(v, 3) for k, v in self.marks.items()}, "total": round(self.elapsed(), 3)}
