@@ -95,7 +95,8 @@ def test_list_parsers_and_json_round_trip(tmp_path):
     assert json.loads(json.dumps(d)) == d
     assert d["lrm"] == str(tmp_path / "l") and d["targets"] == ["q"] and d["layers"] == [0, 1]
     assert d["reasoning_calib"] == "<1 in-memory records>"
-    assert list(d) == [f.name for f in dataclasses.fields(BuildOptions)]
+    # every field but those that cannot change the adapter (threads)
+    assert list(d) == [f.name for f in dataclasses.fields(BuildOptions) if f.name != "threads"]
     plain = BuildOptions(**MODELS, layers=[1, 2])
     assert BuildOptions.from_dict(plain.to_dict()) == plain
     with pytest.raises(BuildError, match="unknown build option"):
@@ -162,6 +163,73 @@ def test_cli_and_build_adapter_record_the_same_options(setup, tmp_path):
     assert rec["cli"].pop("out") == str(tmp_path / "cli") and rec["kw"].pop("out") == str(tmp_path / "kw")
     assert rec["cli"] == rec["kw"]
     assert rec["kw"]["method"] == "ties" and rec["kw"]["layers"] == [1] and rec["kw"]["lrm"] == str(triple.lrm)
+
+
+# ---- --threads (issue 25, 2) -----------------------------------------------------------------
+def _demo_key(**kw):
+    """The key rain_adapter.demo.run.build_methods names an adapter directory with."""
+    import hashlib
+
+    opts = BuildOptions(method="rain", **kw).to_dict()
+    return hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def test_threads_option_is_a_flag_and_no_part_of_any_key(capsys):
+    ns = _build_parser().parse_args(["--threads", "3"])
+    assert options_from_args(ns).threads == 3 and BuildOptions().threads is None
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    text = capsys.readouterr().out
+    assert "--threads THREADS" in text.split("storage and compute:")[1]
+    with pytest.raises(BuildError, match="--threads must be ≥ 1") as e:
+        BuildOptions(**MODELS, threads=0).validate()
+    assert e.value.field == "threads"
+    BuildOptions(**MODELS, threads=2).validate()
+    # not recorded, so not in any key made from the recorded options
+    assert BuildOptions(**MODELS, threads=3).to_dict() == BuildOptions(**MODELS).to_dict()
+    assert "threads" not in BuildOptions(**MODELS, threads=3).to_dict()
+    assert _demo_key(threads=3) == _demo_key() == _demo_key(threads=None)
+    assert BuildOptions.from_dict(BuildOptions(**MODELS, threads=3).to_dict()) == BuildOptions(**MODELS)
+
+
+def test_threads_runs_the_build_with_that_many_threads_and_changes_nothing_recorded(setup, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from rain_adapter.merging import pipeline
+
+    triple, calib = setup
+    seen = []
+    real = pipeline.run_stage1
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "run_stage1", spy)
+    before = torch.get_num_threads()
+    want = 2 if before != 2 else 1
+    outs = {}
+    for name, threads in (("default", None), ("threads", want)):
+        outs[name] = build_adapter(triple.lrm, triple.itm, triple.base, tmp_path / name, method="rain-stage1",
+                                   reasoning_calib=calib, min_samples=1, layers=[0], threads=threads,
+                                   progress=False, verbose=False)
+        assert torch.get_num_threads() == before  # restored after the build
+    assert seen == [before, want]
+    cfgs = {k: json.loads((o / "adapter_config.json").read_text()) for k, o in outs.items()}
+    for c in cfgs.values():
+        c["extra"].pop("build_seconds")
+        c["extra"]["build_options"].pop("out")
+    assert cfgs["default"]["extra"]["build_options"] == cfgs["threads"]["extra"]["build_options"]
+    assert "threads" not in cfgs["threads"]["extra"]["build_options"]
+    a, b = (load_file(next(o.glob("*.safetensors"))) for o in outs.values())
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    # a failed build restores the setting too
+    monkeypatch.setattr(pipeline, "run_stage1", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        build_adapter(triple.lrm, triple.itm, triple.base, tmp_path / "x", method="rain-stage1", reasoning_calib=calib,
+                      min_samples=1, layers=[0], threads=want, progress=False, verbose=False)
+    assert torch.get_num_threads() == before
 
 
 # ---- the method registry ---------------------------------------------------------------------

@@ -9,7 +9,9 @@ default is False, ``--no-name`` when it is True.
 :meth:`BuildOptions.validate` makes every check that needs no model (so a bad option fails before
 anything is loaded or written) and raises :class:`BuildError` naming the field;
 :meth:`BuildOptions.to_dict` is the JSON-safe record the adapter config keeps under
-``extra["build_options"]``.
+``extra["build_options"]``: every field but ``threads`` (how many CPU threads ran the build
+cannot change the adapter, so it is not recorded and two builds differing only in it record
+the same options).
 """
 
 from __future__ import annotations
@@ -67,14 +69,17 @@ def flag(name: str) -> str:
 
 
 def _opt(default: Any, group: str, help: str, *, parse: Callable[[str], Any] | None = None,
-         choices: Sequence[str] | None = None) -> Any:
+         choices: Sequence[str] | None = None, record: bool = True) -> Any:
     """A BuildOptions field with its CLI metadata. ``parse`` defaults to ``str`` (bools take none);
-    for a bool that defaults to True, ``help`` describes its ``--no-...`` switch."""
+    for a bool that defaults to True, ``help`` describes its ``--no-...`` switch. ``record=False``:
+    a field that cannot change the adapter (how the build runs, e.g. ``threads``), left out of
+    :meth:`BuildOptions.to_dict`, so it changes neither the recorded options nor a key made from them."""
     assert group in GROUPS, group
     if not isinstance(default, bool) and parse is None:
         parse = str
     return field(default=default, metadata={"group": group, "help": help, "parse": parse,
-                                            "choices": tuple(choices) if choices is not None else None})
+                                            "choices": tuple(choices) if choices is not None else None,
+                                            "record": record})
 
 
 PathLike = str | Path
@@ -154,6 +159,9 @@ class BuildOptions:
                                 parse=int)
     dtype: str = _opt("float32", "storage and compute", "LRM dtype for the forward passes", choices=sorted(DTYPES))
     device: str | None = _opt(None, "storage and compute", "cpu, cuda, cuda:1 ... (default: where the model loads)")
+    threads: int | None = _opt(None, "storage and compute", "torch CPU threads for the build (torch.set_num_threads, "
+                               "restored after it; default: leave torch's setting); not recorded in the adapter",
+                               parse=int, record=False)
     feature_cache: PathLike | None = _opt(
         None, "storage and compute", "directory that keeps the Stage 1 features of this LRM + calibration set; a "
         "later build with other projection settings reuses them instead of running the forward again (default: off)")
@@ -210,6 +218,8 @@ class BuildOptions:
                 raise BuildError(f"{flag(f.name)} must be one of {list(choices)}, got {value!r}", field=f.name)
 
     def _check_ranges(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise BuildError(f"--threads must be ≥ 1, got {self.threads}", field="threads")
         if not 0.0 <= self.protect_energy <= 1.0:
             raise BuildError(f"--protect-energy must be in [0, 1], got {self.protect_energy}", field="protect_energy")
         if self.projection == "ridge" and self.ridge <= 0:
@@ -236,8 +246,11 @@ class BuildOptions:
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: paths as strings, sequences as lists, an in-memory calibration list as a
-        ``"<N in-memory records>"`` note (the calibration hash in ``config.stage1`` identifies it)."""
-        return {f.name: _json_safe(getattr(self, f.name)) for f in fields(self)}
+        ``"<N in-memory records>"`` note (the calibration hash in ``config.stage1`` identifies it).
+        Every field but those that cannot change the adapter (``record=False``: ``threads``), so
+        builds that differ only in those record the same options (and keys hashed from this
+        dict, e.g. the demo's adapter directories, stay the same)."""
+        return {f.name: _json_safe(getattr(self, f.name)) for f in fields(self) if f.metadata.get("record", True)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildOptions:

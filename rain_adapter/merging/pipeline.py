@@ -2,8 +2,10 @@
 
 ``build_adapter`` runs these named steps (each fails with a clear message before anything is written):
 
-1. :func:`resolve_options`: BuildOptions validated (``options``), ``--preset`` applied;
-   :func:`output_dir` refuses an existing output (unless ``--overwrite``);
+1. :func:`resolve_options`: BuildOptions validated (``options``), ``--preset`` applied; with
+   ``--threads N`` the rest runs under ``torch.set_num_threads(N)`` (:func:`torch_threads`, the
+   previous setting restored after); :func:`output_dir` refuses an existing output (unless
+   ``--overwrite``);
 2. before any weight is loaded (``preflight``, seconds even for 32B models): the three configs
    compared (``preflight.check_configs``: structural differences fail, others warn); then
    :func:`load_calibration`: tokenizer + reasoning calibration → token ids and thinking positions Ω
@@ -50,6 +52,8 @@ bench/build_bench.py can patch or time them here.
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -437,6 +441,27 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
     time of the final ``wrote ...`` line is the whole call: preflight and loading included."""
     t_start = BuildLog.now()
     opts = resolve_options(lrm, itm, base, out, options, kwargs)
+    with torch_threads(opts.threads):
+        return _build(opts, t_start)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block, the previous setting restored after it; None:
+    leave torch's setting alone (``--threads``)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build(opts: BuildOptions, t_start: float) -> Path:
+    """The steps of :func:`build_adapter` after the options are resolved."""
     out_dir, method, log = output_dir(opts), get_method(opts.method), BuildLog(opts.verbose, t_start=t_start)
     configs = preflight.check_configs(opts, log)
     tokenizer, calib = load_calibration(opts, method, log, configs.vocab_size)
