@@ -121,3 +121,68 @@ def test_sweep_cli_writes_csv_and_png(tiny_setup, tmp_path, capsys):
     assert (out / "sweep.png").stat().st_size > 1000
     assert len((out / "responses.jsonl").read_text().splitlines()) == 2 * 3 * 3
     assert "task-arithmetic" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def second_adapter(tiny_setup, tmp_path_factory):
+    """Another dense random adapter for the tiny LRM (other deltas than tiny_setup's)."""
+    from rain_adapter.format.config import RainConfig
+    from rain_adapter.format.fingerprint import compute_fingerprint
+    from rain_adapter.format.store import save_adapter
+    from rain_adapter.testing.tiny import random_deltas
+    from transformers import AutoModelForCausalLM
+
+    paths = tiny_setup[0]
+    model = AutoModelForCausalLM.from_pretrained(paths.lrm, dtype=torch.float32).eval()
+    deltas = random_deltas(model, scale=0.3, seed=7)
+    cfg = RainConfig(target_modules=["q", "k", "v", "o", "gate", "up", "down"],
+                     layers=sorted({int(n.split(".")[2]) for n in deltas}), method="ties",
+                     fingerprint=compute_fingerprint(model, list(deltas)))
+    return save_adapter(deltas, cfg, tmp_path_factory.mktemp("second") / "adapter")
+
+
+def _counting_generate(monkeypatch):
+    """Wrap the real generate_responses; returns the list of (prompt, λ) pairs it generated."""
+    real = S.generate_responses
+    seen: list[tuple[str, float]] = []
+
+    def counting(model, tok, prompts, *, lambdas=None, **kw):
+        seen.extend(zip(prompts, lambdas))
+        return real(model, tok, prompts, lambdas=lambdas, **kw)
+
+    monkeypatch.setattr(S, "generate_responses", counting)
+    return seen
+
+
+def test_lambda_zero_is_generated_once_for_every_adapter(tiny_setup, second_adapter, monkeypatch):
+    """λ = 0 is the bare LRM whatever the adapter (issue 25, 4): one generation, reused by every
+    adapter, which still gets its λ = 0 record and responses, equal to a sweep that generates it
+    per adapter."""
+    from rain_adapter.testing.fixtures import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    paths, ad, _, rows = tiny_setup
+    model = AutoModelForCausalLM.from_pretrained(paths.lrm, dtype=torch.float32).eval()
+    tok = make_tokenizer()
+    lams = [0.0, 0.5, 1.0]
+    seen = _counting_generate(monkeypatch)
+    resp: list = []
+    recs = S.sweep_adapters(model, tok, [ad, second_adapter], rows, lams, names=["a", "b"], max_new_tokens=5,
+                            progress=False, responses_out=resp)
+    assert sum(1 for _, lam in seen if lam == 0.0) == len(rows)  # once, not once per adapter
+    assert len(seen) == len(rows) * (1 + 2 * 2)
+    assert [(r["method"], r["lambda"]) for r in recs] == [(m, lam) for m in "ab" for lam in lams]
+    assert len(resp) == 2 * 3 * len(rows)
+    at0 = {m: sorted((x["index"], x["response"]) for x in resp if x["method"] == m and x["lambda"] == 0.0)
+           for m in "ab"}
+    assert at0["a"] == at0["b"] and len(at0["a"]) == len(rows)
+
+    seen.clear()
+    resp_each: list = []
+    each = S.sweep_adapters(model, tok, [ad, second_adapter], rows, lams, names=["a", "b"], max_new_tokens=5,
+                            progress=False, responses_out=resp_each, share_zero=False)
+    assert len(seen) == len(rows) * 3 * 2
+    assert each == recs  # same records, λ = 0 metrics included
+    key = lambda x: (x["method"], x["lambda"], x["index"])  # noqa: E731
+    assert sorted(resp_each, key=key) == sorted(resp, key=key)
+    assert recs[0] == {**recs[3], "method": "a"}  # the two λ = 0 records: same metrics

@@ -31,7 +31,8 @@ and invalid spec:* kwargs are errors when the file is loaded (--skip-unknown cou
 instead).
 
 Generation is greedy. Each adapter is attached once and every batch mixes several λ, one per
-row. Per adapter and λ: prompt-level compliance (thinking stripped), instruction-level
+row. λ = 0 is the bare LRM whatever the adapter: it is generated once, with the first adapter,
+and its responses are reused (and scored) for every adapter's λ = 0. Per adapter and λ: prompt-level compliance (thinking stripped), instruction-level
 compliance, thinking-format validity, thinking rate and accuracy (rows with an answer), each
 with the number of rows it was scored on. A check that cannot be scored is left out of the
 rates and listed with its reason in unscored.json.

@@ -8,7 +8,9 @@ answer?, answer_extract?}``. An id is a built-in IFEval id, a declarative ``spec
 Python check (``module:function``, or a module given with ``--checks``); see
 :mod:`rain_adapter.evaluation.registry`. Unknown ids and invalid ``spec:*`` kwargs are errors when
 the file is loaded. Each batch holds (prompt, λ) pairs for several λ at once: the adapter is
-attached once (:meth:`RainAdapter.attach`) and ``set_lambda`` gets one λ per row. Per (method, λ):
+attached once (:meth:`RainAdapter.attach`) and ``set_lambda`` gets one λ per row. λ = 0 is the
+bare LRM whatever the adapter, so it is generated once, with the first adapter, and its responses
+are reused for every other adapter's λ = 0 (:func:`sweep_adapters`). Per (method, λ):
 compliance (prompt-level strict, thinking stripped), instruction-level compliance, thinking-format
 validity, thinking rate and accuracy (rows with ``answer``, :mod:`rain_adapter.evaluation.answers`),
 each with the number of rows it was scored on. Responses are appended to ``responses.jsonl`` as
@@ -23,7 +25,7 @@ import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,21 +188,31 @@ def sweep_attached(rain_model, tokenizer, rows: Sequence[dict[str, Any]], lambda
                    method: str, max_new_tokens: int = 128, batch_size: int = 64, progress: bool = True,
                    responses_out: list[dict[str, Any]] | None = None, responses_path: str | Path | None = None,
                    registry: CheckRegistry | None = None, answer_extract: str | Extractor | None = None,
-                   unscored_out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                   unscored_out: list[dict[str, Any]] | None = None,
+                   known: Mapping[tuple[float, int], str] | None = None) -> list[dict[str, Any]]:
     """Sweep λ on a RainModel: every (row, λ) pair generated in mixed-λ batches; one record per λ.
 
-    The responses (``{method, lambda, index, prompt, response}``) go to ``responses_out`` and are
-    appended to ``responses_path`` before anything is scored; each unscored check is appended to
-    ``unscored_out`` as ``{method, lambda, index, check, reason}``."""
+    ``known``: ``{(λ, row index): response}`` already generated elsewhere (e.g. λ = 0, the bare
+    LRM, by another adapter, :func:`sweep_adapters`): those pairs are not generated again, their
+    responses are recorded and scored like the others. The responses (``{method, lambda, index,
+    prompt, response}``) go to ``responses_out`` and are appended to ``responses_path`` before
+    anything is scored; each unscored check is appended to ``unscored_out`` as ``{method,
+    lambda, index, check, reason}``."""
     pairs = [(i, lam) for lam in lambdas for i in range(len(rows))]
+    known = {(float(lam), i): x for (lam, i), x in (known or {}).items()}
+    todo = [(i, lam) for i, lam in pairs if (float(lam), i) not in known]
     lambda_range = getattr(getattr(rain_model, "rain_config", None), "lambda_range", None)
     # the shared λ policy once per method here, instead of one range warning per generate call below
     check_lambda(lambdas, lambda_range, what=method)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=LambdaRangeWarning)
-        resp = generate_responses(rain_model, tokenizer, [rows[i]["prompt"] for i, _ in pairs],
-                                  lambdas=[lam for _, lam in pairs], max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, progress=progress, desc=f"sweep {method}")
+    got: list[str] = []
+    if todo:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=LambdaRangeWarning)
+            got = generate_responses(rain_model, tokenizer, [rows[i]["prompt"] for i, _ in todo],
+                                     lambdas=[lam for _, lam in todo], max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, progress=progress, desc=f"sweep {method}")
+    generated = {(float(lam), i): x for (i, lam), x in zip(todo, got)}
+    resp = [known.get((float(lam), i), generated.get((float(lam), i))) for i, lam in pairs]
     items = [{"method": method, "lambda": float(lam), "index": i, "prompt": rows[i]["prompt"], "response": x}
              for (i, lam), x in zip(pairs, resp)]
     if responses_path is not None:
@@ -257,20 +269,32 @@ def unique_names(names: Sequence[str]) -> list[str]:
 def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Sequence[dict[str, Any]],
                    lambdas: Sequence[float], *, names: Sequence[str] | None = None, max_new_tokens: int = 128,
                    batch_size: int = 64, progress: bool = True, responses_out: list[dict[str, Any]] | None = None,
-                   **score_kw: Any) -> list[dict[str, Any]]:
+                   share_zero: bool = True, **score_kw: Any) -> list[dict[str, Any]]:
     """Attach each adapter in turn to ``model`` (an HF causal LM), sweep λ, detach. ``score_kw``:
-    :func:`sweep_attached`'s ``responses_path``, ``registry``, ``answer_extract``, ``unscored_out``."""
+    :func:`sweep_attached`'s ``responses_path``, ``registry``, ``answer_extract``, ``unscored_out``.
+
+    λ = 0 is the bare LRM whatever the adapter (``RainLinear`` at λ = 0 returns the base layer's
+    output, bit for bit, also as one row of a mixed-λ batch), so with ``share_zero`` (default) its
+    responses are generated once, with the first adapter, and reused for every other adapter:
+    each adapter still gets its λ = 0 record (same responses, so the same metrics) and its λ = 0
+    lines in the responses."""
     records: list[dict[str, Any]] = []
     given = list(names) if names else []
     labels = unique_names([given[i] if i < len(given) else method_name(ad) for i, ad in enumerate(adapters)])
+    zero = share_zero and any(float(lam) == 0.0 for lam in lambdas)
+    shared: dict[tuple[float, int], str] | None = None
+    out = responses_out if responses_out is not None else []
     for ad, name in zip(adapters, labels):
         rm = RainAdapter.attach(model, str(ad) if isinstance(ad, Path) else ad)
+        start = len(out)
         try:
             records += sweep_attached(rm, tokenizer, rows, lambdas, method=name, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size, progress=progress, responses_out=responses_out,
+                                      batch_size=batch_size, progress=progress, responses_out=out, known=shared,
                                       **score_kw)
         finally:
             rm.detach()
+        if zero and shared is None:
+            shared = {(0.0, x["index"]): x["response"] for x in out[start:] if x["lambda"] == 0.0}
     return records
 
 
