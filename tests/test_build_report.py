@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from rain_adapter.cli.main import main
-from rain_adapter.merging import pipeline
+from rain_adapter.merging import pipeline, targets
 from rain_adapter.merging.methods import get_method, method_names
 from rain_adapter.merging.report import format_stats_table
 
@@ -46,7 +45,7 @@ def test_method_without_stage1_prints_one_line_and_loads_no_lrm_weights(triple, 
                                                                         method):
     # the reference: the same build through the LRM load it used to do
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "needs_lrm_weights", lambda opts, method: True)
+        m.setattr(targets, "needs_lrm_weights", lambda opts, method: True)
         assert main(_argv(triple, tmp_path / "loaded", "--method", method, "--seed", "3")) == 0
     loaded_out = capsys.readouterr()
     assert "LRM: module names and shapes from its config" not in loaded_out.err
@@ -89,7 +88,7 @@ def test_streamed_fingerprint_is_the_loaded_models(triple, dtype):
     modules, *_ = preflight.select_targets(opts, get_method("ties"), sk)
     model = AutoModelForCausalLM.from_pretrained(triple.lrm, dtype=opts.model_dtype)
     reader = CheckpointReader(triple.lrm, "LRM")
-    assert pipeline.streamed_fingerprint(reader, modules, opts.model_dtype) == compute_fingerprint(model, list(modules))
+    assert targets.streamed_fingerprint(reader, modules, opts.model_dtype) == compute_fingerprint(model, list(modules))
     assert reader.loaded == 0  # no whole tensor read
 
 

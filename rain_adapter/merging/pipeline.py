@@ -15,10 +15,11 @@
    base shard headers against the LRM's module names and shapes from a ``meta``-device skeleton of
    its config (``preflight.check_checkpoints``). A Hub id that cannot be fetched is one line
    (``hub.fetching``);
-3. :func:`load_lrm`: the LRM once (``AutoModelForCausalLM``, ``dtype=``), its targeted linears (``arch``);
-   a method that runs no LRM forward (no projection, no Stage 2: :func:`needs_lrm_weights`) loads
-   no LRM weights at all: the targets come from step 2's skeleton and the fingerprint from the
-   sampled rows of the LRM's safetensors (:func:`skeleton_targets`);
+3. ``targets.load_lrm``: the LRM once (``AutoModelForCausalLM``, ``dtype=``), its targeted linears
+   (``arch``); a method that runs no LRM forward (no projection, no Stage 2:
+   ``targets.needs_lrm_weights``) loads no LRM weights at all: the targets come from step 2's
+   skeleton and the fingerprint from the sampled rows of the LRM's safetensors
+   (``targets.skeleton_targets``);
 4. :func:`check_sources`: the same header check against the loaded modules, when no skeleton
    could be built for step 2;
 5. :func:`run_stage1`: per layer, features X at Ω (``features``; one pass or ``--sequential``), then
@@ -51,7 +52,6 @@ bench/build_bench.py can patch or time them here.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -63,7 +63,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..format import store
-from ..format.fingerprint import compute_fingerprint, fingerprint_record_from_rows
 from ..format.arch import module_role
 from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
@@ -82,34 +81,11 @@ from .nullspace import ENERGY_PROJECTIONS, project
 from .options import MODEL_FIELDS, BuildError, BuildOptions
 from .report import (BuildLog, calibration_line, done_line, format_stats_table, kept_norm_check,
                      stage1_skipped_line)
+from .targets import Targets, load_lrm, wants_stage2
 
 __all__ = ["PARTIAL_SUFFIX", "BuildError", "BuildOptions", "build_adapter", "format_stats_table"]
 
 Sources = tuple[taskvector.CheckpointReader, taskvector.CheckpointReader]  # (ITM, base)
-
-
-@dataclass
-class Targets:
-    """The loaded LRM and what the build touches in it.
-
-    ``modules``: targeted linears by full name, layer-major; ``by_layer``: layer → its module names;
-    ``proj_layers``: the layers Stage 1 projects (the others keep the plain Δ); ``fingerprint``:
-    the LRM's weights per module, taken once (the build never changes them).
-    """
-
-    model: nn.Module | None
-    modules: dict[str, nn.Linear]
-    names: list[str]
-    by_layer: dict[int, list[str]]
-    layer_ids: list[int]
-    proj_layers: set[int]
-    fingerprint: dict[str, Any]
-
-    def release(self) -> None:
-        """Drop the LRM (and the references to its linears) and give the memory back."""
-        self.model, self.modules = None, {}
-        gc.collect()
-        trim_heap()
 
 
 # ---- 1. options ------------------------------------------------------------------------------
@@ -155,69 +131,6 @@ def load_calibration(opts: BuildOptions, method: MergeMethod, log: BuildLog, voc
                                           min_samples=opts.min_samples, vocab_size=vocab_size)
     log(calibration_line(calib.info))
     return tokenizer, calib
-
-
-def needs_lrm_weights(opts: BuildOptions, method: MergeMethod) -> bool:
-    """Whether the build runs the LRM: Stage 1's features (a projecting method) or Stage 2's
-    attention statistics. A method with neither (task-arithmetic, ties, dare-ties) needs only the
-    LRM's module names and shapes and its fingerprint."""
-    return method.projects or wants_stage2(opts, method)
-
-
-def streamed_fingerprint(reader: taskvector.CheckpointReader, modules: dict[str, nn.Module],
-                         dtype: torch.dtype) -> dict[str, Any]:
-    """The fingerprint ``compute_fingerprint`` takes of the loaded LRM (``dtype``), read from its
-    safetensors instead: per targeted module only the rows holding sampled entries. A module the
-    checkpoint lacks (``<name>.weight``) or holds with another shape than ``modules`` (the
-    skeleton) is a :class:`~rain_adapter.merging.taskvector.CheckpointError`."""
-    out = {}
-    for name, m in modules.items():
-        wname, want = name + ".weight", tuple(m.weight.shape)
-        got = reader.shape(wname)
-        if got != want:
-            raise taskvector.CheckpointError(f"LRM tensor {wname!r} in {reader.file_of(wname)} has shape "
-                                             f"{list(got)}, its module in the config has {list(want)}")
-        out[name] = fingerprint_record_from_rows(got, lambda rows, w=wname: reader.rows(w, rows), dtype)
-    return out
-
-
-def skeleton_targets(opts: BuildOptions, method: MergeMethod, skeleton: nn.Module,
-                     log: BuildLog | None = None) -> Targets | None:
-    """The targets from the preflight's ``meta`` skeleton (names and shapes, no weights) and the
-    fingerprint streamed from the LRM's safetensors (:func:`streamed_fingerprint`); None (the
-    caller loads the LRM) when the checkpoint cannot give the fingerprint that way."""
-    say = log or (lambda msg: None)
-    modules, by_layer, layer_ids, proj_layers = preflight.select_targets(opts, method, skeleton)
-    try:
-        fingerprint = streamed_fingerprint(taskvector.CheckpointReader(opts.lrm, "LRM"), modules, opts.model_dtype)
-    except taskvector.CheckpointError as e:
-        say(f"[rain build] the LRM's fingerprint cannot be read from its safetensors ({e}): loading the LRM")
-        return None
-    say(f"[rain build] LRM: module names and shapes from its config, fingerprint from its safetensors "
-        f"({method.name} runs no LRM forward, so its weights are not loaded)")
-    return Targets(None, modules, list(modules), by_layer, layer_ids, proj_layers, fingerprint)
-
-
-def load_lrm(opts: BuildOptions, method: MergeMethod, skeleton: nn.Module | None = None,
-             log: BuildLog | None = None) -> Targets:
-    """The LRM's targets. When the build runs no LRM forward (:func:`needs_lrm_weights` False) and
-    the preflight built the ``meta`` ``skeleton``: :func:`skeleton_targets`, no weights loaded.
-    Otherwise load the LRM once (eval, ``opts.dtype``), pick the targeted linears, fingerprint them."""
-    if skeleton is not None and not needs_lrm_weights(opts, method):
-        targets = skeleton_targets(opts, method, skeleton, log)
-        if targets is not None:
-            return targets
-    from transformers import AutoModelForCausalLM  # lazy, as above
-
-    with fetching(opts.lrm, "lrm"):
-        model = AutoModelForCausalLM.from_pretrained(str(opts.lrm), dtype=opts.model_dtype)
-    model.eval()
-    modules, by_layer, layer_ids, proj_layers = preflight.select_targets(opts, method, model)
-    names = list(modules)
-    fingerprint = compute_fingerprint(model, names)  # the LRM's weights: fixed for the whole build
-    if opts.device is not None and not opts.sequential:
-        model.to(opts.device)
-    return Targets(model, modules, names, by_layer, layer_ids, proj_layers, fingerprint)
 
 
 def check_sources(opts: BuildOptions, modules: dict[str, nn.Linear], sources: Sources | None = None) -> Sources:
@@ -325,10 +238,6 @@ def assemble(cache: PartialCache, targets: Targets) -> tuple[dict[str, ModuleDel
 
 
 # ---- 6.-7. Stage 2, storage ------------------------------------------------------------------
-def wants_stage2(opts: BuildOptions, method: MergeMethod) -> bool:
-    return method.stage2 and opts.instruction_calib is not None and not opts.no_stage2
-
-
 def stage2_stats_cache(opts: BuildOptions, method: MergeMethod, targets: Targets, calib: CalibrationSet | None,
                        tokenizer: Any, deltas: dict[str, ModuleDelta], limits: tuple[int | None, int],
                        log: BuildLog | None = None) -> Stage2StatsCache | None:

@@ -18,7 +18,7 @@
    config on the ``meta`` device (no weights), the same targets ``load_lrm`` will pick
    (:func:`select_targets`), checked against the ITM's and base's safetensors headers
    (``taskvector.check_task_vector``). The skeleton is handed back: a method that runs no LRM
-   forward takes its targets from it and never loads the LRM's weights (``pipeline.load_lrm``).
+   forward takes its targets from it and never loads the LRM's weights (``targets.load_lrm``).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def check_checkpoints(opts: BuildOptions, method: MergeMethod, configs: Configs,
     skeleton and the safetensors headers only (no weights read). Returns (the readers, the
     skeleton): the skeleton is None when it cannot be built, and the pipeline then checks after
     the LRM loads; otherwise the check ran, and a method that reads no LRM activations takes the
-    module names and shapes from the skeleton instead of loading the LRM (``pipeline.load_lrm``)."""
+    module names and shapes from the skeleton instead of loading the LRM (``targets.load_lrm``)."""
     readers = (taskvector.CheckpointReader(opts.itm, "ITM"), taskvector.CheckpointReader(opts.base, "base"))
     model = skeleton(configs.lrm)
     if model is None:
