@@ -13,9 +13,11 @@ What it does (default: ~10 s on one CPU core, tiny random model; nothing is down
 4. runs the command line, in process::
 
        rain sweep --model LRM --adapter RAIN --adapter TA --lambdas 0:1.5:0.5 \\
-                  --prompts prompts.jsonl --out sweep/ --max-new-tokens 12
+                  --prompts prompts.jsonl --out sweep/ --max-new-tokens 12 --no-resume
 
-   which generates greedily at every λ (all λ of an adapter share mixed-λ batches, one λ per row),
+   which generates greedily at every λ (all λ of an adapter share mixed-λ batches, one λ per row;
+   λ = 0, the bare LRM, once for both adapters; ``--no-resume``: a sweep an earlier run left in
+   ``sweep/`` is started over, since the models are made again),
    scores compliance / format validity / accuracy per (adapter, λ), prints the table and writes
    ``sweep.csv``, ``responses.jsonl`` and ``sweep.png``.
 
@@ -119,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
           + f"; prompts {prompts}; ready in {time.perf_counter() - t0:.1f}s")
 
     out = root / "sweep"
+    # --no-resume: this example makes its models again on every run, so a sweep left in --out by an
+    # earlier run (other adapter builds) is started over rather than resumed
     argv_sweep = ["sweep", "--model", str(lrm), "--lambdas", args.lambdas, "--prompts", str(prompts),
                   "--out", str(out), "--max-new-tokens", str(max_new), "--threads", str(args.threads),
-                  "--quiet", *extra]
+                  "--no-resume", "--quiet", *extra]
     for name, path in adapters:
         argv_sweep += ["--adapter", str(path), "--name", name]
     print("$ rain " + " ".join(argv_sweep))

@@ -186,3 +186,160 @@ def test_lambda_zero_is_generated_once_for_every_adapter(tiny_setup, second_adap
     key = lambda x: (x["method"], x["lambda"], x["index"])  # noqa: E731
     assert sorted(resp_each, key=key) == sorted(resp, key=key)
     assert recs[0] == {**recs[3], "method": "a"}  # the two λ = 0 records: same metrics
+
+
+# ---- responses per batch, resume, progress (issue 25, 5) ---------------------------------------
+def _sweep_argv(tiny_setup, second_adapter, out, *more):
+    paths, ad, prompts, _ = tiny_setup
+    return ["sweep", "--model", str(paths.lrm), "--adapter", str(ad), "--adapter", str(second_adapter),
+            "--name", "a", "--name", "b", "--lambdas", "0,0.5,1", "--prompts", str(prompts), "--out", str(out),
+            "--max-new-tokens", "4", "--batch-size", "2", "--quiet", *more]
+
+
+def _lines(out):
+    return [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+
+
+def _generated_rows(monkeypatch, fail_on_call: int | None = None):
+    """Count the rows RainModel.generate is asked for; raise on call ``fail_on_call`` (a kill)."""
+    from rain_adapter.runtime.model import RainModel
+
+    real = RainModel.generate
+    seen = {"calls": 0, "rows": 0}
+
+    def gen(self, *a, **kw):
+        seen["calls"] += 1
+        if seen["calls"] == fail_on_call:
+            raise RuntimeError("killed")
+        seen["rows"] += int(kw["input_ids"].shape[0])
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(RainModel, "generate", gen)
+    return seen
+
+
+def test_killed_sweep_resumes_only_the_missing_rows(tiny_setup, second_adapter, tmp_path, monkeypatch, capsys):
+    from rain_adapter.cli.main import main
+
+    n_rows = len(tiny_setup[3])
+    per_run = n_rows * 3 + n_rows * 2  # λ = 0 once, then 0.5 and 1 per adapter
+    full, part = tmp_path / "full", tmp_path / "part"
+    seen = _generated_rows(monkeypatch)
+    assert main(_sweep_argv(tiny_setup, second_adapter, full)) == 0
+    assert seen["rows"] == per_run
+
+    # killed while generating batch 2: batch 1 (2 rows) is on disk already
+    with monkeypatch.context() as m:
+        _generated_rows(m, fail_on_call=2)
+        with pytest.raises(RuntimeError, match="killed"):
+            main(_sweep_argv(tiny_setup, second_adapter, part))
+    first = _lines(part)
+    assert len(first) == 2 and all(x["key"] and x["method"] == "a" for x in first)
+    assert not (part / "sweep.csv").exists()
+    with (part / "responses.jsonl").open("a") as f:  # a line cut off by the kill
+        f.write('{"method": "a", "lambda": 0.5, "ind')
+
+    seen = _generated_rows(monkeypatch)
+    capsys.readouterr()
+    assert main(_sweep_argv(tiny_setup, second_adapter, part)) == 0
+    assert "resuming: 2 responses" in capsys.readouterr().out
+    assert seen["rows"] == per_run - 2  # only the missing rows
+    assert (part / "sweep.csv").read_text() == (full / "sweep.csv").read_text()
+    key = lambda x: (x["method"], x["lambda"], x["index"])  # noqa: E731
+    assert sorted(_lines(part), key=key) == sorted(_lines(full), key=key)
+    assert len(_lines(part)) == 2 * 3 * n_rows
+
+    # a finished sweep run again generates nothing and writes the same tables
+    seen["rows"] = 0
+    assert main(_sweep_argv(tiny_setup, second_adapter, part)) == 0
+    assert seen["rows"] == 0 and (part / "sweep.csv").read_text() == (full / "sweep.csv").read_text()
+
+
+def test_resume_refuses_what_it_cannot_verify(tiny_setup, second_adapter, tmp_path, monkeypatch, capsys):
+    from rain_adapter.cli.main import main
+
+    out = tmp_path / "out"
+    seen = _generated_rows(monkeypatch)
+    assert main(_sweep_argv(tiny_setup, second_adapter, out)) == 0
+    before = (out / "responses.jsonl").read_text()
+    capsys.readouterr()
+    # other settings: refused, nothing touched
+    assert main(_sweep_argv(tiny_setup, second_adapter, out, "--max-new-tokens", "5")) == 2
+    err = capsys.readouterr().err
+    assert "other settings (max_new_tokens: 4 then, 5 now)" in err and "--no-resume" in err
+    # lines this sweep would not write (adapter b left out; --name b for another adapter)
+    paths, ad, prompts, _ = tiny_setup
+    only_a = ["sweep", "--model", str(paths.lrm), "--adapter", str(ad), "--name", "a", "--lambdas", "0,0.5,1",
+              "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "4", "--quiet"]
+    assert main(only_a) == 2
+    assert "do not belong to this sweep (e.g. b λ=" in capsys.readouterr().err
+    swapped = _sweep_argv(tiny_setup, second_adapter, out)
+    i = swapped.index("--name")
+    swapped[i + 1], swapped[i + 3] = "b", "a"  # the names the other way round
+    assert main(swapped) == 2 and "do not belong" in capsys.readouterr().err
+    assert (out / "responses.jsonl").read_text() == before
+    # --no-resume starts over
+    seen["rows"] = 0
+    assert main(_sweep_argv(tiny_setup, second_adapter, out, "--max-new-tokens", "5", "--no-resume")) == 0
+    assert seen["rows"] == len(tiny_setup[3]) * 5 and len(_lines(out)) == 18
+    # a file without its settings (e.g. from an older version) is not guessed at
+    (out / "responses.settings.json").unlink()
+    assert main(_sweep_argv(tiny_setup, second_adapter, out, "--max-new-tokens", "5")) == 2
+    assert "no responses.settings.json" in capsys.readouterr().err
+
+
+def test_response_keys_name_what_produced_them(tmp_path):
+    log = S.ResponseLog(tmp_path / "responses.jsonl", {"model": "m", "max_new_tokens": 4})
+    k = log.key("adapterA", 0.5, 1, "hi")
+    assert k == log.key("adapterA", 0.5, 1, "hi")
+    assert len({k, log.key("adapterB", 0.5, 1, "hi"), log.key("adapterA", 1.0, 1, "hi"),
+                log.key("adapterA", 0.5, 2, "hi"), log.key("adapterA", 0.5, 1, "ho")}) == 5
+    assert log.key("adapterA", 0.0, 1, "hi") == log.key("adapterB", 0.0, 1, "hi")  # λ = 0: the bare LRM
+    other = S.ResponseLog(tmp_path / "o.jsonl", {"model": "m", "max_new_tokens": 5})
+    assert other.key("adapterA", 0.5, 1, "hi") != k
+    # the adapter identity follows its files
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text("{}")
+    (ad / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    a1 = S.adapter_identity(ad)
+    (ad / "adapter_model.safetensors").write_bytes(b"y" * 10)
+    assert S.adapter_identity(ad) != a1
+
+
+def test_progress_counts_rows_with_a_total(tiny_setup, second_adapter, monkeypatch):
+    from rain_adapter.testing.fixtures import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *a, total=None, unit="it", disable=False, **kw):
+            self.total, self.unit, self.n = total, unit, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_description(self, d):
+            pass
+
+        def close(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            pass
+
+    monkeypatch.setattr(S, "tqdm", Bar)
+    paths, ad, _, rows = tiny_setup
+    model = AutoModelForCausalLM.from_pretrained(paths.lrm, dtype=torch.float32).eval()
+    S.sweep_adapters(model, make_tokenizer(), [ad, second_adapter], rows, [0.0, 1.0], max_new_tokens=3,
+                     batch_size=2, progress=True)
+    assert len(bars) == 1 and bars[0].unit == "row"
+    assert bars[0].total == bars[0].n == len(rows) * 3  # λ = 0 once, λ = 1 per adapter
+    bars.clear()
+    S.generate_responses(model, make_tokenizer(), [r["prompt"] for r in rows], max_new_tokens=2, batch_size=2)
+    assert [(b.total, b.n, b.unit) for b in bars] == [(len(rows), len(rows), "row")]

@@ -1,4 +1,4 @@
-"""``rain sweep``: the CLI of :mod:`rain_adapter.evaluation.sweep`."""
+"""``rain sweep``: the CLI of :mod:`rain_adapter.evaluation.sweep` (resume: :mod:`rain_adapter.evaluation.responses`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation import sweep
+from ..evaluation import responses, sweep
 from ..evaluation.answers import resolve_extractor
 from ..evaluation.plots import NO_PLOT_HINT, plot_sweep_if_available
 from ..evaluation.registry import registry_with
@@ -22,7 +22,7 @@ Generate at several λ per adapter and score instruction compliance, thinking fo
 
   rain sweep --model LRM --adapter A [--adapter B ...] --prompts FILE [--lambdas 0:1.5:0.25]
              [--out DIR] [--max-new-tokens N] [--checks MOD ...] [--answer-extract NAME]
-             [--skip-unknown]
+             [--skip-unknown] [--no-resume]
 
 The prompts file is JSONL (or a JSON list) of IFEval-style rows {prompt, instruction_id_list,
 kwargs, answer?, answer_extract?}. An instruction id is a built-in IFEval id, a declarative
@@ -32,13 +32,25 @@ instead).
 
 Generation is greedy. Each adapter is attached once and every batch mixes several λ, one per
 row. λ = 0 is the bare LRM whatever the adapter: it is generated once, with the first adapter,
-and its responses are reused (and scored) for every adapter's λ = 0. Per adapter and λ: prompt-level compliance (thinking stripped), instruction-level
-compliance, thinking-format validity, thinking rate and accuracy (rows with an answer), each
-with the number of rows it was scored on. A check that cannot be scored is left out of the
-rates and listed with its reason in unscored.json.
+and its responses are reused (and scored) for every adapter's λ = 0. Per adapter and λ:
+prompt-level compliance (thinking stripped), instruction-level compliance, thinking-format
+validity, thinking rate and accuracy (rows with an answer), each with the number of rows it was
+scored on. A check that cannot be scored is left out of the rates and listed with its reason in
+unscored.json.
 
-Writes sweep.csv, responses.jsonl (appended as soon as an adapter's generation ends, before
-scoring) and sweep.png (when matplotlib is installed) under --out."""
+Writes sweep.csv, responses.jsonl (appended as each batch of responses finishes, before
+scoring; its settings in responses.settings.json) and sweep.png (when matplotlib is installed)
+under --out. The progress bar counts the rows to generate and shows an ETA.
+
+Resume: running the same command again with the same --out (e.g. after a kill) reuses the
+responses already in responses.jsonl and generates only the missing ones, so a killed sweep
+loses at most the batch it was generating. A response is reused only when its key matches: the
+same LRM (path, config, tokenizer and chat template, weight files; a Hub id: the id), --dtype,
+--device, --max-new-tokens, torch and transformers versions, the same adapter (its config and
+weight files), λ, prompt index and prompt text. A responses.jsonl written with other settings,
+or holding responses this command would not write (other adapters or a rebuilt one, prompts, λ
+or --name), is an error (exit 2): pass --no-resume to start over (it empties the file), or use
+another --out."""
 
 
 def _report_unscored(unscored: list[dict[str, Any]], out: Path) -> None:
@@ -61,17 +73,22 @@ def _run(args: argparse.Namespace) -> int:
     rows = sweep.load_prompts(args.prompts, args.limit, skip_unknown=args.skip_unknown, registry=registry)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = sweep.load_model(args.model, args.device, args.dtype)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    responses_path = out / "responses.jsonl"
-    responses_path.write_text("")  # appended to per adapter, before scoring
+    # appended to per batch, before scoring; resumed from unless --no-resume, checked before loading
+    settings = responses.run_settings(args.model, dtype=args.dtype, device=args.device,
+                                  max_new_tokens=args.max_new_tokens)
+    log = responses.ResponseLog(out / "responses.jsonl", settings, resume=not args.no_resume)
+    labels = sweep.sweep_labels(args.adapter, args.name)
+    log.check(log.expected(labels, [responses.adapter_identity(a) for a in args.adapter], rows, lambdas))
+    if log.resumed:
+        print(f"resuming: {log.resumed} responses in {log.path} are reused (--no-resume starts over)")
+    model, tok = sweep.load_model(args.model, args.device, args.dtype)
     (out / "unscored.json").unlink(missing_ok=True)
     t0 = time.time()
     unscored: list[dict[str, Any]] = []
     records = sweep.sweep_adapters(model, tok, args.adapter, rows, lambdas, names=args.name,
                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                   progress=not args.quiet, responses_path=responses_path, registry=registry,
+                                   progress=not args.quiet, responses_log=log, registry=registry,
                                    answer_extract=args.answer_extract, unscored_out=unscored)
     sweep.write_csv(records, out / "sweep.csv")
     _report_unscored(unscored, out)
@@ -111,5 +128,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None)
     add_dtype(p, default="float32", help="the LRM's dtype (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over: empty --out's responses.jsonl instead of resuming from it (default: reuse "
+                        "the responses of an earlier run of the same command there and generate only the missing "
+                        "ones; a file written with other settings, adapters, prompts, λ or --name is an error)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)

@@ -14,18 +14,25 @@ are reused for every other adapter's λ = 0 (:func:`sweep_adapters`). Per (metho
 compliance (prompt-level strict, thinking stripped), instruction-level compliance, thinking-format
 validity, thinking rate and accuracy (rows with ``answer``, :mod:`rain_adapter.evaluation.answers`),
 each with the number of rows it was scored on. Responses are appended to ``responses.jsonl`` as
-soon as an adapter's generation ends, before scoring; a check that fails is *unscored* with its
-reason (``unscored.json``). Writes ``sweep.csv``, ``responses.jsonl`` and ``sweep.png`` under ``--out``.
+each batch finishes, before scoring; a check that fails is *unscored* with its reason
+(``unscored.json``). Writes ``sweep.csv``, ``responses.jsonl`` (its settings in
+``responses.settings.json``) and ``sweep.png`` under ``--out``.
+
+Resume (:class:`~rain_adapter.evaluation.responses.ResponseLog`): each response line carries a
+key, a digest of what produced it (``responses.run_settings``: the LRM, dtype, device,
+max_new_tokens, versions; ``responses.adapter_identity``; λ; the row index and prompt text). A re-run of the same ``rain sweep`` with the same ``--out``
+reuses the lines whose key matches and generates only the others; a file written with other
+settings or holding lines the sweep would not write is a ``responses.ResumeError``
+(``--no-resume`` empties it instead).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,7 @@ from ..format.store import resolve_adapter
 from ..runtime.model import RainAdapter
 from .answers import Extractor, resolve_extractor
 from .registry import CheckRegistry, default_registry
+from .responses import ResponseLog, adapter_identity, append_responses
 from .scoring import aggregate, score_response
 from .specs import SpecError
 
@@ -123,11 +131,16 @@ def render_prompt(tokenizer, prompt: str) -> str:
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: Sequence[str], *, lambdas: Sequence[float] | None = None,
                        max_new_tokens: int = 128, batch_size: int = 64, progress: bool = True,
-                       desc: str = "generate") -> list[str]:
+                       desc: str = "generate", on_batch: Callable[[list[int], list[str]], None] | None = None,
+                       bar: Any = None) -> list[str]:
     """Greedy continuations (special tokens skipped, ``</think>`` kept) of each chat-rendered prompt.
 
     ``lambdas`` (one per prompt) is handed to a RainModel as a per-row λ; None for a bare model.
-    Left padding; the chat template supplies BOS, so ``add_special_tokens=False``.
+    Left padding; the chat template supplies BOS, so ``add_special_tokens=False``. Prompts are
+    batched shortest first. ``on_batch(indices, responses)`` is called after each batch with the
+    prompt indices it held and their responses (e.g. to write them out at once). The progress bar
+    counts rows (``prompts``) against their total, so it shows an ETA; ``bar``: a tqdm bar to
+    advance instead of making one (``sweep_adapters``: one bar for the whole sweep).
     """
     if lambdas is not None and len(lambdas) != len(prompts):
         raise ValueError("generate_responses: need one λ per prompt")
@@ -139,19 +152,28 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, lambdas: Seq
     out: list[str] = [""] * len(texts)
     device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
     skip = _skip_ids(tokenizer)
-    starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        idx = order[s:s + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                  top_k=None, pad_token_id=tokenizer.pad_token_id)
-        if lambdas is not None:
-            kw["rain_lambda"] = torch.tensor([float(lambdas[i]) for i in idx], dtype=torch.float32)
-        gen = model.generate(**enc, **kw)
-        new = gen[:, enc["input_ids"].shape[1]:]
-        for i, row in zip(idx, new):
-            out[i] = tokenizer.decode([t for t in row.tolist() if t not in skip], skip_special_tokens=False)
+    own = bar is None
+    if own:
+        bar = tqdm(total=len(texts), desc=desc, unit="row", disable=not progress, leave=False)
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                                      top_k=None, pad_token_id=tokenizer.pad_token_id)
+            if lambdas is not None:
+                kw["rain_lambda"] = torch.tensor([float(lambdas[i]) for i in idx], dtype=torch.float32)
+            gen = model.generate(**enc, **kw)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            for i, row in zip(idx, new):
+                out[i] = tokenizer.decode([t for t in row.tolist() if t not in skip], skip_special_tokens=False)
+            if on_batch is not None:
+                on_batch(list(idx), [out[i] for i in idx])
+            bar.update(len(idx))
+    finally:
+        if own:
+            bar.close()
     return out
 
 
@@ -176,47 +198,65 @@ def evaluate_rows(rows: Sequence[dict[str, Any]], responses: Sequence[str], *, r
     return aggregate(score_rows(rows, responses, registry=registry, answer_extract=answer_extract))
 
 
-def append_responses(path: str | Path, items: Sequence[dict[str, Any]]) -> None:
-    """Append ``items`` to a JSONL file (flushed and synced: they survive a crash that follows)."""
-    with Path(path).open("a") as f:
-        f.writelines(json.dumps(x) + "\n" for x in items)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def sweep_attached(rain_model, tokenizer, rows: Sequence[dict[str, Any]], lambdas: Sequence[float], *,
                    method: str, max_new_tokens: int = 128, batch_size: int = 64, progress: bool = True,
                    responses_out: list[dict[str, Any]] | None = None, responses_path: str | Path | None = None,
                    registry: CheckRegistry | None = None, answer_extract: str | Extractor | None = None,
                    unscored_out: list[dict[str, Any]] | None = None,
-                   known: Mapping[tuple[float, int], str] | None = None) -> list[dict[str, Any]]:
+                   known: Mapping[tuple[float, int], str] | None = None, responses_log: ResponseLog | None = None,
+                   adapter_id: str | None = None, bar: Any = None) -> list[dict[str, Any]]:
     """Sweep λ on a RainModel: every (row, λ) pair generated in mixed-λ batches; one record per λ.
 
     ``known``: ``{(λ, row index): response}`` already generated elsewhere (e.g. λ = 0, the bare
-    LRM, by another adapter, :func:`sweep_adapters`): those pairs are not generated again, their
-    responses are recorded and scored like the others. The responses (``{method, lambda, index,
-    prompt, response}``) go to ``responses_out`` and are appended to ``responses_path`` before
-    anything is scored; each unscored check is appended to ``unscored_out`` as ``{method,
-    lambda, index, check, reason}``."""
-    pairs = [(i, lam) for lam in lambdas for i in range(len(rows))]
-    known = {(float(lam), i): x for (lam, i), x in (known or {}).items()}
-    todo = [(i, lam) for i, lam in pairs if (float(lam), i) not in known]
+    LRM, by another adapter, :func:`sweep_adapters`); with ``responses_log`` (a
+    :class:`ResponseLog`; ``adapter_id``: :func:`adapter_identity`) the responses already in it
+    are known too. Known pairs are not generated again; their responses are recorded and scored
+    like the others. The responses (``{method, lambda, index, prompt, response}``, plus ``key``
+    with a log) are appended to ``responses_log`` or ``responses_path`` as each batch finishes
+    (the known ones first, those already in the log not again), and go to ``responses_out``
+    before anything is scored; each unscored check is appended to ``unscored_out`` as
+    ``{method, lambda, index, check, reason}``. ``bar``: a tqdm bar counting generated rows."""
     lambda_range = getattr(getattr(rain_model, "rain_config", None), "lambda_range", None)
     # the shared λ policy once per method here, instead of one range warning per generate call below
     check_lambda(lambdas, lambda_range, what=method)
+    pairs = [(i, lam) for lam in lambdas for i in range(len(rows))]
+    known = {(float(lam), i): x for (lam, i), x in (known or {}).items()}
+    if responses_log is not None:
+        known = {**responses_log.known(adapter_id, rows, lambdas), **known}
+    todo = [(i, lam) for i, lam in pairs if (float(lam), i) not in known]
+
+    def item(i: int, lam: float, x: str) -> dict[str, Any]:
+        it = {"method": method, "lambda": float(lam), "index": i, "prompt": rows[i]["prompt"], "response": x}
+        if responses_log is not None:
+            it["key"] = responses_log.key(adapter_id, lam, i, rows[i]["prompt"])
+        return it
+
+    def write(items: list[dict[str, Any]]) -> None:
+        if responses_log is not None:
+            responses_log.append(items)
+        elif responses_path is not None:
+            append_responses(responses_path, items)
+
+    write([item(i, lam, known[(float(lam), i)]) for i, lam in pairs if (float(lam), i) in known])
+    written: set[int] = set()
+
+    def on_batch(idx: list[int], texts: list[str]) -> None:  # idx: positions in todo
+        write([item(todo[j][0], todo[j][1], x) for j, x in zip(idx, texts)])
+        written.update(idx)
+
     got: list[str] = []
     if todo:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=LambdaRangeWarning)
             got = generate_responses(rain_model, tokenizer, [rows[i]["prompt"] for i, _ in todo],
                                      lambdas=[lam for _, lam in todo], max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, progress=progress, desc=f"sweep {method}")
+                                     batch_size=batch_size, progress=progress, desc=f"sweep {method}",
+                                     on_batch=on_batch, bar=bar)
+    # whatever a generate_responses without on_batch returned at once (e.g. a test double)
+    write([item(i, lam, x) for j, ((i, lam), x) in enumerate(zip(todo, got)) if j not in written])
     generated = {(float(lam), i): x for (i, lam), x in zip(todo, got)}
     resp = [known.get((float(lam), i), generated.get((float(lam), i))) for i, lam in pairs]
-    items = [{"method": method, "lambda": float(lam), "index": i, "prompt": rows[i]["prompt"], "response": x}
-             for (i, lam), x in zip(pairs, resp)]
-    if responses_path is not None:
-        append_responses(responses_path, items)
+    items = [item(i, lam, x) for (i, lam), x in zip(pairs, resp)]
     if responses_out is not None:
         responses_out.extend(items)
     records = []
@@ -266,10 +306,18 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
+def sweep_labels(adapters: Sequence[str | Path], names: Sequence[str] | None = None) -> list[str]:
+    """The method name of each adapter in a sweep: ``names`` where given, else its method
+    (:func:`method_name`), made unique (:func:`unique_names`)."""
+    given = list(names) if names else []
+    return unique_names([given[i] if i < len(given) else method_name(ad) for i, ad in enumerate(adapters)])
+
+
 def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Sequence[dict[str, Any]],
                    lambdas: Sequence[float], *, names: Sequence[str] | None = None, max_new_tokens: int = 128,
                    batch_size: int = 64, progress: bool = True, responses_out: list[dict[str, Any]] | None = None,
-                   share_zero: bool = True, **score_kw: Any) -> list[dict[str, Any]]:
+                   share_zero: bool = True, responses_log: ResponseLog | None = None,
+                   **score_kw: Any) -> list[dict[str, Any]]:
     """Attach each adapter in turn to ``model`` (an HF causal LM), sweep λ, detach. ``score_kw``:
     :func:`sweep_attached`'s ``responses_path``, ``registry``, ``answer_extract``, ``unscored_out``.
 
@@ -277,24 +325,42 @@ def sweep_adapters(model, tokenizer, adapters: Sequence[str | Path], rows: Seque
     output, bit for bit, also as one row of a mixed-λ batch), so with ``share_zero`` (default) its
     responses are generated once, with the first adapter, and reused for every other adapter:
     each adapter still gets its λ = 0 record (same responses, so the same metrics) and its λ = 0
-    lines in the responses."""
+    lines in the responses.
+
+    ``responses_log`` (a :class:`ResponseLog`): responses are written to it per batch, and those
+    already in it (same settings, adapter identity, λ, row and prompt) are reused instead of
+    generated; a log holding lines this sweep would not write is a ``ResumeError`` before
+    anything is generated. One progress bar counts the rows to generate, with an ETA."""
     records: list[dict[str, Any]] = []
-    given = list(names) if names else []
-    labels = unique_names([given[i] if i < len(given) else method_name(ad) for i, ad in enumerate(adapters)])
+    labels = sweep_labels(adapters, names)
+    ids: list[str | None] = [None] * len(labels)
+    if responses_log is not None:
+        ids = [adapter_identity(ad) for ad in adapters]
+        responses_log.check(responses_log.expected(labels, ids, rows, lambdas))
     zero = share_zero and any(float(lam) == 0.0 for lam in lambdas)
+    n_pairs = len(rows) * len(lambdas)
+    total = 0
+    for k, aid in enumerate(ids):
+        have = set(responses_log.known(aid, rows, lambdas)) if responses_log is not None else set()
+        if zero and k > 0:
+            have |= {(0.0, i) for i in range(len(rows))}
+        total += n_pairs - len(have)
     shared: dict[tuple[float, int], str] | None = None
     out = responses_out if responses_out is not None else []
-    for ad, name in zip(adapters, labels):
-        rm = RainAdapter.attach(model, str(ad) if isinstance(ad, Path) else ad)
-        start = len(out)
-        try:
-            records += sweep_attached(rm, tokenizer, rows, lambdas, method=name, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size, progress=progress, responses_out=out, known=shared,
-                                      **score_kw)
-        finally:
-            rm.detach()
-        if zero and shared is None:
-            shared = {(0.0, x["index"]): x["response"] for x in out[start:] if x["lambda"] == 0.0}
+    with tqdm(total=total, desc="sweep", unit="row", disable=not progress) as bar:
+        for ad, name, aid in zip(adapters, labels, ids):
+            bar.set_description(f"sweep {name}")
+            rm = RainAdapter.attach(model, str(ad) if isinstance(ad, Path) else ad)
+            start = len(out)
+            try:
+                records += sweep_attached(rm, tokenizer, rows, lambdas, method=name, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size, progress=progress, responses_out=out,
+                                          known=shared, responses_log=responses_log, adapter_id=aid, bar=bar,
+                                          **score_kw)
+            finally:
+                rm.detach()
+            if zero and shared is None:
+                shared = {(0.0, x["index"]): x["response"] for x in out[start:] if x["lambda"] == 0.0}
     return records
 
 
