@@ -125,6 +125,39 @@ def test_rates_leave_unscored_rows_out_and_gate_names_every_failure_with_numbers
     assert gate_problems(ok) == []
 
 
+def test_the_merged_copy_the_study_generates_with_equals_the_attached_adapter(tmp_path):
+    """MergedCopy (W + λD loaded into a plain copy) gives the attached model's logits at that λ, and
+    moving to an adapter over fewer modules restores the ones it does not cover."""
+    import torch
+
+    from rain_adapter import RainAdapter
+    from rain_adapter.demo.real_run import MergedCopy
+    from rain_adapter.evaluation.sweep import load_model
+    from rain_adapter.merging.pipeline import build_adapter
+    from rain_adapter.testing.fixtures import make_tiny_triple
+
+    t = make_tiny_triple(tmp_path / "triple", seed=SEED)
+    full = build_adapter(t.lrm, t.itm, t.base, tmp_path / "full", method="task-arithmetic", progress=False, verbose=False)
+    attn = build_adapter(t.lrm, t.itm, t.base, tmp_path / "attn", method="task-arithmetic", targets=["q", "o"],
+                         progress=False, verbose=False)
+    lrm, _ = load_model(t.lrm)
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        bare = lrm(ids).logits
+    copy = MergedCopy(t.lrm)
+    for adapter, lam in ((full, 1.3), (attn, 0.7), (full, 0.0)):
+        model = RainAdapter.attach(lrm, adapter)
+        with torch.no_grad():
+            want = model(ids, rain_lambda=lam).logits
+            got = copy.at(model, lam)(ids).logits
+        model.detach()
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if lam:
+            assert not torch.allclose(got, bare, atol=1e-3)
+    torch.testing.assert_close(got, bare, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the recipe at CI scale
 
 needs_weights = pytest.mark.skipif(missing_requirements() is not None, reason=f"{missing_requirements()}")

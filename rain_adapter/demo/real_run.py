@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import time
 import warnings
@@ -57,13 +58,13 @@ class Variant:
     method: str
     calib: str = "packaged"
     storage: dict[str, Any] = field(default_factory=dict)
-    tune: bool = True   # λ* searched on dev (low-rank copies reuse RAIN's λ*)
+    tune: bool = True   # λ* searched on dev and the λ grid swept on test; False: test at RAIN's λ* only
 
 
 VARIANTS = (
     Variant("rain", "rain"), Variant("rain-stage1", "rain-stage1"), Variant("task-arithmetic", "task-arithmetic"),
     Variant("ties", "ties"), Variant("dare-ties", "dare-ties"),
-    Variant("rain@world-calib", "rain", "world"), Variant("rain-stage1@world-calib", "rain-stage1", "world"),
+    Variant("rain@world-calib", "rain", "world"),
     Variant("rain r16", "rain", storage={"storage": "lowrank", "rank": 16}, tune=False),
     Variant("rain r64", "rain", storage={"storage": "lowrank", "rank": 64}, tune=False),
 )
@@ -77,10 +78,10 @@ class StudyOptions:
 
     variants: tuple[Variant, ...] = VARIANTS
     lambdas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
-    max_new_tokens: int = 160
+    max_new_tokens: int = 128
     #: λ* on the dev split by rain tune's rule (most compliant λ keeping accuracy ≥ 90 % and format ≥ 98 % of the LRM's)
     tune_grid: str = "0:2:0.5"
-    refine_rounds: int = 1
+    refine_rounds: int = 0
     build: dict[str, Any] = field(default_factory=lambda: {"max_samples": 64, "stage2_max_samples": 96,
                                                            "max_seq_len": 1024})
 
@@ -91,7 +92,7 @@ class StudyOptions:
 
 def ci_study() -> StudyOptions:
     """The CI scale: RAIN, task arithmetic and RAIN r16 on a handful of calibration samples, one λ, short answers."""
-    return StudyOptions(variants=(VARIANTS[0], VARIANTS[2], VARIANTS[7]), lambdas=(1.0,), max_new_tokens=24,
+    return StudyOptions(variants=(VARIANTS[0], VARIANTS[2], VARIANTS[6]), lambdas=(1.0,), max_new_tokens=24,
                         tune_grid="0:1:1", refine_rounds=0,
                         build={"max_samples": 4, "stage2_max_samples": 4, "max_seq_len": 256})
 
@@ -126,7 +127,7 @@ def cached_generate(cache: Path, key: str, make) -> list[str]:
             pass
     resp = make()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # two studies may share a world
     tmp.write_text(json.dumps({"key": key, "responses": resp}))
     tmp.replace(cache)
     return resp
@@ -134,13 +135,16 @@ def cached_generate(cache: Path, key: str, make) -> list[str]:
 
 # ----------------------------------------------------------------------------- soundness
 
-def soundness(p: RealWorldPaths, cache: Path, *, max_new_tokens: int, progress: bool) -> dict[str, Any]:
+def soundness(p: RealWorldPaths, cache: Path, *, max_new_tokens: int, progress: bool,
+              only: Sequence[str] | None = None) -> dict[str, Any]:
     """``{lrm, base, itm_direct, itm_test}``: metrics (with per-row scores under ``rows``) of the LRM and
     B on the test split (each with its own template), the ITM on its held-out direct prompts and on the test split."""
     test, direct = load_prompts(p.test), load_prompts(p.direct)
     out = {}
     for name, model_dir, rows in (("lrm", p.lrm, test), ("base", p.base, test), ("itm_direct", p.itm, direct),
                                   ("itm_test", p.itm, test)):
+        if only is not None and name not in only:
+            continue
         model, tok = load_model(model_dir)
         key = _sha(weights_sha256(model_dir), [r["prompt"] for r in rows], max_new_tokens, tok.chat_template)
         resp = cached_generate(cache / f"{name}.json", key, lambda: generate_responses(
@@ -197,20 +201,42 @@ def build_variants(p: RealWorldPaths, variants: Sequence[Variant], *, build: dic
 
 # ----------------------------------------------------------------------------- generation on an adapter
 
-def _responses(model, tok, a_sha: str, rows: list[dict[str, Any]], lam: float, cache: Path,
+class MergedCopy:
+    """A plain copy of the LRM whose targeted weights are set to ``W + λ·D`` of one adapter at a time.
+
+    The study generates one λ per batch, so it runs the merged weights (what ``rain export merged``
+    writes) instead of the per-row λ path: a dense RainLinear costs ~1.7× a plain linear on this CPU
+    (bench/RESULTS.md), the merged copy 1×; both compute the same function up to float rounding."""
+
+    def __init__(self, path: Path) -> None:
+        self.model, _ = load_model(path)
+        self._orig: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def at(self, rain_model, lam: float):
+        merged = rain_model.merge(float(lam))
+        sd = self.model.state_dict()
+        for k in merged:
+            self._orig.setdefault(k, sd[k].clone())
+        restore = {k: v for k, v in self._orig.items() if k not in merged}
+        self.model.load_state_dict({**restore, **merged}, strict=False)
+        return self.model
+
+
+def _responses(model, merged: MergedCopy, tok, a_sha: str, rows: list[dict[str, Any]], lam: float, cache: Path,
                *, max_new_tokens: int, progress: bool, desc: str) -> list[str]:
-    key = _sha(a_sha, [r["prompt"] for r in rows], float(lam), max_new_tokens)
+    key = _sha(a_sha, [r["prompt"] for r in rows], float(lam), max_new_tokens, "merged")
 
     def make() -> list[str]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=LambdaRangeWarning)
-            return generate_responses(model, tok, [r["prompt"] for r in rows], lambdas=[float(lam)] * len(rows),
+            return generate_responses(merged.at(model, lam), tok, [r["prompt"] for r in rows],
                                       max_new_tokens=max_new_tokens, progress=progress, desc=desc)
     return cached_generate(cache, key, make)
 
 
-def sweep_variant(lrm_model, tok, name: str, adapter: Path, test: list[dict[str, Any]], dev: list[dict[str, Any]],
-                  opts: StudyOptions, cache: Path, *, tune: bool, lam_star: float | None,
+def sweep_variant(lrm_model, merged: MergedCopy, tok, name: str, adapter: Path, test: list[dict[str, Any]],
+                  dev: list[dict[str, Any]], opts: StudyOptions, cache: Path, *, tune: bool, lam_star: float | None,
                   lrm_test: list[dict[str, Any]], lrm_dev: list[dict[str, Any]] | None,
                   progress: bool) -> dict[str, Any]:
     """Test-split scores at every λ (λ 0 = the LRM's, shared), λ* from dev (or ``lam_star``), test at λ*."""
@@ -219,8 +245,8 @@ def sweep_variant(lrm_model, tok, name: str, adapter: Path, test: list[dict[str,
     slug = cache / name.replace(" ", "_").replace("@", "_")
     try:
         curve = {0.0: lrm_test}
-        for lam in opts.lambdas:
-            resp = _responses(model, tok, a_sha, test, lam, slug / f"test_{lam:g}.json", max_new_tokens=mnt, progress=progress,
+        for lam in (opts.lambdas if tune else ()):
+            resp = _responses(model, merged, tok, a_sha, test, lam, slug / f"test_{lam:g}.json", max_new_tokens=mnt, progress=progress,
                               desc=f"{name} λ {lam:g}")
             curve[float(lam)] = _compact([score_response(r, x) for r, x in zip(test, resp)])
         tune_out = None
@@ -231,7 +257,7 @@ def sweep_variant(lrm_model, tok, name: str, adapter: Path, test: list[dict[str,
                     if lam == 0.0 and lrm_dev is not None:
                         sc = lrm_dev
                     else:
-                        resp = _responses(model, tok, a_sha, dev, lam, slug / f"dev_{lam:g}.json",
+                        resp = _responses(model, merged, tok, a_sha, dev, lam, slug / f"dev_{lam:g}.json",
                                           max_new_tokens=mnt, progress=progress, desc=f"tune {name} λ {lam:g}")
                         sc = _compact([score_response(r, x) for r, x in zip(dev, resp)])
                     pts.append(point_from_scores(lam, [{"follow_all": s["c"], "correct": s["a"], "think_ok": s["f"]}
@@ -243,7 +269,7 @@ def sweep_variant(lrm_model, tok, name: str, adapter: Path, test: list[dict[str,
             lam_star = res.recommended_lambda
             tune_out = {"lambda": lam_star, "points": [asdict(pt) for pt in res.points]}
         if lam_star is not None and float(lam_star) not in curve:
-            resp = _responses(model, tok, a_sha, test, lam_star, slug / f"test_{lam_star:g}.json",
+            resp = _responses(model, merged, tok, a_sha, test, lam_star, slug / f"test_{lam_star:g}.json",
                               max_new_tokens=mnt, progress=progress, desc=f"{name} λ* {lam_star:g}")
             curve[float(lam_star)] = _compact([score_response(r, x) for r, x in zip(test, resp)])
     finally:
@@ -351,6 +377,21 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def storage_record(adapter: Path) -> dict[str, Any]:
+    """Size on disk and, for a low-rank adapter, its fidelity: the energy of Δ its factors keep
+    (Σ kept·‖Δ‖² / Σ ‖Δ‖² over modules) and the median relative error ‖Δ − BA‖ / ‖Δ‖."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    out: dict[str, Any] = {"storage": cfg.get("storage"), "rank": cfg.get("rank"),
+                           "mib": sum(f.stat().st_size for f in adapter.glob("*.safetensors")) / 2**20}
+    mods = ((cfg.get("fidelity") or {}).get("modules") or {}).values()
+    if mods:
+        w = [m["norm"] ** 2 for m in mods]
+        out["energy_kept"] = sum(m["energy_kept"] * x for m, x in zip(mods, w)) / sum(w)
+        errs = sorted(m["rel_error"] for m in mods)
+        out["median_rel_error"] = errs[len(errs) // 2]
+    return out
+
+
 def records_for_plot(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"method": m, "lambda": lam, **{k: v for k, v in rates(rs).items() if not k.endswith(("_k", "_n"))}}
             for m, r in results.items() for lam, rs in r["curve"].items()]
@@ -405,15 +446,18 @@ def run_real_study(cfg: RealWorldConfig | None = None, *, root: Path | None = No
                                                               max_new_tokens=mnt, progress=progress,
                                                               desc="LRM on dev"))
     lrm_dev = _compact([score_response(r, x) for r, x in zip(dev, lrm_dev_resp)])
+    merged = MergedCopy(p.lrm)
     results: dict[str, dict[str, Any]] = {}
     for v in study.variants:
         star = None if v.tune else results.get("rain", {}).get("lambda_star", 1.0)
-        results[v.name] = sweep_variant(model, tok, v.name, adapters[v.name], test, dev, study, cache / "sweep",
+        results[v.name] = sweep_variant(model, merged, tok, v.name, adapters[v.name], test, dev, study, cache / "sweep",
                                         tune=v.tune, lam_star=star, lrm_test=sound["lrm"]["rows"], lrm_dev=lrm_dev,
                                         progress=progress)
     t_sweep = time.time() - t3
 
     summary = summarize(results, sound)
+    for name, adapter in adapters.items():
+        summary["methods"][name]["adapter"] = storage_record(adapter)
     out = Path(out) if out is not None else p.root / "demo"
     out.mkdir(parents=True, exist_ok=True)
     records = records_for_plot(results)
@@ -439,6 +483,12 @@ def run_real_study(cfg: RealWorldConfig | None = None, *, root: Path | None = No
         b = summary["rain_vs_ta"]
         say(f"\nRAIN − task arithmetic, accuracy at equal compliance {b['target_compliance']:.2f}: {b['diff']:+.3f} "
             f"(paired bootstrap 95% CI [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}], {b['resamples_used']}/{b['resamples']} resamples)")
+    for m, s in summary["methods"].items():
+        a = s["adapter"]
+        if a.get("energy_kept") is not None:
+            say(f"{m}: rank {a['rank']}, {a['mib']:.0f} MiB, keeps {a['energy_kept']:.1%} of Δ's energy "
+                f"(median relative error {a['median_rel_error']:.2f}); dense rain is "
+                f"{summary['methods'].get('rain', {}).get('adapter', {}).get('mib', float('nan')):.0f} MiB")
     if png is None:
         say(NO_PLOT_HINT)
     say(f"\nwrote {out / 'summary.json'}" + (f", {png}" if png else "") + f"; total {timings['total_s']:.1f}s")

@@ -11,7 +11,8 @@ the two markers differ and the (tied, frozen) output layer can tell them apart. 
 * **ITM** = B fine-tuned on :func:`~rain_adapter.demo.real_data.itm_chat` examples, answering directly.
 
 Both are full fine-tunes of every linear layer and norm (the embeddings, tied to the output layer, stay
-frozen: they are not linear layers of the adapter, and freezing them is ~30 % faster here), AdamW,
+frozen: they are not linear layers of the adapter, and freezing them is ~30 % faster here; only the
+LRM's two marker rows train, see :func:`_loss`), AdamW,
 linear warm-up then linear decay, loss on the target tokens only (the output layer runs only there).
 Deterministic for a given config on one machine: seeded data and init, :attr:`RealWorldConfig.threads`
 torch threads. ``n_layers`` truncates B to its first layers (the CI scale).
@@ -52,6 +53,7 @@ DIRECT_TEMPLATE = _CHATML + "{% if add_generation_prompt %}{{ '<|im_start|>assis
 #: the LRM's template: the generation prompt opens the thinking block (as DeepSeek-R1's does)
 THINKING_TEMPLATE = _CHATML + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
 END = "<|im_end|>"
+MARKER_LR_SCALE = 50
 
 
 @dataclass(frozen=True)
@@ -209,12 +211,31 @@ def examples(cfg: RealWorldConfig, role: str, tok) -> list[tuple[list[int], list
     return out
 
 
-def _loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on the target tokens; the output layer runs only where a label is."""
-    h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+def _loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+          markers: torch.nn.Parameter | None = None) -> torch.Tensor:
+    """Next-token cross-entropy on the target tokens; the output layer runs only where a label is.
+
+    ``markers`` (the LRM): trainable rows [2, hidden] standing in for the frozen, tied embedding rows
+    of ``<think>`` / ``</think>`` (the last two of the vocabulary), as input and as output. Frozen at
+    their initial value — the mean of their pieces' embeddings — the ``</think>`` logit is the mean
+    of the ``</``, ``think`` and ``>`` logits and can never be the largest: the model writes ``>``
+    instead (measured: format validity 0 / 64)."""
+    emb = model.get_input_embeddings().weight
+    n_old = emb.shape[0] - (markers.shape[0] if markers is not None else 0)
+    if markers is None:
+        x = model.get_input_embeddings()(ids)
+    else:
+        x = torch.nn.functional.embedding(ids.clamp(max=n_old - 1), emb)
+        new = ids >= n_old
+        x = torch.where(new[..., None], markers[(ids - n_old).clamp(min=0)], x)
+    h = model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, :-1]
     y = labels[:, 1:]
     keep = y != -100
-    logits = model.lm_head(h[keep])
+    hk = h[keep]
+    if markers is None:
+        logits = model.lm_head(hk)
+    else:
+        logits = torch.cat([hk @ emb[:n_old].T, hk @ markers.T], dim=-1)
     return torch.nn.functional.cross_entropy(logits.float(), y[keep])
 
 
@@ -230,9 +251,14 @@ def finetune(base_dir: Path, dest: Path, cfg: RealWorldConfig, role: str, *, pro
     data = examples(cfg, role, tok)
     random.Random(f"{cfg.seed}:{role}:order").shuffle(data)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    model.get_input_embeddings().weight.requires_grad_(False)  # tied with lm_head: both frozen
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(False)  # tied with lm_head: both frozen, but for the LRM's two marker rows
+    markers = torch.nn.Parameter(emb[-2:].detach().clone()) if role == "lrm" else None
+    params = [p for p in model.parameters() if p.requires_grad] + ([markers] if markers is not None else [])
+    groups = [{"params": params[:-1] if markers is not None else params}]
+    if markers is not None:  # new rows start far from where they must go: a larger step, as is usual for added tokens
+        groups.append({"params": [markers], "lr": MARKER_LR_SCALE * cfg.lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     steps = math.ceil(len(data) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * max(0.1, 1 - s / steps))
@@ -246,7 +272,7 @@ def finetune(base_dir: Path, dest: Path, cfg: RealWorldConfig, role: str, *, pro
         ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
         labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
-        loss = _loss(model, ids, labels, mask)
+        loss = _loss(model, ids, labels, mask, markers)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -256,6 +282,9 @@ def finetune(base_dir: Path, dest: Path, cfg: RealWorldConfig, role: str, *, pro
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{n_tok / (time.time() - t0):.0f}")
     model.eval()
+    if markers is not None:
+        with torch.no_grad():
+            emb[-2:] = markers  # (tied: the output rows too)
     tok.chat_template = THINKING_TEMPLATE if role == "lrm" else DIRECT_TEMPLATE
     stats = {"role": role, "steps": steps, "examples": len(data), "tokens": n_tok, "seconds": time.time() - t0,
              "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:])}
