@@ -11,7 +11,9 @@ the adapter's ``lambda_range``), ``rain_arm`` (an arm name), ``rain_checks`` (IF
 instructions: a list of ``{"instruction_id", "kwargs"}`` — ``id`` is accepted for
 ``instruction_id`` and a bare string for an id without kwargs — or one IFEval record
 ``{"instruction_id_list", "kwargs"}``), with ids the server's check registry knows (built-in, ``spec:*``,
-``rain serve --checks`` modules; a request never imports) and their ``spec:*`` / plug-in kwargs valid.
+``rain serve --checks`` modules; a request never imports) and their ``spec:*`` / plug-in kwargs valid;
+``rain_reasoning_parser`` (chat only: ``deepseek_r1`` or ``none``, default ``rain serve
+--reasoning-parser``; :mod:`~rain_adapter.serve.reasoning`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ CHAT_ROLES = ("system", "user", "assistant", "developer")
 UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "suffix", "best_of", "guided_json",
                       "guided_regex", "guided_choice", "guided_grammar")
 MAX_FEEDBACK_ABS = 1e6
+#: ``rain serve --reasoning-parser`` / ``rain_reasoning_parser``: split the thinking into
+#: ``reasoning_content`` (vLLM's ``deepseek_r1``) or leave it in ``content`` (``none``)
+REASONING_PARSERS = ("deepseek_r1", "none")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class RequestLimits:
     max_tokens_cap: int
     default_temperature: float = 1.0
     check_registry: CheckRegistry | None = None     # None: scoring.DEFAULT_SERVER_REGISTRY
+    reasoning_parser: str = "deepseek_r1"           # a chat request's default (REASONING_PARSERS)
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,7 @@ class ChatRequest(GenerationRequest):
 
     messages: tuple[dict[str, str], ...]
     template_kwargs: tuple[tuple[str, Any], ...] = ()   # ``chat_template_kwargs``
+    reasoning_parser: str = "deepseek_r1"               # REASONING_PARSERS: thinking in reasoning_content or not
 
     chat = True
     prompt_param = "messages"
@@ -378,14 +385,20 @@ def parse_chat(body: dict, limits: RequestLimits) -> ChatRequest:
         raise bad_request("chat_template_kwargs must be an object", "chat_template_kwargs")
     if tk and any(k in ("conversation", "tokenize", "tools") for k in tk):
         raise bad_request("chat_template_kwargs may not set conversation, tokenize or tools", "chat_template_kwargs")
+    rp = body.get("rain_reasoning_parser", limits.reasoning_parser)
+    if rp not in REASONING_PARSERS:
+        raise bad_request(f"rain_reasoning_parser must be one of {list(REASONING_PARSERS)}, got {rp!r}",
+                          "rain_reasoning_parser")
     return ChatRequest(model=model, messages=messages, template_kwargs=tuple(sorted((tk or {}).items())),
-                       **_common(body, limits, chat=True))
+                       reasoning_parser=rp, **_common(body, limits, chat=True))
 
 
 def parse_completion(body: dict, limits: RequestLimits) -> CompletionRequest:
     """A validated (legacy) completions request."""
     model = _model(body, limits)
     unsupported(body)
+    if body.get("rain_reasoning_parser") is not None:
+        raise bad_request("rain_reasoning_parser applies to /v1/chat/completions only", "rain_reasoning_parser")
     prompts = _prompts(body)
     common = _common(body, limits, chat=False)
     if len(prompts) * common["sampling"].n > MAX_CHOICES:
@@ -409,6 +422,6 @@ def parse_feedback(body: dict) -> FeedbackRequest:
     return FeedbackRequest(request_id=rid, score=score, comment=comment)
 
 
-__all__ = ["ChatRequest", "CompletionRequest", "FeedbackRequest", "GenerationRequest", "RainCheck",
-           "RainExtensions", "RequestLimits", "SamplingParams", "parse_chat", "parse_completion", "parse_feedback",
-           "parse_json_body", "parse_rain_checks"]
+__all__ = ["REASONING_PARSERS", "ChatRequest", "CompletionRequest", "FeedbackRequest", "GenerationRequest",
+           "RainCheck", "RainExtensions", "RequestLimits", "SamplingParams", "parse_chat", "parse_completion",
+           "parse_feedback", "parse_json_body", "parse_rain_checks"]
