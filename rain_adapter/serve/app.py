@@ -131,6 +131,8 @@ async def _generate(request: Request, chat: bool) -> Response:
         arm, lam, how = state.assigner.choose(req.rain.arm, req.rain.lam, req.user, key)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         exs, choices = _exchanges(state, parts, ids, params, rid, arm, lam, how)
+        for ex in exs:  # the rate-limit bucket of a request without a user (serve/rewards.py)
+            ex.client = request.client.host if request.client else None
         _submit_all(state, exs)
     except APIError as e:
         await state.request_log.rejected("chat" if chat else "completions", state.model_name, body, e, t0)
