@@ -1,5 +1,5 @@
 """`rain serve` end to end (issue 13): the Thompson arm policy through the server (allocation rows, the
-report's posterior, the posterior rebuilt from the log), and a streaming client that goes away after
+report's posterior, the posterior rebuilt from the log; what may feed it: tests/test_serve_rewards.py), and a streaming client that goes away after
 one chunk (the request is logged ``cancelled`` with its tokens and generation stops), in both modes.
 
 No sleeps: the tests wait on events the server's own callbacks set (with timeouts)."""
@@ -43,11 +43,12 @@ def _post(srv, path, body):
 # ----------------------------------------------------------------------------- Thompson through the server
 def test_thompson_policy_end_to_end(assets):
     arms = [Arm("a", 0.0), Arm("b", 1.5)]
-    state = _state(assets, "thompson", arms=arms, max_tokens_cap=8, arm_policy="thompson", arm_seed=1)
     checks = ["punctuation:no_comma"]
+    state = _state(assets, "thompson", arms=arms, max_tokens_cap=8, arm_policy="thompson", arm_seed=1,
+                   reward_checks=checks)
     with ServerThread(create_app(state)) as srv:
         chosen = []
-        for i in range(6):  # compliance is scored: each row updates the posterior
+        for i in range(6):  # the operator's reward check is scored: each row updates the posterior
             j = _post(srv, "/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": f"q{i}"}],
                                                     "max_tokens": 4, "temperature": 0, "user": f"u{i}",
                                                     "rain_checks": checks})
@@ -57,12 +58,12 @@ def test_thompson_policy_end_to_end(assets):
                                                "user": "u0"})
         assert again["rain"]["arm"] == chosen[0]  # sticky user
         before = state.policy.posterior()
-        arm = again["rain"]["arm"]
-        fb = _post(srv, "/v1/rain/feedback", {"request_id": again["rain"]["request_id"], "score": 1})
+        fb = _post(srv, "/v1/rain/feedback", {"request_id": again["rain"]["request_id"], "score": -1})
         assert fb["ok"]
         after = state.policy.posterior()
-        assert after[arm]["successes"] == before[arm]["successes"] + 1  # feedback is the unscored row's reward
+        assert after == before  # the request was rewarded by the reward check: one reward per request
         rows = state.db.rows()
+        assert all(r["reward"] is not None and r["reward_note"] is None for r in rows)
         assert {r["assignment"] for r in rows if r["user"] != "u0" or r["endpoint"] == "chat"} == {"thompson"}
         assert [r["assignment"] for r in rows if r["endpoint"] == "completions"] == ["sticky"]
         allocs = state.db.allocations()
@@ -76,8 +77,10 @@ def test_thompson_policy_end_to_end(assets):
             assert p["allocation"] == pytest.approx(allocs[-1]["allocation"][name])
             assert p["ci95"][0] <= p["mean"] <= p["ci95"][1]
         assert sum(p["successes"] + p["failures"] for p in rep["posterior"].values()) == 7
+        assert rep["reward_notes"] == {}
     # the posterior is rebuilt from the log at start
-    again_state = _state(assets, "thompson", arms=arms, max_tokens_cap=8, arm_policy="thompson", arm_seed=1)
+    again_state = _state(assets, "thompson", arms=arms, max_tokens_cap=8, arm_policy="thompson", arm_seed=1,
+                         reward_checks=checks)
     try:
         got = again_state.policy.posterior()
         assert {a: (p["successes"], p["failures"]) for a, p in got.items()} == \

@@ -5,7 +5,8 @@ Tables::
     requests(id TEXT PK, created REAL, endpoint, model, user, arm, lam REAL, assignment, stream INT,
              prompt_tokens INT, completion_tokens INT, latency_s REAL, ttft_s REAL, finish_reason,
              format_valid INT, compliant INT NULL, checks_json, batch_size INT, status,
-             reason TEXT, http_status INT, unscored INT, n_choices INT, choice_index INT)
+             reason TEXT, http_status INT, unscored INT, n_choices INT, choice_index INT,
+             client TEXT, reward INT NULL, reward_note TEXT)
     feedback(id INTEGER PK, request_id TEXT, score REAL, created REAL, comment TEXT)
     allocations(id INTEGER PK, created REAL, policy TEXT, allocation_json TEXT)
 
@@ -13,6 +14,8 @@ Tables::
 a request was not ok. A response with several choices (``n > 1``, several prompts) has one row per
 choice: ``n_choices`` and ``choice_index`` (null on rows written before they existed, and 1 / 0 for
 a single choice). At most one feedback record per request (:meth:`MetricsDB.add_feedback`).
+``client``: the remote address; ``reward`` / ``reward_note``: what the row gave the adaptive arm
+policy (1 / 0, null with the reason in ``reward_note``; both null without one) — ``serve/rewards.py``.
 Logs written before these columns existed are upgraded in place (``ALTER TABLE ... ADD COLUMN``).
 
 Every write commits before it returns (``synchronous=FULL`` by default), and the server writes a
@@ -48,11 +51,12 @@ CREATE TABLE IF NOT EXISTS allocations (
 );
 """
 _ADDED = {"reason": "TEXT", "http_status": "INTEGER", "unscored": "INTEGER", "n_choices": "INTEGER",
-          "choice_index": "INTEGER"}
+          "choice_index": "INTEGER", "client": "TEXT", "reward": "INTEGER", "reward_note": "TEXT"}
 
 _COLS = ("id", "created", "endpoint", "model", "user", "arm", "lam", "assignment", "stream",
          "prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "finish_reason",
-         "format_valid", "compliant", "checks_json", "batch_size", "status", "reason", "http_status", "unscored", "n_choices", "choice_index")
+         "format_valid", "compliant", "checks_json", "batch_size", "status", "reason", "http_status", "unscored", "n_choices", "choice_index",
+         "client", "reward", "reward_note")
 
 
 class MetricsDB:
@@ -76,7 +80,7 @@ class MetricsDB:
         row = dict(row)
         if isinstance(row.get("checks_json"), (list, dict)):
             row["checks_json"] = json.dumps(row["checks_json"])
-        for k in ("format_valid", "compliant", "stream"):
+        for k in ("format_valid", "compliant", "stream", "reward"):
             if isinstance(row.get(k), bool):
                 row[k] = int(row[k])
         row.setdefault("created", time.time())
@@ -103,6 +107,17 @@ class MetricsDB:
         with self._lock:
             r = self._con.execute("SELECT arm, compliant FROM requests WHERE id=?", (request_id,)).fetchone()
         return (r[0], r[1]) if r else (None, None)
+
+    def row(self, request_id: str) -> dict[str, Any] | None:
+        """One request row (without feedback), None when absent."""
+        with self._lock:
+            r = self._con.execute(f"SELECT {','.join(_COLS)} FROM requests WHERE id=?", (request_id,)).fetchone()
+        return dict(zip(_COLS, r)) if r else None
+
+    def set_reward(self, request_id: str, reward: int | None, note: str | None) -> None:
+        """Record what a request gave the adaptive policy (after feedback); committed when this returns."""
+        with self._lock:
+            self._con.execute("UPDATE requests SET reward=?, reward_note=? WHERE id=?", (reward, note, request_id))
 
     def log_allocation(self, policy: str, allocation: dict[str, Any]) -> None:
         with self._lock:

@@ -10,12 +10,15 @@ Only rows with status "ok" count (``n_by_status`` counts every status). Requests
 ``rain_lambda`` are their own arm per λ value (``λ=0.6``). A value that is not a finite number
 (latency, feedback, λ) is skipped and counted in ``skipped_values``; a check that could not run is
 counted in ``unscored`` per arm, never as non-compliant. With an adaptive policy's allocation log,
-each arm also shows its Beta posterior (mean, 95% interval) and its latest allocation. The JSON
+each arm also shows its Beta posterior (mean, 95% interval) — from the rewards the policy counted
+(the rows' ``reward``, ``serve/rewards.py``) — and its latest allocation, and ``reward_notes``
+counts the ``ok`` rows that gave no reward, by reason. The JSON
 never holds NaN or Infinity (:func:`to_json` sanitises, then dumps with ``allow_nan=False``).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
@@ -160,6 +163,8 @@ def ab_report(rows: list[dict[str, Any]], allocations: list[dict[str, Any]] | No
     if allocations:
         rep["posterior"] = posterior_table(ok, allocations[-1].get("allocation") or {})
         rep["allocation_changes"] = len(allocations)
+        notes = collections.Counter(str(r["reward_note"]) for r in ok if r.get("reward_note"))
+        rep["reward_notes"] = dict(sorted(notes.items()))
     return rep
 
 
@@ -203,10 +208,13 @@ def format_report(rep: dict[str, Any]) -> str:
         if a.get("unscored"):
             lines.append(f"  {name}: {a['unscored']} checks unscored (could not run)")
     if rep.get("posterior"):
-        lines += ["", "posterior (reward: compliance, else feedback > 0):"]
+        lines += ["", "posterior (rewards counted: server-assigned arms, the operator's reward checks, else "
+                      "feedback > 0):"]
         for name, p in rep["posterior"].items():
             lines.append(f"  {name:<14} mean {p['mean']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]  "
                          f"allocation {100 * p['allocation']:.1f}%  ({p['successes']}/{p['successes'] + p['failures']})")
+        if rep.get("reward_notes"):
+            lines.append("  no reward: " + ", ".join(f"{k} {v}" for k, v in rep["reward_notes"].items()))
     if rep.get("skipped_values"):
         lines.append(f"skipped non-finite values: {rep['skipped_values']}")
     if rep["tests"]:

@@ -12,7 +12,9 @@ Rows are written in a worker thread (SQLite and the scoring are CPU work, kept o
 ``commit`` returns once the row is durable. The one exception is :meth:`RequestLog.write_quietly`, which
 writes on the calling thread: a streaming response's ``finally`` uses it on the event loop when its
 task is cancelled mid-stream, where an ``await`` would not complete. ``on_row`` callbacks (the Thompson
-policy) see each committed row.
+policy) see each committed row. With a :class:`~rain_adapter.serve.rewards.RewardGate` (an adaptive
+arm policy), an ``ok`` row also records what it gives the policy (``reward``, ``reward_note``),
+decided before the row is written.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .errors import APIError
 from .limits import MAX_REASON_CHARS, MAX_USER_CHARS
 from .metrics_db import MetricsDB
 from .prom import ServeMetrics
+from .rewards import RewardGate
 from .scheduler import GenEvent
 from .scoring import score_output
 
@@ -37,9 +40,10 @@ log = logging.getLogger("rain_adapter.serve")
 class RequestLog:
     """Writes request rows and feedback to the :class:`MetricsDB` and keeps the metrics in step."""
 
-    def __init__(self, db: MetricsDB, metrics: ServeMetrics):
+    def __init__(self, db: MetricsDB, metrics: ServeMetrics, rewards: RewardGate | None = None):
         self.db = db
         self.metrics = metrics
+        self.rewards = rewards
         self.on_row: list[Callable[[dict[str, Any]], None]] = []
 
     def row(self, ex, text: str, done: GenEvent | None, status: str, reason: str | None = None,
@@ -48,17 +52,20 @@ class RequestLog:
         job = ex.job
         score = score_output(text, ex.request.rain.checks) if status == "ok" else None
         ttft = (job.t_first_token - job.t_arrival) if job.t_first_token is not None else None
-        return dict(id=ex.rid, endpoint=ex.endpoint, model=ex.model_name, user=ex.request.user, arm=ex.arm,
-                    lam=ex.lam, assignment=ex.assignment, stream=ex.request.stream, prompt_tokens=ex.prompt_tokens,
-                    completion_tokens=done.completion_tokens if done else job.n_generated,
-                    latency_s=time.perf_counter() - job.t_arrival, ttft_s=ttft,
-                    finish_reason=done.finish_reason if done else None,
-                    format_valid=score.format_valid if score else None, compliant=score.compliant if score else None,
-                    checks_json=(score.results or None) if score else None, batch_size=job.batch_size,
-                    status=status, reason=(reason or "")[:MAX_REASON_CHARS] or None,
-                    http_status=http_status or (200 if status == "ok" else None),
-                    unscored=score.unscored if score else None, n_choices=getattr(ex, "n_choices", 1),
-                    choice_index=getattr(ex, "index", 0))
+        row = dict(id=ex.rid, endpoint=ex.endpoint, model=ex.model_name, user=ex.request.user, arm=ex.arm,
+                   lam=ex.lam, assignment=ex.assignment, stream=ex.request.stream, prompt_tokens=ex.prompt_tokens,
+                   completion_tokens=done.completion_tokens if done else job.n_generated,
+                   latency_s=time.perf_counter() - job.t_arrival, ttft_s=ttft,
+                   finish_reason=done.finish_reason if done else None,
+                   format_valid=score.format_valid if score else None, compliant=score.compliant if score else None,
+                   checks_json=(score.results or None) if score else None, batch_size=job.batch_size,
+                   status=status, reason=(reason or "")[:MAX_REASON_CHARS] or None,
+                   http_status=http_status or (200 if status == "ok" else None),
+                   unscored=score.unscored if score else None, n_choices=getattr(ex, "n_choices", 1),
+                   choice_index=getattr(ex, "index", 0), client=getattr(ex, "client", None))
+        if self.rewards is not None and status == "ok":
+            row.update(self.rewards.judge(row, text))
+        return row
 
     async def finish(self, ex, text: str, done: GenEvent | None, status: str, reason: str | None = None,
                      http_status: int | None = None) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class Exchange:
     index: int = 0                  # the choice's index (serve/choices.py: prompt_index·n + k)
     n_choices: int = 1              # choices in the whole response
     response_id: str | None = None  # the response's id when it has several choices (None: ``rid``)
+    client: str | None = None       # the remote address (the reward rate limit's key without a user)
 
     @property
     def rid(self) -> str:

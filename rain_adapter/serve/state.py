@@ -14,7 +14,8 @@ from .limits import DEFAULT_MAX_BODY_BYTES, max_token_bytes
 from .metrics_db import MetricsDB
 from .prom import ServeMetrics
 from .request_log import RequestLog
-from .requests import RequestLimits
+from .requests import REASONING_PARSERS, RequestLimits
+from .rewards import DEFAULT_RATE, RewardGate, parse_reward_checks
 from .scheduler import GenJob, JobRejected, Scheduler, SchedulerHealth, SchedulerUnavailable
 from .scheduler_factory import make_scheduler
 from .scoring import probe_checks, server_registry
@@ -33,6 +34,11 @@ class ServeState:
     ``--max-model-len`` (default: the model config's ``max_position_embeddings``).
     ``check_registry``: what ``rain_checks`` may name (:func:`~rain_adapter.serve.scoring.server_registry`,
     ``rain serve --checks``); it must not import (``allow_import=False``).
+    ``reward_checks`` (``--reward-checks``, the ``rain_checks`` format) and ``reward_rate``
+    (``--reward-rate-limit``: count, seconds): what feeds the adaptive policy
+    (:mod:`~rain_adapter.serve.rewards`). ``reasoning_parser``: ``deepseek_r1`` (chat responses carry
+    the thinking in ``reasoning_content``) or ``none`` (it stays in ``content``); a request may pick
+    either (``rain_reasoning_parser``).
     """
 
     model: Any
@@ -58,6 +64,9 @@ class ServeState:
     arm_floor: float = DEFAULT_FLOOR
     arm_seed: int = 0
     check_registry: Any = None
+    reward_checks: Any = None
+    reward_rate: tuple[int, float] = DEFAULT_RATE
+    reasoning_parser: str = "deepseek_r1"
     inflight: int = 0
     started: float = field(default_factory=time.time)
     limits: RequestLimits = field(init=False)
@@ -75,10 +84,15 @@ class ServeState:
                              "(use serve.scoring.server_registry / CheckRegistry(allow_import=False))")
         if self.arm_policy not in ARM_POLICIES:
             raise ValueError(f"arm_policy must be one of {ARM_POLICIES}, got {self.arm_policy!r}")
-        self.policy = None
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
+        self.policy, self.rewards = None, None
         if self.arm_policy == "thompson":
             self.policy = ThompsonPolicy([a.name for a in self.arms], floor=self.arm_floor, seed=self.arm_seed,
                                          on_change=lambda alloc: self.db.log_allocation("thompson", alloc))
+            self.rewards = RewardGate(parse_reward_checks(self.reward_checks, self.check_registry), self.reward_rate)
+        elif self.reward_checks is not None:
+            raise ValueError("--reward-checks needs an adaptive arm policy (--arm-policy thompson)")
         self.assigner = ArmAssigner(self.arms, assignment=self.arm_assignment, policy=self.policy)
         if self.context_length is None:
             cfg = getattr(self.model, "config", None)
@@ -87,27 +101,32 @@ class ServeState:
         self.limits = RequestLimits(model_name=self.model_name, lambda_range=(lo, hi),
                                     arm_names=frozenset(self.assigner.by_name), max_tokens_cap=self.max_tokens_cap,
                                     default_temperature=self.default_temperature,
-                                    check_registry=self.check_registry)
-        self.request_log = RequestLog(self.db, self.metrics)
+                                    check_registry=self.check_registry, reasoning_parser=self.reasoning_parser)
+        self.request_log = RequestLog(self.db, self.metrics, self.rewards)
         self.bytes_per_token = max_token_bytes(self.tokenizer)
         if self.policy is not None:
-            for row in self.db.rows():  # the posterior survives a restart: replay the log
-                r = reward_of(row) if row.get("status") == "ok" else None
+            for row in self.db.rows():  # the posterior survives a restart: replay what the log says it got
+                r = reward_of(row)
                 if r is not None:
                     self.policy.update(row.get("arm"), r, notify=False)
             self.request_log.on_row.append(self._reward)
 
     def _reward(self, row: dict[str, Any]) -> None:
-        if self.policy is not None and row.get("status") == "ok" and row.get("compliant") is not None:
-            self.policy.update(row["arm"], bool(row["compliant"]))
+        r = reward_of(row)
+        if self.policy is not None and r is not None:
+            self.policy.update(row["arm"], r)
 
     def feedback_reward(self, request_id: str, score: float) -> None:
-        """A feedback score is the reward of a request whose compliance was not scored."""
-        if self.policy is None:
+        """A feedback score is the reward of a request still waiting for one (``serve/rewards.py``)."""
+        if self.policy is None or self.rewards is None:
             return
-        arm, compliant = self.db.arm_of(request_id)
-        if arm is not None and compliant is None:
-            self.policy.update(arm, score > 0)
+        row = self.db.row(request_id)
+        change = self.rewards.judge_feedback(row, score) if row is not None else None
+        if change is None:
+            return
+        self.db.set_reward(request_id, change["reward"], change["reward_note"])
+        if change["reward"] is not None:
+            self.policy.update(row["arm"], bool(change["reward"]))
 
     def health(self) -> SchedulerHealth:
         if self.scheduler is None:
@@ -125,6 +144,9 @@ class ServeState:
         self.scheduler.start()
         for w in probe_checks(self.check_registry):
             log.warning("rain serve: %s", w)
+        if self.rewards is not None and not self.rewards.checks:
+            log.warning("rain serve: --arm-policy thompson without --reward-checks: the arms learn from feedback "
+                        "only (POST /v1/rain/feedback)")
 
     def stop(self) -> None:
         """Drain the scheduler, then close the request log (blocking: run it in a thread)."""

@@ -1,8 +1,10 @@
 """Adaptive A/B arms (``rain serve --arm-policy thompson``): Thompson-style allocation with a floor.
 
-Each arm has a Beta(1 + successes, 1 + failures) posterior on its reward rate; a reward is a
-request's compliance with its ``rain_checks`` when scored, else its feedback score > 0 (a request
-counts once). The allocation is, per arm,
+Each arm has a Beta(1 + successes, 1 + failures) posterior on its reward rate. What counts as a
+reward, and which requests give one, is :mod:`~rain_adapter.serve.rewards`' decision, written in the
+log row's ``reward`` column: compliance with the operator's reward checks, else feedback > 0, only
+for server-assigned arms, once per request, rate limited per client; a request's own
+``rain_checks`` and arm never count. The allocation is, per arm,
 
     a_k = floor + (1 − K·floor) · P(arm k is best)
 
@@ -117,13 +119,11 @@ class ThompsonPolicy:
 
 
 def reward_of(row: dict[str, Any]) -> bool | None:
-    """A logged request's reward: its compliance when scored, else feedback > 0, else None."""
-    if row.get("compliant") is not None:
-        return bool(row["compliant"])
-    fb = row.get("feedback")
-    if isinstance(fb, (int, float)) and np.isfinite(fb):
-        return fb > 0
-    return None
+    """What a logged request gave the policy: its ``reward`` column (``serve/rewards.py``), else None."""
+    r = row.get("reward")
+    if row.get("status") != "ok" or r not in (0, 1):
+        return None
+    return bool(r)
 
 
 def simulate(rates: Sequence[float], n_requests: int, *, floor: float = DEFAULT_FLOOR, seed: int = 0,
