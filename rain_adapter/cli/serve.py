@@ -4,7 +4,8 @@
                [--api-key KEY] [--db PATH] [--max-batch-size 8 --batch-window-ms 10 --max-tokens-cap 1024]
                [--batching dynamic|continuous] [--max-model-len N] [--max-body-bytes N] [--protect-all]
                [--arm-assignment random|hash] [--arm-policy fixed|thompson --arm-floor 0.05 --arm-seed 0]
-               [--checks MOD ...]
+               [--checks MOD ...] [--reward-checks JSON|FILE --reward-rate-limit 5/60]
+               [--reasoning-parser deepseek_r1|none]
     rain ab report --db PATH [--png OUT] [--json]
 
 Also runnable without the ``rain`` entry point: ``python -m rain_adapter.cli.serve serve ...``.
@@ -34,6 +35,7 @@ Serve an LRM with a RAIN adapter behind an OpenAI-compatible HTTP API (/v1/chat/
              [--max-tokens-cap 1024] [--batching dynamic|continuous] [--max-model-len N]
              [--max-body-bytes N] [--protect-all] [--arm-assignment random|hash]
              [--arm-policy fixed|thompson --arm-floor 0.05 --arm-seed 0] [--checks MOD ...]
+             [--reward-checks JSON|FILE --reward-rate-limit 5/60] [--reasoning-parser deepseek_r1|none]
 
 Every request is logged to the SQLite file --db; rain ab report summarises it per arm.
 Without the rain entry point: python -m rain_adapter.cli.serve serve ..."""
@@ -82,6 +84,18 @@ def _add_serve(sub) -> None:
                    help="fixed: the arms' weights; thompson: adaptive allocation by posterior P(best arm)")
     p.add_argument("--arm-floor", type=float, default=0.05, help="thompson: smallest share of any arm")
     p.add_argument("--arm-seed", type=int, default=0, help="thompson: seed of the Monte Carlo and the draws")
+    p.add_argument("--reward-checks", metavar="JSON|FILE", default=None,
+                   help="thompson: the checks whose compliance is the reward (rain_checks format, inline JSON or a "
+                        "JSON/YAML file); a request's own rain_checks never count. Without it the arms learn from "
+                        "feedback only. Only server-assigned arms count, once per request")
+    p.add_argument("--reward-rate-limit", metavar="COUNT/SECONDS", default="5/60",
+                   help="thompson: at most COUNT rewards per SECONDS per user, or per remote address for requests "
+                        "without a user (default 5/60)")
+    p.add_argument("--reasoning-parser", choices=("deepseek_r1", "none"), default="deepseek_r1",
+                   help="deepseek_r1: chat responses carry the thinking (<think>...</think>) in "
+                        "message.reasoning_content / delta.reasoning_content and the answer in content, as vLLM's "
+                        "parser of that name; none: the thinking stays in content. A request may pick either "
+                        "(rain_reasoning_parser)")
     p.add_argument("--default-temperature", type=float, default=1.0,
                    help="temperature when a request gives none (OpenAI's default is 1.0)")
     p.add_argument("--checks", action="append", metavar="MOD", default=None,
@@ -121,10 +135,14 @@ def run_serve(args) -> int:
 
     from ..serve.app import create_app, serve_state_from
     from ..serve.arms import load_arms
+    from ..serve.rewards import load_reward_checks, parse_rate, parse_reward_checks
     from ..serve.scoring import server_registry
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = server_registry(args.checks or ())  # before the model loads: a bad module fails fast
+    reward_checks = load_reward_checks(args.reward_checks) if args.reward_checks is not None else None
+    parse_reward_checks(reward_checks, registry)  # fails fast too; the state keeps the parsed checks
+    reward_rate = parse_rate(args.reward_rate_limit)
     model, tok = load_served_model(args.model, args.adapter, tokenizer_path=args.tokenizer, dtype=args.dtype or "auto",
                                    device=args.device, lam=args.lam,
                                    check_fingerprint=not args.no_check_fingerprint)
@@ -137,7 +155,8 @@ def run_serve(args) -> int:
                              context_length=args.max_model_len, max_body_bytes=args.max_body_bytes,
                              protect_all=args.protect_all, arm_assignment=args.arm_assignment,
                              arm_policy=args.arm_policy, arm_floor=args.arm_floor, arm_seed=args.arm_seed,
-                             check_registry=registry)
+                             check_registry=registry, reward_checks=reward_checks, reward_rate=reward_rate,
+                             reasoning_parser=args.reasoning_parser)
     app = create_app(state)
     log.info("rain serve: %s on http://%s:%d (arms: %s, λ range %s, db %s)", name, args.host, args.port,
              ", ".join(f"{a.name}={a.lam}" for a in state.arms), list(state.lambda_range), args.db)

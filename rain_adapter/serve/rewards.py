@@ -90,7 +90,7 @@ def parse_reward_checks(value: Any, registry) -> tuple[RainCheck, ...]:
     try:
         checks = parse_rain_checks(value, registry)
     except APIError as e:
-        raise ValueError(f"--reward-checks: {e.message}") from None
+        raise ValueError(f"--reward-checks: {e.message.replace('rain_checks', 'checks')}") from None
     if value is not None and not checks:
         raise ValueError("--reward-checks: give at least one check")
     return checks
