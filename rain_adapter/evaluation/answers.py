@@ -16,7 +16,10 @@ Built-in extractors (:data:`BUILTIN`):
 * ``exact`` — the whole answer text.
 * ``choice`` — one letter A–J: "answer is (B)", "answer: B", a bare "B" / "(B)" / "B.", ``\\boxed{B}``,
   else the last "(B)" in the text. The expected answer goes through the same extractor.
-* ``regex:<pattern>`` — the first group (or the whole match) of the first match of ``pattern``.
+* ``regex:<pattern>`` — the first group (or the whole match) of the first match of ``pattern``. The
+  pattern is bounded (:mod:`~rain_adapter.evaluation.bounded_regex`): one that is refused is a
+  ``ValueError`` when the extractor is resolved, and a search that runs over the time bound raises
+  :class:`~rain_adapter.evaluation.bounded_regex.RegexTimeout` (the answer is then unscored).
 
 Other names: extractors registered with :func:`register_extractor`, and ``module:function`` (the
 module is imported; ``rain sweep --answer-extract``, or ``"answer_extract"`` on a prompt row).
@@ -29,6 +32,8 @@ import re
 import sys
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+
+from .bounded_regex import BoundedPattern, RegexRefused, compile_bounded
 
 Extractor = Callable[[str], "str | None"]
 DEFAULT = "number"
@@ -207,9 +212,9 @@ class ExtractorRegistry:
             return self._fns[name]
         if name.startswith("regex:"):
             try:
-                pat = re.compile(name[len("regex:"):])
-            except re.error as e:
-                raise ValueError(f"answer extractor {name!r}: the pattern does not compile: {e}") from None
+                pat = compile_bounded(name[len("regex:"):])
+            except RegexRefused as e:
+                raise ValueError(f"answer extractor {name!r}: the pattern is refused: {e}") from None
             self._fns[name] = fn = _regex_extractor(pat)
             return fn
         m = re.fullmatch(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)", name)
@@ -226,9 +231,9 @@ class ExtractorRegistry:
                          "regex:<pattern>, module:function")
 
 
-def _regex_extractor(pat: re.Pattern) -> Extractor:
+def _regex_extractor(pat: BoundedPattern) -> Extractor:
     def fn(text: str) -> str | None:
-        m = pat.search(text)
+        m = pat.search(text)  # RegexTimeout past the bound: the answer is unscored
         return None if m is None else (m.group(1) if pat.groups else m.group(0))
     return fn
 

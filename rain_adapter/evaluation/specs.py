@@ -10,7 +10,10 @@ whole response with ``where="response"``. Kinds and their fields:
 
 * ``spec:regex`` — ``pattern`` (required), ``flags`` (a string of ``i`` / ``m`` / ``s``),
   ``must_match`` (default true: the pattern must be found; false: it must not), ``where``
-  (``"answer"`` or ``"response"``).
+  (``"answer"`` or ``"response"``). The pattern is bounded (:mod:`~rain_adapter.evaluation.bounded_regex`):
+  one that is too long or too large is refused like one that does not compile, and a search that runs
+  over the time bound raises :class:`~rain_adapter.evaluation.bounded_regex.RegexTimeout` (the check is
+  then unscored).
 * ``spec:contains`` / ``spec:not_contains`` — exactly one of ``text`` (a string), ``any`` or ``all``
   (lists of strings); ``case_sensitive`` (default false). ``not_contains`` is the negation:
   ``any`` then means "none of them", ``all`` "not every one of them".
@@ -24,7 +27,7 @@ whole response with ``where="response"``. Kinds and their fields:
   ``case_sensitive`` (default false); the answer is stripped first.
 
 :func:`validate_spec` checks a kind's kwargs (unknown field, missing or wrongly typed one, a regex
-that does not compile) and raises :class:`SpecError` naming the field; prompt files are validated
+that does not compile or is refused by the bound) and raises :class:`SpecError` naming the field; prompt files are validated
 when they are loaded, server requests when they are parsed, never first at scoring time.
 """
 
@@ -36,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .bounded_regex import RegexRefused, compile_bounded
 from .checks import UnsupportedInstruction, _sentences
 
 PREFIX = "spec:"
@@ -64,12 +68,9 @@ def _fold(s: str, kw: dict[str, Any]) -> str:
     return s if kw.get("case_sensitive") else s.casefold()
 
 
-def _flags(flags: str) -> int:
-    return sum({"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL}[c] for c in set(flags))
-
-
 def _regex(answer: str, response: str, kw: dict[str, Any]) -> bool:
-    found = re.search(kw["pattern"], response if kw.get("where") == "response" else answer, _flags(kw.get("flags", "")))
+    pat = compile_bounded(kw["pattern"], kw.get("flags", ""))
+    found = pat.search(response if kw.get("where") == "response" else answer)  # RegexTimeout: unscored
     return (found is not None) == kw.get("must_match", True)
 
 
@@ -80,9 +81,9 @@ def _check_regex(cid: str, kw: dict[str, Any]) -> None:
     if kw.get("where", "answer") not in ("answer", "response"):
         raise SpecError(cid, "where", f"{kw['where']!r}: 'answer' or 'response'")
     try:
-        re.compile(kw["pattern"], _flags(flags))
-    except re.error as e:
-        raise SpecError(cid, "pattern", f"does not compile: {e}") from None
+        compile_bounded(kw["pattern"], flags)
+    except RegexRefused as e:
+        raise SpecError(cid, "pattern", str(e)) from None
 
 
 def _contains(answer: str, _: str, kw: dict[str, Any]) -> bool:
