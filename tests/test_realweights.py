@@ -280,7 +280,8 @@ def test_serve_chat_completion_lambda_zero_is_bare(real, adapter_dir, tmp_path):
 
     served, stok = load_served_model(str(path), str(adapter_dir), device="cpu", dtype="float32")
     state = serve_state_from(served, stok, model_name="smollm2-rain", db_path=tmp_path / "log.sqlite",
-                             max_batch_size=4, batch_window_ms=10.0)
+                             max_batch_size=4, batch_window_ms=10.0,
+                             reasoning_parser="none")  # the whole text, thinking included, against in-process greedy
     with ServerThread(create_app(state)) as srv:
         client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 

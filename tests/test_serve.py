@@ -41,7 +41,8 @@ def server(assets):
     root, model_dir, adapter_dir = assets
     model, tok = load_served_model(str(model_dir), str(adapter_dir), device="cpu", dtype="float32")
     state = serve_state_from(model, tok, model_name=MODEL, db_path=root / "log.sqlite", arms=ARMS, api_key=KEY,
-                             max_tokens_cap=CAP, max_batch_size=8, batch_window_ms=60.0, context_length=256)
+                             max_tokens_cap=CAP, max_batch_size=8, batch_window_ms=60.0, context_length=256,
+                             reasoning_parser="none")  # whole chat text compared; split: test_serve_reasoning
     srv = ServerThread(create_app(state)).start()
     yield srv, state, tok
     srv.stop()

@@ -30,7 +30,8 @@ def assets(tmp_path_factory):
 def served(assets, request):
     root, model_dir, adapter_dir = assets
     state = tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=root / f"{request.param}.sqlite", max_tokens_cap=16,
-                             context_length=256, batching=request.param)
+                             context_length=256, batching=request.param,
+                             reasoning_parser="none")  # chat text compared whole; the split: test_serve_reasoning
     srv = ServerThread(create_app(state)).start()
     yield srv, state
     srv.stop()

@@ -181,4 +181,5 @@ def test_reward_of_reads_the_logged_decision_only():
     assert reward_of({"status": "ok", "reward": 1}) is True and reward_of({"status": "ok", "reward": 0}) is False
     # the request's own compliance and feedback are not rewards; a row that is not ok never is
     assert reward_of({"status": "ok", "compliant": 1, "feedback": 2.0}) is None
-    assert reward_of({"status": "cancelled", "reward": 1}) is None and reward_of({"status": "ok", "reward": "x"}) is None
+    assert reward_of({"status": "cancelled", "reward": 1}) is None
+    assert reward_of({"status": "ok", "reward": "x"}) is None

@@ -224,7 +224,9 @@ async def _sse_choices(cs: ChoiceSet, rlog: RequestLog, disconnected: Disconnect
             if gone or cs.failed is not None:
                 continue
             if ev.kind == "delta":
-                yield writers[i].delta(ev.text)
+                out = writers[i].delta(ev.text)   # "" while a marker's start is held back
+                if out:
+                    yield out
             elif ev.kind != "error":
                 status = _status(cs, i, False)
                 await cs.log(rlog, i, status, None if status == "ok" else CLIENT_GONE,

@@ -13,6 +13,11 @@ final chunk and ``[DONE]``) is sent, so every acknowledged request is in the log
 
 Scoring (:mod:`~rain_adapter.serve.scoring`): evaluation's definitions, with a check that cannot
 run left unscored.
+
+Reasoning (:mod:`~rain_adapter.serve.reasoning`): a chat request with ``reasoning_parser``
+``deepseek_r1`` (the default) gets the thinking in ``message.reasoning_content`` (streaming:
+``delta.reasoning_content`` chunks, then ``delta.content``) and the answer in ``content``; with
+``none`` the thinking stays in ``content``. Scoring and the log see the full text either way.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .errors import APIError
 from .logprobs import chat_logprobs, completion_logprobs
 from .prom import ServeMetrics
+from .reasoning import ReasoningSplitter, prompt_opens_thinking, split_reasoning
 from .request_log import RequestLog
 from .requests import GenerationRequest
 from .scheduler import GenEvent, GenJob
@@ -73,6 +79,15 @@ class Exchange:
     def rain(self) -> dict[str, Any]:
         return {"arm": self.arm, "lambda": self.lam, "request_id": self.rid}
 
+    @property
+    def splits_reasoning(self) -> bool:
+        """Whether the thinking goes to ``reasoning_content`` (chat, ``reasoning_parser`` deepseek_r1)."""
+        return self.request.chat and getattr(self.request, "reasoning_parser", "none") == "deepseek_r1"
+
+    def opens_thinking(self) -> bool:
+        """Whether the generation prompt already opened the thinking block (R1-style templates)."""
+        return prompt_opens_thinking(self.tokenizer, self.job.prompt_ids)
+
     def headers(self) -> dict[str, str]:
         # header values are latin-1: a non-ASCII arm name (e.g. "λ=0.6") is percent-encoded (UTF-8)
         return {"X-Rain-Arm": quote(self.arm, safe="=.-_ :,+()"), "X-Rain-Lambda": repr(self.lam),
@@ -103,7 +118,11 @@ def completion_body(ex: Exchange, text: str, done: GenEvent, row: dict[str, Any]
     job, tok = ex.job, ex.tokenizer
     want = job.params.logprobs is not None and tok is not None
     if ex.request.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": fr,
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if ex.splits_reasoning:
+            reasoning, content = split_reasoning(text, ex.opens_thinking())
+            message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+        choice = {"index": 0, "message": message, "finish_reason": fr,
                   "logprobs": chat_logprobs(tok, job.token_logprobs) if want else None}
     else:
         lp = None
@@ -126,12 +145,14 @@ def sse(obj: dict[str, Any] | str) -> str:
 
 
 class ChunkWriter:
-    """The streaming chunks of one exchange (``chat.completion.chunk`` / ``text_completion``)."""
+    """The streaming chunks of one exchange (``chat.completion.chunk`` / ``text_completion``); with
+    the reasoning split, :meth:`delta` may hold text back (a marker's start) and return ``""``."""
 
     def __init__(self, ex: Exchange):
         self.ex = ex
         self.object = "chat.completion.chunk" if ex.request.chat else "text_completion"
         self.index = ex.index
+        self.splitter = ReasoningSplitter(ex.opens_thinking()) if ex.splits_reasoning else None
 
     def _chunk(self, choices: list[dict], usage_: dict | None = None) -> str:
         ex = self.ex
@@ -153,11 +174,20 @@ class ChunkWriter:
         """The opening chat chunk: the assistant role and empty content."""
         return self._chunk([self._choice("", None, first=True)])
 
+    def _pieces(self, pieces: list[tuple[str, str]]) -> str:
+        return "".join(self._chunk([{"index": self.index, "delta": {field: text}, "finish_reason": None,
+                                     "logprobs": None}]) for field, text in pieces)
+
     def delta(self, text: str) -> str:
+        """The chunk(s) of a text delta: ``content``, or ``reasoning_content`` / ``content`` when split."""
+        if self.splitter is not None:
+            return self._pieces(self.splitter.feed(text))
         return self._chunk([self._choice(text, None)])
 
     def finish(self, finish_reason: str | None) -> str:
-        return self._chunk([self._choice(None if self.ex.request.chat else "", finish_reason)])
+        """The text still held back (if any), then the finishing chunk."""
+        held = self._pieces(self.splitter.flush()) if self.splitter is not None else ""
+        return held + self._chunk([self._choice(None if self.ex.request.chat else "", finish_reason)])
 
     def usage(self, completion_tokens: int, prompt_tokens: int | None = None) -> str:
         """The ``include_usage`` chunk: no choices, the usage (``prompt_tokens``: this exchange's by default)."""
@@ -247,7 +277,9 @@ async def _sse_events(ex: Exchange, rlog: RequestLog, disconnected: Disconnected
                 return
             if ev.kind == "delta":
                 parts.append(ev.text)
-                yield chunks.delta(ev.text)
+                out = chunks.delta(ev.text)
+                if out:
+                    yield out
             elif ev.kind == "error":
                 err = generation_failed(ev.error)
                 await rlog.finish(ex, "".join(parts), None, "error", err.message, 500)
