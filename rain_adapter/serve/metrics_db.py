@@ -102,12 +102,6 @@ class MetricsDB:
                               (request_id, float(score), time.time(), comment))
             return True
 
-    def arm_of(self, request_id: str) -> tuple[str | None, int | None]:
-        """(arm, compliant) of a logged request, (None, None) when absent."""
-        with self._lock:
-            r = self._con.execute("SELECT arm, compliant FROM requests WHERE id=?", (request_id,)).fetchone()
-        return (r[0], r[1]) if r else (None, None)
-
     def row(self, request_id: str) -> dict[str, Any] | None:
         """One request row (without feedback), None when absent."""
         with self._lock:
