@@ -62,15 +62,22 @@ def test_report_never_fails_and_json_is_strict():
                  latency_s=float("nan"), feedback=2.0, unscored=2),
             dict(id="3", arm="λ=0.6", lam=0.6, status="ok", compliant="weird", latency_s="slow"),
             dict(id="4", arm=None, status="rejected", reason="user: bad"),
-            dict(id="5", arm="b", status="cancelled")]
+            dict(id="5", arm="b", status="cancelled"),
+            dict(id="6", arm="b", status="ok", compliant=1, reward=None, reward_note="client-chosen arm"),
+            dict(id="7", arm="b", status="ok", reward=1)]
     rep = ab_report(rows, [{"allocation": {"a": 0.7, "b": 0.3}}])
-    assert rep["n_by_status"] == {"ok": 3, "rejected": 1, "cancelled": 1}
+    assert rep["n_by_status"] == {"ok": 5, "rejected": 1, "cancelled": 1}
     assert rep["skipped_values"] == {"feedback": 1, "lam": 1, "latency_s": 2, "compliant": 1}
     assert rep["arms"]["a"]["unscored"] == 2 and "λ=0.6" in rep["arms"]
     assert rep["posterior"]["a"]["allocation"] == 0.7 and 0 < rep["posterior"]["a"]["mean"] < 1
     text = to_json({**rep, "x": float("inf")})
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert "posterior" in format_report(rep)
+    # the posterior counts the rewards the server logged, never compliance or feedback by themselves
+    assert (rep["posterior"]["a"]["successes"], rep["posterior"]["a"]["failures"]) == (0, 0)
+    assert (rep["posterior"]["b"]["successes"], rep["posterior"]["b"]["failures"]) == (1, 0)
+    assert rep["reward_notes"] == {"client-chosen arm": 1}
+    assert "no reward: client-chosen arm 1" in format_report(rep)
 
 
 def test_a_check_that_cannot_run_is_unscored_not_non_compliant(monkeypatch):

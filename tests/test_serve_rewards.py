@@ -19,6 +19,7 @@ httpx = pytest.importorskip("httpx")
 
 from rain_adapter.serve.app import create_app  # noqa: E402
 from rain_adapter.serve.arms import Arm  # noqa: E402
+from rain_adapter.serve.report import ab_report  # noqa: E402
 from rain_adapter.testing.server import ServerThread  # noqa: E402
 from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state  # noqa: E402
 
@@ -81,6 +82,7 @@ def test_the_attack_leaves_the_allocation_unmoved(assets):
     assert len(attack_rows) == 12 * 16 and all(r["reward"] is None for r in attack_rows)
     assert {r["reward_note"] for r in attack_rows} == {"client-chosen arm"}
     assert allocs == []  # no allocation change was ever logged
+    assert ab_report(rows, allocs)["reward_notes"] == {"client-chosen arm": 12 * 16, "awaiting feedback": 60}
 
 
 #: false of every short answer: the operator's reward in the tests below

@@ -163,7 +163,8 @@ def ab_report(rows: list[dict[str, Any]], allocations: list[dict[str, Any]] | No
     if allocations:
         rep["posterior"] = posterior_table(ok, allocations[-1].get("allocation") or {})
         rep["allocation_changes"] = len(allocations)
-        notes = collections.Counter(str(r["reward_note"]) for r in ok if r.get("reward_note"))
+    notes = collections.Counter(str(r["reward_note"]) for r in ok if r.get("reward_note"))
+    if allocations or notes:
         rep["reward_notes"] = dict(sorted(notes.items()))
     return rep
 
@@ -213,8 +214,9 @@ def format_report(rep: dict[str, Any]) -> str:
         for name, p in rep["posterior"].items():
             lines.append(f"  {name:<14} mean {p['mean']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]  "
                          f"allocation {100 * p['allocation']:.1f}%  ({p['successes']}/{p['successes'] + p['failures']})")
-        if rep.get("reward_notes"):
-            lines.append("  no reward: " + ", ".join(f"{k} {v}" for k, v in rep["reward_notes"].items()))
+    if rep.get("reward_notes"):
+        lines.append("rows that gave the adaptive arms no reward: "
+                     + ", ".join(f"{k} {v}" for k, v in rep["reward_notes"].items()))
     if rep.get("skipped_values"):
         lines.append(f"skipped non-finite values: {rep['skipped_values']}")
     if rep["tests"]:
