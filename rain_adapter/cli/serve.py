@@ -5,7 +5,7 @@
                [--batching dynamic|continuous] [--max-model-len N] [--max-body-bytes N] [--protect-all]
                [--arm-assignment random|hash] [--arm-policy fixed|thompson --arm-floor 0.05 --arm-seed 0]
                [--checks MOD ...] [--reward-checks JSON|FILE --reward-rate-limit 5/60]
-               [--reasoning-parser deepseek_r1|none]
+               [--reasoning-parser deepseek_r1|none] [--trust-request-chat-template]
     rain ab report --db PATH [--png OUT] [--json]
 
 Also runnable without the ``rain`` entry point: ``python -m rain_adapter.cli.serve serve ...``.
@@ -36,6 +36,7 @@ Serve an LRM with a RAIN adapter behind an OpenAI-compatible HTTP API (/v1/chat/
              [--max-body-bytes N] [--protect-all] [--arm-assignment random|hash]
              [--arm-policy fixed|thompson --arm-floor 0.05 --arm-seed 0] [--checks MOD ...]
              [--reward-checks JSON|FILE --reward-rate-limit 5/60] [--reasoning-parser deepseek_r1|none]
+             [--trust-request-chat-template]
 
 Every request is logged to the SQLite file --db; rain ab report summarises it per arm.
 Without the rain entry point: python -m rain_adapter.cli.serve serve ..."""
@@ -96,6 +97,11 @@ def _add_serve(sub) -> None:
                         "message.reasoning_content / delta.reasoning_content and the answer in content, as vLLM's "
                         "parser of that name; none: the thinking stays in content. A request may pick either "
                         "(rain_reasoning_parser)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let a request bring its own Jinja chat template (chat_template, or chat_template_kwargs."
+                        "chat_template; also on /tokenize); without this flag that is a 400. Every template, the "
+                        "model's too, renders in a sandbox bounded in time (0.5 s) and size (what --max-model-len "
+                        "can hold)")
     p.add_argument("--default-temperature", type=float, default=1.0,
                    help="temperature when a request gives none (OpenAI's default is 1.0)")
     p.add_argument("--checks", action="append", metavar="MOD", default=None,
@@ -156,7 +162,8 @@ def run_serve(args) -> int:
                              protect_all=args.protect_all, arm_assignment=args.arm_assignment,
                              arm_policy=args.arm_policy, arm_floor=args.arm_floor, arm_seed=args.arm_seed,
                              check_registry=registry, reward_checks=reward_checks, reward_rate=reward_rate,
-                             reasoning_parser=args.reasoning_parser)
+                             reasoning_parser=args.reasoning_parser,
+                             trust_request_chat_template=args.trust_request_chat_template)
     app = create_app(state)
     log.info("rain serve: %s on http://%s:%d (arms: %s, λ range %s, db %s)", name, args.host, args.port,
              ", ".join(f"{a.name}={a.lam}" for a in state.arms), list(state.lambda_range), args.db)

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .choices import ChoiceSet, choice_id, choice_seed, reply_choices, stream_choices
 from .errors import APIError, bad_request
-from .limits import GuardMiddleware, min_prompt_tokens
+from .limits import GuardMiddleware, check_prompt_fits, min_prompt_tokens, template_chars
 from .report import ab_report, to_json
 from .requests import parse_chat, parse_completion, parse_feedback, parse_json_body
 from .responses import (
@@ -45,7 +45,8 @@ from .responses import (
     reply,
     stream_reply,
 )
-from .tokenize import detokenize_body, tokenize_body
+from .templates import TemplateLimits, check_bounded_rendering
+from .tokenize import TokenizeLimits, detokenize_body, tokenize_body
 from .scheduler import GenJob
 from .state import ServeState, serve_state_from
 
@@ -77,9 +78,18 @@ def _precheck(req, state: ServeState) -> None:
                           code="context_length_exceeded")
     ids = getattr(req, "prompt", None)
     lower = len(ids) if isinstance(ids, tuple) else min_prompt_tokens(req.texts(), state.bytes_per_token)
-    if lower + (mt or 1) > n:
-        raise bad_request(f"the prompt has at least {lower} tokens; with max_tokens={mt or 1} that is over "
-                          f"--max-model-len {n}", req.prompt_param, code="context_length_exceeded")
+    check_prompt_fits(lower, n, req.prompt_param, reserve=mt or 1, why=f"; with max_tokens={mt or 1}")
+
+
+def _template_limits(state: ServeState) -> TemplateLimits:
+    """The bounds of a chat-template render: as much text as --max-model-len tokens can hold."""
+    return TemplateLimits(max_chars=template_chars(state.context_length, state.bytes_per_token,
+                                                   state.max_body_bytes))
+
+
+def _tokenize_limits(state: ServeState) -> TokenizeLimits:
+    return TokenizeLimits(state.model_name, state.context_length, state.bytes_per_token, _template_limits(state),
+                          state.limits.trust_request_chat_template)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -124,7 +134,8 @@ async def _generate(request: Request, chat: bool) -> Response:
         parts = [req] if chat else req.split()
         for part in parts:
             _precheck(part, state)
-        ids = await run_in_threadpool(lambda: [part.encode(state.tokenizer) for part in parts])
+        tl = _template_limits(state)
+        ids = await run_in_threadpool(lambda: [part.encode(state.tokenizer, tl) for part in parts])
         params = [part.sampling.gen_params(len(i), state.context_length, state.max_tokens_cap, req.prompt_param)
                   for part, i in zip(parts, ids)]
         key = json.dumps(req.messages if chat else (list(req.prompts) or req.prompt), sort_keys=True)
@@ -191,14 +202,14 @@ async def model(request: Request, model_id: str) -> dict[str, Any]:
 async def tokenize(request: Request) -> dict[str, Any]:
     state = _state(request)
     body = await _json_body(request)
-    return await run_in_threadpool(tokenize_body, body, state.tokenizer, state.model_name, state.context_length)
+    return await run_in_threadpool(tokenize_body, body, state.tokenizer, _tokenize_limits(state))
 
 
 @router.post("/detokenize", response_model=None)
 async def detokenize(request: Request) -> dict[str, Any]:
     state = _state(request)
     body = await _json_body(request)
-    return await run_in_threadpool(detokenize_body, body, state.tokenizer, state.model_name)
+    return await run_in_threadpool(detokenize_body, body, state.tokenizer, _tokenize_limits(state))
 
 
 @router.post("/v1/rain/feedback", response_model=None)
@@ -261,7 +272,9 @@ def _lifespan(state: ServeState):
 
 
 def create_app(state: ServeState) -> FastAPI:
-    """Build the FastAPI app; the scheduler starts in the lifespan and drains on shutdown."""
+    """Build the FastAPI app; the scheduler starts in the lifespan and drains on shutdown. Refuses
+    (RuntimeError) when chat templates would not render in the bounded sandbox here."""
+    check_bounded_rendering(state.tokenizer)
     app = FastAPI(title="rain-adapter", lifespan=_lifespan(state))
     app.state.rain = state
     app.add_exception_handler(APIError, _api_error)

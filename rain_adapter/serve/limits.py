@@ -9,9 +9,14 @@ on a prompt's token count that needs no tokenizer.
 * **body size** — a ``Content-Length`` over ``max_body_bytes`` is a 413 at once; a body without one
   (chunked) is counted while it streams in and refused with a 413 as soon as it passes the limit.
 
+:func:`parse_json_body` reads a body as a JSON object nested at most :data:`MAX_JSON_DEPTH` deep (a
+400 otherwise, also for JSON too deep for the parser itself).
+
 :func:`min_prompt_tokens` is a lower bound on a text's token count from its UTF-8 length and the
 longest vocabulary entry (a token never covers more than 4 bytes per character of its vocabulary
-string), so a prompt that cannot fit ``--max-model-len`` is refused without tokenising it.
+string), so a prompt that cannot fit ``--max-model-len`` is refused without tokenising it
+(:func:`check_prompt_fits`; generation, ``/tokenize`` and ``/detokenize`` alike);
+:func:`template_chars` is the matching bound on a rendered chat template.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .errors import APIError
+from .errors import APIError, bad_request
 
 #: the paths a key never protects (liveness probes)
 OPEN_PATHS = frozenset({"/health"})
@@ -38,6 +43,8 @@ MAX_REASON_CHARS = 500
 MAX_N = 16
 MAX_PROMPTS = 64
 MAX_CHOICES = 128
+#: how deeply a request body's JSON may nest
+MAX_JSON_DEPTH = 64
 
 
 def needs_key(path: str, protect_all: bool) -> bool:
@@ -122,6 +129,28 @@ async def _send_error(send, err: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object nested at most :data:`MAX_JSON_DEPTH` deep (400 ``invalid_json``
+    otherwise)."""
+    too_deep = APIError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep",
+                        code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"could not parse the JSON body of the request: {e}", code="invalid_json") from None
+    except RecursionError:  # deeper than the interpreter's stack: json.loads gives up
+        raise too_deep from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the JSON body must be an object", code="invalid_json")
+    level, depth = [body], 1
+    while level:  # breadth first: no recursion of our own
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list))]
+        depth += bool(level)
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep
+    return body
+
+
 def max_token_bytes(tokenizer) -> int:
     """Bytes of text one token can cover at most: 4 UTF-8 bytes per character of the longest vocab entry."""
     try:
@@ -137,5 +166,21 @@ def min_prompt_tokens(texts, bytes_per_token: int) -> int:
     return -(-n // bytes_per_token)
 
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "GuardMiddleware", "MAX_CHOICES", "MAX_COMMENT_CHARS", "MAX_N", "MAX_PROMPTS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS",
-           "MAX_USER_CHARS", "key_error", "max_token_bytes", "min_prompt_tokens", "needs_key", "too_large"]
+def check_prompt_fits(lower: int, context_length: int, param: str, reserve: int = 0, why: str = ";") -> None:
+    """400 ``context_length_exceeded`` when a prompt of at least ``lower`` tokens plus ``reserve`` (the
+    tokens to generate) is over ``context_length`` (``--max-model-len``); ``why`` names the reserve.
+    Generation and ``/tokenize`` call it before tokenising (``lower``: :func:`min_prompt_tokens`)."""
+    if lower + reserve > context_length:
+        raise bad_request(f"the prompt has at least {lower} tokens{why} that is over --max-model-len "
+                          f"{context_length}", param, code="context_length_exceeded")
+
+
+def template_chars(context_length: int, bytes_per_token: int, max_body_bytes: int) -> int:
+    """Characters a rendered chat template may have: what ``context_length`` tokens can hold (at most
+    4 Mi characters, or twice ``max_body_bytes`` when that is more)."""
+    return min(context_length * bytes_per_token, max(1 << 22, 2 * max_body_bytes))
+
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "GuardMiddleware", "MAX_CHOICES", "MAX_COMMENT_CHARS", "MAX_JSON_DEPTH", "MAX_N",
+           "MAX_PROMPTS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "MAX_USER_CHARS", "check_prompt_fits", "key_error",
+           "max_token_bytes", "min_prompt_tokens", "needs_key", "parse_json_body", "template_chars", "too_large"]

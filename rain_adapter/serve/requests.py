@@ -18,7 +18,6 @@ instructions: a list of ``{"instruction_id", "kwargs"}`` — ``id`` is accepted 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,18 +26,22 @@ from ..evaluation.specs import SpecError
 from ..format.config import is_finite_number
 from .errors import APIError, bad_request
 from .fields import int_field, number_field, text_field
+from .limits import parse_json_body  # noqa: F401  (re-exported: the request parsers' entry point)
 from .limits import (MAX_CHOICES, MAX_COMMENT_CHARS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
                      MAX_USER_CHARS)
 from .logprobs import parse_logprobs
 from .sampling import parse_logits_spec
 from .scheduler import GenParams
 from .scoring import DEFAULT_SERVER_REGISTRY
+from .templates import TemplateLimits, TemplateRefused, render_chat, template_options
 
 CHAT_ROLES = ("system", "user", "assistant", "developer")
 #: OpenAI fields this server does not implement: a 400 naming them, never a silent 200
 UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "suffix", "best_of", "guided_json",
                       "guided_regex", "guided_choice", "guided_grammar")
 MAX_FEEDBACK_ABS = 1e6
+#: the seeds a request may give (vLLM's: a signed 64-bit integer)
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 #: ``rain serve --reasoning-parser`` / ``rain_reasoning_parser``: split the thinking into
 #: ``reasoning_content`` (vLLM's ``deepseek_r1``) or leave it in ``content`` (``none``)
 REASONING_PARSERS = ("deepseek_r1", "none")
@@ -55,6 +58,7 @@ class RequestLimits:
     default_temperature: float = 1.0
     check_registry: CheckRegistry | None = None     # None: scoring.DEFAULT_SERVER_REGISTRY
     reasoning_parser: str = "deepseek_r1"           # a chat request's default (REASONING_PARSERS)
+    trust_request_chat_template: bool = False       # --trust-request-chat-template: a request may bring one
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,8 @@ class ChatRequest(GenerationRequest):
     """``POST /v1/chat/completions``; ``messages``: ``{"role", "content"}`` with text content."""
 
     messages: tuple[dict[str, str], ...]
-    template_kwargs: tuple[tuple[str, Any], ...] = ()   # ``chat_template_kwargs``
+    template_kwargs: tuple[tuple[str, Any], ...] = ()   # ``chat_template_kwargs`` (less ``chat_template``)
+    chat_template: str | None = None                    # the request's own (--trust-request-chat-template)
     reasoning_parser: str = "deepseek_r1"               # REASONING_PARSERS: thinking in reasoning_content or not
 
     chat = True
@@ -129,13 +134,18 @@ class ChatRequest(GenerationRequest):
     def texts(self) -> list[str]:
         return [m["content"] for m in self.messages]
 
-    def encode(self, tokenizer) -> list[int]:
-        """Token ids of the conversation through the tokenizer's chat template (generation prompt added)."""
+    def encode(self, tokenizer, template_limits: TemplateLimits | None = None) -> list[int]:
+        """Token ids of the conversation through the chat template (generation prompt added), rendered
+        in the bounded sandbox (:mod:`~rain_adapter.serve.templates`); a template that fails or runs
+        over ``template_limits`` is a 400."""
         kw = {"add_generation_prompt": True, **dict(self.template_kwargs)}
         try:
-            text = tokenizer.apply_chat_template(list(self.messages), tokenize=False, **kw)
-        except (TypeError, ValueError, KeyError) as e:  # a template that rejects the kwargs or the roles
-            raise bad_request(f"the chat template failed on this request: {e}", "chat_template_kwargs") from None
+            text = render_chat(tokenizer, list(self.messages), template_limits or TemplateLimits(),
+                               chat_template=self.chat_template, **kw)
+        except TemplateRefused as e:
+            param = "chat_template" if self.chat_template else "chat_template_kwargs" if self.template_kwargs \
+                else "messages"
+            raise bad_request(str(e), param, code="chat_template_failed") from None
         return _non_empty(list(tokenizer(text, add_special_tokens=False)["input_ids"]), "messages")
 
 
@@ -160,7 +170,7 @@ class CompletionRequest(GenerationRequest):
         """One request per prompt (itself when it has one), in order."""
         return [replace(self, prompt=p, prompts=()) for p in self.prompts] if self.prompts else [self]
 
-    def encode(self, tokenizer) -> list[int]:
+    def encode(self, tokenizer, template_limits: TemplateLimits | None = None) -> list[int]:
         """Token ids of the prompt (400 for a token id outside the vocabulary or an empty prompt)."""
         if isinstance(self.prompt, str):
             return _non_empty(list(tokenizer(self.prompt)["input_ids"]), "prompt")
@@ -210,17 +220,6 @@ def unsupported(body: dict) -> None:
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
         raise bad_request("response_format is not supported by this server (only {\"type\": \"text\"})",
                           "response_format", code="not_supported")
-
-
-def parse_json_body(raw: bytes) -> dict:
-    """The request body as a JSON object (400 ``invalid_json`` otherwise)."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"could not parse the JSON body of the request: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the JSON body must be an object", code="invalid_json")
-    return body
 
 
 def _model(body: dict, limits: RequestLimits) -> str:
@@ -305,6 +304,8 @@ def _sampling(body: dict, limits: RequestLimits, chat: bool) -> SamplingParams:
     temperature = number_field(body, "temperature", limits.default_temperature, 0.0, 2.0)
     top_p = number_field(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = int_field(body, "seed")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise bad_request(f"seed must be a signed 64-bit integer (between -2^63 and 2^63 - 1), got {seed}", "seed")
     return SamplingParams(max_tokens=mt, temperature=temperature, top_p=top_p, stop=_stop(body), seed=seed,
                           processing=processing, logprobs=logprobs, echo=echo, n=n)
 
@@ -380,16 +381,12 @@ def parse_chat(body: dict, limits: RequestLimits) -> ChatRequest:
     model = _model(body, limits)
     unsupported(body)
     messages = _messages(body)
-    tk = body.get("chat_template_kwargs")
-    if tk is not None and not isinstance(tk, dict):
-        raise bad_request("chat_template_kwargs must be an object", "chat_template_kwargs")
-    if tk and any(k in ("conversation", "tokenize", "tools") for k in tk):
-        raise bad_request("chat_template_kwargs may not set conversation, tokenize or tools", "chat_template_kwargs")
+    template_kwargs, template = template_options(body, limits.trust_request_chat_template)
     rp = body.get("rain_reasoning_parser", limits.reasoning_parser)
     if rp not in REASONING_PARSERS:
         raise bad_request(f"rain_reasoning_parser must be one of {list(REASONING_PARSERS)}, got {rp!r}",
                           "rain_reasoning_parser")
-    return ChatRequest(model=model, messages=messages, template_kwargs=tuple(sorted((tk or {}).items())),
+    return ChatRequest(model=model, messages=messages, template_kwargs=template_kwargs, chat_template=template,
                        reasoning_parser=rp, **_common(body, limits, chat=True))
 
 

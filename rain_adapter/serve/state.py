@@ -38,7 +38,9 @@ class ServeState:
     (``--reward-rate-limit``: count, seconds): what feeds the adaptive policy
     (:mod:`~rain_adapter.serve.rewards`). ``reasoning_parser``: ``deepseek_r1`` (chat responses carry
     the thinking in ``reasoning_content``) or ``none`` (it stays in ``content``); a request may pick
-    either (``rain_reasoning_parser``).
+    either (``rain_reasoning_parser``). ``trust_request_chat_template``
+    (``--trust-request-chat-template``): a request may bring its own chat template (rendered in the
+    bounded sandbox, :mod:`~rain_adapter.serve.templates`); without it that is a 400.
     """
 
     model: Any
@@ -67,6 +69,7 @@ class ServeState:
     reward_checks: Any = None
     reward_rate: tuple[int, float] = DEFAULT_RATE
     reasoning_parser: str = "deepseek_r1"
+    trust_request_chat_template: bool = False
     inflight: int = 0
     started: float = field(default_factory=time.time)
     limits: RequestLimits = field(init=False)
@@ -101,7 +104,8 @@ class ServeState:
         self.limits = RequestLimits(model_name=self.model_name, lambda_range=(lo, hi),
                                     arm_names=frozenset(self.assigner.by_name), max_tokens_cap=self.max_tokens_cap,
                                     default_temperature=self.default_temperature,
-                                    check_registry=self.check_registry, reasoning_parser=self.reasoning_parser)
+                                    check_registry=self.check_registry, reasoning_parser=self.reasoning_parser,
+                                    trust_request_chat_template=self.trust_request_chat_template)
         self.request_log = RequestLog(self.db, self.metrics, self.rewards)
         self.bytes_per_token = max_token_bytes(self.tokenizer)
         if self.policy is not None:
