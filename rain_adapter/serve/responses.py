@@ -29,7 +29,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -89,9 +88,11 @@ class Exchange:
         return prompt_opens_thinking(self.tokenizer, self.job.prompt_ids)
 
     def headers(self) -> dict[str, str]:
-        # header values are latin-1: a non-ASCII arm name (e.g. "λ=0.6") is percent-encoded (UTF-8)
-        return {"X-Rain-Arm": quote(self.arm, safe="=.-_ :,+()"), "X-Rain-Lambda": repr(self.lam),
-                "X-Request-Id": self.rid}
+        # plain ASCII only: X-Rain-Arm when the arm's name is printable ASCII (else the name is only in
+        # the body's "rain" field, never percent-encoded); X-Rain-Lambda carries the arm's λ
+        a = self.arm
+        arm = {"X-Rain-Arm": a} if a and a.isascii() and a.isprintable() and a == a.strip() else {}
+        return {**arm, "X-Rain-Lambda": repr(self.lam), "X-Request-Id": self.rid}
 
 
 # ----------------------------------------------------------------------------- errors
