@@ -4,15 +4,18 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/complet
 SSE streaming), ``GET /health``, ``GET /metrics`` (Prometheus text), ``POST /v1/rain/feedback``,
 ``GET /v1/rain/ab``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize`` (vLLM's). Request extensions (``rain_lambda``, ``rain_arm``, ``rain_checks``) are parsed
 in :mod:`~rain_adapter.serve.requests`; responses carry ``"rain": {"arm", "lambda", "request_id"}``
-and the ``X-Rain-Arm`` / ``X-Rain-Lambda`` headers (:mod:`~rain_adapter.serve.responses`, which also
+and the plain-ASCII ``X-Rain-Lambda`` / ``X-Rain-Arm`` (ASCII arm names only) headers (:mod:`~rain_adapter.serve.responses`, which also
 commits each request's log row before its response is sent).
 
 The handlers are module functions that find the :class:`ServeState` on ``request.app.state.rain``;
 they reach the model only through the :class:`~rain_adapter.serve.scheduler.Scheduler` protocol.
 The API key and the body size are checked before a route runs
 (:class:`~rain_adapter.serve.limits.GuardMiddleware`); a generation request is validated in full
-(fields, then a tokenizer-free bound on the prompt's length, then the exact token count) before a
-job is made, and tokenisation runs in a worker thread, off the event loop.
+(fields, then a tokenizer-free bound on the prompt's length, then the chat template in its bounded
+sandbox, :mod:`~rain_adapter.serve.templates`, then the exact token count) before a job is made, and
+templating and tokenisation run in a worker thread, off the event loop. ``/tokenize`` and
+``/detokenize`` have the same limits. :func:`create_app` refuses to build an app whose chat templates
+would not render in the bounded sandbox.
 """
 
 from __future__ import annotations
