@@ -110,7 +110,8 @@ def test_a_request_template_is_a_400_without_the_opt_in(plain, where, template):
     _healthy(srv)
 
 
-@pytest.mark.parametrize("template,words", [(BOMB, "builds a string of 1500000000 characters"), (LOOP, "ran over 0.5 s"),
+@pytest.mark.parametrize("template,words", [(BOMB, "builds a string of 1500000000 characters"),
+                                            (LOOP, "ran over 0.5 s"),
                                             ("{{ 'x'|center(1000000000) }}", "|center"),
                                             ("{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}", "recursed"),
                                             ("{{ raise_exception('no') }}", "TemplateError: no"),
@@ -227,6 +228,9 @@ def test_a_catastrophic_regex_in_rain_checks_is_unscored_quickly(assets):
         r, _ = _post(srv, "/v1/completions", {"model": M, "prompt": "hi", "rain_checks": [
             {"instruction_id": "spec:regex", "kwargs": {"pattern": "(?:a{1000}){1000}"}}]})
         assert r.status_code == 400 and "rain_checks[0]: spec:regex: kwargs.pattern" in r.json()["error"]["message"]
+        many = [{"instruction_id": "spec:regex", "kwargs": {"pattern": HARD_REDOS}}] * 33
+        r, dt = _post(srv, "/v1/completions", {"model": M, "prompt": "hi", "rain_checks": many})
+        assert r.status_code == 400 and "at most 32 rain_checks" in r.json()["error"]["message"] and dt < 1.0
     finally:
         srv.stop()
 

@@ -4,8 +4,9 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/complet
 SSE streaming), ``GET /health``, ``GET /metrics`` (Prometheus text), ``POST /v1/rain/feedback``,
 ``GET /v1/rain/ab``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize`` (vLLM's). Request extensions (``rain_lambda``, ``rain_arm``, ``rain_checks``) are parsed
 in :mod:`~rain_adapter.serve.requests`; responses carry ``"rain": {"arm", "lambda", "request_id"}``
-and the plain-ASCII ``X-Rain-Lambda`` / ``X-Rain-Arm`` (ASCII arm names only) headers (:mod:`~rain_adapter.serve.responses`, which also
-commits each request's log row before its response is sent).
+and the plain-ASCII ``X-Rain-Lambda`` / ``X-Rain-Arm`` (ASCII arm names only) headers
+(:mod:`~rain_adapter.serve.responses`, which also commits each request's log row before its response
+is sent).
 
 The handlers are module functions that find the :class:`ServeState` on ``request.app.state.rain``;
 they reach the model only through the :class:`~rain_adapter.serve.scheduler.Scheduler` protocol.

@@ -43,6 +43,8 @@ MAX_REASON_CHARS = 500
 MAX_N = 16
 MAX_PROMPTS = 64
 MAX_CHOICES = 128
+#: checks one request may name (a spec:regex search may take up to bounded_regex.TIMEOUT_S)
+MAX_RAIN_CHECKS = 32
 #: how deeply a request body's JSON may nest
 MAX_JSON_DEPTH = 64
 
@@ -182,5 +184,6 @@ def template_chars(context_length: int, bytes_per_token: int, max_body_bytes: in
 
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "GuardMiddleware", "MAX_CHOICES", "MAX_COMMENT_CHARS", "MAX_JSON_DEPTH", "MAX_N",
-           "MAX_PROMPTS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "MAX_USER_CHARS", "check_prompt_fits", "key_error",
-           "max_token_bytes", "min_prompt_tokens", "needs_key", "parse_json_body", "template_chars", "too_large"]
+           "MAX_PROMPTS", "MAX_RAIN_CHECKS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "MAX_USER_CHARS",
+           "check_prompt_fits", "key_error", "max_token_bytes", "min_prompt_tokens", "needs_key", "parse_json_body",
+           "template_chars", "too_large"]

@@ -27,8 +27,8 @@ from ..format.config import is_finite_number
 from .errors import APIError, bad_request
 from .fields import int_field, number_field, text_field
 from .limits import parse_json_body  # noqa: F401  (re-exported: the request parsers' entry point)
-from .limits import (MAX_CHOICES, MAX_COMMENT_CHARS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
-                     MAX_USER_CHARS)
+from .limits import (MAX_CHOICES, MAX_COMMENT_CHARS, MAX_N, MAX_PROMPTS, MAX_RAIN_CHECKS, MAX_STOP_CHARS,
+                     MAX_STOP_STRINGS, MAX_USER_CHARS)
 from .logprobs import parse_logprobs
 from .sampling import parse_logits_spec
 from .scheduler import GenParams
@@ -341,6 +341,8 @@ def parse_rain_checks(value: Any, registry: CheckRegistry | None = None) -> tupl
         value = [{"instruction_id": i, "kwargs": k} for i, k in zip(ids, kws or [{}] * len(ids))]
     if not isinstance(value, list):
         raise bad_request("rain_checks must be a list of {instruction_id, kwargs}", "rain_checks")
+    if len(value) > MAX_RAIN_CHECKS:  # each regex search may run TIMEOUT_S: bound the request's total
+        raise bad_request(f"at most {MAX_RAIN_CHECKS} rain_checks per request, got {len(value)}", "rain_checks")
     out = []
     for i, c in enumerate(value):
         if isinstance(c, str):
