@@ -108,8 +108,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default=None, help="output dir (default <world cache>/demo)")
     p.add_argument("--methods", default=None, help="comma list (default: all; for --world smollm2 the variant "
                    "names: rain, rain-stage1, task-arithmetic, ties, dare-ties, rain@world-calib, "
-                   "rain-stage1@world-calib, 'rain r16', 'rain r64')")
-    add_lambdas(p, default=None, help=f"λ grid (default {demo.DEMO_LAMBDAS}; --world smollm2: 0.5,1,1.5,2)")
+                   "'rain r16', 'rain r64', 'rain radius-1')")
+    add_lambdas(p, default=None, help=f"λ grid (default {demo.DEMO_LAMBDAS}; --world smollm2: 0.5,1,1.5,2,3,4)")
     p.add_argument("--limit", type=int, default=48, help="evaluation prompts (0 = all)")
     p.add_argument("--seed", type=int, default=None, help="world seed (a different world)")
     p.add_argument("--world", default="default", choices=["default", "format", "smollm2"],

@@ -52,12 +52,13 @@ BOOTSTRAP = 2000
 
 @dataclass(frozen=True)
 class Variant:
-    """One adapter of the comparison: a build ``method``, its calibration (``packaged`` or ``world``) and storage."""
+    """One adapter of the comparison: a build ``method``, its calibration (``packaged`` or ``world``) and
+    other build ``options`` (storage, Stage 1's radius …)."""
 
     name: str
     method: str
     calib: str = "packaged"
-    storage: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     tune: bool = True   # λ* searched on dev and the λ grid swept on test; False: test at RAIN's λ* only
 
 
@@ -65,8 +66,11 @@ VARIANTS = (
     Variant("rain", "rain"), Variant("rain-stage1", "rain-stage1"), Variant("task-arithmetic", "task-arithmetic"),
     Variant("ties", "ties"), Variant("dare-ties", "dare-ties"),
     Variant("rain@world-calib", "rain", "world"),
-    Variant("rain r16", "rain", storage={"storage": "lowrank", "rank": 16}, tune=False),
-    Variant("rain r64", "rain", storage={"storage": "lowrank", "rank": 64}, tune=False),
+    Variant("rain r16", "rain", options={"storage": "lowrank", "rank": 16}, tune=False),
+    Variant("rain r64", "rain", options={"storage": "lowrank", "rank": 64}, tune=False),
+    # this world's answers ("The answer is 12.") lie within Stage 1's default radius of 5 tokens after
+    # </think>, so the projection also protects the answer's own features; radius 1 protects the markers only
+    Variant("rain radius-1", "rain", options={"radius": 1}),
 )
 
 
@@ -77,10 +81,12 @@ class StudyOptions:
     instruction samples)."""
 
     variants: tuple[Variant, ...] = VARIANTS
-    lambdas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    #: λ ≤ 2 moved no method's compliance past 0.19 on this world (task arithmetic) and RAIN's not at all,
+    #: so the grid goes on to 4 (bench/RESULTS.md)
+    lambdas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
     max_new_tokens: int = 128
     #: λ* on the dev split by rain tune's rule (most compliant λ keeping accuracy ≥ 90 % and format ≥ 98 % of the LRM's)
-    tune_grid: str = "0:2:0.5"
+    tune_grid: str = "0.5,1,1.5,2,3,4"
     refine_rounds: int = 0
     build: dict[str, Any] = field(default_factory=lambda: {"max_samples": 64, "stage2_max_samples": 96,
                                                            "max_seq_len": 1024})
@@ -185,7 +191,7 @@ def build_variants(p: RealWorldPaths, variants: Sequence[Variant], *, build: dic
         icalib = p.instruction_calib if world else calibration_dir() / "instruction_calibration_set.jsonl"
         kw = dict(method=v.method, reasoning_calib=str(p.reasoning_calib) if world else None,
                   instruction_calib=str(icalib) if get_method(v.method).stage2 else None,
-                  **v.storage, **(build or {}))
+                  **{**(build or {}), **v.options})
         target = p.root / "adapters" / f"{v.name.replace(' ', '-').replace('@', '-')}-{_sha(kw)[:8]}"
         t0 = time.time()
         if rebuild or not (target / "adapter_config.json").exists():
