@@ -100,7 +100,7 @@ def ci_study() -> StudyOptions:
     """The CI scale: RAIN, task arithmetic and RAIN r16 on a handful of calibration samples, one λ, short answers."""
     return StudyOptions(variants=(VARIANTS[0], VARIANTS[2], VARIANTS[6]), lambdas=(1.0,), max_new_tokens=24,
                         tune_grid="0:1:1", refine_rounds=0,
-                        build={"max_samples": 4, "stage2_max_samples": 4, "max_seq_len": 256})
+                        build={"max_samples": 4, "stage2_max_samples": 4, "max_seq_len": 1024})
 
 
 class RealWorldNotSound(RuntimeError):
@@ -274,10 +274,13 @@ def sweep_variant(lrm_model, merged: MergedCopy, tok, name: str, adapter: Path, 
                 res = search(evaluate, opts.tune_options())
             lam_star = res.recommended_lambda
             tune_out = {"lambda": lam_star, "points": [asdict(pt) for pt in res.points]}
-        if lam_star is not None and float(lam_star) not in curve:
-            resp = _responses(model, merged, tok, a_sha, test, lam_star, slug / f"test_{lam_star:g}.json",
-                              max_new_tokens=mnt, progress=progress, desc=f"{name} λ* {lam_star:g}")
-            curve[float(lam_star)] = _compact([score_response(r, x) for r, x in zip(test, resp)])
+        # λ* on test; a variant that is not tuned (low rank) also at the grid's largest λ, so a fidelity
+        # comparison exists even where RAIN's λ* is 0
+        extra = [lam_star] if tune else [lam_star, max(opts.lambdas, default=None)]
+        for lam in dict.fromkeys(x for x in extra if x is not None and float(x) not in curve):
+            resp = _responses(model, merged, tok, a_sha, test, lam, slug / f"test_{lam:g}.json",
+                              max_new_tokens=mnt, progress=progress, desc=f"{name} λ {lam:g}")
+            curve[float(lam)] = _compact([score_response(r, x) for r, x in zip(test, resp)])
     finally:
         model.detach()
     return {"curve": dict(sorted(curve.items())), "lambda_star": lam_star, "tune": tune_out}
@@ -489,12 +492,19 @@ def run_real_study(cfg: RealWorldConfig | None = None, *, root: Path | None = No
         b = summary["rain_vs_ta"]
         say(f"\nRAIN − task arithmetic, accuracy at equal compliance {b['target_compliance']:.2f}: {b['diff']:+.3f} "
             f"(paired bootstrap 95% CI [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}], {b['resamples_used']}/{b['resamples']} resamples)")
+    top = max(study.lambdas, default=None)
     for m, s in summary["methods"].items():
         a = s["adapter"]
         if a.get("energy_kept") is not None:
             say(f"{m}: rank {a['rank']}, {a['mib']:.0f} MiB, keeps {a['energy_kept']:.1%} of Δ's energy "
                 f"(median relative error {a['median_rel_error']:.2f}); dense rain is "
                 f"{summary['methods'].get('rain', {}).get('adapter', {}).get('mib', float('nan')):.0f} MiB")
+            for name in (m, "rain"):
+                rs = results.get(name, {}).get("curve", {}).get(float(top)) if top is not None else None
+                if rs is not None:
+                    r = rates(rs)
+                    say(f"  {name} at λ {top:g}: compliance {r['compliance']:.2f}, accuracy {r['accuracy']:.2f}, "
+                        f"format {r['format_validity']:.2f}")
     if png is None:
         say(NO_PLOT_HINT)
     say(f"\nwrote {out / 'summary.json'}" + (f", {png}" if png else "") + f"; total {timings['total_s']:.1f}s")
