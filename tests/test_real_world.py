@@ -210,12 +210,14 @@ def test_smollm2_recipe_at_ci_scale_runs_and_reruns_from_its_verified_cache(tmp_
 @pytest.mark.realweights
 @pytest.mark.slow
 def test_a_flipped_byte_in_a_cached_model_is_retrained_never_used(monkeypatch):
-    """The cached LRM is verified against its record (SHA-256 of its weights) on every use."""
+    """The cached LRM is verified against its record (SHA-256 of its weights) on every use, and retraining
+    it gives the same bits (seeded data, init and order; one thread)."""
     from rain_adapter.demo import real_train as T
 
     cfg = T.ci_config()
     p = T.ensure_real_world(cfg, progress=False, say=lambda *a: None)
     assert T.model_ok(p.lrm, cfg, parent=json.loads((p.base / T.MODEL_RECORD).read_text())["sha256"])
+    before = json.loads((p.lrm / T.MODEL_RECORD).read_text())["sha256"]
     f = next(p.lrm.glob("*.safetensors"))
     data = bytearray(f.read_bytes())
     data[-5] ^= 0x01
@@ -224,3 +226,6 @@ def test_a_flipped_byte_in_a_cached_model_is_retrained_never_used(monkeypatch):
     T.ensure_real_world(cfg, progress=False, say=said.append, parallel=False)
     assert any("training the LRM" in s for s in said) and not any("ITM" in s for s in said)
     assert T.model_ok(p.lrm, cfg, parent=json.loads((p.base / T.MODEL_RECORD).read_text())["sha256"])
+    # training is deterministic: the retrained LRM (in this process) is the one first trained (maybe in a
+    # spawned worker), bit for bit
+    assert json.loads((p.lrm / T.MODEL_RECORD).read_text())["sha256"] == before
