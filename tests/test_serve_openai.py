@@ -100,6 +100,21 @@ def test_echo_logprobs_equal_a_forward_pass(served):
     assert len(lp["top_logprobs"][-1]) == 2
 
 
+def test_completion_top_logprobs_include_the_chosen_token(served):
+    """As vLLM / OpenAI: each position's top_logprobs holds the token itself and the k most likely, so
+    logprobs=0 gives the chosen token alone (was {}), and a sampled token outside the top k is there too."""
+    srv, _ = served
+    base = {"model": "m", "prompt": "The answer is", "max_tokens": 8, "echo": True}
+    zero = _post(srv, "/v1/completions", {**base, "temperature": 0, "logprobs": 0}).json()["choices"][0]["logprobs"]
+    assert zero["top_logprobs"][0] is None
+    assert zero["top_logprobs"][1:] == [{t: v} for t, v in zip(zero["tokens"][1:], zero["token_logprobs"][1:])]
+    hot = _post(srv, "/v1/completions", {**base, "temperature": 2.0, "seed": 7, "logprobs": 1,
+                                         "rain_lambda": 1.0}).json()["choices"][0]["logprobs"]
+    rows = list(zip(hot["tokens"], hot["token_logprobs"], hot["top_logprobs"]))[1:]
+    assert all(top[t] == v and next(iter(top)) == t and len(top) in (1, 2) for t, v, top in rows), rows
+    assert any(len(top) == 2 for _, _, top in rows)  # some token was not the most likely one
+
+
 def test_chat_logprobs_and_token_id_prompts(served):
     srv, state = served
     r = _post(srv, "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],

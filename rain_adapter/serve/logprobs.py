@@ -75,13 +75,18 @@ def _text(tok, i: int) -> str:
 
 
 def completion_logprobs(tok, entries: list[Entry], offset: int = 0) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    """The legacy completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset.
+
+    Each position's ``top_logprobs`` holds the token itself and the k most likely (vLLM's and OpenAI's
+    legacy shape), so ``logprobs=0`` gives the chosen token alone."""
     tokens, lps, tops, offs = [], [], [], []
     for tid, lp, top in entries:
         s = _text(tok, tid)
         tokens.append(s)
         lps.append(lp)
-        tops.append({_text(tok, i): v for i, v in top} if lp is not None else None)
+        # as vLLM: the chosen token first, then the top k (k or k + 1 entries; logprobs=0 gives the chosen one)
+        tops.append({s: lp, **{t: v for t, v in ((_text(tok, i), v) for i, v in top) if t != s}}
+                    if lp is not None else None)
         offs.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
