@@ -227,8 +227,10 @@ def test_bad_inputs_get_openai_errors(server, client, case):
     r = _post(srv, "/v1/chat/completions", req.get("body"), key=key, raw=req.get("raw"))
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["code"] == code and words.lower() in err["message"].lower(), err
+    assert set(err) == {"message", "type", "param", "code", "rain_code"}
+    # vLLM's shape: code is the HTTP status (an int); this server's reason is rain_code
+    assert err["code"] == status and type(err["code"]) is int, err
+    assert err["rain_code"] == code and words.lower() in err["message"].lower(), err
     # the server keeps serving
     assert _chat(client, "still there?", lam=1.0, max_tokens=2).choices[0].finish_reason in ("stop", "length")
 

@@ -73,7 +73,7 @@ def test_continuous_empty_prompt_then_normal_request_and_loop_restart(assets):
     try:
         body = {"model": M, "prompt": "", "max_tokens": 3, "temperature": 0, "rain_lambda": 1.0}  # no random arm
         r = _post(srv, "/v1/completions", body)
-        assert r.status_code == 400 and r.json()["error"]["code"] == "empty_prompt", r.text
+        assert r.status_code == 400 and r.json()["error"]["rain_code"] == "empty_prompt", r.text
         texts = []
         for temp in (0, 0.8):  # greedy (CB loop) and sampling (dynamic, loop paused) both still served
             ok = _post(srv, "/v1/completions", {**body, "prompt": "hello", "temperature": temp})
@@ -124,7 +124,7 @@ def test_oversized_prompt_refused_before_tokenisation_and_health_answers(dyn):
     try:
         big = "x" * (state.bytes_per_token * state.context_length + 1)
         r = _post(srv, "/v1/completions", {"model": M, "prompt": big, "max_tokens": 4})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert r.status_code == 400 and r.json()["error"]["rain_code"] == "context_length_exceeded", r.text
         r = _post(srv, "/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": big}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
         r = _post(srv, "/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 256})
@@ -169,7 +169,7 @@ def test_chunked_body_over_the_limit_is_413(dyn):
         yield b'"}'
 
     r = httpx.post(srv.base_url + "/v1/completions", content=gen(), headers=H, timeout=30)
-    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert r.status_code == 413 and r.json()["error"]["rain_code"] == "request_too_large"
 
 
 def test_metrics_open_unless_protect_all(dyn):
@@ -225,7 +225,7 @@ def test_feedback_bounded_finite_and_one_per_request(dyn):
     assert nan.status_code == 400 and nan.json()["error"]["param"] == "score"
     assert _post(srv, "/v1/rain/feedback", {"request_id": rid, "score": 1}).status_code == 200
     again = _post(srv, "/v1/rain/feedback", {"request_id": rid, "score": -1})
-    assert again.status_code == 409 and again.json()["error"]["code"] == "feedback_exists"
+    assert again.status_code == 409 and again.json()["error"]["rain_code"] == "feedback_exists"
     ab = httpx.get(srv.base_url + "/v1/rain/ab", headers=H)
     assert ab.status_code == 200
     assert ab.json()["arms"]["λ=0.5"]["mean_feedback"]["value"] == 1

@@ -104,7 +104,7 @@ def test_a_request_template_is_a_400_without_the_opt_in(plain, where, template):
         r, dt = _post(srv, path, body)
         assert r.status_code == 400, r.text
         err = r.json()["error"]
-        assert err["param"] == where and err["code"] == "chat_template_not_allowed"
+        assert err["param"] == where and err["rain_code"] == "chat_template_not_allowed"
         assert "--trust-request-chat-template" in err["message"]
         assert dt < 1.0
     _healthy(srv)
@@ -123,7 +123,7 @@ def test_with_the_opt_in_a_hostile_template_is_a_quick_400(trusting, template, w
         r, dt = _post(srv, path, body)
         assert r.status_code == 400, r.text
         err = r.json()["error"]
-        assert err["param"] == "chat_template" and err["code"] == "chat_template_failed" and words in err["message"]
+        assert err["param"] == "chat_template" and err["rain_code"] == "chat_template_failed" and words in err["message"]
         assert dt < 1.5  # the loop runs 0.5 s, then answers
     _healthy(srv)
 
@@ -138,7 +138,7 @@ def test_with_the_opt_in_a_request_template_is_used(trusting):
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == len("hello")
     r, _ = _post(srv, "/v1/chat/completions", _chat(chat_template="x" * (128 * 1024 + 1)))
-    assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template_too_long"
+    assert r.status_code == 400 and r.json()["error"]["rain_code"] == "chat_template_too_long"
 
 
 @pytest.mark.parametrize("template", [None, CHATML])
@@ -174,7 +174,7 @@ def test_the_model_template_is_bounded_too(assets):
 def test_tokenize_a_4mb_prompt_is_a_quick_4xx(plain):
     srv, state = plain
     r, dt = _post(srv, "/tokenize", {"model": M, "prompt": "word " * 800_000})  # 4 MB, under --max-body-bytes
-    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert r.status_code == 400 and r.json()["error"]["rain_code"] == "context_length_exceeded", r.text
     assert dt < 1.0
     r, dt = _post(srv, "/tokenize", {"messages": [{"role": "user", "content": "word " * 800_000}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and dt < 1.0
@@ -243,7 +243,7 @@ def test_deep_json_is_a_400(plain):
         for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/v1/rain/feedback"):
             r, dt = _post(srv, path, raw, headers={"Content-Type": "application/json"})
             assert r.status_code == 400, (path, depth, r.text)
-            assert r.json()["error"]["code"] == "invalid_json" and "nested more than 64" in r.json()["error"]["message"]
+            assert r.json()["error"]["rain_code"] == "invalid_json" and "nested more than 64" in r.json()["error"]["message"]
             assert dt < 1.0
     _healthy(srv)
 

@@ -1,4 +1,10 @@
-"""OpenAI-style API errors: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status."""
+"""API errors as vLLM sends them: ``{"error": {"message", "type", "param", "code", "rain_code"}}`` with a
+4xx/5xx status.
+
+``code`` is the HTTP status as an int (vLLM's ``ErrorInfo.code``; OpenAI sends a string or null there);
+the machine-readable reason this server gives (``context_length_exceeded``, ``invalid_value``, …) is in
+``rain_code``. :attr:`APIError.code` is that reason.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ class APIError(Exception):
         self.code = code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status,
+                          "rain_code": self.code}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
