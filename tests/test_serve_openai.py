@@ -4,6 +4,8 @@ float64 reference, and clear 400s for what is not implemented."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -113,6 +115,31 @@ def test_completion_top_logprobs_include_the_chosen_token(served):
     rows = list(zip(hot["tokens"], hot["token_logprobs"], hot["top_logprobs"]))[1:]
     assert all(top[t] == v and next(iter(top)) == t and len(top) in (1, 2) for t, v, top in rows), rows
     assert any(len(top) == 2 for _, _, top in rows)  # some token was not the most likely one
+
+
+def test_stop_reason_as_vllm_sends_it(served):
+    """stop_reason: the matched stop string when one ended the choice, null at length (and EOS); streamed
+    on every completions chunk (null until the last) and on chat's finishing chunk."""
+    srv, _ = served
+    base = {"model": "m", "prompt": "The answer is", "max_tokens": 12, "temperature": 0, "rain_lambda": 1.0}
+    full = _post(srv, "/v1/completions", base).json()["choices"][0]
+    assert full["finish_reason"] == "length" and "stop_reason" in full and full["stop_reason"] is None
+    stop = full["text"][3:5]
+    assert len(stop) == 2 and full["text"].find(stop) == 3, full["text"]  # the tiny model's text is fixed
+    got = _post(srv, "/v1/completions", {**base, "stop": ["zzzz", stop]}).json()["choices"][0]
+    assert (got["finish_reason"], got["stop_reason"], got["text"]) == ("stop", stop, full["text"][:3])
+    r = httpx.post(srv.base_url + "/v1/completions", json={**base, "stop": [stop], "stream": True}, timeout=60)
+    chunks = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+    assert [c["choices"][0]["stop_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [stop]
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0,
+            "rain_lambda": 1.0, "rain_reasoning_parser": "none"}
+    text = _post(srv, "/v1/chat/completions", chat).json()["choices"][0]["message"]["content"]
+    cstop = text[2:4]
+    c = _post(srv, "/v1/chat/completions", {**chat, "stop": cstop}).json()["choices"][0]
+    assert len(cstop) == 2 and (c["finish_reason"], c["stop_reason"]) == ("stop", cstop), (text, c)
+    r = httpx.post(srv.base_url + "/v1/chat/completions", json={**chat, "stop": cstop, "stream": True}, timeout=60)
+    last = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")][-1]["choices"][0]
+    assert last["finish_reason"] == c["finish_reason"] and last["stop_reason"] == c["stop_reason"]
 
 
 def test_chat_logprobs_and_token_id_prompts(served):

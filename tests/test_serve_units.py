@@ -408,7 +408,9 @@ def test_row_tracker_stops_and_holds_back_partial_stop():
         loop.close()
     assert "".join(e.text for e in evs_a if e.kind == "delta") == "hi "
     assert evs_a[-1].kind == "done" and evs_a[-1].finish_reason == "stop"
+    assert evs_a[-1].stop_reason == "END"  # vLLM's stop_reason: the matched stop string
     assert evs_b[-1].finish_reason == "length" and evs_b[-1].completion_tokens == 3
+    assert evs_b[-1].stop_reason is None
     assert done.tolist() == [True, True]
 
 

@@ -81,7 +81,7 @@ class _RowState:
             pos = self.text.find(s, max(0, self.emitted - len(s)))
             if pos >= 0:
                 self.text = self.text[:pos]
-                self._finish("stop")
+                self._finish("stop", stop_reason=s)
                 return
         if len(self.ids) >= job.params.max_tokens:
             self._finish("length")
@@ -98,12 +98,12 @@ class _RowState:
             self.job.emit(GenEvent("delta", text=text[self.emitted:end]))
             self.emitted = end
 
-    def _finish(self, reason: str) -> None:
+    def _finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.finished = True
         self.finish_reason = reason
         self._emit_ready(final=True)
-        self.job.emit(GenEvent("done", finish_reason=reason, completion_tokens=len(self.ids),
-                               t=time.perf_counter()))
+        self.job.emit(GenEvent("done", finish_reason=reason, stop_reason=stop_reason,
+                               completion_tokens=len(self.ids), t=time.perf_counter()))
 
 
 class _RowTracker:

@@ -231,7 +231,7 @@ async def _sse_choices(cs: ChoiceSet, rlog: RequestLog, disconnected: Disconnect
                 status = _status(cs, i, False)
                 await cs.log(rlog, i, status, None if status == "ok" else CLIENT_GONE,
                              200 if status == "ok" else 499)   # durable BEFORE its end is acknowledged
-                yield writers[i].finish(ev.finish_reason)
+                yield writers[i].finish(ev.finish_reason, ev.stop_reason)
         if gone:
             return   # the rest is logged cancelled in ``finally``
         if cs.failed is not None:

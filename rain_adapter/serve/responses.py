@@ -123,7 +123,7 @@ def completion_body(ex: Exchange, text: str, done: GenEvent, row: dict[str, Any]
         if ex.splits_reasoning:
             reasoning, content = split_reasoning(text, ex.opens_thinking())
             message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
-        choice = {"index": 0, "message": message, "finish_reason": fr,
+        choice = {"index": 0, "message": message, "finish_reason": fr, "stop_reason": done.stop_reason,
                   "logprobs": chat_logprobs(tok, job.token_logprobs) if want else None}
     else:
         lp = None
@@ -133,7 +133,7 @@ def completion_body(ex: Exchange, text: str, done: GenEvent, row: dict[str, Any]
             text = prompt_text + text
         if want:
             lp = completion_logprobs(tok, (job.prompt_logprobs or []) + job.token_logprobs)
-        choice = {"index": 0, "text": text, "finish_reason": fr, "logprobs": lp}
+        choice = {"index": 0, "text": text, "finish_reason": fr, "stop_reason": done.stop_reason, "logprobs": lp}
     return {"id": ex.rid, "object": "chat.completion" if ex.request.chat else "text_completion",
             "created": ex.created, "model": ex.model_name, "choices": [choice],
             "usage": usage(ex.prompt_tokens, done.completion_tokens),
@@ -163,13 +163,17 @@ class ChunkWriter:
             d["usage"] = usage_
         return sse(d)
 
-    def _choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+    def _choice(self, text: str | None, finish_reason: str | None, first: bool = False,
+                stop_reason: str | int | None = None) -> dict:
+        # stop_reason as vLLM streams it: on every completions chunk (null until the last), on chat's last
         if not self.ex.request.chat:
-            return {"index": self.index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            return {"index": self.index, "text": text or "", "finish_reason": finish_reason,
+                    "stop_reason": stop_reason, "logprobs": None}
         delta: dict[str, str] = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        return {"index": self.index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        c = {"index": self.index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {**c, "stop_reason": stop_reason} if finish_reason is not None else c
 
     def role(self) -> str:
         """The opening chat chunk: the assistant role and empty content."""
@@ -185,10 +189,11 @@ class ChunkWriter:
             return self._pieces(self.splitter.feed(text))
         return self._chunk([self._choice(text, None)])
 
-    def finish(self, finish_reason: str | None) -> str:
-        """The text still held back (if any), then the finishing chunk."""
+    def finish(self, finish_reason: str | None, stop_reason: str | int | None = None) -> str:
+        """The text still held back (if any), then the finishing chunk (with ``stop_reason``)."""
         held = self._pieces(self.splitter.flush()) if self.splitter is not None else ""
-        return held + self._chunk([self._choice(None if self.ex.request.chat else "", finish_reason)])
+        return held + self._chunk([self._choice(None if self.ex.request.chat else "", finish_reason,
+                                                stop_reason=stop_reason)])
 
     def usage(self, completion_tokens: int, prompt_tokens: int | None = None) -> str:
         """The ``include_usage`` chunk: no choices, the usage (``prompt_tokens``: this exchange's by default)."""
@@ -292,7 +297,7 @@ async def _sse_events(ex: Exchange, rlog: RequestLog, disconnected: Disconnected
         status = "cancelled" if ev.finish_reason == "cancelled" else "ok"
         await rlog.finish(ex, "".join(parts), ev, status)  # durable BEFORE the end is acknowledged
         logged = True
-        yield chunks.finish(ev.finish_reason)
+        yield chunks.finish(ev.finish_reason, ev.stop_reason)
         if ex.request.include_usage:
             yield chunks.usage(ev.completion_tokens)
         yield sse("[DONE]")

@@ -58,11 +58,14 @@ class GenParams:
 
 @dataclass
 class GenEvent:
-    """kind: "delta" (text), "done" (finish_reason, completion_tokens), "error" (message)."""
+    """kind: "delta" (text), "done" (finish_reason, stop_reason, completion_tokens), "error" (message).
+
+    ``stop_reason`` is vLLM's: the stop string that ended the row, else None (EOS, length, cancel)."""
 
     kind: str
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
     completion_tokens: int = 0
     t: float = 0.0
     error: BaseException | None = None
