@@ -51,3 +51,32 @@ def test_lm_eval_local_completions_tokenized_generation_and_loglikelihood(tmp_pa
     with sqlite3.connect(db) as con:
         lams = [r[0] for r in con.execute("SELECT lam FROM requests")]
     assert 0.5 in lams, lams
+
+
+def test_lm_eval_batch_size_sends_prompt_lists_with_equal_results(tmp_path):
+    """lm-eval's `batch_size` > 1 sends several prompts in one /v1/completions request; the answers
+    equal batch_size 1's (what examples/lm_eval_recipe.md says)."""
+    import sqlite3
+
+    from lm_eval.api.instance import Instance
+
+    from rain_adapter.serve.app import create_app
+    from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state
+    from rain_adapter.testing.server import ServerThread
+
+    model_dir, adapter_dir = build_tiny_serving(tmp_path)
+    db = tmp_path / "l.sqlite"
+    state = tiny_serve_state(model_dir, adapter_dir, model_name="m", db_path=db, context_length=256)
+    ll = [Instance("loglikelihood", {}, ("The answer is", c), i) for i, c in enumerate((" yes", " no", " maybe"))]
+    gen = [Instance("generate_until", {}, (p, {"max_gen_toks": 4, "until": ["\n\n"], "do_sample": False}), i)
+           for i, p in enumerate(("The answer is", "Tell me"))]
+    out = {}
+    with ServerThread(create_app(state)) as srv:
+        for bs in (1, 3):
+            lm = lm_eval_api.LocalCompletionsAPI(model="m", base_url=srv.base_url + "/v1/completions",
+                                                 tokenizer=str(model_dir), tokenized_requests=False, max_retries=1,
+                                                 batch_size=bs)
+            out[bs] = (lm.loglikelihood(ll), lm.generate_until(gen))
+    assert out[1] == out[3] and len(out[1][0]) == 3 and len(out[1][1]) == 2
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT max(n_choices) FROM requests").fetchone()[0] > 1  # lists were sent
