@@ -43,7 +43,8 @@ from ..format.paths import calibration_dir
 from ..merging.methods import get_method
 from ..merging.pipeline import build_adapter
 from ..runtime.model import RainAdapter
-from .real_train import RealWorldConfig, RealWorldPaths, ci_config, ensure_real_world, weights_sha256
+from .run import value_at_compliance
+from .real_train import RealWorldConfig, RealWorldPaths, ci_config, ensure_real_world, recorded_sha256, weights_sha256
 
 #: the world must show this before its table means anything (the issue's goals are reported, not gated)
 GATE = {"min_format": 0.9, "min_acc_ratio": 1.5, "min_itm": 0.5, "max_lrm_compliance": 0.5}
@@ -152,7 +153,7 @@ def soundness(p: RealWorldPaths, cache: Path, *, max_new_tokens: int, progress: 
         if only is not None and name not in only:
             continue
         model, tok = load_model(model_dir)
-        key = _sha(weights_sha256(model_dir), [r["prompt"] for r in rows], max_new_tokens, tok.chat_template)
+        key = _sha(recorded_sha256(model_dir), [r["prompt"] for r in rows], max_new_tokens, tok.chat_template)
         resp = cached_generate(cache / f"{name}.json", key, lambda: generate_responses(
             model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, progress=progress,
             desc=f"soundness {name}"))
@@ -163,6 +164,11 @@ def soundness(p: RealWorldPaths, cache: Path, *, max_new_tokens: int, progress: 
 
 def _compact(scores: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"c": s["follow_all"], "a": s["correct"], "f": s["think_ok"]} for s in scores]
+
+
+def _scored(rows: Sequence[dict[str, Any]], responses: Sequence[str]) -> list[dict[str, Any]]:
+    """Per-row compliance / correctness / format of ``responses`` to ``rows``, compacted."""
+    return _compact([score_response(r, x) for r, x in zip(rows, responses)])
 
 
 def gate_problems(s: dict[str, Any]) -> list[str]:
@@ -254,7 +260,7 @@ def sweep_variant(lrm_model, merged: MergedCopy, tok, name: str, adapter: Path, 
         for lam in (opts.lambdas if tune else ()):
             resp = _responses(model, merged, tok, a_sha, test, lam, slug / f"test_{lam:g}.json", max_new_tokens=mnt, progress=progress,
                               desc=f"{name} λ {lam:g}")
-            curve[float(lam)] = _compact([score_response(r, x) for r, x in zip(test, resp)])
+            curve[float(lam)] = _scored(test, resp)
         tune_out = None
         if tune:
             def evaluate(lams: list[float]) -> list[LambdaPoint]:
@@ -265,7 +271,7 @@ def sweep_variant(lrm_model, merged: MergedCopy, tok, name: str, adapter: Path, 
                     else:
                         resp = _responses(model, merged, tok, a_sha, dev, lam, slug / f"dev_{lam:g}.json",
                                           max_new_tokens=mnt, progress=progress, desc=f"tune {name} λ {lam:g}")
-                        sc = _compact([score_response(r, x) for r, x in zip(dev, resp)])
+                        sc = _scored(dev, resp)
                     pts.append(point_from_scores(lam, [{"follow_all": s["c"], "correct": s["a"], "think_ok": s["f"]}
                                                        for s in sc]))
                 return pts
@@ -280,7 +286,7 @@ def sweep_variant(lrm_model, merged: MergedCopy, tok, name: str, adapter: Path, 
         for lam in dict.fromkeys(x for x in extra if x is not None and float(x) not in curve):
             resp = _responses(model, merged, tok, a_sha, test, lam, slug / f"test_{lam:g}.json",
                               max_new_tokens=mnt, progress=progress, desc=f"{name} λ {lam:g}")
-            curve[float(lam)] = _compact([score_response(r, x) for r, x in zip(test, resp)])
+            curve[float(lam)] = _scored(test, resp)
     finally:
         model.detach()
     return {"curve": dict(sorted(curve.items())), "lambda_star": lam_star, "tune": tune_out}
@@ -300,18 +306,8 @@ def rates(rows: Sequence[dict[str, Any]], idx: Sequence[int] | None = None) -> d
 
 
 def at_compliance(curve: dict[float, dict[str, Any]], target: float, key: str = "accuracy") -> float | None:
-    """``key`` at compliance ``target`` along λ (linear between grid points, first crossing)."""
-    pts = sorted(curve.items())
-    for (_, a), (_, b) in zip(pts, pts[1:]):
-        ca, cb = a["compliance"], b["compliance"]
-        if ca == target:
-            return a[key]
-        if (ca - target) * (cb - target) < 0:
-            t = (target - ca) / (cb - ca)
-            return a[key] + t * (b[key] - a[key])
-    if pts and pts[-1][1]["compliance"] == target:
-        return pts[-1][1][key]
-    return None
+    """``key`` at compliance ``target`` along λ (:func:`rain_adapter.demo.run.value_at_compliance`)."""
+    return value_at_compliance([{"lambda": lam, **r} for lam, r in curve.items()], target, key)
 
 
 def paired_bootstrap(a: dict[float, list], b: dict[float, list], target: float, *, n: int = BOOTSTRAP,
@@ -450,11 +446,11 @@ def run_real_study(cfg: RealWorldConfig | None = None, *, root: Path | None = No
     test, dev = load_prompts(p.test), load_prompts(p.dev)
     model, tok = load_model(p.lrm)
     lrm_dev_resp = cached_generate(cache / "soundness" / "lrm_dev.json",
-                                   _sha(weights_sha256(p.lrm), [r["prompt"] for r in dev], mnt),
+                                   _sha(recorded_sha256(p.lrm), [r["prompt"] for r in dev], mnt),
                                    lambda: generate_responses(model, tok, [r["prompt"] for r in dev],
                                                               max_new_tokens=mnt, progress=progress,
                                                               desc="LRM on dev"))
-    lrm_dev = _compact([score_response(r, x) for r, x in zip(dev, lrm_dev_resp)])
+    lrm_dev = _scored(dev, lrm_dev_resp)
     merged = MergedCopy(p.lrm)
     results: dict[str, dict[str, Any]] = {}
     for v in study.variants:

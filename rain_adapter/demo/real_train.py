@@ -130,6 +130,11 @@ def weights_sha256(model_dir: Path) -> str:
     return h.hexdigest()
 
 
+def recorded_sha256(model_dir: Path) -> str:
+    """The weight hash a model's record names (what :func:`model_ok` checked the weights against)."""
+    return json.loads((model_dir / MODEL_RECORD).read_text())["sha256"]
+
+
 def model_ok(model_dir: Path, cfg: RealWorldConfig, *, parent: str | None = None) -> bool:
     """Whether ``model_dir`` holds the model this config (and, for a fine-tune, this base) produced:
     its record names the config hash and the parent's weight hash, and its weights hash to the record."""
@@ -291,7 +296,7 @@ def finetune(base_dir: Path, dest: Path, cfg: RealWorldConfig, role: str, *, pro
     with atomic_dir(dest, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _record(tmp, cfg, json.loads((base_dir / MODEL_RECORD).read_text())["sha256"], stats)
+        _record(tmp, cfg, recorded_sha256(base_dir), stats)
     return stats
 
 
@@ -319,7 +324,7 @@ def ensure_real_world(cfg: RealWorldConfig | None = None, root: Path | None = No
     if force or not model_ok(p.base, cfg):
         say(f"making B (SmolLM2-135M-Instruct{f', first {cfg.n_layers} layers' if cfg.n_layers else ''}) in {p.base}")
         make_base(cfg, p.base)
-    base_sha = json.loads((p.base / MODEL_RECORD).read_text())["sha256"]
+    base_sha = recorded_sha256(p.base)
     todo = [(role, dest) for role, dest in (("lrm", p.lrm), ("itm", p.itm))
             if force or not model_ok(dest, cfg, parent=base_sha)]
     for role, _ in todo:
