@@ -78,7 +78,8 @@ EFFECT_TESTS = {
     "rain_lambda": f"{SERVE}::test_lambda_zero_is_bare_lrm",
     "rain_arm": f"{SERVE}::test_explicit_arm_and_lambda",
     "rain_checks": f"{SERVE}::test_feedback_checks_ab_and_metrics",
-    "rain_reasoning_parser": "tests/test_serve_reasoning.py::test_server_default_none_and_a_template_that_does_not_open_thinking",
+    "rain_reasoning_parser":
+        "tests/test_serve_reasoning.py::test_server_default_none_and_a_template_that_does_not_open_thinking",
 }
 
 #: a value that asks for something, per refused field
@@ -257,8 +258,8 @@ def test_include_stop_str_in_output(served):
     kept = _ok(srv, "/v1/completions", {**COMP, "stop": [stop], "include_stop_str_in_output": True})["choices"][0]
     assert cut["text"] == full[:3] and kept["text"] == full[:5]
     assert (kept["finish_reason"], kept["stop_reason"]) == ("stop", stop)
-    streamed = "".join(c["choices"][0]["text"] for c in _sse(srv, "/v1/completions",
-                                                             {**COMP, "stop": [stop], "include_stop_str_in_output": True}))
+    kept_body = {**COMP, "stop": [stop], "include_stop_str_in_output": True}
+    streamed = "".join(c["choices"][0]["text"] for c in _sse(srv, "/v1/completions", kept_body))
     assert streamed == full[:5]
 
 
@@ -445,3 +446,36 @@ def test_refusals_through_the_server_name_the_field(served):
             assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     r = _post(srv, "/v1/chat/completions", {**CHATB, "modalities": ["text", "audio"]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "modalities"
+
+
+def test_include_stop_str_in_output_in_continuous_mode(tmp_path):
+    """The continuous loop's rows (serve/continuous.py) cut at a stop string the same way."""
+    from rain_adapter.serve.app import create_app
+    from rain_adapter.serve.continuous import ContinuousScheduler
+    from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state
+    from rain_adapter.testing.server import ServerThread
+
+    model_dir, adapter_dir = build_tiny_serving(tmp_path)
+    state = tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=tmp_path / "l.sqlite", max_tokens_cap=16,
+                             max_batch_size=4, context_length=256, batching="continuous")
+    with ServerThread(create_app(state)) as srv:
+        assert isinstance(state.scheduler, ContinuousScheduler)
+        full = _text(_ok(srv, "/v1/completions", COMP))
+        stop = full[3:5]
+        assert len(stop) == 2 and full.find(stop) == 3, full
+        kept = _ok(srv, "/v1/completions", {**COMP, "stop": [stop], "include_stop_str_in_output": True})["choices"][0]
+        assert (kept["text"], kept["finish_reason"], kept["stop_reason"]) == (full[:5], "stop", stop)
+        assert _text(_ok(srv, "/v1/completions", {**COMP, "stop": [stop]})) == full[:3]
+
+
+def test_tokenize_counts_what_generation_sees(served):
+    """/tokenize takes add_generation_prompt / continue_final_message as chat does: the same token count."""
+    srv, _ = served
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The ans"}]
+    for extra in ({"continue_final_message": True}, {"add_generation_prompt": False}, {}):
+        count = _ok(srv, "/tokenize", {"model": M, "messages": msgs, **extra})["count"]
+        assert count == _ok(srv, "/v1/chat/completions", {**CHATB, "messages": msgs, "max_tokens": 1,
+                                                            **extra})["usage"]["prompt_tokens"], extra
+    r = _post(srv, "/tokenize", {"model": M, "messages": msgs, "continue_final_message": True,
+                                 "add_generation_prompt": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"

@@ -1,8 +1,8 @@
 """vLLM's ``POST /tokenize`` and ``POST /detokenize``, with generation's limits.
 
 ``/tokenize``: ``{"prompt": str, "add_special_tokens": true}`` or ``{"messages": [...],
-"add_generation_prompt": true, "chat_template_kwargs": {...}}`` → ``{"count", "max_model_len",
-"tokens", "token_strs": null}``. ``/detokenize``: ``{"tokens": [ids]}`` → ``{"prompt": str}``.
+"add_generation_prompt": true, "continue_final_message": false, "chat_template_kwargs": {...}}``
+→ ``{"count", "max_model_len", "tokens", "token_strs": null}``. ``/detokenize``: ``{"tokens": [ids]}`` → ``{"prompt": str}``.
 ``model``, when given, must be the served one (404 otherwise).
 
 The rules are generation's: the body size (the middleware), a prompt that cannot fit
@@ -54,7 +54,13 @@ def _chat_text(body: dict, tokenizer, limits: TokenizeLimits) -> str:
     kwargs, template = template_options(body, limits.trust_request_chat_template)
     check_prompt_fits(min_prompt_tokens([m["content"] for m in messages], limits.bytes_per_token),
                       limits.max_model_len, "messages")
-    kw = {"add_generation_prompt": _flag(body, "add_generation_prompt", True), **dict(kwargs)}
+    cont = _flag(body, "continue_final_message", False)   # as on /v1/chat/completions
+    kw = {"add_generation_prompt": _flag(body, "add_generation_prompt", not cont), **dict(kwargs)}
+    if cont:
+        if kw["add_generation_prompt"]:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                              "continue_final_message")
+        kw["continue_final_message"] = True
     try:
         return render_chat(tokenizer, messages, limits.template, chat_template=template, **kw)
     except TemplateRefused as e:
