@@ -479,3 +479,8 @@ def test_tokenize_counts_what_generation_sees(served):
     r = _post(srv, "/tokenize", {"model": M, "messages": msgs, "continue_final_message": True,
                                  "add_generation_prompt": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
+def test_the_serving_docs_name_every_declared_field():
+    doc = (TESTS.parent / "docs" / "serving.md").read_text()
+    assert [f for f in (*HONOURED, *REFUSED) if f"| `{f}` |" not in doc] == []
