@@ -484,3 +484,31 @@ def test_tokenize_counts_what_generation_sees(served):
 def test_the_serving_docs_name_every_declared_field():
     doc = (TESTS.parent / "docs" / "serving.md").read_text()
     assert [f for f in (*HONOURED, *REFUSED) if f"| `{f}` |" not in doc] == []
+
+
+def _joined_logprobs(chunks: list[dict]) -> dict:
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for c in chunks:
+        lp = c["choices"][0]["logprobs"] if c["choices"] else None
+        for k in out:
+            out[k] += (lp or {}).get(k, [])
+    return out
+
+
+def test_streaming_carries_logprobs_and_echo(served):
+    """Streamed, a request gets what it gets in one piece: completions logprobs (text_offset included)
+    and echo (the prompt first, with its logprobs), chat logprobs."""
+    srv, _ = served
+    for extra in ({"logprobs": 2}, {"logprobs": 1, "echo": True}, {"echo": True}):
+        whole = _ok(srv, "/v1/completions", {**COMP, **extra})["choices"][0]
+        chunks = _sse(srv, "/v1/completions", {**COMP, **extra})
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole["text"], extra
+        if "logprobs" in extra:
+            assert _joined_logprobs(chunks) == whole["logprobs"], extra
+    assert _sse(srv, "/v1/completions", {**COMP, "echo": True})[0]["choices"][0]["text"] == COMP["prompt"]
+    body = {**CHATB, "logprobs": True, "top_logprobs": 2}
+    whole = _ok(srv, "/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
+    chunks = _sse(srv, "/v1/chat/completions", body)
+    assert [e for c in chunks if c["choices"] for e in (c["choices"][0]["logprobs"] or {}).get("content", [])] == whole
+    split = _sse(srv, "/v1/chat/completions", {**body, "rain_reasoning_parser": "deepseek_r1"})
+    assert [e for c in split if c["choices"] for e in (c["choices"][0]["logprobs"] or {}).get("content", [])] == whole

@@ -96,8 +96,23 @@ class Exchange:
         return getattr(self.request, "include_reasoning", True)
 
     def echo_text(self) -> str | None:
-        """Chat ``echo``: the text that starts the content (the last message when it is the assistant's)."""
-        return self.request.echo_text() if self.request.chat else None
+        """What ``echo`` puts before the generated text: on chat the last message when it is the
+        assistant's; on completions the prompt (the text of the tokens the model saw when it was given as
+        ids or cut by ``truncate_prompt_tokens``); None without ``echo``."""
+        if self.request.chat:
+            return self.request.echo_text()
+        sp = self.request.sampling
+        if not getattr(sp, "echo", False):
+            return None
+        p = self.request.prompt
+        if isinstance(p, str) and getattr(sp, "truncate", None) is None:
+            return p
+        return self.tokenizer.decode(list(self.job.prompt_ids), skip_special_tokens=False)
+
+    def echoed_logprobs(self) -> list:
+        """Completions ``echo`` + ``logprobs``: the prompt tokens' entries, cut to the request's k."""
+        k = self.job.params.logprobs or 0
+        return [(t, v, top[:k]) for t, v, top in self.job.prompt_logprobs or []]
 
     def prompt_logprobs(self) -> list | None:
         """vLLM's ``prompt_logprobs`` of this exchange, or None when not asked."""
@@ -156,17 +171,11 @@ def completion_body(ex: Exchange, text: str, done: GenEvent, row: dict[str, Any]
                   "logprobs": chat_logprobs(tok, job.token_logprobs, as_ids) if want else None}
     else:
         lp = None
-        echo = getattr(sp, "echo", False)
-        if echo:
-            p = ex.request.prompt
-            if isinstance(p, str) and getattr(sp, "truncate", None) is None:
-                prompt_text = p
-            else:  # token ids, or a prompt cut to its last tokens: the text of the tokens the model saw
-                prompt_text = tok.decode(list(job.prompt_ids), skip_special_tokens=False)
-            text = prompt_text + text
+        echo = ex.echo_text()
+        if echo is not None:
+            text = echo + text
         if want:
-            k = job.params.logprobs or 0
-            prompt = [(t, v, top[:k]) for t, v, top in job.prompt_logprobs or []] if echo else []
+            prompt = ex.echoed_logprobs() if echo is not None else []
             lp = completion_logprobs(tok, prompt + job.token_logprobs, as_ids=as_ids)
         choice = {"index": 0, "text": text, "finish_reason": fr, "stop_reason": done.stop_reason, "logprobs": lp}
         if plp is not None:
@@ -194,6 +203,9 @@ class ChunkWriter:
         self.object = "chat.completion.chunk" if ex.request.chat else "text_completion"
         self.index = ex.index
         self.splitter = ReasoningSplitter(ex.opens_thinking()) if ex.splits_reasoning else None
+        self.lp_sent = 0        # generated tokens whose logprobs were sent
+        self.lp_offset = 0      # completions: text_offset of the next token's logprobs
+        self.echo_pending = not ex.request.chat and ex.echo_text() is not None
 
     def _chunk(self, choices: list[dict], usage_: dict | None = None) -> str:
         ex = self.ex
@@ -205,44 +217,78 @@ class ChunkWriter:
             d["usage"] = usage_
         return sse(d)
 
+    def _logprobs(self, entries: list | None = None) -> dict | None:
+        """The logprobs of the generated tokens not sent yet (or of ``entries``), None without logprobs.
+
+        A chunk carries the tokens the worker has recorded when it is written, so a token's logprobs may
+        come one chunk before its text; every token's come exactly once, in order."""
+        ex, tok = self.ex, self.ex.tokenizer
+        if ex.job.params.logprobs is None or tok is None:
+            return None
+        if entries is None:
+            entries = list(ex.job.token_logprobs[self.lp_sent:])
+            self.lp_sent += len(entries)
+        as_ids = getattr(ex.request.sampling, "as_token_ids", False)
+        if ex.request.chat:
+            return chat_logprobs(tok, entries, as_ids)
+        lp = completion_logprobs(tok, entries, self.lp_offset, as_ids)
+        if entries:
+            last = tok.decode([entries[-1][0]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self.lp_offset = lp["text_offset"][-1] + len(last)
+        return lp
+
     def _choice(self, text: str | None, finish_reason: str | None, first: bool = False,
-                stop_reason: str | int | None = None) -> dict:
+                stop_reason: str | int | None = None, logprobs: dict | None = None) -> dict:
         # stop_reason as vLLM streams it: on every completions chunk (null until the last), on chat's last
         if not self.ex.request.chat:
             return {"index": self.index, "text": text or "", "finish_reason": finish_reason,
-                    "stop_reason": stop_reason, "logprobs": None}
+                    "stop_reason": stop_reason, "logprobs": logprobs}
         delta: dict[str, str] = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        c = {"index": self.index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        c = {"index": self.index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         return {**c, "stop_reason": stop_reason} if finish_reason is not None else c
+
+    def _echo(self) -> str:
+        """Completions ``echo``: the prompt (with its logprobs) as the first chunk, once."""
+        if not self.echo_pending:
+            return ""
+        self.echo_pending = False
+        lp = self._logprobs(self.ex.echoed_logprobs()) if self.ex.job.params.logprobs is not None else None
+        return self._chunk([self._choice(self.ex.echo_text(), None, logprobs=lp)])
 
     def role(self) -> str:
         """The opening chat chunk: the assistant role and empty content (then chat ``echo``'s text)."""
         echo = self.ex.echo_text()
         return self._chunk([self._choice("", None, first=True)]) + (self._pieces([("content", echo)]) if echo else "")
 
-    def _pieces(self, pieces: list[tuple[str, str]]) -> str:
+    def _pieces(self, pieces: list[tuple[str, str]], logprobs: bool = False) -> str:
+        """Chunks of ``(field, text)`` pieces; with ``logprobs``, the first carries the unsent logprobs."""
         if not self.ex.includes_reasoning:
             pieces = [(f, t) for f, t in pieces if f != "reasoning_content"]
         return "".join(self._chunk([{"index": self.index, "delta": {field: text}, "finish_reason": None,
-                                     "logprobs": None}]) for field, text in pieces)
+                                     "logprobs": self._logprobs() if logprobs and i == 0 else None}])
+                       for i, (field, text) in enumerate(pieces))
 
     def delta(self, text: str) -> str:
-        """The chunk(s) of a text delta: ``content``, or ``reasoning_content`` / ``content`` when split."""
+        """The chunk(s) of a text delta: ``content``, or ``reasoning_content`` / ``content`` when split
+        (completions ``echo``: the prompt's chunk first), with the logprobs of the tokens produced."""
         if self.splitter is not None:
-            return self._pieces(self.splitter.feed(text))
-        return self._chunk([self._choice(text, None)])
+            return self._pieces(self.splitter.feed(text), logprobs=True)
+        return self._echo() + self._chunk([self._choice(text, None, logprobs=self._logprobs())])
 
     def finish(self, finish_reason: str | None, stop_reason: str | int | None = None,
                completion_tokens: int | None = None) -> str:
         """The text still held back (if any), then the finishing chunk (with ``stop_reason``; with
         ``continuous_usage_stats``, the final usage when ``completion_tokens`` is given)."""
-        held = self._pieces(self.splitter.flush()) if self.splitter is not None else ""
+        held = self._pieces(self.splitter.flush(), logprobs=True) if self.splitter is not None else ""
         final = usage(self.ex.prompt_tokens, completion_tokens) \
             if completion_tokens is not None and getattr(self.ex.request, "continuous_usage", False) else None
-        return held + self._chunk([self._choice(None if self.ex.request.chat else "", finish_reason,
-                                                stop_reason=stop_reason)], final)
+        lp = self._logprobs()
+        if lp is not None and not (lp.get("content") or lp.get("tokens")):
+            lp = None   # nothing left to send
+        return held + self._echo() + self._chunk([self._choice(None if self.ex.request.chat else "", finish_reason,
+                                                               stop_reason=stop_reason, logprobs=lp)], final)
 
     def usage(self, completion_tokens: int, prompt_tokens: int | None = None) -> str:
         """The ``include_usage`` chunk: no choices, the usage (``prompt_tokens``: this exchange's by default)."""
