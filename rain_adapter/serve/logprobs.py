@@ -83,14 +83,15 @@ def prompt_logprobs(model, ids: list[int], lam: float, k: int, device, ranks: bo
     out: list[Entry] = [(int(ids[0]), None, [])]
     for t in range(1, len(ids)):
         out.append(entry(lp[t - 1], ids[t], k))
-    if not ranks:
-        return out
-    if len(ids) < 2:
-        return out, [None]
-    idx = torch.tensor(ids[1:], dtype=torch.long)
-    chosen = lp[: len(ids) - 1].gather(1, idx[:, None])
-    rk = (lp[: len(ids) - 1] > chosen).sum(dim=1) + 1
-    return out, [None] + [int(r) for r in rk.tolist()]
+    return (out, [None] + vocab_ranks(lp[: len(ids) - 1], ids[1:])) if ranks else out
+
+
+def vocab_ranks(lp: torch.Tensor, ids: list[int]) -> list[int]:
+    """Rank of ``ids[t]`` in row t of ``lp [N, V]``: ``1 + #{v : lp[t, v] > lp[t, ids[t]]}`` (1 = most likely)."""
+    if not ids:
+        return []
+    chosen = lp.gather(1, torch.tensor(ids, dtype=torch.long)[:, None])
+    return [int(r) for r in ((lp > chosen).sum(dim=1) + 1).tolist()]
 
 
 def _text(tok, i: int, as_id: bool = False) -> str:
@@ -148,4 +149,4 @@ def prompt_logprobs_json(tok, entries: list[Entry], ranks: list[int | None] | No
 
 
 __all__ = ["MAX_TOP_LOGPROBS", "chat_logprobs", "completion_logprobs", "entry", "parse_logprobs",
-           "parse_prompt_logprobs", "prompt_logprobs", "prompt_logprobs_json"]
+           "parse_prompt_logprobs", "prompt_logprobs", "prompt_logprobs_json", "vocab_ranks"]
