@@ -512,3 +512,13 @@ def test_streaming_carries_logprobs_and_echo(served):
     assert [e for c in chunks if c["choices"] for e in (c["choices"][0]["logprobs"] or {}).get("content", [])] == whole
     split = _sse(srv, "/v1/chat/completions", {**body, "rain_reasoning_parser": "deepseek_r1"})
     assert [e for c in split if c["choices"] for e in (c["choices"][0]["logprobs"] or {}).get("content", [])] == whole
+
+
+def test_tokenize_return_token_strs_and_refusals(served):
+    srv, state = served
+    got = _ok(srv, "/tokenize", {"model": M, "prompt": "ab", "return_token_strs": True})
+    assert got["token_strs"] == state.tokenizer.convert_ids_to_tokens(got["tokens"]) and len(got["token_strs"]) == 3
+    assert _ok(srv, "/tokenize", {"model": M, "prompt": "ab"})["token_strs"] is None
+    for field, value in (("tools", [{"type": "function", "function": {"name": "f"}}]), ("return_token_strs", 1)):
+        r = _post(srv, "/tokenize", {"model": M, "prompt": "ab", field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
