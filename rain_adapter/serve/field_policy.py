@@ -174,7 +174,7 @@ def _stream_options(body: dict) -> dict[str, Any]:
         return {}
     if not isinstance(so, dict):
         raise bad_request("stream_options must be an object", "stream_options")
-    if not body.get("stream"):
+    if so and not body.get("stream"):   # vLLM's rule: an empty object is let through
         raise bad_request("stream_options can only be given with stream=true", "stream_options")
     for key in ("include_usage", "continuous_usage_stats"):
         if so.get(key) is not None and not isinstance(so[key], bool):
