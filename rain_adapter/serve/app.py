@@ -39,7 +39,8 @@ from .choices import ChoiceSet, choice_id, choice_seed, reply_choices, stream_ch
 from .errors import APIError, bad_request
 from .limits import GuardMiddleware, check_prompt_fits, min_prompt_tokens, template_chars
 from .report import ab_report, to_json
-from .requests import parse_chat, parse_completion, parse_feedback, parse_json_body
+from ..evaluation.checks import THINK_CLOSE, THINK_OPEN
+from .requests import parse_chat, parse_completion, parse_feedback, parse_json_body, skip_ids
 from .responses import (
     Exchange,
     error_response,
@@ -82,6 +83,8 @@ def _precheck(req, state: ServeState) -> None:
                           code="context_length_exceeded")
     ids = getattr(req, "prompt", None)
     lower = len(ids) if isinstance(ids, tuple) else min_prompt_tokens(req.texts(), state.bytes_per_token)
+    if req.sampling.truncate is not None:  # the prompt is cut to its last k tokens (the body's size bounds it)
+        lower = min(lower, n if req.sampling.truncate == -1 else req.sampling.truncate)
     check_prompt_fits(lower, n, req.prompt_param, reserve=mt or 1, why=f"; with max_tokens={mt or 1}")
 
 
@@ -139,9 +142,11 @@ async def _generate(request: Request, chat: bool) -> Response:
         for part in parts:
             _precheck(part, state)
         tl = _template_limits(state)
-        ids = await run_in_threadpool(lambda: [part.encode(state.tokenizer, tl) for part in parts])
-        params = [part.sampling.gen_params(len(i), state.context_length, state.max_tokens_cap, req.prompt_param)
-                  for part, i in zip(parts, ids)]
+        ids = await run_in_threadpool(lambda: [part.sampling.truncated(part.encode(state.tokenizer, tl),
+                                                                         state.context_length) for part in parts])
+        skip = skip_ids(state.tokenizer, req.sampling.skip_special, (THINK_OPEN, THINK_CLOSE))
+        params = [part.sampling.gen_params(len(i), state.context_length, state.max_tokens_cap, req.prompt_param,
+                                           skip) for part, i in zip(parts, ids)]
         key = json.dumps(req.messages if chat else (list(req.prompts) or req.prompt), sort_keys=True)
         arm, lam, how = state.assigner.choose(req.rain.arm, req.rain.lam, req.user, key)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

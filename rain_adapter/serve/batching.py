@@ -47,7 +47,7 @@ class _RowState:
     def __init__(self, job: GenJob, tokenizer, skip_ids: set[int], eos_ids: set[int]):
         self.job = job
         self.tok = tokenizer
-        self.skip_ids = skip_ids
+        self.skip_ids = skip_ids if job.params.skip_ids is None else job.params.skip_ids
         self.eos_ids = eos_ids
         self.ids: list[int] = []
         self.text = ""          # decoded text of self.ids (without skipped ids), up to a stop string
@@ -80,7 +80,7 @@ class _RowState:
         for s in job.params.stop:
             pos = self.text.find(s, max(0, self.emitted - len(s)))
             if pos >= 0:
-                self.text = self.text[:pos]
+                self.text = self.text[:pos + (len(s) if job.params.include_stop_str else 0)]
                 self._finish("stop", stop_reason=s)
                 return
         if len(self.ids) >= job.params.max_tokens:
@@ -262,7 +262,9 @@ class BatchScheduler:
 
         p = job.params
         if p.prompt_logprobs:
-            job.prompt_logprobs = prompt_logprobs(self.model, job.prompt_ids, job.lam, p.logprobs or 0, self.device)
+            job.prompt_logprobs, job.prompt_ranks = prompt_logprobs(self.model, job.prompt_ids, job.lam,
+                                                                    max(p.logprobs or 0, p.prompt_top), self.device,
+                                                                    ranks=True)
         proc = RequestLogitsProcessor(p.processing, prompt_len, sorted(self.eos_ids), p.logprobs is not None)
         row.recorder = proc if p.logprobs is not None else None
         kw.update(logits_processor=LogitsProcessorList([proc]), repetition_penalty=None, top_k=None)

@@ -173,11 +173,15 @@ def body_of(cs: ChoiceSet, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``chat.completion`` / ``text_completion`` object with every choice, in index order."""
     ex = cs.first
     choices = [_choice(e, cs.text(i), cs.dones[i], rows[i]) for i, e in enumerate(cs.exchanges)]
-    return {"id": ex.response_id or ex.rid, "object": "chat.completion" if ex.request.chat else "text_completion",
+    body = {"id": ex.response_id or ex.rid, "object": "chat.completion" if ex.request.chat else "text_completion",
             "created": ex.created, "model": ex.model_name, "choices": choices,
             "usage": usage(cs.prompt_tokens(), cs.completion_tokens()),
             "rain": {"arm": ex.arm, "lambda": ex.lam, "request_id": ex.response_id or ex.rid,
                      "n_choices": len(cs.exchanges)}}
+    plp = ex.prompt_logprobs() if ex.request.chat else None
+    if plp is not None:  # chat: the one prompt's logprobs, at the top level (vLLM's shape)
+        body["prompt_logprobs"] = plp
+    return body
 
 
 async def reply_choices(cs: ChoiceSet, rlog: RequestLog, disconnected: Disconnected | None = None) -> JSONResponse:
@@ -231,7 +235,7 @@ async def _sse_choices(cs: ChoiceSet, rlog: RequestLog, disconnected: Disconnect
                 status = _status(cs, i, False)
                 await cs.log(rlog, i, status, None if status == "ok" else CLIENT_GONE,
                              200 if status == "ok" else 499)   # durable BEFORE its end is acknowledged
-                yield writers[i].finish(ev.finish_reason, ev.stop_reason)
+                yield writers[i].finish(ev.finish_reason, ev.stop_reason, ev.completion_tokens)
         if gone:
             return   # the rest is logged cancelled in ``finally``
         if cs.failed is not None:

@@ -14,6 +14,13 @@ instructions: a list of ``{"instruction_id", "kwargs"}`` — ``id`` is accepted 
 ``rain serve --checks`` modules; a request never imports) and their ``spec:*`` / plug-in kwargs valid;
 ``rain_reasoning_parser`` (chat only: ``deepseek_r1`` or ``none``, default ``rain serve
 --reasoning-parser``; :mod:`~rain_adapter.serve.reasoning`).
+
+Which fields are honoured and which are refused with a 400 is declared once, in
+:mod:`~rain_adapter.serve.field_policy` (:func:`~rain_adapter.serve.field_policy.check_fields` runs
+first); the honoured decode-side ones (``include_stop_str_in_output``, ``skip_special_tokens``,
+``truncate_prompt_tokens``, ``prompt_logprobs``, ``add_special_tokens``, the chat template's
+``add_generation_prompt`` / ``continue_final_message``, chat ``echo``, ``include_reasoning``,
+``return_tokens_as_token_ids``, ``stream_options.continuous_usage_stats``) are parsed here.
 """
 
 from __future__ import annotations
@@ -25,20 +32,18 @@ from ..evaluation.registry import CheckRegistry
 from ..evaluation.specs import SpecError
 from ..format.config import is_finite_number
 from .errors import APIError, bad_request
+from .field_policy import CHAT, COMPLETIONS, check_fields, flag
 from .fields import int_field, number_field, text_field
 from .limits import parse_json_body  # noqa: F401  (re-exported: the request parsers' entry point)
 from .limits import (MAX_CHOICES, MAX_COMMENT_CHARS, MAX_N, MAX_PROMPTS, MAX_RAIN_CHECKS, MAX_STOP_CHARS,
                      MAX_STOP_STRINGS, MAX_USER_CHARS)
-from .logprobs import parse_logprobs
+from .logprobs import parse_logprobs, parse_prompt_logprobs
 from .sampling import parse_logits_spec
 from .scheduler import GenParams
 from .scoring import DEFAULT_SERVER_REGISTRY
 from .templates import TemplateLimits, TemplateRefused, render_chat, template_options
 
 CHAT_ROLES = ("system", "user", "assistant", "developer")
-#: OpenAI fields this server does not implement: a 400 naming them, never a silent 200
-UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "suffix", "best_of", "guided_json",
-                      "guided_regex", "guided_choice", "guided_grammar")
 MAX_FEEDBACK_ABS = 1e6
 #: the seeds a request may give (vLLM's: a signed 64-bit integer)
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
@@ -92,9 +97,16 @@ class SamplingParams:
     logprobs: int | None = None     # top alternatives per token; None: no logprobs
     echo: bool = False              # completions: the prompt is part of the answer (with its logprobs)
     n: int = 1                      # choices per prompt (serve/choices.py)
+    prompt_top: int | None = None   # ``prompt_logprobs``: k alternatives per prompt token; None: not asked
+    include_stop_str: bool = False  # ``include_stop_str_in_output``
+    skip_special: bool | None = None  # ``skip_special_tokens`` (None: absent; :func:`skip_ids` resolves it)
+    truncate: int | None = None     # ``truncate_prompt_tokens``: keep the last k prompt tokens (-1: context length)
+    as_token_ids: bool = False      # ``return_tokens_as_token_ids``
 
-    def gen_params(self, prompt_len: int, context_length: int, cap: int, prompt_param: str) -> GenParams:
-        """Generation parameters for a prompt of ``prompt_len`` tokens (400 when it does not fit)."""
+    def gen_params(self, prompt_len: int, context_length: int, cap: int, prompt_param: str,
+                   skip: frozenset[int] | None = None) -> GenParams:
+        """Generation parameters for a prompt of ``prompt_len`` tokens (400 when it does not fit);
+        ``skip``: the ids the text leaves out (:func:`skip_ids` of ``skip_special``; None: the scheduler's)."""
         if prompt_len >= context_length:
             raise bad_request(f"the prompt has {prompt_len} tokens; this model's context length is {context_length}",
                               prompt_param, code="context_length_exceeded")
@@ -104,7 +116,16 @@ class SamplingParams:
                               f"{context_length}", "max_tokens", code="context_length_exceeded")
         return GenParams(max_tokens=mt, temperature=self.temperature, top_p=self.top_p, stop=self.stop,
                          seed=self.seed, processing=self.processing, logprobs=self.logprobs,
-                         prompt_logprobs=self.echo and self.logprobs is not None)
+                         prompt_logprobs=(self.echo and self.logprobs is not None) or self.prompt_top is not None,
+                         prompt_top=self.prompt_top or 0, include_stop_str=self.include_stop_str,
+                         skip_ids=skip)
+
+    def truncated(self, ids: list[int], context_length: int) -> list[int]:
+        """``ids`` cut to their last ``truncate`` tokens (-1: the context length); unchanged without it."""
+        if self.truncate is None:
+            return ids
+        k = context_length if self.truncate == -1 else self.truncate
+        return ids[-k:]
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,9 @@ class GenerationRequest:
     user: str | None
     stream: bool
     include_usage: bool
+    # keyword-only: the subclasses' own fields (no defaults) follow
+    continuous_usage: bool = field(default=False, kw_only=True)   # stream_options.continuous_usage_stats
+    add_special_tokens: bool | None = field(default=None, kw_only=True)   # None: chat false, completions true
 
 
 @dataclass(frozen=True)
@@ -127,6 +151,10 @@ class ChatRequest(GenerationRequest):
     template_kwargs: tuple[tuple[str, Any], ...] = ()   # ``chat_template_kwargs`` (less ``chat_template``)
     chat_template: str | None = None                    # the request's own (--trust-request-chat-template)
     reasoning_parser: str = "deepseek_r1"               # REASONING_PARSERS: thinking in reasoning_content or not
+    add_generation_prompt: bool = True                  # the template's generation prompt
+    continue_final_message: bool = False                # the final message left open: the model continues it
+    include_reasoning: bool = True                      # False: no reasoning_content in the response
+    echo: bool = False                                  # the last message, when the assistant's, starts the content
 
     chat = True
     prompt_param = "messages"
@@ -138,7 +166,9 @@ class ChatRequest(GenerationRequest):
         """Token ids of the conversation through the chat template (generation prompt added), rendered
         in the bounded sandbox (:mod:`~rain_adapter.serve.templates`); a template that fails or runs
         over ``template_limits`` is a 400."""
-        kw = {"add_generation_prompt": True, **dict(self.template_kwargs)}
+        kw = {"add_generation_prompt": self.add_generation_prompt, **dict(self.template_kwargs)}
+        if self.continue_final_message:
+            kw["continue_final_message"] = True
         try:
             text = render_chat(tokenizer, list(self.messages), template_limits or TemplateLimits(),
                                chat_template=self.chat_template, **kw)
@@ -146,7 +176,13 @@ class ChatRequest(GenerationRequest):
             param = "chat_template" if self.chat_template else "chat_template_kwargs" if self.template_kwargs \
                 else "messages"
             raise bad_request(str(e), param, code="chat_template_failed") from None
-        return _non_empty(list(tokenizer(text, add_special_tokens=False)["input_ids"]), "messages")
+        special = bool(self.add_special_tokens)
+        return _non_empty(list(tokenizer(text, add_special_tokens=special)["input_ids"]), "messages")
+
+    def echo_text(self) -> str | None:
+        """What ``echo`` prepends to the content: the last message when it is the assistant's (vLLM's rule)."""
+        last = self.messages[-1]
+        return last["content"] if self.echo and last["role"] == "assistant" else None
 
 
 @dataclass(frozen=True)
@@ -173,7 +209,8 @@ class CompletionRequest(GenerationRequest):
     def encode(self, tokenizer, template_limits: TemplateLimits | None = None) -> list[int]:
         """Token ids of the prompt (400 for a token id outside the vocabulary or an empty prompt)."""
         if isinstance(self.prompt, str):
-            return _non_empty(list(tokenizer(self.prompt)["input_ids"]), "prompt")
+            special = True if self.add_special_tokens is None else self.add_special_tokens
+            return _non_empty(list(tokenizer(self.prompt, add_special_tokens=special)["input_ids"]), "prompt")
         vocab = len(tokenizer)
         if any(t < 0 or t >= vocab for t in self.prompt):
             raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
@@ -211,15 +248,23 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(v)
 
 
-def unsupported(body: dict) -> None:
-    """400 for the OpenAI fields this server does not implement (never a silent 200)."""
-    for name in UNSUPPORTED_FIELDS:
-        if body.get(name) not in (None, [], {}):
-            raise bad_request(f"{name} is not supported by this server", name, code="not_supported")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise bad_request("response_format is not supported by this server (only {\"type\": \"text\"})",
-                          "response_format", code="not_supported")
+def skip_ids(tokenizer, value: bool | None, keep: tuple[str, ...]) -> frozenset[int] | None:
+    """The ids ``skip_special_tokens`` leaves out of the text: every special id but those of ``keep``
+    (the thinking markers) for true, none for false, None (the scheduler's pad / BOS / EOS) when absent."""
+    if value is None:
+        return None
+    if not value:
+        return frozenset()
+    kept = {tokenizer.convert_tokens_to_ids(t) for t in keep}
+    return frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", []) if i not in kept)
+
+
+def _truncate(body: dict) -> int | None:
+    k = int_field(body, "truncate_prompt_tokens")
+    if k is not None and k < 1 and k != -1:
+        raise bad_request(f"truncate_prompt_tokens must be at least 1 (or -1: the context length), got {k}",
+                          "truncate_prompt_tokens")
+    return k
 
 
 def _model(body: dict, limits: RequestLimits) -> str:
@@ -306,8 +351,17 @@ def _sampling(body: dict, limits: RequestLimits, chat: bool) -> SamplingParams:
     seed = int_field(body, "seed")
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise bad_request(f"seed must be a signed 64-bit integer (between -2^63 and 2^63 - 1), got {seed}", "seed")
+    prompt_top = parse_prompt_logprobs(body, bool(body.get("stream")))
+    include_stop = flag(body, "include_stop_str_in_output", False)
+    skip = body.get("skip_special_tokens")
+    if skip is not None and not isinstance(skip, bool):
+        raise bad_request(f"skip_special_tokens must be a boolean, got {skip!r}", "skip_special_tokens")
+    flag(body, "spaces_between_special_tokens", True)   # fast tokenizers put no spaces there either way
+    as_ids = flag(body, "return_tokens_as_token_ids", False)
     return SamplingParams(max_tokens=mt, temperature=temperature, top_p=top_p, stop=_stop(body), seed=seed,
-                          processing=processing, logprobs=logprobs, echo=echo, n=n)
+                          processing=processing, logprobs=logprobs, echo=echo, n=n, prompt_top=prompt_top,
+                          include_stop_str=include_stop, skip_special=skip, truncate=_truncate(body),
+                          as_token_ids=as_ids)
 
 
 def _arm_and_lambda(body: dict, limits: RequestLimits) -> tuple[str | None, float | None]:
@@ -364,6 +418,22 @@ def parse_rain_checks(value: Any, registry: CheckRegistry | None = None) -> tupl
     return tuple(out)
 
 
+def _identifiers(body: dict) -> None:
+    """The hints that promise no effect (``prompt_cache_key``, ``safety_identifier``, ``cache_salt``):
+    strings, type-checked."""
+    for name in ("prompt_cache_key", "safety_identifier"):
+        text_field(body, name, MAX_USER_CHARS)
+    if body.get("prompt_cache_retention") not in (None, "in_memory", "24h"):
+        raise bad_request("prompt_cache_retention must be 'in_memory' or '24h'", "prompt_cache_retention")
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise bad_request("cache_salt must be a non-empty string", "cache_salt")
+    if salt is not None:
+        text_field(body, "cache_salt", MAX_USER_CHARS)
+    if body.get("parallel_tool_calls") is not None:
+        flag(body, "parallel_tool_calls", False)
+
+
 def _common(body: dict, limits: RequestLimits, chat: bool) -> dict[str, Any]:
     """The shared fields, validated in the order the server has always reported them."""
     sampling = _sampling(body, limits, chat)
@@ -375,27 +445,40 @@ def _common(body: dict, limits: RequestLimits, chat: bool) -> dict[str, Any]:
         raise bad_request("stream must be a boolean", "stream")
     so = body.get("stream_options") or {}
     include_usage = bool(isinstance(so, dict) and so.get("include_usage"))
-    return dict(sampling=sampling, rain=rain, user=user, stream=stream, include_usage=include_usage)
+    continuous = bool(isinstance(so, dict) and so.get("continuous_usage_stats"))
+    _identifiers(body)
+    special = body.get("add_special_tokens")
+    if special is not None:
+        special = flag(body, "add_special_tokens", False)
+    return dict(sampling=sampling, rain=rain, user=user, stream=stream, include_usage=include_usage,
+                continuous_usage=continuous, add_special_tokens=special)
 
 
 def parse_chat(body: dict, limits: RequestLimits) -> ChatRequest:
     """A validated chat completions request."""
     model = _model(body, limits)
-    unsupported(body)
+    check_fields(body, CHAT)
     messages = _messages(body)
     template_kwargs, template = template_options(body, limits.trust_request_chat_template)
     rp = body.get("rain_reasoning_parser", limits.reasoning_parser)
     if rp not in REASONING_PARSERS:
         raise bad_request(f"rain_reasoning_parser must be one of {list(REASONING_PARSERS)}, got {rp!r}",
                           "rain_reasoning_parser")
+    continue_final = flag(body, "continue_final_message", False)
+    agp = flag(body, "add_generation_prompt", not continue_final)
+    if continue_final and agp:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                          "continue_final_message")
     return ChatRequest(model=model, messages=messages, template_kwargs=template_kwargs, chat_template=template,
-                       reasoning_parser=rp, **_common(body, limits, chat=True))
+                       reasoning_parser=rp, add_generation_prompt=agp, continue_final_message=continue_final,
+                       include_reasoning=flag(body, "include_reasoning", True), echo=flag(body, "echo", False),
+                       **_common(body, limits, chat=True))
 
 
 def parse_completion(body: dict, limits: RequestLimits) -> CompletionRequest:
     """A validated (legacy) completions request."""
     model = _model(body, limits)
-    unsupported(body)
+    check_fields(body, COMPLETIONS)
     if body.get("rain_reasoning_parser") is not None:
         raise bad_request("rain_reasoning_parser applies to /v1/chat/completions only", "rain_reasoning_parser")
     prompts = _prompts(body)
@@ -421,6 +504,6 @@ def parse_feedback(body: dict) -> FeedbackRequest:
     return FeedbackRequest(request_id=rid, score=score, comment=comment)
 
 
-__all__ = ["REASONING_PARSERS", "ChatRequest", "CompletionRequest", "FeedbackRequest", "GenerationRequest",
+__all__ = ["REASONING_PARSERS", "skip_ids", "ChatRequest", "CompletionRequest", "FeedbackRequest", "GenerationRequest",
            "RainCheck", "RainExtensions", "RequestLimits", "SamplingParams", "parse_chat", "parse_completion",
            "parse_feedback", "parse_json_body", "parse_rain_checks"]

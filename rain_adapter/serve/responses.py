@@ -17,7 +17,14 @@ run left unscored.
 Reasoning (:mod:`~rain_adapter.serve.reasoning`): a chat request with ``reasoning_parser``
 ``deepseek_r1`` (the default) gets the thinking in ``message.reasoning_content`` (streaming:
 ``delta.reasoning_content`` chunks, then ``delta.content``) and the answer in ``content``; with
-``none`` the thinking stays in ``content``. Scoring and the log see the full text either way.
+``none`` the thinking stays in ``content``; with ``include_reasoning: false`` the thinking is dropped
+(``reasoning_content`` null, no reasoning chunks). Scoring and the log see the full text either way.
+
+Other decode-side fields (:mod:`~rain_adapter.serve.field_policy`): chat ``echo`` prepends the last
+message, when it is the assistant's, to the content (streaming: a content chunk after the role);
+``prompt_logprobs`` (vLLM's shape: ``choices[i].prompt_logprobs`` on completions, a top-level
+``prompt_logprobs`` on chat); ``return_tokens_as_token_ids``; ``stream_options.continuous_usage_stats``
+puts the usage so far on every chunk.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .errors import APIError
-from .logprobs import chat_logprobs, completion_logprobs
+from .logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_json
 from .prom import ServeMetrics
 from .reasoning import ReasoningSplitter, prompt_opens_thinking, split_reasoning
 from .request_log import RequestLog
@@ -83,6 +90,37 @@ class Exchange:
         """Whether the thinking goes to ``reasoning_content`` (chat, ``reasoning_parser`` deepseek_r1)."""
         return self.request.chat and getattr(self.request, "reasoning_parser", "none") == "deepseek_r1"
 
+    @property
+    def includes_reasoning(self) -> bool:
+        """False with ``include_reasoning: false``: the split-off thinking is dropped from the response."""
+        return getattr(self.request, "include_reasoning", True)
+
+    def echo_text(self) -> str | None:
+        """What ``echo`` puts before the generated text: on chat the last message when it is the
+        assistant's; on completions the prompt (the text of the tokens the model saw when it was given as
+        ids or cut by ``truncate_prompt_tokens``); None without ``echo``."""
+        if self.request.chat:
+            return self.request.echo_text()
+        sp = self.request.sampling
+        if not getattr(sp, "echo", False):
+            return None
+        p = self.request.prompt
+        if isinstance(p, str) and getattr(sp, "truncate", None) is None:
+            return p
+        return self.tokenizer.decode(list(self.job.prompt_ids), skip_special_tokens=False)
+
+    def echoed_logprobs(self) -> list:
+        """Completions ``echo`` + ``logprobs``: the prompt tokens' entries, cut to the request's k."""
+        k = self.job.params.logprobs or 0
+        return [(t, v, top[:k]) for t, v, top in self.job.prompt_logprobs or []]
+
+    def prompt_logprobs(self) -> list | None:
+        """vLLM's ``prompt_logprobs`` of this exchange, or None when not asked."""
+        k = getattr(self.request.sampling, "prompt_top", None)
+        if k is None or self.job.prompt_logprobs is None or self.tokenizer is None:
+            return None
+        return prompt_logprobs_json(self.tokenizer, self.job.prompt_logprobs, self.job.prompt_ranks, k)
+
     def opens_thinking(self) -> bool:
         """Whether the generation prompt already opened the thinking block (R1-style templates)."""
         return prompt_opens_thinking(self.tokenizer, self.job.prompt_ids)
@@ -118,26 +156,37 @@ def completion_body(ex: Exchange, text: str, done: GenEvent, row: dict[str, Any]
     fr = done.finish_reason
     job, tok = ex.job, ex.tokenizer
     want = job.params.logprobs is not None and tok is not None
+    sp = ex.request.sampling
+    as_ids = getattr(sp, "as_token_ids", False)
+    plp = ex.prompt_logprobs()
     if ex.request.chat:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if ex.splits_reasoning:
             reasoning, content = split_reasoning(text, ex.opens_thinking())
-            message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+            message = {"role": "assistant", "content": content,
+                       "reasoning_content": reasoning if ex.includes_reasoning else None}
+        if ex.echo_text() is not None:
+            message["content"] = ex.echo_text() + (message["content"] or "")
         choice = {"index": 0, "message": message, "finish_reason": fr, "stop_reason": done.stop_reason,
-                  "logprobs": chat_logprobs(tok, job.token_logprobs) if want else None}
+                  "logprobs": chat_logprobs(tok, job.token_logprobs, as_ids) if want else None}
     else:
         lp = None
-        if getattr(ex.request.sampling, "echo", False):
-            p = ex.request.prompt
-            prompt_text = p if isinstance(p, str) else tok.decode(list(p), skip_special_tokens=False)
-            text = prompt_text + text
+        echo = ex.echo_text()
+        if echo is not None:
+            text = echo + text
         if want:
-            lp = completion_logprobs(tok, (job.prompt_logprobs or []) + job.token_logprobs)
+            prompt = ex.echoed_logprobs() if echo is not None else []
+            lp = completion_logprobs(tok, prompt + job.token_logprobs, as_ids=as_ids)
         choice = {"index": 0, "text": text, "finish_reason": fr, "stop_reason": done.stop_reason, "logprobs": lp}
-    return {"id": ex.rid, "object": "chat.completion" if ex.request.chat else "text_completion",
+        if plp is not None:
+            choice["prompt_logprobs"] = plp
+    body = {"id": ex.rid, "object": "chat.completion" if ex.request.chat else "text_completion",
             "created": ex.created, "model": ex.model_name, "choices": [choice],
             "usage": usage(ex.prompt_tokens, done.completion_tokens),
             "rain": {**ex.rain(), "format_valid": row["format_valid"], "compliant": row["compliant"]}}
+    if ex.request.chat and plp is not None:
+        body["prompt_logprobs"] = plp
+    return body
 
 
 def sse(obj: dict[str, Any] | str) -> str:
@@ -154,46 +203,92 @@ class ChunkWriter:
         self.object = "chat.completion.chunk" if ex.request.chat else "text_completion"
         self.index = ex.index
         self.splitter = ReasoningSplitter(ex.opens_thinking()) if ex.splits_reasoning else None
+        self.lp_sent = 0        # generated tokens whose logprobs were sent
+        self.lp_offset = 0      # completions: text_offset of the next token's logprobs
+        self.echo_pending = not ex.request.chat and ex.echo_text() is not None
 
     def _chunk(self, choices: list[dict], usage_: dict | None = None) -> str:
         ex = self.ex
         d = {"id": ex.response_id or ex.rid, "object": self.object, "created": ex.created, "model": ex.model_name,
              "choices": choices, "rain": ex.rain()}
+        if usage_ is None and choices and getattr(ex.request, "continuous_usage", False):
+            usage_ = usage(ex.prompt_tokens, ex.job.n_generated)   # continuous_usage_stats: the usage so far
         if usage_ is not None or ex.request.include_usage:  # with include_usage every chunk has the key
             d["usage"] = usage_
         return sse(d)
 
+    def _logprobs(self, entries: list | None = None) -> dict | None:
+        """The logprobs of the generated tokens not sent yet (or of ``entries``), None without logprobs.
+
+        A chunk carries the tokens the worker has recorded when it is written, so a token's logprobs may
+        come one chunk before its text; every token's come exactly once, in order."""
+        ex, tok = self.ex, self.ex.tokenizer
+        if ex.job.params.logprobs is None or tok is None:
+            return None
+        if entries is None:
+            entries = list(ex.job.token_logprobs[self.lp_sent:])
+            self.lp_sent += len(entries)
+        as_ids = getattr(ex.request.sampling, "as_token_ids", False)
+        if ex.request.chat:
+            return chat_logprobs(tok, entries, as_ids)
+        lp = completion_logprobs(tok, entries, self.lp_offset, as_ids)
+        if entries:
+            last = tok.decode([entries[-1][0]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self.lp_offset = lp["text_offset"][-1] + len(last)
+        return lp
+
     def _choice(self, text: str | None, finish_reason: str | None, first: bool = False,
-                stop_reason: str | int | None = None) -> dict:
+                stop_reason: str | int | None = None, logprobs: dict | None = None) -> dict:
         # stop_reason as vLLM streams it: on every completions chunk (null until the last), on chat's last
         if not self.ex.request.chat:
             return {"index": self.index, "text": text or "", "finish_reason": finish_reason,
-                    "stop_reason": stop_reason, "logprobs": None}
+                    "stop_reason": stop_reason, "logprobs": logprobs}
         delta: dict[str, str] = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        c = {"index": self.index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        c = {"index": self.index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         return {**c, "stop_reason": stop_reason} if finish_reason is not None else c
 
-    def role(self) -> str:
-        """The opening chat chunk: the assistant role and empty content."""
-        return self._chunk([self._choice("", None, first=True)])
+    def _echo(self) -> str:
+        """Completions ``echo``: the prompt (with its logprobs) as the first chunk, once."""
+        if not self.echo_pending:
+            return ""
+        self.echo_pending = False
+        lp = self._logprobs(self.ex.echoed_logprobs()) if self.ex.job.params.logprobs is not None else None
+        return self._chunk([self._choice(self.ex.echo_text(), None, logprobs=lp)])
 
-    def _pieces(self, pieces: list[tuple[str, str]]) -> str:
+    def role(self) -> str:
+        """The opening chat chunk: the assistant role and empty content (then chat ``echo``'s text)."""
+        echo = self.ex.echo_text()
+        return self._chunk([self._choice("", None, first=True)]) + (self._pieces([("content", echo)]) if echo else "")
+
+    def _pieces(self, pieces: list[tuple[str, str]], logprobs: bool = False) -> str:
+        """Chunks of ``(field, text)`` pieces; with ``logprobs``, the first carries the unsent logprobs."""
+        if not self.ex.includes_reasoning:
+            pieces = [(f, t) for f, t in pieces if f != "reasoning_content"]
         return "".join(self._chunk([{"index": self.index, "delta": {field: text}, "finish_reason": None,
-                                     "logprobs": None}]) for field, text in pieces)
+                                     "logprobs": self._logprobs() if logprobs and i == 0 else None}])
+                       for i, (field, text) in enumerate(pieces))
 
     def delta(self, text: str) -> str:
-        """The chunk(s) of a text delta: ``content``, or ``reasoning_content`` / ``content`` when split."""
+        """The chunk(s) of a text delta: ``content``, or ``reasoning_content`` / ``content`` when split
+        (completions ``echo``: the prompt's chunk first), with the logprobs of the tokens produced."""
         if self.splitter is not None:
-            return self._pieces(self.splitter.feed(text))
-        return self._chunk([self._choice(text, None)])
+            return self._pieces(self.splitter.feed(text), logprobs=True)
+        return self._echo() + self._chunk([self._choice(text, None, logprobs=self._logprobs())])
 
-    def finish(self, finish_reason: str | None, stop_reason: str | int | None = None) -> str:
-        """The text still held back (if any), then the finishing chunk (with ``stop_reason``)."""
-        held = self._pieces(self.splitter.flush()) if self.splitter is not None else ""
-        return held + self._chunk([self._choice(None if self.ex.request.chat else "", finish_reason,
-                                                stop_reason=stop_reason)])
+    def finish(self, finish_reason: str | None, stop_reason: str | int | None = None,
+               completion_tokens: int | None = None) -> str:
+        """The text still held back (if any), then the finishing chunk (with ``stop_reason``; with
+        ``continuous_usage_stats``, the final usage when ``completion_tokens`` is given)."""
+        held = self._pieces(self.splitter.flush(), logprobs=True) if self.splitter is not None else ""
+        final = usage(self.ex.prompt_tokens, completion_tokens) \
+            if completion_tokens is not None and getattr(self.ex.request, "continuous_usage", False) else None
+        lp = self._logprobs()
+        if lp is not None and not (lp.get("content") or lp.get("tokens")):
+            lp = None   # nothing left to send
+        return held + self._echo() + self._chunk([self._choice(None if self.ex.request.chat else "", finish_reason,
+                                                               stop_reason=stop_reason, logprobs=lp)], final)
 
     def usage(self, completion_tokens: int, prompt_tokens: int | None = None) -> str:
         """The ``include_usage`` chunk: no choices, the usage (``prompt_tokens``: this exchange's by default)."""
@@ -297,7 +392,7 @@ async def _sse_events(ex: Exchange, rlog: RequestLog, disconnected: Disconnected
         status = "cancelled" if ev.finish_reason == "cancelled" else "ok"
         await rlog.finish(ex, "".join(parts), ev, status)  # durable BEFORE the end is acknowledged
         logged = True
-        yield chunks.finish(ev.finish_reason, ev.stop_reason)
+        yield chunks.finish(ev.finish_reason, ev.stop_reason, ev.completion_tokens)
         if ex.request.include_usage:
             yield chunks.usage(ev.completion_tokens)
         yield sse("[DONE]")

@@ -35,6 +35,10 @@ class GenParams:
     processing: Any = None   # a ``sampling.LogitsSpec`` (penalties, bias, top_k, min_tokens...) or None
     logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives
     prompt_logprobs: bool = False  # echo + logprobs: the prompt tokens' logprobs (a forward pass)
+    # decode-side fields (serve/field_policy.py; they do not change who may share a generate call)
+    prompt_top: int = 0            # ``prompt_logprobs`` k: top alternatives per prompt token
+    include_stop_str: bool = False  # ``include_stop_str_in_output``: the matched stop string stays in the text
+    skip_ids: frozenset[int] | None = None  # ``skip_special_tokens``: ids left out of the text (None: the scheduler's)
 
     @property
     def plain(self) -> bool:
@@ -89,6 +93,7 @@ class GenJob:
     n_generated: int = 0          # tokens produced so far (a cancelled request's row reports them)
     token_logprobs: list = field(default_factory=list)  # per generated token: (id, logprob, [(id, lp)...])
     prompt_logprobs: list | None = None  # echo: per prompt token (id, logprob or None, [(id, lp)...])
+    prompt_ranks: list | None = None     # per prompt token: its rank in the vocabulary (1 = most likely; None first)
 
     def emit(self, ev: GenEvent) -> None:
         """Hand ``ev`` to the job's event loop (callable from any thread)."""

@@ -1,8 +1,9 @@
 """vLLM's ``POST /tokenize`` and ``POST /detokenize``, with generation's limits.
 
 ``/tokenize``: ``{"prompt": str, "add_special_tokens": true}`` or ``{"messages": [...],
-"add_generation_prompt": true, "chat_template_kwargs": {...}}`` → ``{"count", "max_model_len",
-"tokens", "token_strs": null}``. ``/detokenize``: ``{"tokens": [ids]}`` → ``{"prompt": str}``.
+"add_generation_prompt": true, "continue_final_message": false, "chat_template_kwargs": {...}}``
+→ ``{"count", "max_model_len", "tokens", "token_strs"}`` (``token_strs`` null unless
+``"return_token_strs": true``, vLLM's field; ``tools`` / ``mm_processor_kwargs`` are a 400, as on chat). ``/detokenize``: ``{"tokens": [ids]}`` → ``{"prompt": str}``.
 ``model``, when given, must be the served one (404 otherwise).
 
 The rules are generation's: the body size (the middleware), a prompt that cannot fit
@@ -54,7 +55,13 @@ def _chat_text(body: dict, tokenizer, limits: TokenizeLimits) -> str:
     kwargs, template = template_options(body, limits.trust_request_chat_template)
     check_prompt_fits(min_prompt_tokens([m["content"] for m in messages], limits.bytes_per_token),
                       limits.max_model_len, "messages")
-    kw = {"add_generation_prompt": _flag(body, "add_generation_prompt", True), **dict(kwargs)}
+    cont = _flag(body, "continue_final_message", False)   # as on /v1/chat/completions
+    kw = {"add_generation_prompt": _flag(body, "add_generation_prompt", not cont), **dict(kwargs)}
+    if cont:
+        if kw["add_generation_prompt"]:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                              "continue_final_message")
+        kw["continue_final_message"] = True
     try:
         return render_chat(tokenizer, messages, limits.template, chat_template=template, **kw)
     except TemplateRefused as e:
@@ -65,6 +72,10 @@ def _chat_text(body: dict, tokenizer, limits: TokenizeLimits) -> str:
 def tokenize_body(body: dict, tokenizer, limits: TokenizeLimits) -> dict[str, Any]:
     """The ``/tokenize`` answer (runs the tokenizer: call it in a worker thread)."""
     _model(body, limits.model_name)
+    for name in ("tools", "mm_processor_kwargs"):
+        if body.get(name) not in (None, [], {}):
+            raise bad_request(f"{name} is not supported by this server", name, code="not_supported")
+    strs = _flag(body, "return_token_strs", False)
     if "messages" in body:
         text = _chat_text(body, tokenizer, limits)
         special, param = _flag(body, "add_special_tokens", False), "messages"
@@ -78,7 +89,8 @@ def tokenize_body(body: dict, tokenizer, limits: TokenizeLimits) -> dict[str, An
     if len(ids) > limits.max_model_len:
         raise bad_request(f"the prompt has {len(ids)} tokens; this model's context length is {limits.max_model_len}",
                           param, code="context_length_exceeded")
-    return {"count": len(ids), "max_model_len": limits.max_model_len, "tokens": ids, "token_strs": None}
+    return {"count": len(ids), "max_model_len": limits.max_model_len, "tokens": ids,
+            "token_strs": tokenizer.convert_ids_to_tokens(ids) if strs else None}
 
 
 def detokenize_body(body: dict, tokenizer, limits: TokenizeLimits) -> dict[str, Any]:
