@@ -373,6 +373,9 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
     time of the final ``wrote ...`` line is the whole call: preflight and loading included."""
     t_start = BuildLog.now()
     opts = resolve_options(lrm, itm, base, out, options, kwargs)
+    if opts.dry_run:
+        raise BuildError("dry_run: build_adapter always builds; rain build --dry-run (or "
+                         "rain_adapter.cli.build.dry_run(options)) prints the plan instead", field="dry_run")
     with torch_threads(opts.threads):
         return _build(opts, t_start)
 
