@@ -472,11 +472,13 @@ def _fit(plan: BuildPlan) -> BuildPlan:
         s1 = max(s.device for s in seq.stages if s.name.startswith("stage 1"))
         if s1 <= p.memory_gib * GiB:
             plan.advice = (f"does not fit in one pass ({need / GiB:.1f} > {p.memory_gib:g} GiB): use --sequential "
-                           f"(Stage 1 device peak {s1 / GiB:.1f} GiB)")
+                           f"(Stage 1 device peak {s1 / GiB:.1f} GiB), or --device-map auto over several GPUs "
+                           "(plan it with --device-map auto --max-memory '{\"0\": ..., \"1\": ...}')")
             if any(s.name == "stage 2" for s in plan.stages):
                 plan.advice += "; Stage 2 still needs the LRM and the deltas on the device (or --no-stage2)"
             return plan
-    plan.advice = f"does not fit: device peak {need / GiB:.1f} > {p.memory_gib:g} GiB even with --sequential"
+    plan.advice = (f"does not fit: device peak {need / GiB:.1f} > {p.memory_gib:g} GiB even with --sequential; "
+                   "--device-map auto spreads the LRM over several GPUs (and cpu / disk)")
     return plan
 
 

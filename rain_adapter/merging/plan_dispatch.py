@@ -116,15 +116,17 @@ class Placement:
 
 def _explicit(m: Any, dbytes: int, device_map: dict[str, Any]) -> Placement:
     lv = leaves(m, dbytes)
-    if "" in device_map:
-        d = _device_key(device_map[""])
-        return Placement(dict(device_map), {d: sum(lv.values())}, max(blocks(m, dbytes).values()))
     parents = {".".join(n.split(".")[:k]) for n in lv for k in range(1, n.count(".") + 2)}
-    known = parents | {"model.rotary_emb", "model"}
+    known = parents | {"model.rotary_emb", "model", ""}
     for k in device_map:
         if k not in known:
             raise PlacementError(f"--device-map: {k!r} is not a module of the model (it has model.embed_tokens, "
                                  f"model.layers.0-{m.layers - 1}, model.norm, lm_head)")
+    if "" in device_map:
+        if len(device_map) > 1:
+            raise PlacementError("--device-map: '' (the whole model) cannot be combined with other entries")
+        d = _device_key(device_map[""])
+        return Placement(dict(device_map), {d: sum(lv.values())}, max(blocks(m, dbytes).values()))
     by_dev: dict[str, float] = {}
     keys = sorted(device_map, key=len, reverse=True)
     for name, b in lv.items():
