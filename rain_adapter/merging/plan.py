@@ -417,10 +417,12 @@ def make_plan(m: ModelShape, c: CalibShape, o: PlanOptions, p: DeviceProfile, in
 
 def _dispatched(stages: list[Stage], pl: Placement, m: ModelShape, c: CalibShape, instr: CalibShape | None,
                 o: PlanOptions, p: DeviceProfile) -> None:
-    """The one-device stages re-costed for a dispatched LRM (``plan_dispatch``): the device holds its
-    share of the weights (the largest GPU share; plus one offloaded block while it runs), the host its
-    ``cpu`` share (the ``disk`` share only as transient file pages), and every forward call brings the
-    offloaded blocks to where they run (``Placement.streamed_seconds``)."""
+    """The one-device stages re-costed for a dispatched LRM (``plan_dispatch``): each GPU holds its
+    share of the weights (GPU 0 also one offloaded block while it runs), the host its ``cpu`` share
+    (the ``disk`` share only as transient file pages), and every forward call brings the offloaded
+    blocks to where they run (``Placement.streamed_seconds``). In Stage 2 each module's delta
+    (|Δ|·b, in proportion to the weights) sits with its module: on its GPU, or offloaded with it and
+    brought in with it."""
     b, gpu = DTYPE_BYTES[o.dtype], p.kind == "gpu"
     lrm = float(m.params * b)
     converted = o.dtype != m.ckpt_dtype
@@ -430,28 +432,31 @@ def _dispatched(stages: list[Stage], pl: Placement, m: ModelShape, c: CalibShape
     per_call = pl.streamed_seconds(p.link_gbps, p.disk_gbps)
     calls = {"stage 1 features": len(c.batches(o.batch_size)),
              "stage 2": (o.stage2_passes * instr.samples) if instr is not None else 0}
-    on_gpus = max(sum(pl.on(g) for g in pl.gpus), 1.0)
+    ratio = delta / lrm  # Stage 2's delta per byte of weight: each delta lives (or is offloaded) with its module
     for s in stages:
+        with_deltas = s.name in ("stage 2", "assemble + write") and s.device > 0
+        grow = 1 + (ratio if with_deltas else 0.0)
         if gpu:  # one device held the whole LRM (and in Stage 2 its deltas): now each GPU its share
             if s.device > 0 and pl.gpus:
-                with_deltas = s.name in ("stage 2", "assemble + write")
                 work = s.device - lrm - (delta if with_deltas else 0.0)
                 for i, g in enumerate(pl.gpus):
-                    need = pl.on(g) * (1 + (delta / on_gpus if with_deltas else 0.0)) + work + (extra if i == 0 else 0.0)
+                    need = (pl.on(g) + (extra if i == 0 else 0.0)) * grow + work
                     pl.need[g] = max(pl.need.get(g, 0.0), need)
                 s.device = max(pl.need[g] for g in pl.gpus)
             elif s.device > 0:
                 s.device = 0.0
-            s.host_anon += on_host
-            s.host_rss += on_host
+            s.host_anon += on_host * grow
+            s.host_rss += on_host * grow
         else:  # the host held the whole LRM: now all but the disk share
             held = lrm if converted else 0.0
             if s.name in ("load LRM", "stage 1 features", "stage 1 project") or (s.name == "stage 2"):
                 s.host_anon -= min(held, pl.on("disk"))
                 s.host_rss -= pl.on("disk")
         if calls.get(s.name) and pl.offloaded > 0:
-            s.seconds += calls[s.name] * per_call
-            s.note += f"; offloaded {pl.offloaded / GiB:.2f} GiB streamed per forward ({per_call:.2f} s × {calls[s.name]})"
+            k = 1 + ratio if s.name == "stage 2" else 1.0  # Stage 2 brings the offloaded deltas in too
+            s.seconds += calls[s.name] * per_call * k
+            s.note += (f"; offloaded {k * pl.offloaded / GiB:.2f} GiB streamed per forward "
+                       f"({k * per_call:.2f} s × {calls[s.name]})")
     stages[0].note += f"; device map: {pl.summary()}"
 
 
