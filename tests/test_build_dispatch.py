@@ -97,6 +97,19 @@ def test_stage2_dispatched_equals_plain(triple, calib, tmp_path, device_map):
     assert ca["alpha"] == cb["alpha"]
 
 
+def test_feature_cache_with_the_whole_lrm_on_disk(triple, calib, plain, tmp_path, capsys):
+    """The feature cache's key fingerprints the input embedding: on disk it is loaded for that (the
+    hook's pre/post_forward), and the key is the plain build's, so the caches are interchangeable."""
+    fc = tmp_path / "fc"
+    disk = json.dumps({"": "disk"})
+    for i, dm in enumerate([disk, disk, None]):
+        out = _build(triple, calib, tmp_path / f"o{i}", method="rain-stage1", device_map=dm, feature_cache=fc,
+                     verbose=True)
+        assert_same_adapter_tensors(plain, out)
+        log = capsys.readouterr()
+        assert (i == 0) != ("all 2 layer(s) from the feature cache" in log.out + log.err), log.out + log.err
+
+
 @pytest.mark.parametrize("bad, needle", [
     ({**CPU_DISK, "model.layers.9": "cpu"}, "'model.layers.9' is not a module of the LRM"),
     ({k: v for k, v in CPU_DISK.items() if k != "lm_head"}, "no device for 'lm_head.weight'"),

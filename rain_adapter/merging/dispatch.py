@@ -20,7 +20,8 @@ weight, and loads the LRM with it:
 * :func:`load_dispatched`: ``AutoModelForCausalLM.from_pretrained(dtype=, device_map=, offload_folder=)``
   (transformers hands the map to accelerate's ``dispatch_model``);
 * :func:`execution_device`: where a (possibly hooked) module computes: its ``AlignDevicesHook``'s
-  ``execution_device``, else the device of its first parameter.
+  ``execution_device``, else the device of its first parameter;
+* :func:`onloaded`: an offloaded module's weights loaded for a block (``align_module_device``).
 
 The build never moves a dispatched LRM (``--device`` is then only where the projection runs), so
 ``--sequential`` (which moves one decoder layer at a time to ``--device``) is refused with it.
@@ -30,7 +31,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +218,21 @@ def execution_device(module: nn.Module) -> torch.device:
         return d
     p = next(module.parameters(), None)
     return p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
+
+
+@contextmanager
+def onloaded(module: nn.Module | None) -> Iterator[None]:
+    """For the block, an offloaded ``module``'s own weights loaded onto its execution device
+    (``accelerate.utils.align_module_device``: its hook's ``pre_forward`` / ``post_forward``), so code
+    that reads ``module.weight`` (the feature cache's embedding fingerprint) sees values, not ``meta``;
+    a module that is not offloaded (or None) is left alone."""
+    if module is None or getattr(module, "_hf_hook", None) is None:
+        yield
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        yield
 
 
 def is_dispatched(model: nn.Module) -> bool:

@@ -68,7 +68,8 @@ from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
 from . import cache as layer_cache
 from . import features, preflight, taskvector
-from .dispatch import check_available, format_device_map, parse_device_map, parse_max_memory, resolve_device_map
+from .dispatch import (check_available, format_device_map, onloaded, parse_device_map, parse_max_memory,
+                       resolve_device_map)
 from .cache import PARTIAL_SUFFIX, PartialCache
 from .calibration import CalibrationSet, prepare_reasoning_calibration
 from .coefficients import run_stage2
@@ -225,8 +226,14 @@ def stage1_features(o: BuildOptions, targets: Targets, feat_todo: list[int], cal
 
     if o.feature_cache is None:
         return compute(feat_todo)
-    fc = FeatureCache(o.feature_cache, feature_settings(o, calib, targets.model), warn=log.warn if log else None)
+    with onloaded(_embedding(targets.model)):  # its fingerprint keys the cache; offloaded: loaded for it
+        settings = feature_settings(o, calib, targets.model)
+    fc = FeatureCache(o.feature_cache, settings, warn=log.warn if log else None)
     return fc.layers(feat_todo, targets.by_layer, targets.fingerprint, compute, log or (lambda msg: None))
+
+
+def _embedding(model: nn.Module | None) -> nn.Module | None:
+    return model.get_input_embeddings() if model is not None else None
 
 
 def run_stage1(work: LayerWork, targets: Targets, todo: list[int], calib: CalibrationSet | None,
@@ -268,7 +275,9 @@ def stage2_stats_cache(opts: BuildOptions, method: MergeMethod, targets: Targets
     ...; not ρ / α_max / alpha_norm / o_alpha). None without the cache or a reasoning calibration set."""
     if opts.feature_cache is None or calib is None:
         return None
-    fc = FeatureCache(opts.feature_cache, feature_settings(opts, calib, targets.model), warn=log.warn if log else None)
+    with onloaded(_embedding(targets.model)):
+        fsettings = feature_settings(opts, calib, targets.model)
+    fc = FeatureCache(opts.feature_cache, fsettings, warn=log.warn if log else None)
     settings = stage2_settings(opts, cache_settings(opts, method, targets, calib), fc.key, tokenizer, deltas, limits)
     return Stage2StatsCache(fc, settings, log)
 
