@@ -144,9 +144,10 @@ def format_plan(plan: BuildPlan) -> str:
     if plan.placement is not None:
         pl = plan.placement
         dm = o.device_map if isinstance(o.device_map, str) else "JSON map"
-        lines.append(f"device map:  --device-map {dm}: weights {pl.summary()}; "
-                     f"{pl.offloaded / GiB:.2f} GiB offloaded, brought in for every forward "
-                     f"({pl.streamed_seconds(p.link_gbps, p.disk_gbps):.2f} s each)")
+        moved = (f"{pl.offloaded / GiB:.2f} GiB offloaded, brought in for every forward "
+                 f"({pl.streamed_seconds(p.link_gbps, p.disk_gbps):.2f} s each)" if pl.offloaded > 0
+                 else "nothing offloaded")
+        lines.append(f"device map:  --device-map {dm}: weights {pl.summary()}; {moved}")
     if plan.advice:
         lines.append(f"device:      {plan.advice}")
     return "\n".join(lines)
