@@ -192,3 +192,17 @@ def test_dry_run_without_device_map_equals_rain_plan(triple, calib, tmp_path, ca
     assert main(["plan", "--model", str(lrm), *common]) == 0
     assert capsys.readouterr().out.strip() in text
     assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_for_a_preset_offline(tmp_path, capsys, monkeypatch):
+    """A preset's Hub ids cannot be fetched offline: the configs are not compared, and the plan comes
+    from rain plan's offline table (exit 0, nothing written)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to find offline
+    out = tmp_path / "o"
+    assert main(["build", "--preset", "qwen7b", "--out", str(out), "--dtype", "bfloat16", "--plan-profile", "h200",
+                 "--dry-run"]) == 0
+    cap = capsys.readouterr()
+    text = cap.out + cap.err
+    assert "configs not compared" in text and "DeepSeek-R1-Distill-Qwen-7B" in text and "total / peak" in text
+    assert not out.exists()

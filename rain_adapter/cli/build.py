@@ -21,7 +21,7 @@ import warnings
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 
-from ..merging.errors import BuildError, BuildWarning
+from ..merging.errors import BuildError, BuildWarning, HubFetchError
 from ..merging.methods import REGISTRY
 from ..merging.options import GROUPS, BuildOptions, flag
 from ..merging.pipeline import build_adapter
@@ -90,7 +90,13 @@ def dry_run(opts: BuildOptions) -> str:
     opts.validate()
     opts = opts.resolved()
     log = BuildLog(opts.verbose)
-    configs = preflight.check_configs(opts, log)
+    try:
+        configs = preflight.check_configs(opts, log)
+    except HubFetchError as e:  # offline with a preset: rain plan's offline table still plans it
+        if opts.device_map is not None:
+            raise
+        configs = None
+        log(f"[rain build] dry run: configs not compared ({e})")
     calib = opts.reasoning_calib if opts.reasoning_calib is None or isinstance(opts.reasoning_calib, (str, Path)) \
         else None
     if opts.reasoning_calib is not None and calib is None:
@@ -108,7 +114,7 @@ def dry_run(opts: BuildOptions) -> str:
                      device_map=opts.device_map, max_memory=opts.max_memory)
     lines = [f"[rain build] dry run: no weights loaded, nothing written (would write {opts.out})",
              format_plan(make_plan_from_args(args))]
-    if opts.device_map is not None:
+    if opts.device_map is not None and configs is not None:
         sk = preflight.skeleton(configs.lrm)
         if sk is None:
             raise BuildError("--device-map: the LRM's config could not be built on the meta device",
