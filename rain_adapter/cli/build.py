@@ -83,7 +83,8 @@ def dry_run(opts: BuildOptions) -> str:
     it). Reads the three config.json files and the calibration files; loads no weights, writes
     nothing, needs no GPU (the GPUs a map names are not checked: a plan may be for another machine)."""
     from ..merging import preflight
-    from ..merging.dispatch import format_device_map, parse_device_map, parse_max_memory, resolve_device_map
+    from ..merging.dispatch import (format_device_map, map_source, parse_device_map, parse_max_memory,
+                                    resolve_device_map)
     from ..merging.report import BuildLog
     from .plan import format_plan, make_plan_from_args, plan_args
 
@@ -120,7 +121,7 @@ def dry_run(opts: BuildOptions) -> str:
             raise BuildError("--device-map: the LRM's config could not be built on the meta device",
                              field="device_map")
         dm = resolve_device_map(parse_device_map(opts.device_map), sk, dtype=opts.model_dtype,
-                                max_memory=parse_max_memory(opts.max_memory))
+                                max_memory=parse_max_memory(opts.max_memory), where=map_source(opts.device_map))
         lines += ["", "device map (accelerate, resolved on this machine):", format_device_map(dm)]
     return "\n".join(lines)
 

@@ -42,7 +42,8 @@ from torch import nn
 from .errors import BuildError
 
 __all__ = ["STRATEGIES", "check_available", "check_device_map", "execution_device", "format_device_map",
-           "load_dispatched", "parse_device_map", "parse_max_memory", "resolve_device_map"]
+           "is_dispatched", "load_dispatched", "map_source", "onloaded", "parse_device_map", "parse_max_memory",
+           "resolve_device_map"]
 
 #: accelerate's placement strategies (what ``from_pretrained(device_map=...)`` accepts as a string)
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -154,13 +155,21 @@ def check_device_map(device_map: DeviceMap, skeleton: nn.Module, where: str = "-
                              f"{tensor.rsplit('.', 1)[0]!r}, or a parent of it)", field="device_map")
 
 
+def map_source(spec: Any) -> str:
+    """How errors name a ``--device-map``: ``--device-map file PATH`` for a file, else ``--device-map``."""
+    s = str(spec).strip() if isinstance(spec, (str, Path)) else ""
+    if s and not s.startswith("{") and s not in STRATEGIES and s != "cpu":
+        return f"--device-map file {Path(s).expanduser()}"
+    return "--device-map"
+
+
 def resolve_device_map(spec: str | DeviceMap, skeleton: nn.Module, *, dtype: torch.dtype,
-                       max_memory: dict | None = None) -> DeviceMap:
+                       max_memory: dict | None = None, where: str = "--device-map") -> DeviceMap:
     """A concrete ``{module: device}`` for this machine from ``spec``, on the ``meta`` skeleton (no
     weights). A strategy goes through ``accelerate.infer_auto_device_map`` (``balanced*`` first through
     ``get_balanced_memory``); an explicit map is checked (:func:`check_device_map`) and returned."""
     if isinstance(spec, dict):
-        check_device_map(spec, skeleton)
+        check_device_map(spec, skeleton, where)
         return dict(spec)
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
@@ -172,19 +181,19 @@ def resolve_device_map(spec: str | DeviceMap, skeleton: nn.Module, *, dtype: tor
     return dict(infer_auto_device_map(skeleton, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype))
 
 
-def check_available(device_map: DeviceMap) -> None:
+def check_available(device_map: DeviceMap, where: str = "--device-map") -> None:
     """Every GPU the map names exists on this machine (the error names the first that does not)."""
     n = torch.cuda.device_count()
     for k, d in device_map.items():
         idx = d if isinstance(d, int) else (int(d.split(":")[1]) if isinstance(d, str) and d.startswith("cuda:")
                                             else (0 if d == "cuda" else None))
         if idx is not None and idx >= n:
-            raise BuildError(f"--device-map: {k or '<whole model>'!r} → {d!r}, but this machine has {n} CUDA "
+            raise BuildError(f"{where}: {k or '<whole model>'!r} → {d!r}, but this machine has {n} CUDA "
                              "device(s)", field="device_map")
         if isinstance(d, str) and d.split(":")[0] in ("mps", "xpu", "npu"):
             mod = getattr(torch, d.split(":")[0], None)
             if mod is None or not mod.is_available():
-                raise BuildError(f"--device-map: {k or '<whole model>'!r} → {d!r} is not available here",
+                raise BuildError(f"{where}: {k or '<whole model>'!r} → {d!r} is not available here",
                                  field="device_map")
 
 

@@ -68,8 +68,8 @@ from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
 from . import cache as layer_cache
 from . import features, preflight, taskvector
-from .dispatch import (check_available, format_device_map, onloaded, parse_device_map, parse_max_memory,
-                       resolve_device_map)
+from .dispatch import (check_available, format_device_map, map_source, onloaded, parse_device_map,
+                       parse_max_memory, resolve_device_map)
 from .cache import PARTIAL_SUFFIX, PartialCache
 from .calibration import CalibrationSet, prepare_reasoning_calibration
 from .coefficients import run_stage2
@@ -172,9 +172,10 @@ def dispatch_map(opts: BuildOptions, method: MergeMethod, skeleton: nn.Module | 
     if skeleton is None:
         raise BuildError("--device-map: the LRM's config could not be built on the meta device, so no device "
                          "map can be resolved for it", field="device_map")
+    where = map_source(opts.device_map)
     dm = resolve_device_map(parse_device_map(opts.device_map), skeleton, dtype=opts.model_dtype,
-                            max_memory=parse_max_memory(opts.max_memory))
-    check_available(dm)
+                            max_memory=parse_max_memory(opts.max_memory), where=where)
+    check_available(dm, where)
     log("[rain build] device map (accelerate):\n" + format_device_map(dm))
     return dm
 
