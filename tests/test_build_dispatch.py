@@ -174,17 +174,21 @@ def test_cli_generates_the_flags(triple, calib, plain, tmp_path):
 
 
 # ---- --dry-run -------------------------------------------------------------------------------
-def _garbage_lrm(triple, root):
-    """A copy of the LRM whose safetensors are garbage: a dry run must not read them."""
+def _garbage_lrm(triple, root, delete=False):
+    """A copy of the LRM whose safetensors are garbage (or gone): a dry run must not read them."""
     lrm = root / "lrm"
     shutil.copytree(triple.lrm, lrm)
     for f in lrm.glob("*.safetensors"):
-        f.write_bytes(b"not a safetensors file" * 10)
+        if delete:
+            f.unlink()
+        else:
+            f.write_bytes(b"not a safetensors file" * 10)
     return lrm
 
 
-def test_dry_run_prints_the_plan_and_map_without_weights(triple, calib, tmp_path, capsys):
-    lrm = _garbage_lrm(triple, tmp_path)
+@pytest.mark.parametrize("delete", [False, True], ids=["garbage", "deleted"])
+def test_dry_run_prints_the_plan_and_map_without_weights(triple, calib, tmp_path, capsys, delete):
+    lrm = _garbage_lrm(triple, tmp_path, delete)
     out = tmp_path / "never"
     mp = tmp_path / "map.json"
     mp.write_text(json.dumps(CPU_DISK))
