@@ -488,9 +488,10 @@ def _fit(plan: BuildPlan) -> BuildPlan:
 
 
 def _fit_dispatched(plan: BuildPlan) -> BuildPlan:
-    """Each GPU of the map against its ``--max-memory`` (else the profile's memory): its weights plus
-    the stages' working set (the device column less the largest GPU share)."""
-    pl, p, o = plan.placement, plan.profile, plan.options
+    """Each GPU of the map against the profile's device memory (``--device-memory``; ``--max-memory``
+    budgets only the weights, as in accelerate): its peak over the stages (``Placement.need``: its
+    weights, Stage 2's deltas beside them, the working set)."""
+    pl, p = plan.placement, plan.profile
     assert pl is not None
     off = f"cpu {pl.on('cpu') / GiB:.1f} GiB, disk {pl.on('disk') / GiB:.1f} GiB"
     if p.kind != "gpu" or not pl.gpus:
