@@ -229,3 +229,22 @@ def test_dry_run_for_a_preset_offline(tmp_path, capsys, monkeypatch):
     text = cap.out + cap.err
     assert "configs not compared" in text and "DeepSeek-R1-Distill-Qwen-7B" in text and "total / peak" in text
     assert not out.exists()
+
+
+def test_dry_run_plans_stage2_only_when_the_build_runs_it(triple, tmp_path, capsys):
+    """--instruction-calib with rain-stage1 (no Stage 2) plans no Stage 2; with rain it does, as rain plan
+    --instruction-calib; a method without a forward says which rows apply."""
+    from rain_adapter.format.paths import calibration_dir
+
+    instr = str(calibration_dir() / "instruction_calibration_set.jsonl")
+    models = ["--lrm", str(triple.lrm), "--itm", str(triple.itm), "--base", str(triple.base), "--out",
+              str(tmp_path / "o"), "--dry-run", "--instruction-calib", instr]
+    for method, on in (("rain-stage1", False), ("rain", True)):
+        assert main(["build", *models, "--method", method]) == 0
+        text = capsys.readouterr().out
+        assert ("Stage 2 on" in text) == on and ("stage 2 set:" in text) == on
+    assert main(["plan", "--model", str(triple.lrm), "--instruction-calib", instr]) == 0
+    assert capsys.readouterr().out.strip() in text
+    assert main(["build", *models, "--method", "task-arithmetic"]) == 0
+    assert "runs no LRM forward" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()

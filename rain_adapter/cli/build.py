@@ -85,11 +85,15 @@ def dry_run(opts: BuildOptions) -> str:
     from ..merging import preflight
     from ..merging.dispatch import (format_device_map, map_source, parse_device_map, parse_max_memory,
                                     resolve_device_map)
+    from ..merging.methods import get_method
     from ..merging.report import BuildLog
+    from ..merging.targets import needs_lrm_weights, wants_stage2
     from .plan import format_plan, make_plan_from_args, plan_args
 
     opts.validate()
     opts = opts.resolved()
+    method = get_method(opts.method)
+    stage2 = wants_stage2(opts, method)  # as the build decides: a Stage 2 method, an instruction set, no --no-stage2
     log = BuildLog(opts.verbose)
     try:
         configs = preflight.check_configs(opts, log)
@@ -104,17 +108,20 @@ def dry_run(opts: BuildOptions) -> str:
         raise BuildError("--dry-run needs --reasoning-calib as a file (rain plan reads it)", field="reasoning_calib")
     args = plan_args(model=str(opts.lrm), dtype=opts.dtype, storage=opts.storage, rank=opts.rank,
                      batch_size=opts.batch_size, sequential=opts.sequential, svd_dtype=opts.svd_dtype,
-                     no_stage2=opts.no_stage2, alpha_grad=opts.alpha_grad,
+                     no_stage2=not stage2, alpha_grad=opts.alpha_grad,
                      reasoning_calib=None if calib is None else str(calib),
-                     instruction_calib=None if opts.instruction_calib is None else str(opts.instruction_calib),
+                     instruction_calib=str(opts.instruction_calib) if stage2 else None,
                      max_samples=opts.max_samples, max_seq_len=opts.max_seq_len,
                      stage2_max_samples=opts.stage2_max_samples if opts.stage2_max_samples is not None
                      else opts.max_samples,
                      stage2_max_seq_len=opts.stage2_max_seq_len if opts.stage2_max_seq_len is not None
                      else opts.max_seq_len, radius=opts.radius, profile=opts.plan_profile,
                      device_map=opts.device_map, max_memory=opts.max_memory)
-    lines = [f"[rain build] dry run: no weights loaded, nothing written (would write {opts.out})",
-             format_plan(make_plan_from_args(args))]
+    lines = [f"[rain build] dry run: no weights loaded, nothing written (would write {opts.out})"]
+    if not needs_lrm_weights(opts, method):
+        lines.append(f"[rain build] note: --method {method.name} runs no LRM forward (no weights loaded, no "
+                     "features, no Stage 2): of the plan below only the task-vector stream and the write apply")
+    lines.append(format_plan(make_plan_from_args(args)))
     if opts.device_map is not None and configs is not None:
         sk = preflight.skeleton(configs.lrm)
         if sk is None:
