@@ -146,3 +146,87 @@ def test_small_device_says_sequential(capsys):
     assert main(["plan", "--preset", "qwen32b", "--profile", "h200", "--dtype", "bfloat16", "--device-memory", "40",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+# ---- the dispatched LRM (issue 24): --device-map / --max-memory ----------------------------
+def _stage(plan, name):
+    return next(s for s in plan.stages if s.name == name)
+
+
+def test_placement_by_hand_for_an_explicit_map():
+    """TINY in float32: embed 10·8·4 = 320 B, a layer (576 + 2·8)·4 = 2368 B, norm 32 B, lm_head 320 B."""
+    from rain_adapter.merging.plan_dispatch import place
+
+    m = ModelShape.from_config(TINY)
+    pl = place(m, 4, {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1.self_attn": "cpu",
+                      "model.layers.1": "disk", "model.norm": "disk", "lm_head": "cpu"})
+    # layer 1's attention (q 64 + k 32 + v 32 + o 64 weights) on the cpu, the rest of it on disk
+    attn = (64 + 32 + 32 + 64) * 4
+    assert pl.bytes_by_device == {"0": 320 + 2368, "cpu": attn + 320, "disk": 2368 - attn + 32}
+    assert pl.gpus == ["0"] and pl.offloaded == attn + 320 + 2368 - attn + 32
+    # per forward: disk bytes read from disk, then everything offloaded over the host link
+    assert pl.streamed_seconds(link_gbps=2.0, disk_gbps=1.0) == pytest.approx(
+        (2368 - attn + 32) / 1e9 + (attn + 320 + 2368 - attn + 32) / 2e9)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"model.layers.7": 0, "": "cpu"}, "'model.layers.7' is not a module"),
+    ({"model.embed_tokens": 0, "model.layers": 0, "model.norm": 0}, "no device for 'lm_head'"),
+])
+def test_placement_errors_name_the_module(bad, needle):
+    m = ModelShape.from_config(TINY)
+    with pytest.raises(PlanError, match=needle):
+        make_plan(m, CalibShape((5,), 2), PlanOptions(stage2=False, device_map=bad), PROFILES["h200"])
+
+
+def test_auto_fills_gpus_in_order_then_cpu_then_disk():
+    from rain_adapter.merging.plan_dispatch import place
+
+    m = ModelShape.from_config(TINY)
+    # GPU 0 holds the embedding and layer 0 (2688 B), GPU 1 layer 1, the cpu the norm, disk lm_head
+    pl = place(m, 4, "auto", {"0": 2700, "1": 2390, "cpu": 40})
+    assert pl.device_map == {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": "cpu",
+                             "lm_head": "disk"}
+    assert pl.bytes_by_device == {"0": 2688, "1": 2368, "cpu": 32, "disk": 320}
+    # no --max-memory: one GPU of the profile's memory holds it all
+    assert place(m, 4, "auto", None, gpu_memory_gib=1.0).bytes_by_device == {"0": m.params * 4}
+
+
+def test_dispatched_plan_by_hand():
+    """Offloaded bytes are brought in once per forward call; each GPU holds its share."""
+    m = ModelShape.from_config(TINY)
+    big = 1e12
+    prof = replace(PROFILES["h200"], tflops=big, fp32_tflops=big, mem_gbps=big, hash_gbps=big, startup_s=0.0,
+                   forward_latency_s=0.0, layer_latency_s=0.0, module_latency_s=0.0, link_gbps=1e-6, disk_gbps=1e-6)
+    c = CalibShape((5, 7), 6)  # two forwards at batch 1
+    dm = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": 0, "lm_head": 1}
+    one = make_plan(m, c, PlanOptions(stage2=False), prof)
+    plan = make_plan(m, c, PlanOptions(stage2=False, device_map=dm), prof)
+    per = 2368 / 1e3  # the cpu layer over a 1e-6 GB/s link: 2368 B / 1000 B/s
+    assert _stage(plan, "stage 1 features").seconds == pytest.approx(_stage(one, "stage 1 features").seconds + 2 * per)
+    lrm = m.params * 4
+    f1, f = _stage(one, "stage 1 features"), _stage(plan, "stage 1 features")
+    # GPU 0: embed + layer 0 + norm, plus the offloaded layer while it runs, plus the same working set
+    assert f.device == pytest.approx(f1.device - lrm + (320 + 2368 + 32) + 2368)
+    assert f.host_anon == pytest.approx(f1.host_anon + 2368)  # the cpu share lives on the host
+    # GPU 1 (lm_head) at its peak stage: its share and the largest working set of any stage
+    assert plan.placement.need["1"] == pytest.approx(320 + max(s.device - lrm for s in one.stages if s.device > 0))
+    assert plan.to_dict()["placement"]["bytes_by_device"] == {"0": 320 + 2368 + 32, "1": 320, "cpu": 2368}
+    with pytest.raises(PlanError, match="--sequential and --device-map"):
+        make_plan(m, c, PlanOptions(stage2=False, sequential=True, device_map=dm), prof)
+
+
+def test_cli_device_map_for_a_70b_over_gpus(tmp_path, capsys):
+    args = ["plan", "--model", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", "--profile", "h200", "--dtype",
+            "bfloat16", "--device-memory", "80", "--device-map", "auto"]
+    assert main(args + ["--max-memory", '{"0": "60GiB", "1": "60GiB", "cpu": "200GiB"}', "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    by = d["placement"]["bytes_by_device"]
+    assert set(by) == {"0", "1", "cpu"} and by["cpu"] > 0 and d["placement"]["offloaded_bytes_per_forward"] == by["cpu"]
+    assert main(args + ["--max-memory", '{"0": "70GiB", "1": "70GiB", "2": "70GiB"}']) == 0
+    out = capsys.readouterr().out
+    assert "GPU 2" in out and "nothing offloaded" in out and "fits" in out
+    (tmp_path / "map.json").write_text('{"model.layers.0": "gpu"}')
+    assert main(args[:-1] + [str(tmp_path / "map.json")]) == 2
+    err = capsys.readouterr().err
+    assert "map.json" in err and "'gpu' is not a device" in err

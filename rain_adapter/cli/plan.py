@@ -141,22 +141,54 @@ def format_plan(plan: BuildPlan) -> str:
     lines += ["", f"disk (GiB):  downloads {_gib(d['downloads'])} (LRM + ITM + base), partial cache "
                   f"{_gib(d['partial_cache'])}, adapter {_gib(d['adapter'])}, peak during the build "
                   f"{_gib(d['peak_during_build'])} (cache + adapter)"]
+    if plan.placement is not None:
+        pl = plan.placement
+        dm = o.device_map if isinstance(o.device_map, str) else "JSON map"
+        moved = (f"{pl.offloaded / GiB:.2f} GiB offloaded, brought in for every forward "
+                 f"({pl.streamed_seconds(p.link_gbps, p.disk_gbps):.2f} s each)" if pl.offloaded > 0
+                 else "nothing offloaded")
+        lines.append(f"device map:  --device-map {dm}: weights {pl.summary()}; {moved}")
     if plan.advice:
         lines.append(f"device:      {plan.advice}")
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> int:
+def make_plan_from_args(args: argparse.Namespace) -> BuildPlan:
+    """The plan for ``rain plan``'s arguments (``rain build --dry-run`` passes the same names, see
+    :func:`plan_args`)."""
+    from ..merging.dispatch import parse_device_map, parse_max_memory
+
     m, lrm_dir = load_model_shape(args)
     calib, instr = load_calib(args, lrm_dir)
     if args.profile not in PROFILES:
         raise PlanError(f"--profile {args.profile!r}: choose one of {sorted(PROFILES)}")
     prof = replace(PROFILES[args.profile], **{f: getattr(args, a) for a, f in PROFILE_FLAGS.items()
                                               if getattr(args, a) is not None})
+    dm = parse_device_map(args.device_map)
+    mm = parse_max_memory(args.max_memory)
     opts = PlanOptions(dtype=args.dtype, storage=args.storage, rank=args.rank, batch_size=args.batch_size,
                        sequential=args.sequential, stage2=instr is not None,
-                       stage2_passes=2 if args.alpha_grad == "gain" else 1, svd_dtype=args.svd_dtype)
-    plan = make_plan(m, calib, opts, prof, instr)
+                       stage2_passes=2 if args.alpha_grad == "gain" else 1, svd_dtype=args.svd_dtype,
+                       device_map=dm, max_memory={str(k): v for k, v in mm.items()} if mm else None)
+    return make_plan(m, calib, opts, prof, instr)
+
+
+def plan_args(**given) -> argparse.Namespace:
+    """``rain plan``'s parsed arguments: its defaults with ``given`` laid over them (unknown names
+    are an error), so ``rain build --dry-run`` plans exactly what ``rain plan`` would."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_arguments(parser)
+    args = parser.parse_args([])
+    unknown = sorted(set(given) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"plan_args: unknown rain plan arguments {unknown}")
+    for k, v in given.items():
+        setattr(args, k, v)
+    return args
+
+
+def _run(args: argparse.Namespace) -> int:
+    plan = make_plan_from_args(args)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
 
@@ -165,6 +197,11 @@ def add_parser(sub) -> None:
     """Register ``rain plan``."""
     p = sub.add_parser("plan", help="predict a build's memory, disk, FLOPs and time (no weights loaded)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a rain build preset (offline config table)")
     p.add_argument("--model", help="the LRM: a dir with config.json, a config.json, or a preset LRM's Hub id")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -174,6 +211,12 @@ def add_parser(sub) -> None:
     g.add_argument("--rank", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--sequential", action="store_true")
+    g.add_argument("--device-map", default=None, help="as rain build: auto, balanced, balanced_low_0, sequential, "
+                   "cpu, or a JSON object / file {module: device} (GPU index, cpu, disk): weights per device, "
+                   "offloaded bytes streamed per forward")
+    g.add_argument("--max-memory", default=None, help="with a --device-map strategy: JSON object / file "
+                   "{device: size}, e.g. '{\"0\": \"75GiB\", \"1\": \"75GiB\", \"cpu\": \"200GiB\"}' "
+                   "(default: the profile's device memory for GPU 0)")
     g.add_argument("--svd-dtype", default="float32", choices=["float32", "float64"])
     g.add_argument("--stage2", action="store_true", help="include Stage 2 with the packaged instruction set")
     g.add_argument("--no-stage2", action="store_true")
@@ -196,4 +239,3 @@ def add_parser(sub) -> None:
     for a in PROFILE_FLAGS:
         d.add_argument("--" + a.replace("_", "-"), type=int if a == "cores" else float, default=None,
                        help="GiB" if a == "device_memory" else None)
-    p.set_defaults(func=_run)

@@ -9,6 +9,13 @@ Two modes giving the same features:
 
 * one pass (default): forward pre-hooks on the targeted linears, one forward of the decoder per
   batch (right padding; the forward stops after the last targeted layer, never computes lm_head);
+* an LRM dispatched by accelerate (``--device-map``): the same one pass; accelerate's
+  ``AlignDevicesHook`` runs each module on its execution device (loading ``cpu`` / ``disk``
+  weights for the call), the hooks see each input on that device and copy the Ω rows into the
+  float32 CPU buffers (the gather to the accumulation device), and the token ids go to the input
+  embedding's execution device. When the pass stops early (the exception below), the hook's
+  ``post_forward`` of the stopping layer does not run: that one layer's offloaded weights stay
+  loaded until its next forward (one layer of memory, not a correctness issue);
 * ``sequential=True``: capture the inputs of decoder layer 0 once (offloaded to the CPU), then run
   one decoder layer at a time over all batches, moving the layer to ``device`` for its turn and
   propagating the hidden states (GPTQ-style), so a model larger than the device can be built.
@@ -38,6 +45,7 @@ from torch import Tensor, nn
 
 from ..format.arch import decoder_layers, module_layer, module_role
 from .calibration import CalibItem, CalibrationSet
+from .dispatch import execution_device
 
 #: modules of one layer that read the same input tensor
 INPUT_GROUP = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
@@ -137,7 +145,9 @@ def _groups(names: Sequence[str]) -> dict[int, dict[str, list[str]]]:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where the token ids go: the input embedding's execution device (for an LRM dispatched by
+    accelerate its weight may be on ``meta``, offloaded, between forwards)."""
+    return execution_device(model.get_input_embeddings())
 
 
 def _to(obj, device):

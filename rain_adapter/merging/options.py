@@ -9,9 +9,11 @@ default is False, ``--no-name`` when it is True.
 :meth:`BuildOptions.validate` makes every check that needs no model (so a bad option fails before
 anything is loaded or written) and raises :class:`BuildError` naming the field;
 :meth:`BuildOptions.to_dict` is the JSON-safe record the adapter config keeps under
-``extra["build_options"]``: every field but ``threads`` (how many CPU threads ran the build
-cannot change the adapter, so it is not recorded and two builds differing only in it record
-the same options).
+``extra["build_options"]``: every field but those that say how the build runs, not what it
+computes (``threads``, ``device_map``, ``max_memory``, ``offload_folder``, ``dry_run``,
+``plan_profile``): how many CPU threads ran the build, or where accelerate put the LRM's layers,
+cannot change the adapter (tests/test_build_dispatch.py), so they are not recorded and two builds
+differing only in them record the same options.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .coefficients import DEFAULT_RHO
 from .errors import BuildError
 from .methods import DEFAULT_DENSITY, DEFAULT_DROP, get_method, method_names
 from .nullspace import DEFAULT_PROTECT_ENERGY, DEFAULT_RIDGE, PROJECTIONS
+from .plan_data import PROFILES
 from .presets import PRESETS, get_preset, preset_output_name
 
 #: CLI argument groups, in ``rain build --help`` order.
@@ -158,7 +161,22 @@ class BuildOptions:
     max_rank: int | None = _opt(None, "storage and compute", "lowrank: cap on the rank from --rank-energy",
                                 parse=int)
     dtype: str = _opt("float32", "storage and compute", "LRM dtype for the forward passes", choices=sorted(DTYPES))
-    device: str | None = _opt(None, "storage and compute", "cpu, cuda, cuda:1 ... (default: where the model loads)")
+    device: str | None = _opt(None, "storage and compute", "cpu, cuda, cuda:1 ... (default: where the model loads); "
+                              "with --device-map only where the projection runs (the LRM is not moved)")
+    device_map: str | None = _opt(
+        None, "storage and compute", "run the LRM dispatched by accelerate: auto, balanced, balanced_low_0, "
+        "sequential, cpu, or a JSON object / JSON file {module: device} with devices GPU index, cpu, disk "
+        "(features and Stage 2 statistics computed across devices; task vectors still stream from the shards; "
+        "not with --sequential)", record=False)
+    max_memory: str | None = _opt(None, "storage and compute", "with --device-map auto/balanced: JSON object or "
+                                  "file {device: size}, e.g. '{\"0\": \"70GiB\", \"cpu\": \"200GiB\"}'", record=False)
+    offload_folder: PathLike | None = _opt(None, "storage and compute", "with --device-map: where transformers "
+                                           "writes 'disk' modules it cannot read from the safetensors shards",
+                                           record=False)
+    dry_run: bool = _opt(False, "storage and compute", "print the plan (as rain plan) and the resolved device map, "
+                         "load no weights, write nothing", record=False)
+    plan_profile: str = _opt("cpu", "storage and compute", "--dry-run: the device profile of the plan (rain plan "
+                             "--profile; default cpu)", choices=sorted(PROFILES), record=False)
     threads: int | None = _opt(None, "storage and compute", "torch CPU threads for the build (torch.set_num_threads, "
                                "restored after it; default: leave torch's setting); not recorded in the adapter",
                                parse=int, record=False)
@@ -204,6 +222,7 @@ class BuildOptions:
         self._check_choices()
         self._check_ranges()
         self._check_storage()
+        self._check_dispatch()
         if self.targets:
             try:
                 validate_roles(self.targets)
@@ -231,6 +250,27 @@ class BuildOptions:
         if get_method(self.method).stage2 and self.alpha_norm == "mean" and not self.alpha_max >= 1:
             raise BuildError(f"--alpha-max {self.alpha_max} < 1: α clipped to [0, alpha_max] cannot have mean 1 "
                              "(--alpha-norm mean); raise --alpha-max or use --alpha-norm none", field="alpha_max")
+
+    def _check_dispatch(self) -> None:
+        """--device-map / --max-memory / --offload-folder: syntax and combinations (module names are
+        checked against the LRM's skeleton in the pre-flight)."""
+        from .dispatch import parse_device_map, parse_max_memory  # the parsers live with the loader
+
+        if self.device_map is None:
+            for name in ("max_memory", "offload_folder"):
+                if getattr(self, name) is not None:
+                    raise BuildError(f"{flag(name)} only applies with --device-map", field=name)
+            return
+        if self.sequential:
+            raise BuildError("--sequential and --device-map both decide where the LRM's layers run (--sequential "
+                             "moves one decoder layer at a time to --device; --device-map has accelerate place and "
+                             "offload them, and the build never moves them): choose one", field="device_map")
+        dm = parse_device_map(self.device_map)
+        if self.max_memory is not None:
+            if not isinstance(dm, str):
+                raise BuildError("--max-memory only applies with --device-map auto / balanced / balanced_low_0 / "
+                                 "sequential (an explicit map already places every module)", field="max_memory")
+            parse_max_memory(self.max_memory)
 
     def _check_storage(self) -> None:
         fc = Path(self.feature_cache).expanduser() if self.feature_cache is not None else None

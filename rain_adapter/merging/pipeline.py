@@ -68,6 +68,8 @@ from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
 from . import cache as layer_cache
 from . import features, preflight, taskvector
+from .dispatch import (check_available, format_device_map, map_source, onloaded, parse_device_map,
+                       parse_max_memory, resolve_device_map)
 from .cache import PARTIAL_SUFFIX, PartialCache
 from .calibration import CalibrationSet, prepare_reasoning_calibration
 from .coefficients import run_stage2
@@ -81,7 +83,7 @@ from .nullspace import ENERGY_PROJECTIONS, project
 from .options import MODEL_FIELDS, BuildError, BuildOptions
 from .report import (BuildLog, calibration_line, done_line, format_stats_table, kept_norm_check,
                      stage1_skipped_line)
-from .targets import Targets, load_lrm, wants_stage2
+from .targets import Targets, load_lrm, needs_lrm_weights, wants_stage2
 
 __all__ = ["PARTIAL_SUFFIX", "BuildError", "BuildOptions", "build_adapter", "format_stats_table"]
 
@@ -156,6 +158,28 @@ def cache_settings(opts: BuildOptions, method: MergeMethod, targets: Targets,
     }
 
 
+def dispatch_map(opts: BuildOptions, method: MergeMethod, skeleton: nn.Module | None, log: BuildLog
+                 ) -> dict[str, Any] | None:
+    """``--device-map`` resolved on the pre-flight's skeleton, before any weight is loaded
+    (``dispatch.resolve_device_map``; an unknown module, an uncovered weight or a GPU this machine
+    lacks is a BuildError naming it); None without ``--device-map`` or when the build runs no LRM
+    forward (then no weights are loaded at all)."""
+    if opts.device_map is None:
+        return None
+    if not needs_lrm_weights(opts, method):
+        log(f"[rain build] --device-map unused: {method.name} runs no LRM forward (its weights are not loaded)")
+        return None
+    if skeleton is None:
+        raise BuildError("--device-map: the LRM's config could not be built on the meta device, so no device "
+                         "map can be resolved for it", field="device_map")
+    where = map_source(opts.device_map)
+    dm = resolve_device_map(parse_device_map(opts.device_map), skeleton, dtype=opts.model_dtype,
+                            max_memory=parse_max_memory(opts.max_memory), where=where)
+    check_available(dm, where)
+    log("[rain build] device map (accelerate):\n" + format_device_map(dm))
+    return dm
+
+
 # ---- 5. Stage 1, one layer at a time ---------------------------------------------------------
 @dataclass
 class LayerWork:
@@ -203,8 +227,14 @@ def stage1_features(o: BuildOptions, targets: Targets, feat_todo: list[int], cal
 
     if o.feature_cache is None:
         return compute(feat_todo)
-    fc = FeatureCache(o.feature_cache, feature_settings(o, calib, targets.model), warn=log.warn if log else None)
+    with onloaded(_embedding(targets.model)):  # its fingerprint keys the cache; offloaded: loaded for it
+        settings = feature_settings(o, calib, targets.model)
+    fc = FeatureCache(o.feature_cache, settings, warn=log.warn if log else None)
     return fc.layers(feat_todo, targets.by_layer, targets.fingerprint, compute, log or (lambda msg: None))
+
+
+def _embedding(model: nn.Module | None) -> nn.Module | None:
+    return model.get_input_embeddings() if model is not None else None
 
 
 def run_stage1(work: LayerWork, targets: Targets, todo: list[int], calib: CalibrationSet | None,
@@ -246,7 +276,9 @@ def stage2_stats_cache(opts: BuildOptions, method: MergeMethod, targets: Targets
     ...; not ρ / α_max / alpha_norm / o_alpha). None without the cache or a reasoning calibration set."""
     if opts.feature_cache is None or calib is None:
         return None
-    fc = FeatureCache(opts.feature_cache, feature_settings(opts, calib, targets.model), warn=log.warn if log else None)
+    with onloaded(_embedding(targets.model)):
+        fsettings = feature_settings(opts, calib, targets.model)
+    fc = FeatureCache(opts.feature_cache, fsettings, warn=log.warn if log else None)
     settings = stage2_settings(opts, cache_settings(opts, method, targets, calib), fc.key, tokenizer, deltas, limits)
     return Stage2StatsCache(fc, settings, log)
 
@@ -262,13 +294,14 @@ def apply_stage2(opts: BuildOptions, method: MergeMethod, targets: Targets, toke
         return deltas, {"applied": False, "reason": reason, "alpha": 1.0}, method.without_stage2 or method.name
     if opts.sequential and opts.device is not None:
         targets.model.to(opts.device)
+    device = targets.input_device or opts.device  # a dispatched LRM: ids to its embedding's device
     # Stage 2 samples hold the whole response, so they may need their own limits.
     limits = (opts.max_samples if opts.stage2_max_samples is None else opts.stage2_max_samples,
               opts.max_seq_len if opts.stage2_max_seq_len is None else opts.stage2_max_seq_len)
     deltas, stage2 = run_stage2(
         targets.model, tokenizer, deltas, opts.instruction_calib, rho=opts.rho, alpha_grad=opts.alpha_grad,
         alpha_norm=opts.alpha_norm, alpha_max=opts.alpha_max, o_alpha=opts.o_alpha, max_samples=limits[0],
-        max_seq_len=limits[1], device=opts.device, progress=opts.progress,
+        max_seq_len=limits[1], device=device, progress=opts.progress,
         stats_cache=stage2_stats_cache(opts, method, targets, calib, tokenizer, deltas, limits, log))
     return deltas, stage2, method.name
 
@@ -350,6 +383,9 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
     time of the final ``wrote ...`` line is the whole call: preflight and loading included."""
     t_start = BuildLog.now()
     opts = resolve_options(lrm, itm, base, out, options, kwargs)
+    if opts.dry_run:
+        raise BuildError("dry_run: build_adapter always builds; rain build --dry-run (or "
+                         "rain_adapter.cli.build.dry_run(options)) prints the plan instead", field="dry_run")
     with torch_threads(opts.threads):
         return _build(opts, t_start)
 
@@ -377,8 +413,9 @@ def _build(opts: BuildOptions, t_start: float) -> Path:
     if wants_stage2(opts, method):
         preflight.check_instruction_calibration(opts, tokenizer, configs.vocab_size, log)
     sources, skeleton = preflight.check_checkpoints(opts, method, configs, log)
+    device_map = dispatch_map(opts, method, skeleton, log)
     log.mark("preflight")
-    targets = load_lrm(opts, method, skeleton, log)
+    targets = load_lrm(opts, method, skeleton, log, device_map)
     if skeleton is None:  # the skeleton is the loaded model's twin: check once, here only without it
         sources = check_sources(opts, targets.modules, sources)
     del skeleton

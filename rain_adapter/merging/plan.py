@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .plan_data import PROFILES, REFERENCE_CONFIGS, DeviceProfile  # noqa: F401 (re-exported)
+from .plan_dispatch import Placement, PlacementError, place
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -129,6 +130,10 @@ class PlanOptions:
     stage2: bool = True
     stage2_passes: int = 1
     svd_dtype: str = "float32"
+    #: ``--device-map``: a strategy name or ``{module: device}``; None: one device (``plan_dispatch``)
+    device_map: Any = None
+    #: ``--max-memory`` ``{device: size}`` for a strategy (None: the profile's memory for GPU 0)
+    max_memory: Any = None
 
 
 @dataclass
@@ -155,6 +160,7 @@ class BuildPlan:
     adapter_bytes: float = 0.0
     fits: bool = True
     advice: str = ""
+    placement: Placement | None = None
 
     @property
     def seconds(self) -> float:
@@ -169,6 +175,9 @@ class BuildPlan:
              "adapter_bytes": self.adapter_bytes, "total_seconds": self.seconds, "fits": self.fits,
              "advice": self.advice, "calibration": _calib_dict(self.calib), "instruction": _calib_dict(self.instr)}
         d["peak_bytes"] = {k: self.peak(k) for k in ("host_anon", "host_rss", "device")}
+        if self.placement is not None:
+            d["placement"] = {"device_map": self.placement.device_map, "bytes_by_device": self.placement.bytes_by_device,
+                              "offloaded_bytes_per_forward": self.placement.offloaded}
         return d
 
 
@@ -391,15 +400,71 @@ def make_plan(m: ModelShape, c: CalibShape, o: PlanOptions, p: DeviceProfile, in
     stages.append(Stage("assemble + write", t_w, 0.0, dense + adapter, w_anon, w_anon + dense,
                         lrm + delta * b if s2 and gpu else 0.0, "cache read back (mmap), adapter written"))
     disk = {"downloads": 3 * ckpt, "partial_cache": dense, "adapter": adapter, "peak_during_build": dense + adapter}
+    placement = None
+    if o.device_map is not None:
+        if o.sequential:
+            raise PlanError("--sequential and --device-map both decide where the LRM's layers run: choose one")
+        try:
+            placement = place(m, b, o.device_map, o.max_memory, p.memory_gib if gpu else None)
+        except PlacementError as e:
+            raise PlanError(str(e)) from None
+        _dispatched(stages, placement, m, c, instr if s2 else None, o, p)
     for s in stages:
         s.host_rss += p.lib_gib * GiB
-    plan = BuildPlan(m, c, instr if s2 else None, o, p, stages, disk, adapter)
+    plan = BuildPlan(m, c, instr if s2 else None, o, p, stages, disk, adapter, placement=placement)
     return _fit(plan)
+
+
+def _dispatched(stages: list[Stage], pl: Placement, m: ModelShape, c: CalibShape, instr: CalibShape | None,
+                o: PlanOptions, p: DeviceProfile) -> None:
+    """The one-device stages re-costed for a dispatched LRM (``plan_dispatch``): each GPU holds its
+    share of the weights (GPU 0 also one offloaded block while it runs), the host its ``cpu`` share
+    (the ``disk`` share only as transient file pages), and every forward call brings the offloaded
+    blocks to where they run (``Placement.streamed_seconds``). In Stage 2 each module's delta
+    (|Δ|·b, in proportion to the weights) sits with its module: on its GPU, or offloaded with it and
+    brought in with it."""
+    b, gpu = DTYPE_BYTES[o.dtype], p.kind == "gpu"
+    lrm = float(m.params * b)
+    converted = o.dtype != m.ckpt_dtype
+    extra = pl.largest_block if pl.offloaded > 0 and pl.gpus else 0.0
+    on_host = pl.on("cpu") if gpu else lrm - pl.on("disk")
+    delta = float(m.layer_linear * m.layers) * b
+    per_call = pl.streamed_seconds(p.link_gbps, p.disk_gbps)
+    calls = {"stage 1 features": len(c.batches(o.batch_size)),
+             "stage 2": (o.stage2_passes * instr.samples) if instr is not None else 0}
+    ratio = delta / lrm  # Stage 2's delta per byte of weight: each delta lives (or is offloaded) with its module
+    for s in stages:
+        with_deltas = s.name in ("stage 2", "assemble + write") and s.device > 0
+        grow = 1 + (ratio if with_deltas else 0.0)
+        if gpu:  # one device held the whole LRM (and in Stage 2 its deltas): now each GPU its share
+            if s.device > 0 and pl.gpus:
+                work = s.device - lrm - (delta if with_deltas else 0.0)
+                for i, g in enumerate(pl.gpus):
+                    need = (pl.on(g) + (extra if i == 0 else 0.0)) * grow + work
+                    pl.need[g] = max(pl.need.get(g, 0.0), need)
+                s.device = max(pl.need[g] for g in pl.gpus)
+            elif s.device > 0:
+                s.device = 0.0
+            s.host_anon += on_host * grow
+            s.host_rss += on_host * grow
+        else:  # the host held the whole LRM: now all but the disk share
+            held = lrm if converted else 0.0
+            if s.name in ("load LRM", "stage 1 features", "stage 1 project") or (s.name == "stage 2"):
+                s.host_anon -= min(held, pl.on("disk"))
+                s.host_rss -= pl.on("disk")
+        if calls.get(s.name) and pl.offloaded > 0:
+            k = 1 + ratio if s.name == "stage 2" else 1.0  # Stage 2 brings the offloaded deltas in too
+            s.seconds += calls[s.name] * per_call * k
+            s.note += (f"; offloaded {k * pl.offloaded / GiB:.2f} GiB streamed per forward "
+                       f"({k * per_call:.2f} s × {calls[s.name]})")
+    stages[0].note += f"; device map: {pl.summary()}"
 
 
 def _fit(plan: BuildPlan) -> BuildPlan:
     """Does the device hold the biggest stage? If not, would ``--sequential`` help?"""
     p, o = plan.profile, plan.options
+    if plan.placement is not None:
+        return _fit_dispatched(plan)
     if p.kind != "gpu" or p.memory_gib is None:
         return plan
     need = plan.peak("device")
@@ -412,9 +477,36 @@ def _fit(plan: BuildPlan) -> BuildPlan:
         s1 = max(s.device for s in seq.stages if s.name.startswith("stage 1"))
         if s1 <= p.memory_gib * GiB:
             plan.advice = (f"does not fit in one pass ({need / GiB:.1f} > {p.memory_gib:g} GiB): use --sequential "
-                           f"(Stage 1 device peak {s1 / GiB:.1f} GiB)")
+                           f"(Stage 1 device peak {s1 / GiB:.1f} GiB), or --device-map auto over several GPUs "
+                           "(plan it with --device-map auto --max-memory '{\"0\": ..., \"1\": ...}')")
             if any(s.name == "stage 2" for s in plan.stages):
                 plan.advice += "; Stage 2 still needs the LRM and the deltas on the device (or --no-stage2)"
             return plan
-    plan.advice = f"does not fit: device peak {need / GiB:.1f} > {p.memory_gib:g} GiB even with --sequential"
+    plan.advice = (f"does not fit: device peak {need / GiB:.1f} > {p.memory_gib:g} GiB even with --sequential; "
+                   "--device-map auto spreads the LRM over several GPUs (and cpu / disk)")
+    return plan
+
+
+def _fit_dispatched(plan: BuildPlan) -> BuildPlan:
+    """Each GPU of the map against the profile's device memory (``--device-memory``; ``--max-memory``
+    budgets only the weights, as in accelerate): its peak over the stages (``Placement.need``: its
+    weights, Stage 2's deltas beside them, the working set)."""
+    pl, p = plan.placement, plan.profile
+    assert pl is not None
+    off = f"cpu {pl.on('cpu') / GiB:.1f} GiB, disk {pl.on('disk') / GiB:.1f} GiB"
+    if p.kind != "gpu" or not pl.gpus:
+        plan.advice = f"dispatched on the host: {pl.summary()}"
+        return plan
+    peaks = []
+    mem = (p.memory_gib or 0) * GiB
+    for g in pl.gpus:
+        need = pl.need.get(g, pl.on(g))
+        peaks.append(f"GPU {g} peak {need / GiB:.1f} of {mem / GiB:.0f} GiB")
+        if mem and need > mem:
+            plan.fits = False
+    s2 = any(s.name == "stage 2" for s in plan.stages)
+    hint = ("; Stage 2 holds each module's dense delta beside its weight (as large as the targeted weights): "
+            "give the GPUs about half their memory in --max-memory, or --no-stage2" if s2 else "")
+    plan.advice = (("fits" if plan.fits else "does not fit (lower --max-memory of that GPU so more goes to cpu / "
+                    "disk)") + ": " + "; ".join(peaks) + f"; offloaded: {off}" + (hint if not plan.fits else ""))
     return plan

@@ -20,6 +20,10 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
                                                      num_attention_heads=40, num_key_value_heads=8, vocab_size=152064),
     "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    # not a preset: planned for the multi-GPU recipe (DESIGN §5.8); the Llama-3.x-70B shape it was
+    # distilled onto (8192 / 28672 / 80 layers / 64 heads / 8 kv heads / vocab 128256)
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
 }
 for _c in REFERENCE_CONFIGS.values():
     _c.update(tie_word_embeddings=False, torch_dtype="bfloat16")

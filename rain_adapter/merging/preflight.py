@@ -15,7 +15,7 @@
    tokenised, round-tripped and its spans located exactly as Stage 2 will (``spans``), and a set
    without a single usable instruction pair fails now instead of after Stage 1.
 4. :func:`check_checkpoints`: the LRM's module names and shapes from a skeleton built from its
-   config on the ``meta`` device (no weights), the same targets ``load_lrm`` will pick
+   config under ``accelerate.init_empty_weights`` (no weights; :func:`skeleton`), the same targets ``load_lrm`` will pick
    (:func:`select_targets`), checked against the ITM's and base's safetensors headers
    (``taskvector.check_task_vector``). The skeleton is handed back: a method that runs no LRM
    forward takes its targets from it and never loads the LRM's weights (``targets.load_lrm``).
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..format.arch import module_layer, target_linears, validate_roles
@@ -190,12 +189,15 @@ def select_targets(opts: BuildOptions, method: MergeMethod, model: nn.Module
 
 
 def skeleton(config: Any) -> nn.Module | None:
-    """The LRM built from its config on the ``meta`` device (names and shapes, no weights);
+    """The LRM built from its config under ``accelerate.init_empty_weights`` (parameters on the
+    ``meta`` device: names and shapes, no memory; buffers such as RoPE's ``inv_freq`` real and tiny),
+    the model accelerate's ``infer_auto_device_map`` places for ``--device-map`` (``dispatch``);
     None when this config cannot be instantiated that way (then only the later check runs)."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     try:
-        with torch.device("meta"):
+        with init_empty_weights():
             return AutoModelForCausalLM.from_config(config)
     except Exception:  # an unusual config: the check after loading the LRM still runs
         return None

@@ -12,6 +12,7 @@ safetensors, only the rows that hold sampled entries (:func:`streamed_fingerprin
 from __future__ import annotations
 
 import gc
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..format.fingerprint import compute_fingerprint, fingerprint_record_from_rows
 from . import preflight, taskvector
+from .dispatch import execution_device, load_dispatched
 from .features import trim_heap
 from .hub import fetching
 from .methods import MergeMethod
@@ -47,10 +49,25 @@ class Targets:
     layer_ids: list[int]
     proj_layers: set[int]
     fingerprint: dict[str, Any]
+    #: ``--device-map``: the resolved map the LRM was loaded with (None: one device)
+    device_map: dict[str, Any] | None = None
+    #: ``--device-map`` without ``--offload-folder``: the temporary folder for ``disk`` modules
+    offload_dir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def input_device(self) -> torch.device | None:
+        """Where the token ids go: the input embedding's execution device for a dispatched LRM
+        (``dispatch.execution_device``), None otherwise (the caller's ``--device`` / the model's)."""
+        if self.model is None or self.device_map is None:
+            return None
+        return execution_device(self.model.get_input_embeddings())
 
     def release(self) -> None:
         """Drop the LRM (and the references to its linears) and give the memory back."""
         self.model, self.modules = None, {}
+        if self.offload_dir is not None:
+            self.offload_dir.cleanup()
+            self.offload_dir = None
         gc.collect()
         trim_heap()
 
@@ -102,14 +119,18 @@ def skeleton_targets(opts: BuildOptions, method: MergeMethod, skeleton: nn.Modul
 
 
 def load_lrm(opts: BuildOptions, method: MergeMethod, skeleton: nn.Module | None = None,
-             log: BuildLog | None = None) -> Targets:
+             log: BuildLog | None = None, device_map: dict[str, Any] | None = None) -> Targets:
     """The LRM's targets. When the build runs no LRM forward (:func:`needs_lrm_weights` False) and
     the preflight built the ``meta`` ``skeleton``: :func:`skeleton_targets`, no weights loaded.
-    Otherwise load the LRM once (eval, ``opts.dtype``), pick the targeted linears, fingerprint them."""
+    Otherwise load the LRM once (eval, ``opts.dtype``), pick the targeted linears, fingerprint them;
+    with ``device_map`` (``--device-map``, resolved by ``dispatch.resolve_device_map``):
+    :func:`load_dispatched_lrm`."""
     if skeleton is not None and not needs_lrm_weights(opts, method):
         targets = skeleton_targets(opts, method, skeleton, log)
         if targets is not None:
             return targets
+    if device_map is not None:
+        return load_dispatched_lrm(opts, method, device_map, log)
     from transformers import AutoModelForCausalLM  # lazy, as above
 
     with fetching(opts.lrm, "lrm"):
@@ -121,3 +142,31 @@ def load_lrm(opts: BuildOptions, method: MergeMethod, skeleton: nn.Module | None
     if opts.device is not None and not opts.sequential:
         model.to(opts.device)
     return Targets(model, modules, names, by_layer, layer_ids, proj_layers, fingerprint)
+
+
+def load_dispatched_lrm(opts: BuildOptions, method: MergeMethod, device_map: dict[str, Any],
+                        log: BuildLog | None = None) -> Targets:
+    """The LRM loaded with ``device_map`` (accelerate's hooks move each module's inputs, and for
+    ``cpu`` / ``disk`` modules its weights, to its execution device at every forward); never moved
+    afterwards. Offloaded weights are on ``meta`` between forwards, so the fingerprint is streamed
+    from the LRM's safetensors (:func:`streamed_fingerprint`: the same record ``compute_fingerprint``
+    takes of a loaded model), falling back to the loaded weights when no module is offloaded."""
+    say = log or (lambda msg: None)
+    tmp = None
+    folder = opts.offload_folder
+    if folder is None and "disk" in device_map.values():
+        tmp = tempfile.TemporaryDirectory(prefix="rain-offload-")
+        folder = tmp.name
+    with fetching(opts.lrm, "lrm"):
+        model = load_dispatched(opts.lrm, opts.model_dtype, device_map, folder)
+    model.eval()
+    modules, by_layer, layer_ids, proj_layers = preflight.select_targets(opts, method, model)
+    names = list(modules)
+    if any(d in ("cpu", "disk") for d in device_map.values()) and any(
+            m.weight.device.type == "meta" for m in modules.values()):
+        fingerprint = streamed_fingerprint(taskvector.CheckpointReader(opts.lrm, "LRM"), modules, opts.model_dtype)
+    else:
+        fingerprint = compute_fingerprint(model, names)
+    placed = sorted({str(d) for d in device_map.values()})
+    say(f"[rain build] LRM dispatched by accelerate over {', '.join(placed)} (--device-map {opts.device_map})")
+    return Targets(model, modules, names, by_layer, layer_ids, proj_layers, fingerprint, dict(device_map), tmp)
