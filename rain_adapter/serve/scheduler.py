@@ -38,17 +38,20 @@ class GenParams:
 
     @property
     def plain(self) -> bool:
-        """No logits processing and no logprobs: the continuous batching loop can serve it."""
-        return self.processing is None and self.logprobs is None and not self.prompt_logprobs
+        """No logits processing and no logprobs (``stop_token_ids`` alone is plain: the row tracker ends
+        the row): transformers' continuous batching loop can serve it."""
+        return (self.processing is None or not self.processing.logits_active) and self.logprobs is None \
+            and not self.prompt_logprobs
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
     def compat_key(self, job_id: str) -> tuple:
-        """Requests with equal keys may share one ``generate`` call."""
-        if not self.plain:
-            return ("special", job_id)  # logits processing / logprobs: one request per generate call
+        """Requests with equal keys may share one ``generate`` call.
+
+        Logits processing and logprobs are per row (``row_logits.BatchLogitsProcessor``), so they do not
+        split batches: every greedy request shares, sampling requests share by (temperature, top_p)."""
         if self.greedy:
             return ("greedy",)
         if self.seed is not None:
