@@ -60,8 +60,8 @@ class _RowState:
         self.finished = False
         self.finish_reason: str | None = None
         self.holdback = max((len(s) for s in job.params.stop), default=1) - 1
-        self.recorder = None    # a logits processor whose ``last [B, V]`` holds the step's log-softmax
-        self.index = 0          # this row's index in ``recorder.last``
+        # logprob_of(position) -> the [V] log-softmax the token at that position was chosen from (logprobs)
+        self.logprob_of: Callable[[int], torch.Tensor | None] | None = None
         spec = job.params.processing
         self.stop_ids = set(getattr(spec, "stop_token_ids", ()) or ())
 
@@ -81,8 +81,9 @@ class _RowState:
             job.t_first_token = now
         self.ids.append(token)
         job.n_generated = len(self.ids)
-        if self.recorder is not None and self.recorder.last is not None:
-            job.token_logprobs.append(entry(self.recorder.last[self.index], token, job.params.logprobs or 0))
+        lp = self.logprob_of(len(self.ids) - 1) if self.logprob_of is not None else None
+        if lp is not None:
+            job.token_logprobs.append(entry(lp, token, job.params.logprobs or 0))
         if token in self.eos_ids:
             self._finish("stop")
             return
@@ -294,7 +295,7 @@ class BatchScheduler:
                                     record, 0.0 if p.greedy else float(p.temperature), bad)
         for i, (j, r) in enumerate(zip(jobs, rows)):
             if j.params.logprobs is not None:
-                r.recorder, r.index = proc, i
+                r.logprob_of = (lambda i: lambda _pos: proc.last[i] if proc.last is not None else None)(i)
         kw.update(logits_processor=LogitsProcessorList([proc]), repetition_penalty=None, top_k=None)
 
     @torch.inference_mode()

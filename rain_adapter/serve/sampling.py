@@ -100,6 +100,7 @@ def process_row(z: torch.Tensor, prompt: torch.Tensor, generated: torch.Tensor, 
     ``bad_ids``: the token sequences of ``spec.bad_words`` (:func:`bad_words_ids`)."""
     z = z.clone()
     vocab = z.shape[-1]
+    prompt, generated = prompt.to(z.device), generated.to(z.device)
     if spec.repetition_penalty != 1.0:
         seen = torch.unique(torch.cat([prompt, generated]).long())
         seen = seen[(seen >= 0) & (seen < vocab)]
