@@ -165,6 +165,8 @@ def run_processors(port: int, db: Path, concurrencies: list[int], seconds: float
             r["mean_rows_per_generate"] = mean_batch(db, r["acked"])
             row[name] = {k: r[k] for k in ("ok", "failed", "gen_tok_per_s", "req_per_s", "p50_s",
                                            "mean_rows_per_generate")}
+            if r["failed"]:
+                row[name]["failures_sample"] = r["failures_sample"]
         for name in ("mixed", "all_processors"):
             row[f"{name}_over_plain"] = round(row[name]["gen_tok_per_s"] / max(row["plain"]["gen_tok_per_s"], 1e-9), 3)
         out[f"c{c}"] = row

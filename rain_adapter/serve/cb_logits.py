@@ -5,14 +5,18 @@ transformers 5.x's continuous batching (``ContinuousBatchingLogitsProcessorList`
 ``processor(input_ids [N], scores [N, V])`` with one row per request that gets a new token this step,
 and no request identity. :class:`CBRowProcessor` is such a processor that finds the identity itself:
 the rows are the batch's ``requests_in_batch`` (``ContinuousBatchingIOs``) that have ``has_new_token``,
-in order (how ``prepare_batch_tensors`` builds ``logits_indices``) — the same bookkeeping the λ hook
-(:class:`~rain_adapter.serve.continuous.TokenLambdaHook`) cross-checks, and a mismatch raises instead
-of guessing. For each registered request it
+in order (how ``prepare_batch_tensors`` builds ``logits_indices``, and how ``update_batch`` hands out
+the sampled tokens). ``logits_indices`` is sliced to the number of requests in the batch, so while a
+prompt is prefilled in pieces the step has more rows than new tokens: the rows past the new-token
+ones are unused (index 0) and left alone. Any other row count raises instead of guessing — the same
+bookkeeping the λ hook (:class:`~rain_adapter.serve.continuous.TokenLambdaHook`) cross-checks. For each registered request it
 
 * records the raw ``log_softmax`` of its row under (request id, generated length) when it wants
   logprobs (:meth:`take` hands it to the row tracker with the token, then forgets it);
-* applies :func:`~rain_adapter.serve.sampling.process_row` (the definition: penalties, ``logit_bias``,
-  bans, ``top_k``, ``min_p``) with its prompt ids and ``state.generated_tokens``.
+* applies its processing (penalties, ``logit_bias``, bans, ``top_k``, ``min_p``) with its prompt ids and
+  ``state.generated_tokens``: the processed rows of a step are stacked and processed at once
+  (:func:`~rain_adapter.serve.row_logits.apply_rows`, the math the dynamic path uses; each request
+  keeps its own :class:`~rain_adapter.serve.row_logits.RowConsts` with its token counts).
 
 Rows of requests it does not know (plain requests) are left untouched. The manager loop is greedy only
 (see :mod:`rain_adapter.serve.continuous`), so min-p uses T = 0 (it keeps the argmax; greedy tokens
@@ -26,7 +30,8 @@ from typing import Sequence
 
 import torch
 
-from .sampling import LogitsSpec, process_row
+from .row_logits import RowConsts, apply_rows, stack_rows
+from .sampling import LogitsSpec
 
 
 class CBRowProcessor:
@@ -38,7 +43,8 @@ class CBRowProcessor:
         self.manager = manager
         self.eos_ids = [int(e) for e in eos_ids]
         self._lock = threading.Lock()
-        self._reqs: dict[str, tuple[LogitsSpec | None, torch.Tensor, tuple, bool]] = {}
+        self._reqs: dict[str, tuple[LogitsSpec | None, list[int], tuple, bool]] = {}
+        self._consts: dict[str, RowConsts] = {}   # built on a request's first step (vocabulary, device known)
         self._lps: dict[tuple[str, int], torch.Tensor] = {}
         self.calls = 0
 
@@ -52,11 +58,12 @@ class CBRowProcessor:
         """Register request ``rid`` (before it is added to the manager)."""
         with self._lock:
             self._reqs[rid] = (spec if spec is not None and spec.logits_active else None,
-                               torch.tensor(list(prompt_ids), dtype=torch.long), tuple(bad_ids), bool(record))
+                               list(prompt_ids), tuple(bad_ids), bool(record))
 
     def remove(self, rid: str) -> None:
         with self._lock:
             self._reqs.pop(rid, None)
+            self._consts.pop(rid, None)
             for key in [k for k in self._lps if k[0] == rid]:
                 del self._lps[key]
 
@@ -71,27 +78,44 @@ class CBRowProcessor:
                 return scores
             reqs = dict(self._reqs)
         io = self.manager.batch_processor.inputs_and_outputs
-        rows = [fs.state for fs in io.requests_in_batch if fs.has_new_token]
-        if len(rows) != scores.shape[0]:
-            raise RuntimeError(f"rain_adapter.serve.cb_logits: {scores.shape[0]} logits rows but {len(rows)} requests "
-                               "with a new token in the batch; refusing to guess whose logits are whose")
+        batch = list(io.requests_in_batch)
+        rows = [fs.state for fs in batch if fs.has_new_token]
+        if scores.shape[0] not in (len(rows), len(batch)):
+            raise RuntimeError(f"rain_adapter.serve.cb_logits: {scores.shape[0]} logits rows for {len(batch)} requests "
+                               f"({len(rows)} with a new token); refusing to guess whose logits are whose")
         self.calls += 1
-        out = None
+        idx, consts, gens = [], [], []
         for i, state in enumerate(rows):
             got = reqs.get(state.request_id)
             if got is None:
                 continue
             spec, prompt, bad, record = got
-            gen = torch.tensor(list(state.generated_tokens), dtype=torch.long)
+            gen = list(state.generated_tokens)
             if record:
                 lp = torch.log_softmax(scores[i].float(), dim=-1).cpu()
                 with self._lock:
-                    self._lps[(state.request_id, gen.numel())] = lp
-            if spec is not None:
-                if out is None:
-                    out = scores.clone()
-                out[i] = process_row(scores[i], prompt, gen, spec, self.eos_ids, 0.0, bad)
-        return scores if out is None else out
+                    self._lps[(state.request_id, len(gen))] = lp
+            if spec is None:
+                continue
+            with self._lock:
+                c = self._consts.get(state.request_id)
+            if c is None:
+                c = RowConsts(spec, prompt, bad, self.eos_ids, scores.shape[1], scores.device, scores.dtype)
+                with self._lock:
+                    if state.request_id in self._reqs:  # not removed meanwhile
+                        self._consts[state.request_id] = c
+            c.feed(gen)
+            idx.append(i)
+            consts.append(c)
+            gens.append(gen)
+        if not idx:
+            return scores
+        t = stack_rows(consts, scores.device, scores.dtype)
+        bad_now = [c.bad_ban(g) if c.bad else [] for c, g in zip(consts, gens)]
+        out = scores.clone()
+        at = torch.tensor(idx, device=scores.device)
+        out[at] = apply_rows(scores[at], t, [len(g) for g in gens], bad_now if any(bad_now) else None)
+        return out
 
 
 __all__ = ["CBRowProcessor"]
