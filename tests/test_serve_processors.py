@@ -244,7 +244,8 @@ def test_continuous_mode_keeps_processor_rows_in_the_cb_loop(tiny):
                              max_batch_tokens=8, num_blocks=64, page_size=16)
     batched = _run(cs, work)
     alone = _run(BatchScheduler(model, tok, max_batch_size=1, batch_window_ms=0), work)
-    assert cs.rows_proc.calls > 0 and not (cs.rows_proc._reqs or cs.rows_proc._lps or cs.rows_proc._consts)  # used, then forgotten
+    rp = cs.rows_proc
+    assert rp.calls > 0 and not (rp._reqs or rp._lps or rp._consts)  # used, then forgotten
     assert max(j.batch_size for j, _ in batched[:-1]) == len(work) - 1  # all greedy rows shared the CB loop
     _compare(batched, alone)
 

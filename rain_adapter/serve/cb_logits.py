@@ -9,7 +9,8 @@ in order (how ``prepare_batch_tensors`` builds ``logits_indices``, and how ``upd
 the sampled tokens). ``logits_indices`` is sliced to the number of requests in the batch, so while a
 prompt is prefilled in pieces the step has more rows than new tokens: the rows past the new-token
 ones are unused (index 0) and left alone. Any other row count raises instead of guessing — the same
-bookkeeping the λ hook (:class:`~rain_adapter.serve.continuous.TokenLambdaHook`) cross-checks. For each registered request it
+bookkeeping the λ hook (:class:`~rain_adapter.serve.continuous.TokenLambdaHook`) cross-checks. For
+each registered request it
 
 * records the raw ``log_softmax`` of its row under (request id, generated length) when it wants
   logprobs (:meth:`take` hands it to the row tracker with the token, then forgets it);

@@ -32,7 +32,7 @@ class GenParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    processing: Any = None   # a ``sampling.LogitsSpec`` (penalties, bias, top_k, min_tokens...) or None
+    processing: Any = None   # a ``sampling.LogitsSpec`` (penalties, bias, top_k, min_p, bans, stop ids...) or None
     logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives
     prompt_logprobs: bool = False  # echo + logprobs: the prompt tokens' logprobs (a forward pass)
 
@@ -63,7 +63,8 @@ class GenParams:
 class GenEvent:
     """kind: "delta" (text), "done" (finish_reason, stop_reason, completion_tokens), "error" (message).
 
-    ``stop_reason`` is vLLM's: the stop string that ended the row, else None (EOS, length, cancel)."""
+    ``stop_reason`` is vLLM's: the stop string or the ``stop_token_ids`` id that ended the row, else None
+    (EOS, length, cancel). ``completion_tokens`` counts an ending EOS / stop id, as vLLM does."""
 
     kind: str
     text: str = ""
