@@ -2,6 +2,7 @@
 
     python bench/serve_load.py [--clients 8] [--seconds 10] [--max-tokens 16] [--burst 200]
                                [--phases sustained,burst,kill9] [--batching dynamic] [--out results.json]
+    python bench/serve_load.py --phases processors,loglikelihood --concurrency 1,8,32 --max-batch-size 32
 
 1. builds a tiny Qwen2 + random adapter in a temp dir and starts `rain serve` as a subprocess on
    127.0.0.1 (free port; readiness by polling /health);
@@ -11,6 +12,12 @@
 2b. burst (issue 13): ``--burst`` requests (200) sent at once from one asyncio httpx client, each with
    λ drawn from {0, 0.5, 1, 1.5, 2}; all must succeed (0 failures) and be logged ``ok``; reports
    p50 / p99 / max latency, throughput and the mean rows per forward batch;
+2c. processors (issue 22): at each ``--concurrency`` (1, 8, 32), plain greedy requests vs a mix where half
+   carry ``ignore_eos`` + ``top_k`` + ``presence_penalty`` + ``logit_bias``; generated tok/s of both and
+   their ratio (goal: mixed ≥ 0.8 × plain at 32), all requests carrying them, and the mean rows per
+   generate call;
+2d. loglikelihood: lm-eval's ``local-completions`` loglikelihood requests (echo + logprobs) with
+   ``num_concurrent`` 1 and 4; the mean rows per generate call shows whether they ran batched;
 3. starts the load again (max_tokens 4, so many requests complete), kill -9's the server mid-load, restarts it on the same SQLite log and
    checks that every request that got a 200 response before the kill is in the log.
 Only loopback; client count and duration are bounded.
@@ -44,9 +51,10 @@ PROMPTS = ["What is 2+2?", "Write a haiku about rain.", "List three colours.", "
 
 
 def start_server(model_dir: Path, adapter_dir: Path, db: Path, port: int, max_tokens: int,
-                 batching: str = "dynamic") -> subprocess.Popen:
+                 batching: str = "dynamic", max_batch_size: int = 8) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rain_adapter.cli.serve", "serve", "--model", str(model_dir), "--adapter",
-           str(adapter_dir), "--host", HOST, "--port", str(port), "--db", str(db), "--max-batch-size", "8",
+           str(adapter_dir), "--host", HOST, "--port", str(port), "--db", str(db), "--max-batch-size",
+           str(max_batch_size),
            "--batch-window-ms", "10", "--max-tokens-cap", str(max_tokens), "--log-level", "warning",
            "--device", "cpu", "--dtype", "float32", "--batching", batching]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -54,8 +62,12 @@ def start_server(model_dir: Path, adapter_dir: Path, db: Path, port: int, max_to
     return proc
 
 
+#: the processor fields of the ``processors`` phase (issue 22): what a request that used to run alone carries
+PROCESSOR_FIELDS = {"ignore_eos": True, "top_k": 20, "presence_penalty": 0.5, "logit_bias": {"65": 2.0}}
+
+
 def run_load(port: int, clients: int, seconds: float, max_tokens: int, lambdas: list[float],
-             stop: threading.Event | None = None, seed: int = 0) -> dict:
+             stop: threading.Event | None = None, seed: int = 0, processor_share: float = 0.0) -> dict:
     url = f"http://{HOST}:{port}/v1/chat/completions"
     stop = stop or threading.Event()
     deadline = time.monotonic() + seconds
@@ -69,6 +81,8 @@ def run_load(port: int, clients: int, seconds: float, max_tokens: int, lambdas: 
                 body = {"model": "adapter", "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
                         "max_tokens": max_tokens, "temperature": 0, "rain_lambda": rng.choice(lambdas),
                         "user": f"u{i}"}
+                if processor_share and rng.random() < processor_share:
+                    body.update(PROCESSOR_FIELDS)
                 t0 = time.perf_counter()
                 try:
                     r = c.post(url, json=body)
@@ -138,6 +152,65 @@ def run_burst(port: int, n: int, max_tokens: int, lambdas: list[float], seed: in
             "max_s": round(float(np.max(a)), 3), "acked": [j["id"] for _, j in ok]}
 
 
+def run_processors(port: int, db: Path, concurrencies: list[int], seconds: float, max_tokens: int,
+                   rounds: int = 3) -> dict:
+    """Plain requests vs a mix where half carry :data:`PROCESSOR_FIELDS` (and vs all carrying them), at each
+    concurrency; the ratio of generated tokens per second (issue 22's goal: mixed ≥ 0.8 × plain at
+    concurrency 32). The arms alternate for ``rounds`` rounds of ``seconds`` each (plain, mixed, all,
+    plain, ...) and each arm's median round is reported, so a slow spell of a shared machine hits every
+    arm alike. ``ignore_eos`` rows run to ``max_tokens`` while plain rows may stop at EOS, so req/s and
+    the rows per generate call are reported next to tok/s."""
+    arms = (("plain", 0.0), ("mixed", 0.5), ("all_processors", 1.0))
+    out = {}
+    for c in concurrencies:
+        runs: dict[str, list[dict]] = {name: [] for name, _ in arms}
+        for k in range(rounds):
+            for name, share in arms:
+                r = run_load(port, c, seconds, max_tokens, [0.0, 1.0, 2.0], seed=100 * c + k, processor_share=share)
+                r["mean_rows_per_generate"] = mean_batch(db, r["acked"])
+                runs[name].append(r)
+        row = {}
+        for name, _ in arms:
+            rs = runs[name]
+            med = sorted(rs, key=lambda r: r["gen_tok_per_s"])[len(rs) // 2]
+            row[name] = {k: med[k] for k in ("gen_tok_per_s", "req_per_s", "p50_s", "mean_rows_per_generate")}
+            row[name]["rounds_tok_per_s"] = [r["gen_tok_per_s"] for r in rs]
+            row[name]["ok"] = sum(r["ok"] for r in rs)
+            row[name]["failed"] = sum(r["failed"] for r in rs)
+            fails = [f for r in rs for f in r["failures_sample"]]
+            if fails:
+                row[name]["failures_sample"] = fails[:3]
+        for name in ("mixed", "all_processors"):
+            row[f"{name}_over_plain"] = round(row[name]["gen_tok_per_s"] / max(row["plain"]["gen_tok_per_s"], 1e-9), 3)
+        out[f"c{c}"] = row
+        print(f"processors c={c}", json.dumps(row), flush=True)
+    return out
+
+
+def run_loglikelihood(port: int, db: Path, model_dir: Path, n: int, concurrent: int) -> dict:
+    """lm-eval's ``local-completions`` loglikelihood (echo + logprobs + max_tokens 1) with ``num_concurrent``;
+    the mean rows per generate call of those requests (> 1: they ran batched) and the wall time."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    con = sqlite3.connect(db)
+    before = {r[0] for r in con.execute("SELECT id FROM requests")}
+    con.close()
+    lm = LocalCompletionsAPI(model="adapter", base_url=f"http://{HOST}:{port}/v1/completions",
+                             tokenizer=str(model_dir), tokenized_requests=False, max_retries=1,
+                             num_concurrent=concurrent)
+    reqs = [Instance("loglikelihood", {}, (PROMPTS[i % len(PROMPTS)], f" answer {i}"), i) for i in range(n)]
+    t0 = time.perf_counter()
+    res = lm.loglikelihood(reqs, disable_tqdm=True)
+    wall = time.perf_counter() - t0
+    con = sqlite3.connect(db)
+    ids = [r[0] for r in con.execute("SELECT id FROM requests") if r[0] not in before]
+    con.close()
+    return {"requests": n, "num_concurrent": concurrent, "answers": len(res), "seconds": round(wall, 2),
+            "mean_rows_per_generate": mean_batch(db, ids),
+            "all_finite": all(np.isfinite(lp) for lp, _ in res)}
+
+
 def logged_ok(db: Path, ids: list[str]) -> int:
     con = sqlite3.connect(db)
     try:
@@ -193,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-after", type=float, default=10.0, help="seconds of load before kill -9")
     ap.add_argument("--burst", type=int, default=200, help="requests sent at once in the burst phase")
     ap.add_argument("--phases", default="sustained,burst,kill9",
-                    help="comma-separated: sustained (mixed vs single λ), burst, kill9")
+                    help="comma-separated: sustained (mixed vs single λ), burst, kill9, processors (plain vs "
+                         "half carrying logits processors, at --concurrency), loglikelihood (lm-eval, "
+                         "num_concurrent=4)")
+    ap.add_argument("--concurrency", default="1,8,32", help="client counts of the processors phase")
+    ap.add_argument("--max-batch-size", type=int, default=8, help="rain serve --max-batch-size")
+    ap.add_argument("--loglikelihood-requests", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per arm in the processors phase")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--batching", choices=["dynamic", "continuous"], default="dynamic",
                     help="the server's batching mode (rain serve --batching)")
@@ -210,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, adapter_dir = build_tiny_serving(tmp)
         db = tmp / "log.sqlite"
         port = free_port()
-        proc = start_server(model_dir, adapter_dir, db, port, args.max_tokens, args.batching)
+        proc = start_server(model_dir, adapter_dir, db, port, args.max_tokens, args.batching, args.max_batch_size)
         try:
             run_load(port, 2, 2.0, args.max_tokens, [1.0])  # warm-up
             for name, lams in (("mixed_lambda", [0.0, 0.5, 1.0, 1.5, 2.0]), ("single_lambda", [1.0])):
@@ -220,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
                 r["mean_rows_per_generate"] = mean_batch(db, r["acked"])
                 results[name] = {k: v for k, v in r.items() if k != "acked"}
                 print(name, json.dumps(results[name]), flush=True)
+            if "processors" in phases:
+                conc = [max(1, min(int(c), 64)) for c in args.concurrency.split(",") if c.strip()]
+                results["processors"] = run_processors(port, db, conc, seconds, args.max_tokens, args.rounds)
+            if "loglikelihood" in phases:
+                results["loglikelihood"] = {f"num_concurrent_{c}": run_loglikelihood(
+                    port, db, model_dir, args.loglikelihood_requests, c) for c in (1, 4)}
+                print("loglikelihood", json.dumps(results["loglikelihood"]), flush=True)
             if "burst" in phases:
                 r = run_burst(port, burst, args.max_tokens, [0.0, 0.5, 1.0, 1.5, 2.0])
                 r["logged_ok"] = logged_ok(db, r["acked"])
@@ -228,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("burst", json.dumps(results["burst"]), flush=True)
             if "kill9" in phases:
                 proc, results["kill9"] = run_kill9(proc, lambda: start_server(
-                    model_dir, adapter_dir, db, port, args.max_tokens, args.batching), db, port, clients, seconds,
+                    model_dir, adapter_dir, db, port, args.max_tokens, args.batching, args.max_batch_size), db, port,
+                    clients, seconds,
                     args.kill_after)
                 print("kill9", json.dumps(results["kill9"]), flush=True)
         finally:
@@ -243,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     ok = (all(results[k]["failed"] == 0 for k in ("mixed_lambda", "single_lambda") if k in results)
           and ("burst" not in results or (results["burst"]["failed"] == 0
                                           and results["burst"]["logged_ok"] == results["burst"]["requests"]))
-          and ("kill9" not in results or results["kill9"]["missing_from_log"] == 0))
+          and ("kill9" not in results or results["kill9"]["missing_from_log"] == 0)
+          and all(r[k]["failed"] == 0 for r in results.get("processors", {}).values()
+                  for k in ("plain", "mixed", "all_processors"))
+          and all(r["all_finite"] and r["answers"] == r["requests"]
+                  for r in results.get("loglikelihood", {}).values()))
     print("PASS" if ok else "FAIL", flush=True)
     return 0 if ok else 1
 

@@ -15,7 +15,11 @@ instead (:mod:`rain_adapter.serve.continuous`); sampling requests still come her
 
 Compatibility (who may share a call): all greedy requests; sampling requests
 with equal ``(temperature, top_p)`` and no seed.  A request with a ``seed`` runs
-alone so that its output does not depend on its neighbours.
+alone so that its output does not depend on its neighbours.  Logits processing
+(penalties, ``logit_bias``, ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``,
+``allowed_token_ids``, ``bad_words``) and logprobs are per row
+(:class:`~rain_adapter.serve.row_logits.BatchLogitsProcessor`) and do not split a
+batch; echo's prompt logprobs come from one left-padded forward of the batch's echo rows.
 
 Threading: one worker thread owns the model.  The asyncio side submits a
 :class:`GenJob` and reads :class:`GenEvent` s from ``job.events`` (an
@@ -34,8 +38,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .logprobs import entry, prompt_logprobs
-from .sampling import RequestLogitsProcessor
+from .logprobs import batch_prompt_logprobs, entry
+from .row_logits import BatchLogitsProcessor
+from .sampling import bad_words_ids
 from .scheduler import GenEvent, GenJob, GenParams, JobRejected, SchedulerHealth
 
 log = logging.getLogger("rain_adapter.serve")
@@ -55,9 +60,17 @@ class _RowState:
         self.finished = False
         self.finish_reason: str | None = None
         self.holdback = max((len(s) for s in job.params.stop), default=1) - 1
-        self.recorder = None    # sampling.RequestLogitsProcessor when the job wants logprobs
+        # logprob_of(position) -> the [V] log-softmax the token at that position was chosen from (logprobs)
+        self.logprob_of: Callable[[int], torch.Tensor | None] | None = None
+        spec = job.params.processing
+        self.stop_ids = set(getattr(spec, "stop_token_ids", ()) or ())
 
     def feed(self, token: int, now: float) -> None:
+        """One generated token: record it, then end the row at EOS / a stop token id / a stop string /
+        ``max_tokens``, else send the text that is safe to send.
+
+        EOS and a ``stop_token_ids`` id count as generated tokens (``completion_tokens``, logprobs) but
+        add no text, as vLLM; a stop id's ``stop_reason`` is the id."""
         if self.finished:
             return
         job = self.job
@@ -66,13 +79,17 @@ class _RowState:
             return
         if job.t_first_token is None:
             job.t_first_token = now
+        self.ids.append(token)
+        job.n_generated = len(self.ids)
+        lp = self.logprob_of(len(self.ids) - 1) if self.logprob_of is not None else None
+        if lp is not None:
+            job.token_logprobs.append(entry(lp, token, job.params.logprobs or 0))
         if token in self.eos_ids:
             self._finish("stop")
             return
-        self.ids.append(token)
-        job.n_generated = len(self.ids)
-        if self.recorder is not None and self.recorder.last is not None:
-            job.token_logprobs.append(entry(self.recorder.last[0], token, job.params.logprobs or 0))
+        if token in self.stop_ids:
+            self._finish("stop", stop_reason=token)
+            return
         if token not in self.skip_ids:
             text = self.tok.decode([t for t in self.ids if t not in self.skip_ids],
                                    skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -256,17 +273,29 @@ class BatchScheduler:
             finally:
                 self._busy = False
 
-    def _special(self, job: GenJob, row: _RowState, prompt_len: int, kw: dict[str, Any]) -> None:
-        """A one-job batch with the request's logits processor (and the prompt's logprobs for echo)."""
+    def _processing(self, jobs: list[GenJob], rows: list[_RowState], input_ids: torch.Tensor,
+                    kw: dict[str, Any]) -> None:
+        """The batch's per-row logits processor (and the prompts' logprobs for echo), when any row needs one."""
         from transformers import LogitsProcessorList
 
-        p = job.params
-        if p.prompt_logprobs:
-            job.prompt_logprobs, job.prompt_ranks = prompt_logprobs(self.model, job.prompt_ids, job.lam,
-                                                                    max(p.logprobs or 0, p.prompt_top), self.device,
-                                                                    ranks=True)
-        proc = RequestLogitsProcessor(p.processing, prompt_len, sorted(self.eos_ids), p.logprobs is not None)
-        row.recorder = proc if p.logprobs is not None else None
+        echo = [j for j in jobs if j.params.prompt_logprobs]
+        if echo:
+            ks = [max(j.params.logprobs or 0, j.params.prompt_top) for j in echo]
+            for j, (entries, ranks) in zip(echo, batch_prompt_logprobs(self.model, [j.prompt_ids for j in echo],
+                                                                        [j.lam for j in echo], ks, self.pad_id,
+                                                                        self.device)):
+                j.prompt_logprobs, j.prompt_ranks = entries, ranks
+        if all(j.params.plain for j in jobs):
+            return
+        record = any(j.params.logprobs is not None for j in jobs)
+        specs = [j.params.processing for j in jobs]
+        bad = [bad_words_ids(self.tok, s.bad_words) if s is not None and s.bad_words else () for s in specs]
+        p = jobs[0].params
+        proc = BatchLogitsProcessor(specs, input_ids, [len(j.prompt_ids) for j in jobs], sorted(self.eos_ids),
+                                    record, 0.0 if p.greedy else float(p.temperature), bad)
+        for i, (j, r) in enumerate(zip(jobs, rows)):
+            if j.params.logprobs is not None:
+                r.logprob_of = (lambda i: lambda _pos: proc.last[i] if proc.last is not None else None)(i)
         kw.update(logits_processor=LogitsProcessorList([proc]), repetition_penalty=None, top_k=None)
 
     @torch.inference_mode()
@@ -296,8 +325,7 @@ class BatchScheduler:
             kw.update(do_sample=True, temperature=float(p.temperature), top_p=float(p.top_p), top_k=None)
             if p.seed is not None:
                 torch.manual_seed(int(p.seed))
-        if not p.plain:  # runs alone (compat_key): logits processing, logprobs, prompt logprobs
-            self._special(jobs[0], rows[0], T, kw)
+        self._processing(jobs, rows, input_ids, kw)  # per-row processors / logprobs: the batch stays whole
         if hasattr(self.model, "set_lambda"):
             self.model.set_lambda(torch.tensor([j.lam for j in jobs], dtype=torch.float32))
         from transformers import StoppingCriteriaList

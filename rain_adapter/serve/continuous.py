@@ -19,9 +19,12 @@ Constraints this module enforces (each would break per-request λ):
   (K/V projections carry the adapter).
 * no CUDA graphs, no ``torch.compile``, no async double-buffering: graph replays skip Python hooks
   and async batching prepares batch N+1 while N runs.
-* greedy decoding only in the manager; sampling requests (and requests with logits processing or
-  logprobs) are served by the dynamic scheduler (``batching.BatchScheduler``) while the manager is
-  paused (``manager.pause()``).
+* greedy decoding only in the manager; sampling requests (and echo requests, which need a prompt
+  forward) are served by the dynamic scheduler (``batching.BatchScheduler``, batched there too) while
+  the manager is paused (``manager.pause()``). Greedy requests with logits processing (penalties,
+  ``logit_bias``, ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, allowed / bad tokens) or
+  logprobs stay in the manager: :class:`~rain_adapter.serve.cb_logits.CBRowProcessor` applies each
+  request's processing to its own row of the packed step and records its logprobs.
 
 Supervision: a job the loop can never run (an empty prompt, more tokens than the paged cache holds)
 is refused at ``submit`` (:class:`~rain_adapter.serve.scheduler.JobRejected`, a 400). An error while
@@ -43,6 +46,8 @@ from typing import Callable
 import torch
 
 from .batching import BatchScheduler, _RowState
+from .cb_logits import CBRowProcessor
+from .sampling import bad_words_ids
 from .scheduler import GenEvent, GenJob, JobRejected, SchedulerHealth, SchedulerUnavailable
 
 log = logging.getLogger("rain_adapter.serve")
@@ -210,9 +215,10 @@ class _PausedBatchScheduler(BatchScheduler):
 class ContinuousScheduler:
     """The other :class:`~rain_adapter.serve.scheduler.Scheduler` (a drop-in for :class:`BatchScheduler`).
 
-    Greedy jobs go to transformers' continuous batching with a per-token λ: a request joins the
-    running batch at the next step instead of waiting for the current generate call to end. Sampling
-    jobs go to a dynamic :class:`BatchScheduler` that runs while the CB loop is paused.
+    Greedy jobs go to transformers' continuous batching with a per-token λ (and their own logits
+    processing / logprobs through :class:`~rain_adapter.serve.cb_logits.CBRowProcessor`): a request joins
+    the running batch at the next step instead of waiting for the current generate call to end. Sampling
+    and echo jobs go to a dynamic :class:`BatchScheduler` that runs while the CB loop is paused.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, batch_window_ms: float = 10.0,
@@ -235,6 +241,7 @@ class ContinuousScheduler:
                                                  num_blocks=num_blocks, page_size=page_size, device=hf.device))
         self.manager = None
         self.hook: TokenLambdaHook | None = None
+        self.rows_proc: CBRowProcessor | None = None
         cfg = self._manager_args["continuous_batching_config"]
         self.capacity = (int(cfg.num_blocks) * int(cfg.page_size)) if cfg.num_blocks else None
         self.restarts = 0
@@ -270,6 +277,7 @@ class ContinuousScheduler:
                 return self
             self.manager = self.model.model.init_continuous_batching(**self._manager_args)
             self.hook = TokenLambdaHook(self.model, self.manager, self._lam_of)
+            self.rows_proc = CBRowProcessor(self.manager, sorted(self.eos_ids)).attach()
             self._started = True
         self._fallback.start()
         self.manager.start()
@@ -279,7 +287,8 @@ class ContinuousScheduler:
     def submit(self, job: GenJob) -> None:
         if not job.prompt_ids:
             raise JobRejected("rain_adapter.serve.continuous: a request needs at least one prompt token")
-        if not (job.params.greedy and job.params.plain):
+        p = job.params
+        if not p.greedy or p.prompt_logprobs:
             self._fallback.submit(job)
             return
         need = len(job.prompt_ids) + job.params.max_tokens
@@ -293,7 +302,14 @@ class ContinuousScheduler:
             if not self._healthy:
                 raise SchedulerUnavailable(f"rain_adapter.serve.continuous: {self._reason}")
             self._lams[job.job_id] = float(job.lam)
-            self._rows[job.job_id] = (_RowState(job, self.tok, self.skip_ids, self.eos_ids), 0)
+            row = _RowState(job, self.tok, self.skip_ids, self.eos_ids)
+            if not p.plain:
+                spec = p.processing
+                bad = bad_words_ids(self.tok, spec.bad_words) if spec is not None and spec.bad_words else ()
+                self.rows_proc.add(job.job_id, spec, job.prompt_ids, bad, p.logprobs is not None)
+                if p.logprobs is not None:
+                    row.logprob_of = (lambda rid, rp: lambda pos: rp.take(rid, pos))(job.job_id, self.rows_proc)
+            self._rows[job.job_id] = (row, 0)
             job.batch_size = len(self._rows)
         rid = self.manager.add_request(list(job.prompt_ids), request_id=job.job_id,
                                        max_new_tokens=job.params.max_tokens, streaming=True,
@@ -338,6 +354,8 @@ class ContinuousScheduler:
 
     # ---------------------------------------------------------------- internals
     def _drop(self, rid: str, cancelled: bool = False) -> None:
+        if self.rows_proc is not None:
+            self.rows_proc.remove(rid)
         with self._lock:
             self._rows.pop(rid, None)
             lam = self._lams.pop(rid, None)
@@ -416,9 +434,10 @@ class ContinuousScheduler:
             old_hook.remove()
             manager = self.model.model.init_continuous_batching(**self._manager_args)
             hook = TokenLambdaHook(self.model, manager, self._lam_of)
+            rows_proc = CBRowProcessor(manager, sorted(self.eos_ids)).attach()
             manager.start()
             with self._lock:
-                self.manager, self.hook = manager, hook
+                self.manager, self.hook, self.rows_proc = manager, hook, rows_proc
             self.restarts += 1
             self._healthy, self._reason = True, None
             log.warning("rain serve: continuous batching loop restarted (%d restarts)", self.restarts)

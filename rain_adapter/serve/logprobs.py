@@ -2,8 +2,9 @@
 
 A generated token's logprob is the raw log-softmax of the step's logits (before penalties,
 temperature, top-k/top-p: vLLM's default), recorded by
-:class:`~rain_adapter.serve.sampling.RequestLogitsProcessor`. With ``echo`` and ``logprobs`` on
-``/v1/completions`` the prompt's tokens get theirs from one forward pass at the request's λ —
+:class:`~rain_adapter.serve.row_logits.BatchLogitsProcessor` for every row of a batch. With ``echo`` and
+``logprobs`` on ``/v1/completions`` the prompt's tokens get theirs from a forward pass at the request's λ
+(one left-padded pass for all such rows of a batch: :func:`batch_prompt_logprobs`) —
 ``log_softmax(logits[t-1])[ids[t]]`` for t ≥ 1, None for the first token — which is what lm-eval's
 loglikelihood tasks read. Entries are ``(token id, logprob, [(id, logprob) × k])``.
 
@@ -94,6 +95,51 @@ def vocab_ranks(lp: torch.Tensor, ids: list[int]) -> list[int]:
     return [int(r) for r in ((lp > chosen).sum(dim=1) + 1).tolist()]
 
 
+#: logits elements (rows × positions × vocabulary) one echo forward may hold; more rows go in several passes
+ECHO_LOGITS_BUDGET = 1 << 26
+
+
+@torch.inference_mode()
+def batch_prompt_logprobs(model, prompts: list[list[int]], lams: list[float], ks: list[int], pad_id: int,
+                          device) -> list[tuple[list[Entry], list[int | None]]]:
+    """:func:`prompt_logprobs` of several prompts from one left-padded forward ``[B, T]`` with per-row λ
+    ``[B]`` (rows split into passes of at most :data:`ECHO_LOGITS_BUDGET` logits). Positions are counted
+    from each row's first real token (``cumsum(mask) − 1``, as ``generate`` does), so a row sees what it
+    sees alone; the values agree with a lone forward to float rounding. Each row comes back as ``(entries, ranks)``
+    (:func:`vocab_ranks`; None for the first token)."""
+    out: list[tuple[list[Entry], list[int | None]]] = []
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
+    i = 0
+    while i < len(prompts):
+        T = len(prompts[i])
+        j = i + 1
+        while j < len(prompts) and (j + 1 - i) * max(T, len(prompts[j])) * vocab <= ECHO_LOGITS_BUDGET:
+            T = max(T, len(prompts[j]))
+            j += 1
+        out.extend(_echo_pass(model, prompts[i:j], lams[i:j], ks[i:j], pad_id, device))
+        i = j
+    return out
+
+
+def _echo_pass(model, prompts, lams, ks, pad_id, device) -> list[tuple[list[Entry], list[int | None]]]:
+    B, T = len(prompts), max(len(p) for p in prompts)
+    x = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        x[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[b, T - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    if hasattr(model, "set_lambda"):
+        model.set_lambda(torch.tensor(lams, dtype=torch.float32))
+    logits = model(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
+    res = []
+    for b, (p, k) in enumerate(zip(prompts, ks)):
+        lp = torch.log_softmax(logits[b, T - len(p):].float(), dim=-1).cpu()
+        entries = [(int(p[0]), None, [])] + [entry(lp[t - 1], p[t], k) for t in range(1, len(p))]
+        res.append((entries, [None] + vocab_ranks(lp[: len(p) - 1], list(p[1:]))))
+    return res
+
+
 def _text(tok, i: int, as_id: bool = False) -> str:
     """A token's text, or ``"token_id:{i}"`` (``return_tokens_as_token_ids``)."""
     if as_id:
@@ -148,5 +194,5 @@ def prompt_logprobs_json(tok, entries: list[Entry], ranks: list[int | None] | No
     return out
 
 
-__all__ = ["MAX_TOP_LOGPROBS", "chat_logprobs", "completion_logprobs", "entry", "parse_logprobs",
+__all__ = ["ECHO_LOGITS_BUDGET", "MAX_TOP_LOGPROBS", "batch_prompt_logprobs", "chat_logprobs", "completion_logprobs", "entry", "parse_logprobs",
            "parse_prompt_logprobs", "prompt_logprobs", "prompt_logprobs_json", "vocab_ranks"]

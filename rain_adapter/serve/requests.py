@@ -64,6 +64,7 @@ class RequestLimits:
     check_registry: CheckRegistry | None = None     # None: scoring.DEFAULT_SERVER_REGISTRY
     reasoning_parser: str = "deepseek_r1"           # a chat request's default (REASONING_PARSERS)
     trust_request_chat_template: bool = False       # --trust-request-chat-template: a request may bring one
+    vocab_size: int | None = None                   # logits width: logit_bias / allowed_token_ids ids below it
 
 
 @dataclass(frozen=True)
@@ -345,7 +346,7 @@ def _sampling(body: dict, limits: RequestLimits, chat: bool) -> SamplingParams:
     if not 1 <= n <= MAX_N:
         raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", "n")
     logprobs, echo = parse_logprobs(body, chat)
-    processing = parse_logits_spec(body, mt)
+    processing = parse_logits_spec(body, mt, limits.vocab_size)
     temperature = number_field(body, "temperature", limits.default_temperature, 0.0, 2.0)
     top_p = number_field(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = int_field(body, "seed")

@@ -32,7 +32,7 @@ class GenParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    processing: Any = None   # a ``sampling.LogitsSpec`` (penalties, bias, top_k, min_tokens...) or None
+    processing: Any = None   # a ``sampling.LogitsSpec`` (penalties, bias, top_k, min_p, bans, stop ids...) or None
     logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives
     prompt_logprobs: bool = False  # echo + logprobs: the prompt tokens' logprobs (a forward pass)
     # decode-side fields (serve/field_policy.py; they do not change who may share a generate call)
@@ -42,17 +42,20 @@ class GenParams:
 
     @property
     def plain(self) -> bool:
-        """No logits processing and no logprobs: the continuous batching loop can serve it."""
-        return self.processing is None and self.logprobs is None and not self.prompt_logprobs
+        """No logits processing and no logprobs (``stop_token_ids`` alone is plain: the row tracker ends
+        the row): transformers' continuous batching loop can serve it."""
+        return (self.processing is None or not self.processing.logits_active) and self.logprobs is None \
+            and not self.prompt_logprobs
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
     def compat_key(self, job_id: str) -> tuple:
-        """Requests with equal keys may share one ``generate`` call."""
-        if not self.plain:
-            return ("special", job_id)  # logits processing / logprobs: one request per generate call
+        """Requests with equal keys may share one ``generate`` call.
+
+        Logits processing and logprobs are per row (``row_logits.BatchLogitsProcessor``), so they do not
+        split batches: every greedy request shares, sampling requests share by (temperature, top_p)."""
         if self.greedy:
             return ("greedy",)
         if self.seed is not None:
@@ -64,7 +67,8 @@ class GenParams:
 class GenEvent:
     """kind: "delta" (text), "done" (finish_reason, stop_reason, completion_tokens), "error" (message).
 
-    ``stop_reason`` is vLLM's: the stop string that ended the row, else None (EOS, length, cancel)."""
+    ``stop_reason`` is vLLM's: the stop string or the ``stop_token_ids`` id that ended the row, else None
+    (EOS, length, cancel). ``completion_tokens`` counts an ending EOS / stop id, as vLLM does."""
 
     kind: str
     text: str = ""

@@ -105,7 +105,8 @@ class ServeState:
                                     arm_names=frozenset(self.assigner.by_name), max_tokens_cap=self.max_tokens_cap,
                                     default_temperature=self.default_temperature,
                                     check_registry=self.check_registry, reasoning_parser=self.reasoning_parser,
-                                    trust_request_chat_template=self.trust_request_chat_template)
+                                    trust_request_chat_template=self.trust_request_chat_template,
+                                    vocab_size=_vocab_size(self.model, self.tokenizer))
         self.request_log = RequestLog(self.db, self.metrics, self.rewards)
         self.bytes_per_token = max_token_bytes(self.tokenizer)
         if self.policy is not None:
@@ -175,6 +176,17 @@ class ServeState:
 
     def release(self) -> None:
         self.inflight -= 1
+
+
+def _vocab_size(model, tokenizer) -> int | None:
+    """The logits width (``config.vocab_size``; the tokenizer's length when the model has no config)."""
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(v, int) and v > 0:
+        return v
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return None
 
 
 def serve_state_from(model, tokenizer, *, model_name: str, db_path, arms: list[Arm] | None = None,
