@@ -15,7 +15,10 @@ accepts the module. A dispatcher says
   fingerprint check then compares the sampled values with a quantization tolerance, see
   :data:`QUANT_SAMPLE_RTOL`).
 
-Backends that exist but have no dispatcher yet (bitsandbytes, GPTQ, AWQ, HQQ, optimum-quanto) are
+Implemented: ``linear`` (plain ``nn.Linear``, fused), ``torchao`` (an ``nn.Linear`` whose weight is a
+torchao tensor subclass: ``Int8WeightOnlyConfig``, ``IntxWeightOnlyConfig``, …, also as loaded by
+transformers' ``TorchAoConfig``) and ``optimum-quanto`` (``QLinear``, frozen or not), both beside.
+Backends that exist but have no dispatcher yet (bitsandbytes, GPTQ, AWQ, HQQ) are
 registered as *slots* (``unsupported`` set): :func:`dispatch` raises an
 :class:`~rain_adapter.format.store.AdapterError` naming the module and the backend rather than
 treating the layer as something it is not. Adding a backend = replacing its slot with a dispatcher
@@ -83,16 +86,25 @@ def _torchao_dense(module: nn.Module, weight: Tensor) -> Tensor:
     return out.to(w.dtype) if out.dtype != w.dtype and w.dtype.is_floating_point else out
 
 
+def _is_quanto_linear(module: nn.Module) -> bool:
+    return _from_package("optimum.quanto")(module) and isinstance(module, nn.Linear) and hasattr(module, "qweight")
+
+
+def _quanto_dense(module: nn.Module, weight: Tensor) -> Tensor:
+    """optimum-quanto's ``QLinear``: its quantized weight (``qweight``, frozen or quantized on the
+    fly as its forward does) dequantized."""
+    return module.qweight.dequantize().to(module.weight.dtype)
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and _is_plain_tensor(module.weight) and _is_plain_tensor(module.bias)
 
 
 def _slot(backend: str, packages: tuple[str, ...]) -> Dispatcher:
     return Dispatcher(backend, _from_package(*packages),
-                      unsupported=f"{backend} layers have no RAIN dispatcher yet (the base stays quantized; "
-                                  "one Dispatcher in rain_adapter/runtime/dispatchers.py adds them); attach the "
-                                  "adapter to a float or torchao-quantized load of the model, or use "
-                                  "rain export --format merged")
+                      unsupported=f"{backend} layers have no RAIN dispatcher yet (one Dispatcher in "
+                                  "rain_adapter/runtime/dispatchers.py adds them); attach to a float, torchao or "
+                                  "optimum-quanto load of the model, or export a merged checkpoint (rain export)")
 
 
 #: tried in order; the first match wins (slots first: some of their layers subclass nn.Linear)
@@ -101,7 +113,8 @@ DISPATCHERS: list[Dispatcher] = [
     _slot("GPTQ", ("auto_gptq", "gptqmodel", "optimum.gptq")),
     _slot("AWQ", ("awq", "autoawq")),
     _slot("HQQ", ("hqq",)),
-    _slot("optimum-quanto", ("optimum.quanto",)),
+    Dispatcher("optimum-quanto", _is_quanto_linear, fused=False, exact=False, dense=_quanto_dense),
+    _slot("optimum-quanto", ("optimum.quanto",)),  # its other layers (QConv*, QLayerNorm) are not linears
     Dispatcher("torchao", _is_torchao_linear, fused=False, exact=False, dense=_torchao_dense),
     Dispatcher("linear", _is_plain_linear, fused=True, exact=True, dense=lambda m, w: w),
 ]
