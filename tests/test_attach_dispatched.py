@@ -93,7 +93,7 @@ def test_dispatched_attach_equals_plain_attach(saved, rank):
         assert disp.get_submodule(name).base.weight.device.type == "meta"  # forwards put them back
 
 
-def test_dispatched_merge_detach_generate(saved):
+def test_dispatched_merge_detach_generate(saved, tmp_path):
     plain, disp = load(saved, False), load(saved, True)
     adapter = adapter_for(plain, 4)
     rp = RainAdapter.attach(plain, adapter, lam=0.6)
@@ -107,6 +107,11 @@ def test_dispatched_merge_detach_generate(saved):
     assert all(v.device.type != "meta" for v in sd.values())
     for k in sp:
         torch.testing.assert_close(sd[k], sp[k], rtol=0, atol=0, msg=k)
+    rd.save_pretrained(tmp_path / "merged", 0.6)  # a plain checkpoint, offloaded tensors read through the hooks
+    saved_merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    assert saved_merged.keys() == sp.keys()
+    for k in sp:
+        torch.testing.assert_close(saved_merged[k], sp[k], rtol=0, atol=0, msg=k)
     x = ids(batch=2, t=5)
     gp = rp.generate(x, rain_lambda=[0.0, 0.6], max_new_tokens=4, do_sample=False)
     gd = rd.generate(x, rain_lambda=[0.0, 0.6], max_new_tokens=4, do_sample=False)

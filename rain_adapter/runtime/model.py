@@ -151,8 +151,9 @@ class RainModel(nn.Module):
         except AttributeError:
             pass
         modules = self.__dict__.get("_modules")
-        if modules is None or "model" not in modules:  # during __init__ / unpickling
-            raise AttributeError(name)
+        if modules is None or "model" not in modules or name.startswith("__") and name.endswith("__"):
+            # during __init__ / unpickling; and protocol lookups (__deepcopy__, …) are never forwarded
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(modules["model"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
