@@ -164,6 +164,23 @@ def test_torchao_through_transformers_quantization_config(tmp_path):
     assert float((got - want).norm() / want.norm()) < 1e-5
 
 
+@pytest.mark.skipif(not HAVE_QUANTO, reason="optimum-quanto not installed")
+def test_quanto_through_transformers_quantization_config(tmp_path):
+    from transformers import AutoModelForCausalLM, QuantoConfig
+    model = tiny_model("qwen2", seed=27, num_hidden_layers=2)
+    model.save_pretrained(tmp_path)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                             quantization_config=QuantoConfig(weights="int8"))
+    cfg, deltas = adapter(model, 4)
+    rm = RainAdapter.attach(q, (cfg, deltas), lam=0.6)
+    assert {layer.dispatcher.backend for layer in rm.rain_layers.values()} == {"optimum-quanto"}
+    x = ids()
+    with torch.no_grad():
+        want = dequantized_reference(q, deltas, 0.6)(x).logits
+        got = rm(x).logits.double()
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
 def test_known_backends_without_a_dispatcher_are_refused_by_name():
     """The slots match layers by the package that defines them; a layer class defined under
     ``bitsandbytes.nn`` (as bitsandbytes' own Linear4bit is) is refused naming module and backend."""
