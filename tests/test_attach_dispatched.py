@@ -197,3 +197,25 @@ def test_peak_memory_at_attach_below_plain(tmp_path):
     # three of four layers (≈ 3/4 of weight_bytes) are on disk; require half of the weights saved
     print(f"peak RSS at attach + one forward: {peaks}, weights {weight_bytes} B")
     assert peaks["dispatched"] < peaks["plain"] - weight_bytes // 2, (peaks, weight_bytes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_execution_with_cpu_and_disk_offload(saved):
+    """On a GPU machine: layer 0 on cuda:0, layer 1 offloaded to the CPU and layer 2 to disk, both
+    executed on cuda:0 — every delta sits on cuda:0 while the offloaded weights stay on meta."""
+    dm = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": "disk",
+          "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+    plain = load(saved, False).cuda()
+    disp = AutoModelForCausalLM.from_pretrained(saved / "lrm", dtype=torch.float32, device_map=dm,
+                                                offload_folder=str(saved / "offload_gpu")).eval()
+    adapter = adapter_for(plain, 4)
+    rp = RainAdapter.attach(plain, adapter, lam=0.6)
+    rd = RainAdapter.attach(disp, adapter, lam=0.6)
+    for name, layer in rd.rain_layers.items():
+        assert layer.lora_A.device == torch.device("cuda", 0), name
+        assert (layer.base.weight.device.type == "meta") == (".layers.0." not in name), name
+    x = ids().cuda()
+    with torch.no_grad():
+        for lam in (0.0, 0.6, [0.0, 0.6, 1.3]):
+            torch.testing.assert_close(rd(x, rain_lambda=lam).logits, rp(x, rain_lambda=lam).logits,
+                                       rtol=1e-4, atol=1e-4, msg=f"λ = {lam}")
