@@ -6,8 +6,13 @@
 ``[1, total_tokens]``, per token (:meth:`LambdaState.set_tokens`: one λ per row of ``x`` flattened
 to ``[M, in]``).
 
-The wrapped layer is kept untouched in ``self.base``; the delta lives in non-persistent buffers
-(dense ``D [out, in]`` or low-rank ``A [r, in]``, ``B [out, r]``). λ comes from a
+The wrapped layer is kept untouched in ``self.base`` (state-dict hooks keep the bare layer's key
+names, ``<module>.weight``); the delta lives in non-persistent buffers (dense ``D [out, in]`` or
+low-rank ``A [r, in]``, ``B [out, r]``) on the layer's execution device, in its compute dtype.
+Two forwards (:attr:`RainLinear.path`, chosen by the layer's
+:class:`~rain_adapter.runtime.dispatchers.Dispatcher`): "fused", where the kernels read ``W``
+themselves (plain ``nn.Linear``), and "beside", ``base(x) + s ⊙ Δ(x)`` for layers that must run as
+loaded (quantized weights, accelerate-offloaded weights on ``meta`` behind their hook). λ comes from a
 :class:`LambdaState` shared by every RainLinear of one model, held as a device tensor so that
 changing it never recompiles a graph or invalidates a captured CUDA graph.
 """
