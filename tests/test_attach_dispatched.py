@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from rain_adapter import RainAdapter, RainConfig, RainLinear  # noqa: E402
 from rain_adapter.format.arch import ROLES  # noqa: E402
 from rain_adapter.format.fingerprint import compute_fingerprint  # noqa: E402
+from rain_adapter.format.store import AdapterError  # noqa: E402
 from rain_adapter.testing.tiny import random_deltas, tiny_model  # noqa: E402
 
 LAYERS = 3
@@ -219,3 +220,16 @@ def test_gpu_execution_with_cpu_and_disk_offload(saved):
         for lam in (0.0, 0.6, [0.0, 0.6, 1.3]):
             torch.testing.assert_close(rd(x, rain_lambda=lam).logits, rp(x, rain_lambda=lam).logits,
                                        rtol=1e-4, atol=1e-4, msg=f"λ = {lam}")
+
+
+def test_layers_offloaded_by_an_enclosing_hook_are_refused(saved):
+    """accelerate's preload_module_classes offloads a whole MLP through one hook that finds its
+    tensors by path; wrapping gate/up/down would rename them, so attach refuses, naming both."""
+    from accelerate import cpu_offload
+    model = load(saved, False)
+    cpu_offload(model, execution_device="cpu", preload_module_classes=[type(model.model.layers[0].mlp).__name__])
+    assert model.model.layers[0].mlp.gate_proj.weight.device.type == "meta"
+    with pytest.raises(AdapterError, match=r"module 'model.layers.0.mlp.gate_proj': its weights are offloaded by the "
+                                        r"hook of 'model.layers.0.mlp'"):
+        RainAdapter.attach(model, adapter_for(load(saved, False), 4))
+    assert not any(isinstance(m, RainLinear) for m in model.modules())
