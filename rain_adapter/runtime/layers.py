@@ -31,6 +31,7 @@ from ..format.lambdas import check_lambda
 from ..format.store import AdapterError
 from .dispatchers import Dispatcher, compute_dtype, dispatch, linear_shape
 from .offload import is_offloaded, read_tensor
+from .statedict import bare_keys_hooks
 from rain_kernels import lowrank_shrink, rain_linear, rain_linear_torch_fast, use_triton
 
 #: input dtypes of the eager fast path (the delta is added in x's dtype: float32 accumulate at least)
@@ -200,22 +201,6 @@ def token_scale(lam: Tensor, x_shape: torch.Size, name: str = "") -> Tensor:
     return lam
 
 
-def _strip_base_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state-dict post hook: ``<prefix>base.<name>`` -> ``<prefix><name>`` (the bare layer's keys)."""
-    head = prefix + "base."
-    for key in [k for k in state_dict if k.startswith(head)]:
-        state_dict[prefix + key[len(head):]] = state_dict.pop(key)
-
-
-def _add_base_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """load-state-dict pre hook, the inverse of :func:`_strip_base_keys`: a bare layer's
-    ``<prefix>weight`` loads into ``<prefix>base.weight``."""
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "base.")]:
-        rest = key[len(prefix):]
-        if "." not in rest and rest not in module._buffers:
-            state_dict[prefix + "base." + rest] = state_dict.pop(key)
-
-
 class RainLinear(nn.Module):
     """``nn.Linear`` wrapper computing ``x Wᵀ + b + λ_row · (x Dᵀ + d_b)``; see the module doc."""
 
@@ -254,8 +239,7 @@ class RainLinear(nn.Module):
                              persistent=False)
         self.register_buffer("rain_bias", None if delta.bias is None else delta.bias.to(**kw), persistent=False)
         # the state dict keeps the bare model's key names: "<module>.weight", not "<module>.base.weight"
-        self.register_state_dict_post_hook(_strip_base_keys)
-        self.register_load_state_dict_pre_hook(_add_base_keys)
+        bare_keys_hooks(self, "base")
         # set by ShrinkGroup: the group whose stacked lora_A this layer's shrink is a column slice of
         self.group: ShrinkGroup | None = None
         self.group_index = 0

@@ -32,6 +32,7 @@ from ..format.lambdas import check_lambda
 from .dispatchers import QUANT_SAMPLE_RTOL, Dispatcher, dispatch, linear_shape
 from .layers import LambdaState, RainLinear, group_shared_inputs
 from .offload import check_hook_layout, execution_device, read_tensor
+from .statedict import bare_keys_hooks
 from ..format import fingerprint
 from ..format.store import AdapterError, adapter_from
 
@@ -139,8 +140,7 @@ class RainModel(nn.Module):
                      ("_state", state), ("rain_source", source), ("_attached", True)):
             object.__setattr__(self, k, v)
         # state_dict / load_state_dict: the bare model's keys ("model." dropped / added back)
-        self.register_state_dict_post_hook(_strip_model_prefix)
-        self.register_load_state_dict_pre_hook(_add_model_prefix)
+        bare_keys_hooks(self, "model")
 
     # -- behave like the wrapped model ----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -309,19 +309,6 @@ class RainModel(nn.Module):
     def _check_attached(self) -> None:
         if not object.__getattribute__(self, "_attached"):
             raise RuntimeError("this RainModel was detached")
-
-
-def _strip_model_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state-dict post hook of RainModel: ``<prefix>model.<key>`` -> ``<prefix><key>``."""
-    head = prefix + "model."
-    for key in [k for k in state_dict if k.startswith(head)]:
-        state_dict[prefix + key[len(head):]] = state_dict.pop(key)
-
-
-def _add_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """load-state-dict pre hook, the inverse of :func:`_strip_model_prefix`."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
 
 
 class RainAdapter:
