@@ -100,10 +100,7 @@ ALL_CPU = {k: "cpu" for k in CPU_DISK}
 
 @pytest.mark.parametrize("device_map", [
     ALL_CPU,
-    pytest.param(CPU_DISK, marks=pytest.mark.xfail(
-        strict=True, reason="Stage 2 attaches the deltas (RainAdapter.attach), which puts a delta on its module's "
-        "weight device: 'meta' for an offloaded module. Attach on offloaded modules is issue 24 part 1 "
-        "(runtime/, another branch); once merged this passes and the marker must go")),
+    CPU_DISK,
 ], ids=["cpu-hooks", "cpu-disk"])
 def test_stage2_dispatched_equals_plain(triple, calib, tmp_path, device_map):
     """Stage 2's attention statistics (the probe, with the deltas attached at λ = 1) on the dispatched LRM."""

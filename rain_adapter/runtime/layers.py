@@ -6,8 +6,13 @@
 ``[1, total_tokens]``, per token (:meth:`LambdaState.set_tokens`: one λ per row of ``x`` flattened
 to ``[M, in]``).
 
-The wrapped layer is kept untouched in ``self.base``; the delta lives in non-persistent buffers
-(dense ``D [out, in]`` or low-rank ``A [r, in]``, ``B [out, r]``). λ comes from a
+The wrapped layer is kept untouched in ``self.base`` (state-dict hooks keep the bare layer's key
+names, ``<module>.weight``); the delta lives in non-persistent buffers (dense ``D [out, in]`` or
+low-rank ``A [r, in]``, ``B [out, r]``) on the layer's execution device, in its compute dtype.
+Two forwards (:attr:`RainLinear.path`, chosen by the layer's
+:class:`~rain_adapter.runtime.dispatchers.Dispatcher`): "fused", where the kernels read ``W``
+themselves (plain ``nn.Linear``), and "beside", ``base(x) + s ⊙ Δ(x)`` for layers that must run as
+loaded (quantized weights, accelerate-offloaded weights on ``meta`` behind their hook). λ comes from a
 :class:`LambdaState` shared by every RainLinear of one model, held as a device tensor so that
 changing it never recompiles a graph or invalidates a captured CUDA graph.
 """
@@ -23,6 +28,10 @@ from torch import Tensor, nn
 from ..format.delta import ModuleDelta
 from ..format.arch import module_role
 from ..format.lambdas import check_lambda
+from ..format.store import AdapterError
+from .dispatchers import Dispatcher, compute_dtype, dispatch, linear_shape
+from .offload import is_offloaded, read_tensor
+from .statedict import bare_keys_hooks
 from rain_kernels import lowrank_shrink, rain_linear, rain_linear_torch_fast, use_triton
 
 #: input dtypes of the eager fast path (the delta is added in x's dtype: float32 accumulate at least)
@@ -195,18 +204,33 @@ def token_scale(lam: Tensor, x_shape: torch.Size, name: str = "") -> Tensor:
 class RainLinear(nn.Module):
     """``nn.Linear`` wrapper computing ``x Wᵀ + b + λ_row · (x Dᵀ + d_b)``; see the module doc."""
 
-    def __init__(self, base: nn.Linear, delta: ModuleDelta, state: LambdaState, name: str = "") -> None:
+    def __init__(self, base: nn.Module, delta: ModuleDelta, state: LambdaState, name: str = "", *,
+                 dispatcher: Dispatcher | None = None, device: torch.device | str | None = None) -> None:
+        """``base``: a linear layer one of :data:`~rain_adapter.runtime.dispatchers.DISPATCHERS` accepts
+        (``dispatcher``: the one :func:`~rain_adapter.runtime.dispatchers.dispatch` picks, by default).
+        The delta goes to ``device`` (default: the weight's device; give the execution device for a
+        weight offloaded to ``meta``) in the layer's compute dtype. Reads the weight's shape only."""
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"module {name!r}: RainLinear wraps nn.Linear, got {type(base).__name__}")
-        out_f, in_f = base.weight.shape
+        if dispatcher is None:
+            try:
+                dispatcher = dispatch(base, name)
+            except AdapterError as e:
+                raise TypeError(str(e)) from None
+        out_f, in_f = linear_shape(base)
         if tuple(delta.shape) != (out_f, in_f):
             raise ValueError(f"module {name!r}: delta shape {list(delta.shape)} != weight shape {[out_f, in_f]}")
         self.base = base
         self.name = name
         self.state = state
+        self.dispatcher = dispatcher
         w = base.weight
-        kw = {"device": w.device, "dtype": w.dtype}
+        dev = torch.device(device) if device is not None else w.device
+        if dev.type == "meta":
+            raise ValueError(f"module {name!r}: the weight is on the meta device; pass the execution device")
+        kw = {"device": dev, "dtype": compute_dtype(base)}
+        # fused: the kernels read W themselves (plain nn.Linear, weights resident); otherwise the
+        # "beside" path runs base(x) as loaded (quantized matmul, accelerate's offload hook) + λ·Δ
+        self._fused = dispatcher.fused and not is_offloaded(base)
         self.register_buffer("rain_delta", None if delta.delta is None else delta.delta.to(**kw).contiguous(), persistent=False)
         self.register_buffer("lora_A", None if delta.lora_A is None else delta.lora_A.to(**kw).contiguous(), persistent=False)
         # lora_B [out, r] is kept as the transpose of a contiguous [r, out]: the fast path's expand
@@ -214,17 +238,26 @@ class RainLinear(nn.Module):
         self.register_buffer("lora_B", None if delta.lora_B is None else delta.lora_B.to(**kw).t().contiguous().t(),
                              persistent=False)
         self.register_buffer("rain_bias", None if delta.bias is None else delta.bias.to(**kw), persistent=False)
+        # the state dict keeps the bare model's key names: "<module>.weight", not "<module>.base.weight"
+        bare_keys_hooks(self, "base")
         # set by ShrinkGroup: the group whose stacked lora_A this layer's shrink is a column slice of
         self.group: ShrinkGroup | None = None
         self.group_index = 0
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return linear_shape(self.base)[1]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return linear_shape(self.base)[0]
+
+    @property
+    def path(self) -> str:
+        """Which forward this layer runs: ``"fused"`` (the kernels read W: Triton on CUDA, the PyTorch
+        fast path elsewhere) or ``"beside"`` (``base(x)`` as loaded + λ·Δ in PyTorch: quantized and
+        offloaded bases)."""
+        return "fused" if self._fused else "beside"
 
     @property
     def weight(self) -> Tensor:  # code that inspects `.weight` (dtype / device probes) keeps working
@@ -243,13 +276,15 @@ class RainLinear(nn.Module):
         if st.all_zero and not capturing:
             st.on(x.device)  # have λ's device copy ready before any capture (no H2D copy in it)
             return self.base(x)
-        x2d = x.reshape(-1, x.shape[-1])
         eager = not capturing and not torch.compiler.is_compiling()
-        triton = use_triton(x2d)
         buf = self._buffers  # hot path: plain dict reads instead of nn.Module.__getattr__
         A, B, D, bd = buf["lora_A"], buf["lora_B"], buf["rain_delta"], buf["rain_bias"]
         base = self._modules["base"]
         W, b = base.weight, base.bias
+        if not self._fused or x.device != W.device:
+            return self._beside(x, base, A, B, D, bd, eager)
+        x2d = x.reshape(-1, x.shape[-1])
+        triton = use_triton(x2d)
         g = self.group
         if eager and not triton and x.dtype in _FAST_DTYPES and W.dtype == x.dtype:
             lam, keep = st.fast_args(x, self.name)
@@ -267,6 +302,31 @@ class RainLinear(nn.Module):
                         bias_delta=bd, shrunk=t)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
+    def _beside(self, x: Tensor, base: nn.Module, A: Tensor | None, B: Tensor | None, D: Tensor | None,
+                bd: Tensor | None, eager: bool) -> Tensor:
+        """``base(x) + s ⊙ (x Dᵀ + d_b)`` (or ``(x Aᵀ) Bᵀ``): the layer runs as loaded (its own matmul,
+        accelerate's hook onloading an offloaded weight) and the delta beside it, on the delta's device
+        in the compute dtype; the sum comes back in the base output's dtype and device."""
+        y = base(x)
+        ref = A if A is not None else D if D is not None else bd
+        xd = x if x.device == ref.device else x.to(ref.device)
+        x2d = xd.reshape(-1, xd.shape[-1])
+        if x2d.dtype != ref.dtype:
+            x2d = x2d.to(ref.dtype)
+        s = self.state.scale(xd, self.name, cached=eager)
+        g = self.group
+        if A is not None:
+            t = g.take(self.group_index, xd, x2d) if g is not None and eager else x2d @ A.t()
+            dy = t @ B.t()
+        elif D is not None:
+            dy = x2d @ D.t()
+        else:
+            dy = torch.zeros(x2d.shape[0], bd.shape[0], dtype=ref.dtype, device=ref.device)
+        if bd is not None:
+            dy = dy + bd
+        dy = dy * s.to(dy.dtype)[:, None]
+        return y + dy.reshape(y.shape).to(device=y.device, dtype=y.dtype)
+
     def delta_module(self) -> ModuleDelta:
         B = None if self.lora_B is None else self.lora_B.contiguous()  # stored transposed (see __init__)
         return ModuleDelta(delta=self.rain_delta, lora_A=self.lora_A, lora_B=B, bias=self.rain_bias)
@@ -279,13 +339,17 @@ class RainLinear(nn.Module):
         """
         check_lambda(lam, what=f"module {self.name!r}: merged_weight(lam)")
         lam = float(lam)
-        w = self.base.weight
+        # an offloaded weight is read from its hook's weights_map, a quantized one dequantized: the
+        # merged copy is dense in the compute dtype; the live layer is not touched
+        w = self.dispatcher.dense(self.base, read_tensor(self.base, "weight"))
         d = self.delta_module()
         merged = (w.float() + lam * d.dense(torch.float32).to(w.device)).to(w.dtype)
-        b = self.base.bias
+        b = read_tensor(self.base, "bias")
+        if b is not None:
+            b = b.to(w.device)
         if d.bias is not None:
             b0 = b.float() if b is not None else torch.zeros(w.shape[0], device=w.device)
-            b = (b0 + lam * d.bias.float()).to(w.dtype)
+            b = (b0 + lam * d.bias.float().to(w.device)).to(w.dtype)
         for t in (merged, b if d.bias is not None else None):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"module {self.name!r}: W + λ·D at λ = {lam:g} is not finite in {w.dtype} "
@@ -294,7 +358,8 @@ class RainLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = f"lowrank r={self.lora_A.shape[0]}" if self.lora_A is not None else "dense"
-        return f"{self.in_features} -> {self.out_features}, delta={kind}, bias_delta={self.rain_bias is not None}"
+        return (f"{self.in_features} -> {self.out_features}, delta={kind}, bias_delta={self.rain_bias is not None}, "
+                f"backend={self.dispatcher.backend}, path={self.path}")
 
 
 class ShrinkGroup:

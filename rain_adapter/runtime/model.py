@@ -1,9 +1,18 @@
 """RainAdapter.attach / RainModel: the λ knob on a live Hugging Face model.
 
-``attach`` validates everything first (modules exist and are ``nn.Linear``, shapes, fingerprint,
-finite deltas) and only then swaps each targeted linear for a :class:`RainLinear`, so a failure
-leaves the model untouched. ``RainModel`` forwards every attribute to the wrapped model and adds
-the λ API.
+``attach`` validates everything first (modules exist and are linears one of the dispatchers of
+:mod:`~rain_adapter.runtime.dispatchers` accepts, shapes, fingerprint, finite deltas) and only then
+swaps each targeted linear for a :class:`RainLinear`, so a failure leaves the model untouched.
+
+``RainModel`` is an ``nn.Module`` whose one child is the wrapped model (``.model``); unknown
+attributes are forwarded to it and it adds the λ API. Its ``state_dict()`` has the bare model's
+keys and values (no ``model.`` prefix, no ``.base.``, no RAIN deltas: the adapter is saved by its
+own format; :meth:`RainModel.merged_state_dict` / :meth:`RainModel.save_pretrained` give the merged
+model), so ``bare.load_state_dict(rain_model.state_dict())`` round-trips.
+
+Dispatched models (``device_map``, accelerate hooks, CPU / disk offload) and quantized bases are
+handled per layer: see :mod:`~rain_adapter.runtime.offload` and
+:mod:`~rain_adapter.runtime.dispatchers`.
 """
 
 from __future__ import annotations
@@ -20,7 +29,10 @@ from torch import Tensor, nn
 from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
 from ..format.lambdas import check_lambda
+from .dispatchers import QUANT_SAMPLE_RTOL, Dispatcher, dispatch, linear_shape
 from .layers import LambdaState, RainLinear, group_shared_inputs
+from .offload import check_hook_layout, execution_device, read_tensor
+from .statedict import bare_keys_hooks
 from ..format import fingerprint
 from ..format.store import AdapterError, adapter_from
 
@@ -32,11 +44,14 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def _check_modules(model: nn.Module, deltas: dict[str, ModuleDelta], source: str) -> dict[str, nn.Module]:
-    """``model.named_modules()`` after checking that every delta fits its module (present, an
-    unwrapped ``nn.Linear``, same ``[out, in]``, a bias delta only on a layer with a bias, finite);
-    an :class:`AdapterError` naming the module otherwise. Touches nothing."""
+def _check_modules(model: nn.Module, deltas: dict[str, ModuleDelta], source: str
+                   ) -> tuple[dict[str, nn.Module], dict[str, Dispatcher]]:
+    """``(model.named_modules(), {name: dispatcher})`` after checking that every delta fits its
+    module (present, unwrapped, a linear some dispatcher accepts, same ``[out, in]`` — read from the
+    shape only, so a meta / quantized weight is never loaded —, a bias delta only on a layer with a
+    bias, finite); an :class:`AdapterError` naming the module otherwise. Touches nothing."""
     modules = dict(model.named_modules())
+    dispatchers = {}
     for name, d in deltas.items():
         mod = modules.get(name)
         if not isinstance(d, ModuleDelta):
@@ -45,57 +60,132 @@ def _check_modules(model: nn.Module, deltas: dict[str, ModuleDelta], source: str
             raise AdapterError(f"module {name!r}: in the adapter ({source}) but not in {type(model).__name__}")
         if isinstance(mod, RainLinear):
             raise AdapterError(f"module {name!r}: already wrapped by a RAIN adapter")
-        if not isinstance(mod, nn.Linear):
-            raise AdapterError(f"module {name!r}: is {type(mod).__name__}, expected nn.Linear")
-        if tuple(d.shape) != tuple(mod.weight.shape):
-            raise AdapterError(
-                f"module {name!r}: adapter delta has shape {list(d.shape)}, model weight {list(mod.weight.shape)}"
-            )
+        dispatchers[name] = dispatch(mod, name)
+        check_hook_layout(model, name, mod)
+        shape = linear_shape(mod)
+        if tuple(d.shape) != shape:
+            raise AdapterError(f"module {name!r}: adapter delta has shape {list(d.shape)}, model weight {list(shape)}")
         if d.bias is not None and mod.bias is None:
             raise AdapterError(f"module {name!r}: adapter has a bias delta but the model's layer has no bias")
         for suffix, t in d.tensors().items():
             if not torch.isfinite(t).all():
                 raise AdapterError(f"module {name!r}: {suffix} holds NaN or Inf")
-    return modules
+    return modules, dispatchers
 
 
-class RainModel:
-    """An HF causal LM with a RAIN adapter attached. Behaves like the wrapped model.
+def _check_fingerprint(config: RainConfig, modules: dict[str, nn.Module]) -> None:
+    """:func:`~rain_adapter.format.fingerprint.check_fingerprint` for any dispatched layer, one module
+    at a time: an offloaded weight is read from its hook's weights_map (then dropped), a quantized
+    one dequantized and compared with :data:`QUANT_SAMPLE_RTOL` (relative L2 distance of the sample)
+    instead of the per-value tolerance."""
+    for name, want in config.fingerprint.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise AdapterError(f"module {name!r}: in the adapter's fingerprint but not in the model")
+        if isinstance(mod, RainLinear):
+            mod = mod.base
+        if not isinstance(want, dict) or not isinstance(want.get("shape"), list):
+            raise AdapterError(f"module {name!r}: malformed fingerprint record {str(want)[:120]}")
+        why = fingerprint.fingerprint_scheme_problem(want)
+        if why:
+            raise AdapterError(f"module {name!r}: fingerprint record {why}")
+        disp = dispatch(mod, name)
+        shape = list(linear_shape(mod))
+        if shape != list(want["shape"]):
+            raise AdapterError(f"module {name!r}: model weight has shape {shape}, adapter was built for {want['shape']}")
+        w = disp.dense(mod, read_tensor(mod, "weight"))
+        if disp.exact:
+            why = fingerprint.values_mismatch(want, w, name)
+        else:
+            ref = fingerprint._decode(want.get("sample"), name) if isinstance(want.get("sample"), str) else None
+            if ref is None or ref.numel() > min(w.numel(), 16 * fingerprint.SAMPLE_SIZE):
+                raise AdapterError(f"module {name!r}: fingerprint record has no valid 'sample'")
+            got = fingerprint.weight_sample(w, ref.numel())
+            rel = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+            why = None if rel <= QUANT_SAMPLE_RTOL else (
+                f"the sampled values of the dequantized {disp.backend} weight are {rel:.0%} away (L2) from the "
+                f"adapter's LRM (a quantization allows {QUANT_SAMPLE_RTOL:.0%})")
+        del w
+        if why is not None:
+            raise AdapterError(
+                f"module {name!r}: weights differ from the model the adapter was built for "
+                f"({config.base_model_name_or_path or 'unknown'}): {why}; pass check_fingerprint=False "
+                "to attach anyway"
+            )
+
+
+#: RainModel's own attributes (everything else is forwarded to the wrapped model)
+_OWN = frozenset({"model", "rain_config", "rain_layers", "_originals", "_state", "rain_source", "_attached"})
+
+
+class RainModel(nn.Module):
+    """An HF causal LM with a RAIN adapter attached: an ``nn.Module`` that behaves like the wrapped model.
 
     ``model(...)``, ``model.generate(...)``, ``model.config``, ``model.device`` and any other attribute
-    go to the wrapped model. Added: :meth:`set_lambda`, :meth:`lambda_scope`, ``generate(...,
-    rain_lambda=...)``, :meth:`merge`, :meth:`save_pretrained` (merged weights) and :meth:`detach`.
+    it does not have itself go to the wrapped model (``.model``, its only child); setting an attribute
+    it does not own sets it on the wrapped model. ``.to()`` / ``.eval()`` / ``torch.compile(model)``
+    act on the wrapped model (deltas included) and return the RainModel. ``state_dict()`` is the
+    bare model's (same keys, no deltas; see the module doc). Added: :meth:`set_lambda`,
+    :meth:`lambda_scope`, ``generate(..., rain_lambda=...)``, :meth:`merge`, :meth:`merged_state_dict`,
+    :meth:`save_pretrained` (merged weights) and :meth:`detach`.
     """
 
     def __init__(self, model: nn.Module, config: RainConfig, layers: dict[str, RainLinear],
-                 originals: dict[str, nn.Linear], state: LambdaState, source: str) -> None:
-        # object.__setattr__: __getattr__ below forwards unknown names to the wrapped model.
-        object.__setattr__(self, "model", model)
-        object.__setattr__(self, "rain_config", config)
-        object.__setattr__(self, "rain_layers", layers)
-        object.__setattr__(self, "_originals", originals)
-        object.__setattr__(self, "_state", state)
-        object.__setattr__(self, "rain_source", source)
-        object.__setattr__(self, "_attached", True)
+                 originals: dict[str, nn.Module], state: LambdaState, source: str) -> None:
+        super().__init__()
+        # nn.Module.__setattr__ registers the child; the rest are plain attributes of this object
+        # (not submodules: the RainLinears are already children of `model`)
+        nn.Module.__setattr__(self, "model", model)
+        for k, v in (("rain_config", config), ("rain_layers", layers), ("_originals", originals),
+                     ("_state", state), ("rain_source", source), ("_attached", True)):
+            object.__setattr__(self, k, v)
+        # state_dict / load_state_dict: the bare model's keys ("model." dropped / added back)
+        bare_keys_hooks(self, "model")
 
     # -- behave like the wrapped model ----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
-        return getattr(object.__getattribute__(self, "model"), name)
+        # reached only when normal lookup fails: nn.Module's registries first (the child "model"),
+        # then the wrapped model
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        modules = self.__dict__.get("_modules")
+        if modules is None or "model" not in modules or name.startswith("__") and name.endswith("__"):
+            # during __init__ / unpickling; and protocol lookups (__deepcopy__, …) are never forwarded
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(modules["model"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.model, name, value)
+        if name in _OWN or name in self.__dict__ or hasattr(type(self), name):
+            nn.Module.__setattr__(self, name, value)
+        else:
+            setattr(self._modules["model"], name, value)
 
-    def __call__(self, *args, rain_lambda: LambdaLike | None = None, **kwargs):
+    def __delattr__(self, name: str) -> None:
+        if name in _OWN or name in self.__dict__ or name in self._modules:
+            nn.Module.__delattr__(self, name)
+        else:
+            delattr(self._modules["model"], name)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(dir(self._modules["model"])))
+
+    def forward(self, *args, rain_lambda: LambdaLike | None = None, **kwargs):
+        """The wrapped model's forward, with an optional λ (float or one per input row) for this call."""
         if rain_lambda is None:
             return self.model(*args, **kwargs)
         with self._scope(rain_lambda, "rain_lambda"):
             return self.model(*args, **kwargs)
 
-    forward = __call__
-
     def __repr__(self) -> str:
         return (f"RainModel({type(self.model).__name__}, adapter={self.rain_source!r}, "
                 f"modules={len(self.rain_layers)}, λ={self.get_lambda().tolist()})")
+
+    def rain_paths(self) -> dict[str, str]:
+        """``{module: "fused" | "beside"}``: which forward each wrapped layer runs
+        (:attr:`RainLinear.path`)."""
+        return {name: layer.path for name, layer in self.rain_layers.items()}
 
     # -- λ ----------------------------------------------------------------------------------------
     def set_lambda(self, lam: LambdaLike) -> None:
@@ -175,12 +265,26 @@ class RainModel:
 
     @torch.no_grad()
     def merged_state_dict(self, lam: float | None = None, *, what: str = "merged_state_dict(lam)") -> dict[str, Tensor]:
-        """The wrapped model's state dict with original key names and merged target weights."""
+        """The wrapped model's state dict with original key names and merged target weights.
+
+        On a dispatched model, offloaded tensors are read through their accelerate hooks (the whole
+        model ends up in CPU memory: this is the full checkpoint). A quantized target comes back
+        dense (dequantized + λ·Δ) beside the other layers' quantized tensors."""
         merged = self.merge(lam, what=what)
+        modules = dict(self.model.named_modules())
         sd = {}
-        for key, t in self.model.state_dict().items():
-            # RainLinear stores the original layer under `.base.`
-            sd[key.replace(".base.", ".") if ".base." in key else key] = t
+        for key, t in self.model.state_dict().items():  # the bare model's keys (RainLinear's hook)
+            if key in merged:
+                continue
+            if t.device.type == "meta":  # offloaded by accelerate: read through the module's hook
+                owner, _, attr = key.rpartition(".")
+                mod = modules.get(owner)
+                if isinstance(mod, RainLinear):
+                    mod = mod.base
+                if mod is None:
+                    raise ValueError(f"{what}: {key!r} is on the meta device and no module holds it")
+                t = read_tensor(mod, attr)
+            sd[key] = t
         sd.update(merged)
         return sd
 
@@ -194,7 +298,7 @@ class RainModel:
                                    **kwargs)
 
     def detach(self) -> nn.Module:
-        """Put the original ``nn.Linear`` modules back and return the bare model."""
+        """Put the original linear modules back (accelerate hooks included) and return the bare model."""
         self._check_attached()
         for name, orig in self._originals.items():
             parent, child = _parent(self.model, name)
@@ -223,25 +327,33 @@ class RainAdapter:
 
         ``adapter`` is a directory, a name in ``$RAIN_ADAPTER_HOME``, a Hub repo id, a PEFT LoRA
         directory, or an in-memory ``(RainConfig, {module: ModuleDelta})`` pair. ``lam`` defaults to
-        the config's ``default_lambda``. Deltas go to the device and dtype of the layer they wrap;
-        ``device``, if given, moves the whole model (deltas included) there after attaching.
+        the config's ``default_lambda``. Deltas go to the device and dtype of the layer they wrap
+        (for a layer accelerate offloads, its hook's execution device; for a quantized layer its
+        compute dtype); ``device``, if given, moves the whole model (deltas included) there after
+        attaching (not for a dispatched model: accelerate places it).
         """
         if isinstance(model, RainModel):
             raise ValueError("model already has a RAIN adapter attached; detach() it first")
+        if device is not None and getattr(model, "hf_device_map", None):
+            raise ValueError("attach(device=...): the model is dispatched by accelerate (hf_device_map); its layers "
+                             "stay where the device map put them and each delta follows its layer: leave device out")
         config, deltas, source = adapter_from(adapter)
         if not deltas:
             raise AdapterError(f"{source}: adapter holds no module deltas")
-        # 1. validate everything before touching the model
-        modules = _check_modules(model, deltas, source)
+        # 1. validate everything before touching the model (shapes only: no weight is loaded)
+        modules, dispatchers = _check_modules(model, deltas, source)
         if check_fingerprint and config.fingerprint:
-            fingerprint.check_fingerprint(config, model)
+            _check_fingerprint(config, modules)
         state = LambdaState(config.default_lambda if lam is None else 1.0, config.lambda_range)
         if lam is not None:
             state.set(lam, "attach(lam)")
-        # 2. build every wrapper (allocations may fail: still nothing swapped)
+        # 2. build every wrapper (allocations may fail: still nothing swapped). Each delta goes to
+        # its layer's execution device: the weight's, or for an offloaded (meta) weight its hook's
         wrappers: dict[str, RainLinear] = {}
         for name, d in deltas.items():
-            wrappers[name] = RainLinear(modules[name], d, state, name=name)
+            mod = modules[name]
+            wrappers[name] = RainLinear(mod, d, state, name=name, dispatcher=dispatchers[name],
+                                        device=execution_device(model, name, mod))
         # q/k/v and gate/up read one input: their lora_A stacked, one shrink per group and forward
         group_shared_inputs(wrappers)
         # 3. swap (plain setattr; cannot fail half-way for valid names)
