@@ -1,0 +1,291 @@
+"""Caches that cannot lie (issue 24, part 5): every feature-cache and layer-cache entry records the
+key of the build that made it and is checked against the key of the build that reads it.
+
+The hostile cases a tester found (each used to be reported "from the feature cache" and gave an
+adapter different from a clean build), plus the ones that were already caught: an entry copied in
+from another build's cache (another calibration set), entries reached through a symlink (a layer
+file, its sidecar, the whole key directory, a Stage 2 file), a key directory renamed to the key of
+the build that reads it, a truncated layer, two layers' files swapped within one cache. Each gives a
+warning naming the entry and an adapter equal, bit for bit, to a clean build's. The same for the
+``--resume`` layer cache (``<out>.partial``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from rain_adapter.merging import features
+from rain_adapter.merging import pipeline
+from rain_adapter.merging.cache import PartialCache, file_sha256
+from rain_adapter.merging.feature_cache import FeatureCache, FeatureCacheWarning, Stage2StatsCache
+from rain_adapter.merging.pipeline import build_adapter
+from rain_adapter.format.delta import ModuleDelta
+from rain_adapter.testing.fixtures import assert_same_adapter_tensors, make_tiny_triple, write_reasoning_calib
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    triple = make_tiny_triple(root / "t", arch="qwen2", seed=5)
+    return triple, write_reasoning_calib(root / "c1.json", n=3, seed=1), write_reasoning_calib(root / "c2.json", n=3, seed=9)
+
+
+def _build(setup, out, calib=1, **kw):
+    triple, c1, c2 = setup
+    kw.setdefault("verbose", False)
+    return build_adapter(triple.lrm, triple.itm, triple.base, out, reasoning_calib=c1 if calib == 1 else c2,
+                         min_samples=1, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def caches(setup, tmp_path_factory):
+    """Build A (calibration 1) and build B (calibration 2), each with its own feature cache, and a
+    clean (uncached) build with calibration 1: what every tampered build must equal."""
+    root = tmp_path_factory.mktemp("caches")
+    _build(setup, root / "a", calib=1, feature_cache=root / "fa")
+    _build(setup, root / "b", calib=2, feature_cache=root / "fb")
+    clean = _build(setup, root / "clean", calib=1)
+    (a,), (b,) = _key_dirs(root / "fa"), _key_dirs(root / "fb")
+    assert a.name != b.name
+    return root / "fa", b, clean
+
+
+def _key_dirs(cache):
+    return sorted(p for p in cache.iterdir() if p.is_dir())
+
+
+@pytest.fixture
+def cache_a(caches, tmp_path):
+    """A fresh copy of build A's cache and its key directory."""
+    dst = tmp_path / "features"
+    shutil.copytree(caches[0], dst)
+    (d,) = _key_dirs(dst)
+    return dst, d
+
+
+@pytest.fixture
+def forwards(monkeypatch):
+    """The modules each calibration forward was asked for."""
+    calls = []
+    real = features.iter_layer_features
+
+    def counting(model, modules, calib, **kw):
+        calls.append(sorted(modules))
+        return real(model, modules, calib, **kw)
+    monkeypatch.setattr(features, "iter_layer_features", counting)
+    return calls
+
+
+def _rebuild_equals_clean(setup, caches, cache, tmp_path, match):
+    """Build A again on the tampered ``cache``: one warning matching ``match``, the clean result."""
+    with pytest.warns(FeatureCacheWarning, match=match):
+        out = _build(setup, tmp_path / "rebuilt", calib=1, feature_cache=cache)
+    assert_same_adapter_tensors(out, caches[2])
+    return out
+
+
+def _hits_fully(setup, cache, tmp_path, forwards):
+    """After the repair, a third build is a full hit (no forward) and warns of nothing."""
+    n = len(forwards)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FeatureCacheWarning)
+        _build(setup, tmp_path / "third", calib=1, feature_cache=cache)
+    assert len(forwards) == n
+
+
+def test_the_key_is_recorded_in_every_entry(cache_a):
+    cache, d = cache_a
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["key"] == d.name
+    for l in (0, 1):
+        side = json.loads((d / f"layer_{l}.sha256").read_text())
+        assert side["key"] == d.name and side["file"] == f"layer_{l}.safetensors"
+        from rain_adapter.merging.feature_cache import _layer_meta
+
+        rec = _layer_meta(d / f"layer_{l}.safetensors")
+        assert rec["key"] == d.name and rec["layer"] == l and rec["settings"] == meta["settings"]
+
+
+def test_an_entry_from_another_builds_cache_is_recomputed(setup, caches, cache_a, tmp_path, forwards):
+    cache, d = cache_a
+    other = caches[1]   # build B's key directory: the same LRM, another calibration set
+    for name in ("layer_1.safetensors", "layer_1.sha256"):
+        shutil.copy2(other / name, d / name)
+    _rebuild_equals_clean(setup, caches, cache, tmp_path, r"layer_1\.safetensors was made by another build .*calib_hash")
+    assert len(forwards) == 1 and all(".layers.1." in n for n in forwards[0])  # only the foreign layer
+    _hits_fully(setup, cache, tmp_path, forwards)
+
+
+@pytest.mark.parametrize("which", ["layer_1.safetensors", "layer_1.sha256"])
+def test_an_entry_reached_through_a_symlink_is_recomputed(setup, caches, cache_a, tmp_path, forwards, which):
+    cache, d = cache_a
+    other = caches[1]
+    for name in ("layer_1.safetensors", "layer_1.sha256"):
+        (d / name).unlink()
+        if name == which:
+            os.symlink(other / name, d / name)
+        else:
+            shutil.copy2(other / name, d / name)
+    _rebuild_equals_clean(setup, caches, cache, tmp_path, rf"{which} is a symlink")
+    assert not (d / which).is_symlink() and (other / which).is_file()  # the link went, not its target
+    assert len(forwards) == 1
+    _hits_fully(setup, cache, tmp_path, forwards)
+
+
+def test_a_symlinked_key_directory_is_left_alone(setup, caches, cache_a, tmp_path, forwards):
+    cache, d = cache_a
+    other = caches[1]
+    shutil.rmtree(d)
+    os.symlink(other, d)   # build A's key, pointing at build B's entries
+    before = sorted(p.name for p in other.iterdir())
+    _rebuild_equals_clean(setup, caches, cache, tmp_path, rf"{d} is a symlink")
+    assert len(forwards) == 1 and d.is_symlink() and sorted(p.name for p in other.iterdir()) == before
+
+
+def test_a_renamed_key_directory_is_recomputed(setup, caches, cache_a, tmp_path, forwards):
+    cache, d = cache_a
+    shutil.rmtree(d)
+    shutil.copytree(caches[1], d)   # build B's directory under build A's key
+    _rebuild_equals_clean(setup, caches, cache, tmp_path, r"meta\.json names key .*renamed or copied from another build")
+    assert len(forwards) == 1
+    assert json.loads((d / "meta.json").read_text())["key"] == d.name   # rewritten for its own key
+    _hits_fully(setup, cache, tmp_path, forwards)
+
+
+def test_a_truncated_layer_is_recomputed(setup, caches, cache_a, tmp_path, forwards):
+    cache, d = cache_a
+    f = d / "layer_0.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    _rebuild_equals_clean(setup, caches, cache, tmp_path, r"layer_0\.safetensors does not match its checksum")
+    assert len(forwards) == 1 and all(".layers.0." in n for n in forwards[0])
+
+
+def test_layers_swapped_within_one_cache_are_recomputed(setup, caches, cache_a, tmp_path, forwards):
+    cache, d = cache_a
+    for ext in ("safetensors", "sha256"):
+        a, b = d / f"layer_0.{ext}", d / f"layer_1.{ext}"
+        tmp = d / f"swap.{ext}"
+        a.rename(tmp)
+        b.rename(a)
+        tmp.rename(b)
+    _rebuild_equals_clean(setup, caches, cache, tmp_path, r"swapped with another layer")
+    assert len(forwards) == 1
+    _hits_fully(setup, cache, tmp_path, forwards)
+
+
+# ---- Stage 2 statistics ----------------------------------------------------------------------
+def _stats():
+    return {"a1": torch.rand(2, 4, dtype=torch.float64), "u1": torch.rand(2, 4, dtype=torch.float64),
+            "n_a": 6, "n_u": 5, "n_a_positive": 6, "samples": {"records": 3}}
+
+
+def test_stage2_entries_renamed_or_symlinked_are_not_used(tmp_path):
+    fc = FeatureCache(tmp_path / "fc", {"f": 1})
+    mine = Stage2StatsCache(fc, {"alpha_grad": "level", "instruction": "mine"})
+    other = Stage2StatsCache(FeatureCache(tmp_path / "fc", {"f": 1}), {"alpha_grad": "level", "instruction": "other"})
+    assert mine.load() is None and other.load() is None
+    other.save(_stats())
+    # another build's entry renamed to this build's key, its sidecar rewritten to the new names
+    for src, dst in zip(other.files(), mine.files()):
+        shutil.copy2(src, dst)
+    t, j, side = mine.files()
+    side.write_text(json.dumps({t.name: file_sha256(t), j.name: file_sha256(j)}))
+    with pytest.warns(FeatureCacheWarning, match=r"another build's statistics .*instruction differ"):
+        assert mine.load() is None
+    assert not any(f.exists() for f in mine.files()) and all(f.exists() for f in other.files())
+    # an entry that is a link to another build's
+    for src, dst in zip(other.files(), mine.files()):
+        os.symlink(src, dst)
+    with pytest.warns(FeatureCacheWarning, match=r"\.json is a symlink|\.safetensors is a symlink|\.sha256 is a symlink"):
+        assert mine.load() is None
+    assert not any(f.is_symlink() for f in mine.files()) and all(f.is_file() for f in other.files())
+    want = _stats()
+    mine.save(want)
+    got = Stage2StatsCache(FeatureCache(tmp_path / "fc", {"f": 1}), mine.settings).load()
+    assert torch.equal(got["a1"], want["a1"])
+
+
+# ---- the --resume layer cache (<out>.partial) -------------------------------------------------
+def _layer(l):
+    return {f"model.layers.{l}.mlp.down_proj": ModuleDelta(delta=torch.full((3, 2), float(l)), bias=None)}
+
+
+def test_partial_cache_refuses_foreign_swapped_and_linked_layers(tmp_path):
+    mine, other = PartialCache(tmp_path / "a"), PartialCache(tmp_path / "b")
+    mine.open({"calib_hash": "one"}, resume=False, log=print)
+    other.open({"calib_hash": "two"}, resume=False, log=print)
+    for l in (0, 1, 2):
+        mine.save_layer(l, _layer(l), {"m": {"l": l}})
+        other.save_layer(l, _layer(l + 10), {"m": {"l": l + 10}})
+    for ext in ("safetensors", "json", "sha256"):   # layer 0: copied from the other build's cache
+        shutil.copy2(other.dir / f"layer_0.{ext}", mine.dir / f"layer_0.{ext}")
+    for ext in ("safetensors", "json", "sha256"):   # layer 1: a link to the other build's
+        (mine.dir / f"layer_1.{ext}").unlink()
+        os.symlink(other.dir / f"layer_1.{ext}", mine.dir / f"layer_1.{ext}")
+    logged: list[str] = []
+    assert PartialCache(tmp_path / "a").open({"calib_hash": "one"}, resume=True, log=logged.append) == {2}
+    text = "\n".join(logged)
+    assert "layer_0.safetensors was made by another build" in text and "layer_1.safetensors is a symlink" in text
+    assert all((other.dir / f"layer_1.{e}").is_file() for e in ("safetensors", "json", "sha256"))
+    # layers 2 and 3 swapped (all three files each)
+    mine.save_layer(3, _layer(3), {"m": {"l": 3}})
+    for ext in ("safetensors", "json", "sha256"):
+        a, b, t = mine.dir / f"layer_2.{ext}", mine.dir / f"layer_3.{ext}", mine.dir / f"swap.{ext}"
+        a.rename(t)
+        b.rename(a)
+        t.rename(b)
+    logged.clear()
+    assert PartialCache(tmp_path / "a").open({"calib_hash": "one"}, resume=True, log=logged.append) == set()
+    text = "\n".join(logged)   # the sidecars name their own files: caught by the checksums
+    assert "layer_2.safetensors does not match" in text and "layer_3.safetensors does not match" in text
+
+
+def test_partial_cache_meta_edited_or_linked(tmp_path):
+    cache = PartialCache(tmp_path / "a")
+    cache.open({"calib_hash": "one"}, resume=False, log=print)
+    cache.save_layer(0, _layer(0), {})
+    meta = cache.dir / "meta.json"
+    m = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**m, "settings": {"calib_hash": "two"}}))   # key kept, settings edited
+    logged: list[str] = []
+    assert PartialCache(tmp_path / "a").open({"calib_hash": "one"}, resume=True, log=logged.append) == set()
+    link = tmp_path / "b.partial"
+    os.symlink(cache.dir, link)
+    with pytest.raises(FileExistsError, match="is a symlink"):
+        PartialCache(tmp_path / "b").open({"calib_hash": "one"}, resume=True, log=print)
+    assert cache.dir.is_dir() and link.is_symlink()
+
+
+def test_resume_with_a_layer_from_another_build_equals_a_clean_build(setup, caches, tmp_path, monkeypatch, capsys):
+    """End to end: build B (calibration 2) is interrupted after layer 0; its layer 0 is copied into
+    build A's interrupted cache; A resumed recomputes it and equals the clean build A, bit for bit."""
+    real, calls = pipeline.project, {"n": 0, "stop_at": 8}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:  # first module of layer 1: layer 0 is cached
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "project", flaky)
+    for name, calib in (("a", 1), ("b", 2)):
+        calls["n"] = 0
+        with pytest.raises(KeyboardInterrupt):
+            _build(setup, tmp_path / name, calib=calib)
+    pa, pb = tmp_path / "a.partial", tmp_path / "b.partial"
+    for ext in ("safetensors", "json", "sha256"):
+        shutil.copy2(pb / f"layer_0.{ext}", pa / f"layer_0.{ext}")
+    calls.update(n=0, stop_at=None)
+    capsys.readouterr()
+    out = _build(setup, tmp_path / "a", calib=1, resume=True, verbose=True)
+    err = capsys.readouterr().err
+    assert f"{pa / 'layer_0.safetensors'} was made by another build" in err and "layer 0 will be recomputed" in err
+    assert calls["n"] == 14   # both layers computed
+    assert_same_adapter_tensors(out, caches[2])
