@@ -117,7 +117,7 @@ def layer_problem(path: Path, key: str | None = None) -> str | None:
     js, side = _companions(path)
     link = next((f for f in (path, js, side) if f.is_symlink()), None)
     if link is not None:
-        return f"{link} is a symlink (to {os.path.realpath(link)}): a layer reached through a link may be another build's"
+        return f"{link} is a symlink (to {os.path.realpath(link)}): an entry reached through a link may be another build's"
     try:
         sums = json.loads(side.read_text())
     except FileNotFoundError:

@@ -16,17 +16,12 @@ layer counts only when the sidecar exists and matches, when it holds every modul
 their fingerprints are the loaded LRM's. A corrupt layer, or one whose fingerprints differ, is a
 :class:`FeatureCacheWarning` naming the file, and is recomputed (and rewritten).
 
-Every entry says which build made it, and is checked against the build that reads it (a cache
-must never hand back someone else's data): ``meta.json``'s key must equal its directory's name,
-the build's key and the hash of its own settings (else the directory was renamed or copied from
-another build: its entries are dropped, with a warning naming ``meta.json``); each layer file's
-metadata and sidecar record the key, the layer and the settings, and a layer recorded under
-another key (an entry copied in from another build's cache, e.g. another calibration set) is a
-warning naming the file and is recomputed; an entry reached through a symlink (the key directory,
-a layer file or its sidecar, a Stage 2 file) is never read: a symlinked key directory is left
-alone and not used, a symlinked file is unlinked (the link only) and recomputed. These checks
-catch data that is misplaced (copied, renamed, linked, truncated); the key is a hash, not a
-signature, so they do not stop someone who rewrites a whole entry consistently.
+Every entry records the key of the build that made it and is checked against the reader's
+(:mod:`.cache_trust`): ``meta.json`` must name its directory and this key (else the directory was
+renamed or copied: its entries are dropped, with a warning); each layer file and sidecar record
+the key and layer (an entry copied from another build's cache, e.g. another calibration set, is
+a warning naming it, and is recomputed); an entry reached through a symlink is never read (a
+linked key directory is left alone and not used; a linked file is unlinked and recomputed).
 
 The key leaves out the module set and the projected layers (checked per layer instead), so a
 ``--project-layers 0-1`` build reuses the layers of an all-layers build. A write that fails (a full
@@ -58,6 +53,7 @@ from torch import Tensor, nn
 from ..format import store
 from ..format.fingerprint import fingerprint_record
 from .cache import CacheError, file_sha256, settings_key
+from .cache_trust import clear_entries, first_link, link_problem, meta_problem, settings_diff, unlink_quietly
 from .calibration import CalibrationSet
 from .errors import BuildWarning
 
@@ -114,14 +110,6 @@ def _layer_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _settings_diff(recorded: Any, current: dict[str, Any]) -> str:
-    """``": calib_hash, radius differ"``: the settings whose values differ (empty when unknown)."""
-    if not isinstance(recorded, dict):
-        return ""
-    diff = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
-    return f": {', '.join(diff[:6])} differ" if diff else ""
-
-
 class FeatureCache:
     """``root/<key>/`` for one LRM + calibration + forward settings; see the module docstring.
 
@@ -157,9 +145,8 @@ class FeatureCache:
         d = self.dir
         if d.is_symlink():
             if not quiet:
-                self.warn(f"feature cache: {d} is a symlink (to {os.path.realpath(d)}): an entry reached through "
-                          "a link may be another build's, so it is left alone and not used; remove the link to "
-                          "use this cache")
+                self.warn(f"feature cache: {link_problem(d)}, so it is left alone and not used; remove the "
+                          "link to use this cache")
             return False
         if not d.exists() or (d.is_dir() and not any(d.iterdir())):
             return True
@@ -168,46 +155,12 @@ class FeatureCache:
                 self.warn(f"feature cache: {d} exists but was not created by rain build (no {store.MARKER_NAME} "
                           "marker): it is left alone and not used; move it away to use this cache")
             return False
-        problem = self._meta_problem()
+        entries = any(d.glob("layer_*")) or (d / STAGE2_DIR).exists()
+        problem = meta_problem(d, self.key, self.settings, entries)
         if problem is not None:
             self.warn(f"feature cache: {problem}; its entries are not used and are recomputed")
-            self._clear()
+            clear_entries(d, STAGE2_DIR)
         return True
-
-    def _meta_problem(self) -> str | None:
-        """What is wrong with ``meta.json`` of an existing directory of ours (None: it names this key,
-        the directory's name, and its settings hash to it). No ``meta.json`` and no entries: None."""
-        meta_p = self.dir / "meta.json"
-        if meta_p.is_symlink():
-            return f"{meta_p} is a symlink"
-        if not meta_p.is_file():
-            entries = any(self.dir.glob("layer_*")) or (self.dir / STAGE2_DIR).exists()
-            return f"{meta_p} is missing (so nothing says which build made {self.dir})" if entries else None
-        try:
-            meta = json.loads(meta_p.read_text())
-            key, settings = meta.get("key"), meta.get("settings")
-        except (OSError, ValueError, AttributeError) as e:
-            return f"{meta_p} is unreadable ({e})"
-        if key != self.dir.name or key != self.key or not isinstance(settings, dict) or settings_key(settings) != key:
-            why = _settings_diff(settings, self.settings)
-            return (f"{meta_p} names key {key}, but its directory is {self.dir.name} and this build's key is "
-                    f"{self.key}{why} (the directory was renamed or copied from another build)")
-        return None
-
-    def _clear(self) -> None:
-        """Drop every entry of ours from ``dir`` (layers, sidecars, Stage 2 files, ``meta.json``); a
-        symlink is unlinked, never followed."""
-        stage2 = self.dir / STAGE2_DIR
-        files = [*self.dir.glob("layer_*"), self.dir / "meta.json"]
-        if stage2.is_symlink():
-            files.append(stage2)
-        elif stage2.is_dir():
-            files += [p for p in stage2.iterdir() if p.is_symlink() or p.is_file()]
-        for f in files:
-            try:
-                f.unlink(missing_ok=True)
-            except OSError:
-                pass
 
     def open(self, what: str = "its features") -> bool:
         """Create ``dir`` (marker, ``meta.json``) for writing; False (with a warning) when it cannot be."""
@@ -238,11 +191,7 @@ class FeatureCache:
                   f"goes on without saving {what}")
 
     def _drop(self, layer: int) -> None:
-        for f in (self._sidecar(layer), self.layer_path(layer)):
-            try:
-                f.unlink(missing_ok=True)
-            except OSError:
-                pass
+        unlink_quietly((self._sidecar(layer), self.layer_path(layer)))
 
     def check_layer(self, layer: int, names: Sequence[str], fingerprint: dict[str, Any]) -> bool:
         """Whether ``layer`` can serve ``names``: neither its file nor its sidecar is a symlink, the
@@ -254,11 +203,10 @@ class FeatureCache:
             return False
         problem = None
         try:
-            link = next((p for p in (path, side) if p.is_symlink()), None)
+            link = first_link((path, side))
             sums = None if link else json.loads(side.read_text())
             if link is not None:
-                problem = (f"{link} is a symlink (to {os.path.realpath(link)}): an entry reached through a link "
-                           "may be another build's")
+                problem = link_problem(link)
             elif not side.is_file():
                 return False
             elif not path.is_file():
@@ -269,7 +217,7 @@ class FeatureCache:
                 meta = _layer_meta(path)
                 if meta.get("key") != self.key or sums.get("key") != self.key:
                     problem = (f"{path} was made by another build (key {meta.get('key')}, this build's is "
-                               f"{self.key}{_settings_diff(meta.get('settings'), self.settings)})")
+                               f"{self.key}{settings_diff(meta.get('settings'), self.settings)})")
                 elif meta.get("layer") != layer or sums.get("file") != path.name:
                     problem = f"{path} holds layer {meta.get('layer')} (swapped with another layer's file)"
                 elif any(n not in meta["modules"] for n in names):
@@ -425,21 +373,14 @@ class Stage2StatsCache:
         return tuple(self.dir / f"{self.key}.{ext}" for ext in ("safetensors", "json", "sha256"))  # type: ignore[return-value]
 
     def _drop(self) -> None:
-        if self.dir.is_symlink():  # the link only, never what it points to
-            self.dir.unlink(missing_ok=True)
-            return
-        for f in self.files()[::-1]:
-            try:
-                f.unlink(missing_ok=True)
-            except OSError:
-                pass
+        # a linked stage2 directory: the link only, never what it points to
+        unlink_quietly([self.dir] if self.dir.is_symlink() else self.files()[::-1])
 
     def _read(self) -> dict[str, Any]:
         tensors, meta_p, side = self.files()
-        link = next((f for f in (self.dir, *self.files()) if f.is_symlink()), None)
+        link = first_link((self.dir, *self.files()))
         if link is not None:
-            raise ValueError(f"{link} is a symlink (to {os.path.realpath(link)}): an entry reached through a link "
-                             "may be another build's")
+            raise ValueError(link_problem(link))
         sums = json.loads(side.read_text())
         for p in (tensors, meta_p):
             if file_sha256(p) != sums.get(p.name):
@@ -448,7 +389,7 @@ class Stage2StatsCache:
         if (meta.get("key") != self.key or not isinstance(meta.get("settings"), dict)
                 or settings_key(meta["settings"]) != self.key or not isinstance(meta.get("stats"), dict)):
             raise ValueError(f"{meta_p} holds another build's statistics (key {meta.get('key')}, this build's is "
-                             f"{self.key}{_settings_diff(meta.get('settings'), self.settings)}; renamed or copied)")
+                             f"{self.key}{settings_diff(meta.get('settings'), self.settings)}; renamed or copied)")
         with safe_open(str(tensors), framework="pt") as f:
             stats = {**meta["stats"], **{k: f.get_tensor(k) for k in f.keys()}}
         want = ("a1", "u1", "a0", "u0") if self.settings.get("alpha_grad") == "gain" else ("a1", "u1")
@@ -460,7 +401,7 @@ class Stage2StatsCache:
         """The cached statistics, or None (a miss; a corrupt entry is warned about and dropped)."""
         where = f"{self.dir} (key {self.key})"
         self.usable = self.fc.ours(quiet=True)
-        if not self.usable or not (self.files()[2].is_file() or any(f.is_symlink() for f in (self.dir, *self.files()))):
+        if not self.usable or not (self.files()[2].is_file() or first_link((self.dir, *self.files()))):
             self._log(f"[rain build] stage2: attention statistics not in the feature cache {where}; running the passes")
             return None
         try:
