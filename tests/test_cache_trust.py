@@ -289,3 +289,137 @@ def test_resume_with_a_layer_from_another_build_equals_a_clean_build(setup, cach
     assert f"{pa / 'layer_0.safetensors'} was made by another build" in err and "layer 0 will be recomputed" in err
     assert calls["n"] == 14   # both layers computed
     assert_same_adapter_tensors(out, caches[2])
+
+
+# ---- the demo's cached toy world -------------------------------------------------------------
+def _flip(path, at=-1):
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x01   # one bit of one weight
+    path.write_bytes(bytes(raw))
+
+
+TAMPER = {
+    "flipped byte": ("lrm/model.safetensors", lambda p: _flip(p)),
+    "truncated": ("itm/model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-4])),
+    "missing": ("base/config.json", lambda p: p.unlink()),
+    "added": ("lrm/adapter_config.json", lambda p: p.write_text("{}")),
+    "record missing": ("MANIFEST.json", lambda p: p.unlink()),
+    "calibration edited": ("reasoning_calibration_set.json", lambda p: p.write_text(p.read_text().replace("1", "2", 1))),
+}
+
+
+@pytest.mark.parametrize("how", list(TAMPER))
+def test_a_changed_cached_world_warns_naming_the_file_and_is_reinstalled(tmp_path, monkeypatch, how):
+    import warnings
+
+    import rain_adapter.demo.train as T
+    from rain_adapter.demo import shipped
+    from rain_adapter.demo.train import WorldConfig, ensure_world
+
+    monkeypatch.setattr(T, "train_world", lambda *a, **k: pytest.fail("trained although a world ships"))
+    root = tmp_path / "cache"
+    paths = ensure_world(WorldConfig(), root)
+    want = shipped.read_manifest(shipped.shipped_world(WorldConfig().key()))["weights_sha256"]
+    rel, change = TAMPER[how]
+    change(root / rel)
+    assert shipped.record_problem(root) is not None
+    with pytest.warns(shipped.WorldIntegrityWarning, match=rf"{root}: {rel}.*reinstalled from the world shipped"):
+        again = ensure_world(WorldConfig(), root)
+    assert again == paths and shipped.record_problem(root) is None
+    assert shipped.weights_sha256(root) == want and not (root / "lrm" / "adapter_config.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ensure_world(WorldConfig(), root)   # verified: no warning, nothing rebuilt
+
+
+@pytest.mark.slow
+def test_a_changed_trained_world_is_retrained(ci_world, tmp_path):
+    """A world with no shipped copy (the CI world, trained here) got its record when it was made; a
+    flipped byte of its LRM warns naming the file and the world is retrained to the same weights."""
+    from rain_adapter.demo import shipped
+    from rain_adapter.demo.train import ci_config, ensure_world
+
+    assert shipped.record_problem(ci_world.root) is None
+    assert shipped.read_manifest(ci_world.root)["key"] == ci_config().key()
+    root = tmp_path / "ci"
+    shutil.copytree(ci_world.root, root, ignore=shutil.ignore_patterns("adapters", "demo"))
+    _flip(root / "lrm" / "model.safetensors")
+    with pytest.warns(shipped.WorldIntegrityWarning, match=r"lrm/model\.safetensors has SHA-256 .*retrained"):
+        ensure_world(ci_config(), root, progress=False)
+    assert shipped.record_problem(root) is None
+    assert shipped.weights_sha256(root) == shipped.weights_sha256(ci_world.root)
+
+
+@pytest.mark.slow
+def test_rain_demo_on_a_tampered_world_warns_and_gives_the_clean_result(monkeypatch, tmp_path, capsys):
+    """``rain demo`` twice on the shipped world; between the runs one byte of the cached LRM and one of
+    the cached adapter are flipped: the second run names both files, reinstalls / rebuilds, and its
+    table equals the first run's."""
+    import rain_adapter.demo.train as T
+    from rain_adapter.demo import run as demo
+    from rain_adapter.demo import shipped
+    from rain_adapter.format.store import WEIGHTS_NAME
+
+    monkeypatch.setenv("RAIN_WORLD_HOME", str(tmp_path / "worlds"))
+    monkeypatch.setattr(T, "train_world", lambda *a, **k: pytest.fail("trained although a world ships"))
+    kw = dict(methods=["rain-stage1"], lambdas=[0.0, 1.0], limit=8, progress=False, verbose=False)
+    first = demo.run_demo(**kw)
+    root = tmp_path / "worlds" / T.WorldConfig().key()
+    (adapter,) = [p for p in (root / "adapters").glob("rain-stage1-*") if p.is_dir()]
+    _flip(root / "lrm" / "model.safetensors")
+    with pytest.warns(shipped.WorldIntegrityWarning, match=r"lrm/model\.safetensors"):
+        second = demo.run_demo(**kw)   # reinstalled: the adapters went with the old copy, rebuilt
+    assert second["records"] == first["records"] and second["summary"] == first["summary"]
+    _flip(adapter / WEIGHTS_NAME, at=-3)
+    with pytest.warns(shipped.WorldIntegrityWarning, match=rf"{adapter.name}/{WEIGHTS_NAME} differs"):
+        third = demo.run_demo(**kw)
+    assert third["records"] == first["records"]
+
+
+def test_the_smollm2_world_record_names_the_changed_file(tmp_path):
+    """The SmolLM2 world's per-model record (rain_world_model.json) covers every file of the model
+    directory since issue 24 (sizes and SHA-256), not only the weights: a changed tokenizer or an
+    added file is caught and named too; an older record (weights only) still verifies."""
+    from safetensors.torch import save_file
+
+    from rain_adapter.demo import real_train as T
+
+    cfg = T.ci_config()
+    d = tmp_path / "lrm"
+    d.mkdir()
+    save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(d / "model.safetensors"))
+    (d / "tokenizer.json").write_text('{"vocab": 1}')
+    T._record(d, cfg, "parent", {"role": "lrm"})
+    assert T.model_problem(d, cfg, parent="parent") is None and T.model_ok(d, cfg, parent="parent")
+    said: list[str] = []
+    assert T._checked(d, cfg, "parent", said.append) and said == []
+    _flip(d / "model.safetensors", at=-2)
+    assert not T._checked(d, cfg, "parent", said.append)
+    assert said and said[0].startswith("warning:") and str(d / "model.safetensors") in said[0]
+    T._record(d, cfg, "parent", {})
+    (d / "tokenizer.json").write_text('{"vocab": 2}')
+    assert "tokenizer.json differs" in T.model_problem(d, cfg, parent="parent")
+    T._record(d, cfg, "parent", {})
+    (d / "chat_template.jinja").write_text("{{ messages }}")
+    assert "chat_template.jinja is not in" in T.model_problem(d, cfg, parent="parent")
+    (d / "chat_template.jinja").unlink()
+    assert T.model_problem(d, cfg, parent="other") is not None   # another base: not this model
+    rec = json.loads((d / T.MODEL_RECORD).read_text())
+    del rec["files"]   # an older record: the weights' hash only
+    (d / T.MODEL_RECORD).write_text(json.dumps(rec))
+    assert T.model_problem(d, cfg, parent="parent") is None
+    _flip(d / "model.safetensors", at=-2)
+    assert str(d / "model.safetensors") in T.model_problem(d, cfg, parent="parent")
+
+
+def test_rain_demo_prints_an_integrity_warning_as_one_line(capsys):
+    import warnings
+
+    from rain_adapter.cli.demo import integrity_warnings_as_lines
+    from rain_adapter.demo.shipped import WorldIntegrityWarning
+
+    with integrity_warnings_as_lines():
+        for _ in range(2):
+            warnings.warn("toy world /w: lrm/model.safetensors has SHA-256 …", WorldIntegrityWarning)
+    err = capsys.readouterr().err
+    assert err.count("rain demo: warning: toy world /w: lrm/model.safetensors") == 2 and "Warning:" not in err
