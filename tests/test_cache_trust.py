@@ -423,3 +423,23 @@ def test_rain_demo_prints_an_integrity_warning_as_one_line(capsys):
             warnings.warn("toy world /w: lrm/model.safetensors has SHA-256 …", WorldIntegrityWarning)
     err = capsys.readouterr().err
     assert err.count("rain demo: warning: toy world /w: lrm/model.safetensors") == 2 and "Warning:" not in err
+
+
+def test_a_demo_adapter_is_reused_only_as_recorded(tmp_path):
+    from rain_adapter.demo import run as demo
+
+    target = tmp_path / "adapters" / "rain-0123abcd"
+    target.mkdir(parents=True)
+    (target / "adapter_config.json").write_text("{}")
+    (target / "adapter_model.safetensors").write_bytes(bytes(range(64)))
+    assert "record.json is missing" in demo.adapter_problem(target, "w1")
+    rec = demo.adapter_record_path(target)
+    rec.write_text(json.dumps({"world_weights_sha256": "w1", "files": demo._adapter_files(target)}))
+    assert demo.adapter_problem(target, "w1") is None
+    assert [p.name for p in (tmp_path / "adapters").glob("rain-*")] == [target.name]   # the record is hidden
+    assert demo.adapter_problem(target, "w2") == "it was built on other world weights"
+    _flip(target / "adapter_model.safetensors")
+    assert "rain-0123abcd/adapter_model.safetensors differs" in demo.adapter_problem(target, "w1")
+    _flip(target / "adapter_model.safetensors")
+    (target / "extra.safetensors").write_bytes(b"x")
+    assert "extra.safetensors is not part of its record" in demo.adapter_problem(target, "w1")

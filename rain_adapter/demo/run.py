@@ -64,9 +64,15 @@ class WorldNotSound(RuntimeError):
     """The world failed its gate (:func:`gate_for`): its numbers would not mean what the demo's table says."""
 
 
-#: next to each demo adapter ``<world>/adapters/<m>-<key>``: ``<m>-<key>.record.json`` =
-#: ``{"world_weights_sha256", "files": {name: [bytes, sha256]}}``, written after the build
+#: next to each demo adapter ``<world>/adapters/<m>-<key>``: ``.<m>-<key>.record.json`` (hidden, so a
+#: ``<m>-*`` glob finds adapter directories only) = ``{"world_weights_sha256", "files": {name: [bytes,
+#: sha256]}}``, written after the build
 ADAPTER_RECORD = ".record.json"
+
+
+def adapter_record_path(target: Path) -> Path:
+    """Where the record of the demo adapter ``target`` is kept (:data:`ADAPTER_RECORD`)."""
+    return target.with_name(f".{target.name}{ADAPTER_RECORD}")
 
 
 def world_weights_id(root: Path) -> str:
@@ -85,7 +91,7 @@ def _adapter_files(target: Path) -> dict[str, list]:
 def adapter_problem(target: Path, world_id: str) -> str | None:
     """Why the demo adapter ``target`` may not be reused (None: its record names this world's weights
     and its files have the recorded sizes and SHA-256; no file is a symlink or was added)."""
-    rec_p = target.with_name(target.name + ADAPTER_RECORD)
+    rec_p = adapter_record_path(target)
     if not (target / "adapter_config.json").is_file():
         return "not built yet"
     try:
@@ -135,7 +141,7 @@ def build_methods(paths: WorldPaths, methods: Sequence[str], *, rebuild: bool = 
             if problem not in (None, "not built yet"):
                 warnings.warn(f"demo adapter {target}: {problem}; it is not reused but rebuilt",
                               shipped.WorldIntegrityWarning, stacklevel=2)
-            rec_p = target.with_name(target.name + ADAPTER_RECORD)
+            rec_p = adapter_record_path(target)
             rec_p.unlink(missing_ok=True)
             build_adapter(paths.lrm, paths.itm, paths.base, target, reasoning_calib=str(paths.reasoning_calib),
                           instruction_calib=str(paths.instruction_calib) if get_method(m).stage2 else None, method=m,
