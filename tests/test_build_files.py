@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 import rain_adapter.merging.cache as layer_cache
 import rain_adapter.merging.pipeline as pipeline
 import rain_adapter.format.store as store
-from rain_adapter.merging.cache import CacheError, PartialCache, load_layer, save_layer
+from rain_adapter.merging.cache import CacheError, PartialCache, load_layer
 from rain_adapter.merging.pipeline import build_adapter
 from rain_adapter.cli.main import main
 from rain_adapter.format.delta import ModuleDelta
@@ -161,7 +161,7 @@ def test_corrupt_cached_layer_is_reported_and_dropped(tmp_path, how):
     assert cache.open(settings, resume=False, log=print) == set()
     assert store.has_marker(cache.dir)
     for l in (0, 1):
-        save_layer(cache.layer_path(l), _layer(l), {"m": {"l": l}})
+        cache.save_layer(l, _layer(l), {"m": {"l": l}})
     d, s = load_layer(cache.layer_path(1))
     assert torch.equal(next(iter(d.values())).delta, next(iter(_layer(1).values())).delta) and s == {"m": {"l": 1}}
     CORRUPTIONS[how](cache.layer_path(0))
@@ -177,7 +177,7 @@ def test_corrupt_cached_layer_is_reported_and_dropped(tmp_path, how):
 def test_cache_of_other_settings_or_foreign_dir(tmp_path):
     cache = PartialCache(tmp_path / "out")
     cache.open({"a": 1}, resume=False, log=print)
-    save_layer(cache.layer_path(0), _layer(0), {})
+    cache.save_layer(0, _layer(0), {})
     (cache.dir / "layer_1.tmp").write_text("half")   # an interrupted write
     assert PartialCache(tmp_path / "out").open({"a": 1}, resume=True, log=print) == {0}
     assert not (cache.dir / "layer_1.tmp").exists()

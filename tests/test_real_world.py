@@ -228,6 +228,7 @@ def test_a_flipped_byte_in_a_cached_model_is_retrained_never_used(monkeypatch):
     said: list[str] = []
     T.ensure_real_world(cfg, progress=False, say=said.append, parallel=False)
     assert any("training the LRM" in s for s in said) and not any("ITM" in s for s in said)
+    assert any(s.startswith("warning:") and str(f) in s for s in said)   # names the changed file (issue 24)
     assert T.model_ok(p.lrm, cfg, parent=json.loads((p.base / T.MODEL_RECORD).read_text())["sha256"])
     # training is deterministic: the retrained LRM (in this process) is the one first trained (maybe in a
     # spawned worker), bit for bit

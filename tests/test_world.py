@@ -127,12 +127,26 @@ def test_ci_world_is_sound_and_rain_keeps_format(ci_world, tmp_path):
 
 @pytest.mark.slow
 def test_world_training_is_deterministic(ci_world, tmp_path):
-    """The CI world trained a second time (same machine) gives bit-identical weights and data files."""
-    from rain_adapter.demo.shipped import file_sha256, weights_sha256, world_files
-    from rain_adapter.demo.train import ci_config, train_world
+    """The CI world trained a second time (same machine) gives bit-identical weights and data files.
 
+    The second training is the one ``ensure_world`` does for a cached world that changed after it
+    was made (issue 24): one byte of a copy's LRM is flipped, which is a warning naming the file
+    and a retrain (no world ships for this config), never a run on the changed weights."""
+    import shutil
+
+    from rain_adapter.demo.shipped import WorldIntegrityWarning, file_sha256, record_problem, weights_sha256, world_files
+    from rain_adapter.demo.train import ci_config, ensure_world
+
+    assert record_problem(ci_world.root) is None   # the record written when it was trained
     again = tmp_path / "again"
-    train_world(ci_config(), again, progress=False)
+    shutil.copytree(ci_world.root, again, ignore=shutil.ignore_patterns("adapters", "demo"))
+    lrm = again / "lrm" / "model.safetensors"
+    raw = bytearray(lrm.read_bytes())
+    raw[-1] ^= 0x01
+    lrm.write_bytes(bytes(raw))
+    with pytest.warns(WorldIntegrityWarning, match=r"lrm/model\.safetensors has SHA-256 .*retrained"):
+        ensure_world(ci_config(), again, progress=False)
+    assert record_problem(again) is None
     assert weights_sha256(again) == weights_sha256(ci_world.root)
 
     def files(root):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..merging.nullspace import PROJECTIONS
 from ..demo import run as demo
-from ..demo.shipped import WorldIntegrityError
+from ..demo.shipped import WorldIntegrityError, WorldIntegrityWarning
 from ..demo.train import WorldConfig, ci_config, format_world_config
 from .args import add_lambdas, lambdas_arg
 
@@ -77,7 +80,29 @@ def _run_smollm2(args: argparse.Namespace) -> int:
     return 0 if not res["gate_problems"] else 1
 
 
+@contextmanager
+def integrity_warnings_as_lines() -> Iterator[None]:
+    """Every :class:`WorldIntegrityWarning` (a cached world or demo adapter that changed after it was
+    made) as one ``rain demo: warning: ...`` line on stderr, each time it happens."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", WorldIntegrityWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, WorldIntegrityWarning):
+                print(f"rain demo: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        yield
+
+
 def _run(args: argparse.Namespace) -> int:
+    with integrity_warnings_as_lines():
+        return _run_checked(args)
+
+
+def _run_checked(args: argparse.Namespace) -> int:
     args.methods_given = args.methods is not None
     args.lambdas_given = args.lambdas is not None
     if args.world == "smollm2":

@@ -135,24 +135,76 @@ def recorded_sha256(model_dir: Path) -> str:
     return json.loads((model_dir / MODEL_RECORD).read_text())["sha256"]
 
 
-def model_ok(model_dir: Path, cfg: RealWorldConfig, *, parent: str | None = None) -> bool:
-    """Whether ``model_dir`` holds the model this config (and, for a fine-tune, this base) produced:
-    its record names the config hash and the parent's weight hash, and its weights hash to the record."""
+def _file_record(model_dir: Path) -> dict[str, list]:
+    """``{name: [bytes, sha256]}`` of every file of a model directory but its record."""
+    from .shipped import file_sha256
+
+    return {f.name: [f.stat().st_size, file_sha256(f)] for f in sorted(model_dir.iterdir())
+            if f.is_file() and f.name != MODEL_RECORD}
+
+
+def changed_file(model_dir: Path, r: dict[str, Any]) -> str | None:
+    """The first file of ``model_dir`` that differs from its record ``r`` (None: none does): a file
+    missing, added, a symlink, of another size or SHA-256 (``r["files"]``, written since issue 24;
+    an older record only has the weights' hash)."""
+    files = r.get("files")
+    if not isinstance(files, dict):
+        shards = sorted(model_dir.glob("*.safetensors"))
+        where = shards[0] if len(shards) == 1 else model_dir / "*.safetensors"
+        return None if r.get("sha256") == weights_sha256(model_dir) else \
+            f"{where} differs from {MODEL_RECORD} (the weights' SHA-256)"
+    from .shipped import file_sha256
+
+    present = {f.name: f for f in model_dir.iterdir() if f.name != MODEL_RECORD}
+    for name, (size, sha) in files.items():
+        f = present.get(name)
+        if f is None or f.is_symlink() or not f.is_file():
+            return f"{model_dir / name} is {'missing' if f is None else 'not a plain file'}"
+        if f.stat().st_size != size or file_sha256(f) != sha:
+            return f"{model_dir / name} differs from {MODEL_RECORD} (size or SHA-256)"
+    extra = sorted(set(present) - set(files))
+    if extra:
+        return f"{model_dir / extra[0]} is not in {MODEL_RECORD} (a file was added)"
+    return None if r.get("sha256") == weights_sha256(model_dir) else f"{model_dir}/*.safetensors differ from {MODEL_RECORD}"
+
+
+def model_problem(model_dir: Path, cfg: RealWorldConfig, *, parent: str | None = None) -> str | None:
+    """Why ``model_dir`` does not hold the model this config (and, for a fine-tune, this base)
+    produced, or None: its record names the config hash and the parent's weight hash, and its files
+    match the record (:func:`changed_file`)."""
     rec = model_dir / MODEL_RECORD
     if not rec.is_file():
-        return False
+        return f"{rec} is missing"
     try:
         r = json.loads(rec.read_text())
     except ValueError:
-        return False
-    return (r.get("config_key") == cfg.key() and r.get("parent_sha256") == parent
-            and r.get("sha256") == weights_sha256(model_dir))
+        return f"{rec} is unreadable"
+    if r.get("config_key") != cfg.key() or r.get("parent_sha256") != parent:
+        return f"{rec} names another config or base"
+    return changed_file(model_dir, r)
+
+
+def model_ok(model_dir: Path, cfg: RealWorldConfig, *, parent: str | None = None) -> bool:
+    """Whether ``model_dir`` holds the model this config (and, for a fine-tune, this base) produced
+    (:func:`model_problem` is None)."""
+    return model_problem(model_dir, cfg, parent=parent) is None
+
+
+def _checked(model_dir: Path, cfg: RealWorldConfig, parent: str | None, say) -> bool:
+    """:func:`model_ok`, saying (``say("warning: ...")``) which file changed when a model that was
+    made is not what its record says: it is then made again, never used."""
+    problem = model_problem(model_dir, cfg, parent=parent)
+    if problem is not None and (model_dir / MODEL_RECORD).is_file() and "another config" not in problem:
+        say(f"warning: SmolLM2 world: {problem}; the cached model changed after it was made, so it is not "
+            "used: it is made again")
+    return problem is None
 
 
 def _record(model_dir: Path, cfg: RealWorldConfig, parent: str | None, stats: dict[str, Any]) -> str:
     sha = weights_sha256(model_dir)
     (model_dir / MODEL_RECORD).write_text(json.dumps({"config_key": cfg.key(), "config": asdict(cfg),
-                                                      "parent_sha256": parent, "sha256": sha, **stats}, indent=1))
+                                                      "parent_sha256": parent, "sha256": sha,
+                                                      "files": _file_record(model_dir), **stats}, indent=1))
     return sha
 
 
@@ -321,12 +373,12 @@ def ensure_real_world(cfg: RealWorldConfig | None = None, root: Path | None = No
     p.root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    if force or not model_ok(p.base, cfg):
+    if force or not _checked(p.base, cfg, None, say):
         say(f"making B (SmolLM2-135M-Instruct{f', first {cfg.n_layers} layers' if cfg.n_layers else ''}) in {p.base}")
         make_base(cfg, p.base)
     base_sha = recorded_sha256(p.base)
     todo = [(role, dest) for role, dest in (("lrm", p.lrm), ("itm", p.itm))
-            if force or not model_ok(dest, cfg, parent=base_sha)]
+            if force or not _checked(dest, cfg, base_sha, say)]
     for role, _ in todo:
         say(f"training the {role.upper()} ({getattr(cfg, 'n_' + role)} examples, {cfg.threads} thread(s))")
     if len(todo) == 2 and parallel:

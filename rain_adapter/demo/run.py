@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,15 +64,71 @@ class WorldNotSound(RuntimeError):
     """The world failed its gate (:func:`gate_for`): its numbers would not mean what the demo's table says."""
 
 
+#: next to each demo adapter ``<world>/adapters/<m>-<key>``: ``.<m>-<key>.record.json`` (hidden, so a
+#: ``<m>-*`` glob finds adapter directories only) = ``{"world_weights_sha256", "files": {name: [bytes,
+#: sha256]}}``, written after the build
+ADAPTER_RECORD = ".record.json"
+
+
+def adapter_record_path(target: Path) -> Path:
+    """Where the record of the demo adapter ``target`` is kept (:data:`ADAPTER_RECORD`)."""
+    return target.with_name(f".{target.name}{ADAPTER_RECORD}")
+
+
+def world_weights_id(root: Path) -> str:
+    """The world's weight hash: its ``MANIFEST.json``'s (which ``ensure_world`` just checked the
+    files against), else computed from the checkpoints."""
+    try:
+        return str(shipped.read_manifest(root)["weights_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return shipped.weights_sha256(root)
+
+
+def _adapter_files(target: Path) -> dict[str, list]:
+    return {p.name: [p.stat().st_size, shipped.file_sha256(p)] for p in sorted(target.iterdir()) if p.is_file()}
+
+
+def adapter_problem(target: Path, world_id: str) -> str | None:
+    """Why the demo adapter ``target`` may not be reused (None: its record names this world's weights
+    and its files have the recorded sizes and SHA-256; no file is a symlink or was added)."""
+    rec_p = adapter_record_path(target)
+    if not (target / "adapter_config.json").is_file():
+        return "not built yet"
+    try:
+        rec = json.loads(rec_p.read_text())
+        files = rec["files"]
+    except FileNotFoundError:
+        return f"{rec_p.name} is missing (nothing records which world and files it was built from)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{rec_p.name} is unreadable ({e})"
+    if rec.get("world_weights_sha256") != world_id:
+        return "it was built on other world weights"
+    link = next((p for p in target.iterdir() if p.is_symlink()), None)
+    if link is not None:
+        return f"{link.name} is a symlink"
+    got = {p.name: p.stat().st_size for p in target.iterdir() if p.is_file()}
+    for name, (size, sha) in files.items():
+        if name not in got:
+            return f"{name} is missing"
+        if got[name] != size or shipped.file_sha256(target / name) != sha:
+            return f"{target.name}/{name} differs from the record made when it was built"
+    extra = sorted(set(got) - set(files))
+    return f"{target.name}/{extra[0]} is not part of its record (a file was added)" if extra else None
+
+
 def build_methods(paths: WorldPaths, methods: Sequence[str], *, rebuild: bool = False, progress: bool = False,
                   **build_kw: Any) -> tuple[dict[str, Path], dict[str, float]]:
     """Build (or reuse) one adapter per method under ``<world>/adapters/<method>-<options hash>``.
 
+    An adapter is reused only when its record (:data:`ADAPTER_RECORD`, :func:`adapter_problem`)
+    names the world's current weights and its files still match; a changed one is a
+    :class:`shipped.WorldIntegrityWarning` naming the file, and is rebuilt.
     Returns ({method: adapter dir}, {method: build seconds (0 when reused)}).
     """
 
     out: dict[str, Path] = {}
     times: dict[str, float] = {}
+    world_id = world_weights_id(paths.root)
     for m in methods:
         # the key covers every option with its current default (not only the ones passed here), so an
         # adapter built before a default changed (e.g. Stage 2's ρ) is rebuilt, never silently reused
@@ -78,10 +136,19 @@ def build_methods(paths: WorldPaths, methods: Sequence[str], *, rebuild: bool = 
         key = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:8]
         target = paths.root / "adapters" / f"{m}-{key}"
         t0 = time.time()
-        if rebuild or not (target / "adapter_config.json").exists():
+        problem = None if rebuild else adapter_problem(target, world_id)
+        if rebuild or problem is not None:
+            if problem not in (None, "not built yet"):
+                warnings.warn(f"demo adapter {target}: {problem}; it is not reused but rebuilt",
+                              shipped.WorldIntegrityWarning, stacklevel=2)
+            rec_p = adapter_record_path(target)
+            rec_p.unlink(missing_ok=True)
             build_adapter(paths.lrm, paths.itm, paths.base, target, reasoning_calib=str(paths.reasoning_calib),
                           instruction_calib=str(paths.instruction_calib) if get_method(m).stage2 else None, method=m,
                           overwrite=True, progress=progress, verbose=False, **build_kw)
+            tmp = rec_p.with_name(f".{rec_p.name}.tmp")
+            tmp.write_text(json.dumps({"world_weights_sha256": world_id, "files": _adapter_files(target)}, indent=1))
+            os.replace(tmp, rec_p)
         times[m] = time.time() - t0
         out[m] = target
     return out, times

@@ -12,8 +12,15 @@ Layout: ``rain_adapter/demo/worlds/<WorldConfig.key()>/`` holds exactly what
 evaluation sets, ``world.json``) plus ``MANIFEST.json``::
 
     {"key": "<config key>", "files": {"<relative path>": "<sha256>", ...},
+     "sizes": {"<relative path>": <bytes>, ...},   (written since issue 24; optional)
      "weights_sha256": "<sha256 over the three checkpoints' tensors>",
      "soundness": {... the evaluation of the world when it was shipped ...}}
+
+The same record is what keeps the *cached* world honest (issue 24): a world installed from the
+package carries its ``MANIFEST.json``, a world trained here gets one written when it is made, and
+:func:`rain_adapter.demo.train.ensure_world` re-checks it before every run (:func:`record_problem`:
+sizes, SHA-256, no file missing or added). A changed file is a :class:`WorldIntegrityWarning` naming
+it, and the world is reinstalled or retrained, never used.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ _SKIP_DIRS = ("adapters", "demo")
 
 class WorldIntegrityError(RuntimeError):
     """A shipped world whose files do not match their recorded SHA-256."""
+
+
+class WorldIntegrityWarning(UserWarning):
+    """A cached world (or a demo adapter built on it) whose files differ from the record written
+    when it was made: it is not used, but reinstalled, retrained or rebuilt."""
 
 
 def file_sha256(path: Path) -> str:
@@ -77,9 +89,13 @@ def world_files(root: Path) -> list[Path]:
 
 def write_manifest(root: Path, key: str, soundness: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hash the world at ``root`` into ``root/MANIFEST.json`` (used when a world is shipped)."""
-    manifest = {"key": key, "files": {p.relative_to(root).as_posix(): file_sha256(p) for p in world_files(root)},
+    files = world_files(root)
+    manifest = {"key": key, "files": {p.relative_to(root).as_posix(): file_sha256(p) for p in files},
+                "sizes": {p.relative_to(root).as_posix(): p.stat().st_size for p in files},
                 "weights_sha256": weights_sha256(root), "soundness": soundness}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, root / MANIFEST)
     return manifest
 
 
@@ -87,21 +103,44 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return json.loads((root / MANIFEST).read_text())
 
 
+def record_problem(root: Path) -> str | None:
+    """What differs between the world at ``root`` and its ``MANIFEST.json``, naming the first file
+    at fault (None: every recorded file is there, a plain file, with its recorded size and SHA-256,
+    and no other file belongs to the world). Sizes are compared first (free), then the hashes."""
+    try:
+        manifest = read_manifest(root)
+        files, sizes = dict(manifest["files"]), dict(manifest.get("sizes") or {})
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing (nothing records the files the world was made with)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for rel, want in files.items():
+        p = root / rel
+        if p.is_symlink():
+            return f"{rel} is a symlink (to {os.path.realpath(p)})"
+        if not p.is_file():
+            return f"{rel} is missing"
+        if rel in sizes and p.stat().st_size != sizes[rel]:
+            return f"{rel} has {p.stat().st_size} bytes, the record says {sizes[rel]}"
+        got = file_sha256(p)
+        if got != want:
+            return f"{rel} has SHA-256 {got[:12]}…, the record says {want[:12]}…"
+    extra = [p.relative_to(root).as_posix() for p in world_files(root) if p.relative_to(root).as_posix() not in files]
+    if extra:
+        return f"{extra[0]} is not part of the world's record (a file was added)"
+    return None
+
+
 def verify(root: Path) -> dict[str, Any]:
     """Check every file of the world at ``root`` against its manifest; returns the manifest.
 
     Raises :class:`WorldIntegrityError` naming the first file that is missing or differs.
     """
-    manifest = read_manifest(root)
-    for rel, want in manifest["files"].items():
-        p = root / rel
-        if not p.is_file():
-            raise WorldIntegrityError(f"shipped world {root}: {rel} is missing (reinstall rain-adapter)")
-        got = file_sha256(p)
-        if got != want:
-            raise WorldIntegrityError(f"shipped world {root}: {rel} has SHA-256 {got[:12]}…, the manifest says "
-                                      f"{want[:12]}… (reinstall rain-adapter, or `rain demo --retrain`)")
-    return manifest
+    problem = record_problem(root)
+    if problem is not None:
+        hint = "reinstall rain-adapter" if "missing" in problem else "reinstall rain-adapter, or `rain demo --retrain`"
+        raise WorldIntegrityError(f"shipped world {root}: {problem} ({hint})")
+    return read_manifest(root)
 
 
 def shipped_world(key: str) -> Path | None:

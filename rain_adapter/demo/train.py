@@ -28,6 +28,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -300,13 +301,24 @@ def _train_world(cfg: WorldConfig, out: Path, *, progress: bool) -> dict[str, An
 def ensure_world(cfg: WorldConfig | None = None, root: Path | None = None, *, progress: bool = True,
                  force: bool = False) -> WorldPaths:
     """Return the cached world for ``cfg``: if missing, copied from the shipped world for ``cfg``
-    (hash-checked, seconds) or else trained (minutes on 2 cores). ``force``: train from scratch."""
+    (hash-checked, seconds) or else trained (minutes on 2 cores). ``force``: train from scratch.
+
+    A cached world is re-checked against its ``MANIFEST.json`` on every call
+    (:func:`shipped.record_problem`: sizes and SHA-256 of every file, none missing or added; a world
+    trained here gets its record when it is made). One that differs is never used: a
+    :class:`shipped.WorldIntegrityWarning` names the changed file, and the world is reinstalled
+    from the package (seconds) or retrained."""
     cfg = cfg or WorldConfig()
     root = Path(root) if root is not None else world_home() / cfg.key()
     paths = world_paths(root)
-    if paths.info.exists() and not force:
-        return paths
     src = shipped.shipped_world(cfg.key())
+    if paths.info.exists() and not force:
+        problem = shipped.record_problem(root)
+        if problem is None:
+            return paths
+        how = "reinstalled from the world shipped with the package" if src is not None else "retrained (minutes)"
+        warnings.warn(f"toy world {root}: {problem}; the cached world changed after it was made, so it is not "
+                      f"used: it is {how}", shipped.WorldIntegrityWarning, stacklevel=2)
     if src is not None and not force:
         shipped.install(src, root)
         return paths
@@ -314,6 +326,7 @@ def ensure_world(cfg: WorldConfig | None = None, root: Path | None = None, *, pr
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         train_world(cfg, tmp / "w", progress=progress)
+        shipped.write_manifest(tmp / "w", cfg.key())   # the record every later run checks
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp / "w", root)

@@ -8,7 +8,12 @@ sha256 of the settings JSON, sorted keys), then per finished layer ``l`` the fil
 sidecar is renamed into place last, so a layer counts as done only when it exists and both
 checksums match; ``--resume`` verifies every cached layer and recomputes a corrupt one.
 A cache whose key differs from the current settings is never reused, and an ``<out>.partial``
-without the marker is never touched (the build stops and says so).
+without the marker, or that is a symlink, is never touched (the build stops and says so).
+
+Each sidecar also records the key and the layer of the build that wrote it, and ``--resume``
+checks them against its own (and ``meta.json``'s settings against its key): a layer copied in from
+another build's cache (other settings, another calibration set), one swapped with another layer's
+files, or one whose file or sidecar is a symlink is reported naming the file and recomputed.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ def check_partial(out: Path) -> None:
     """Refuse (FileExistsError) an ``<out>.partial`` this library did not create: it holds files but
     no marker. It is left alone; called before anything is loaded."""
     d = partial_dir(out)
+    if d.is_symlink():
+        raise FileExistsError(f"{d} is a symlink (to {os.path.realpath(d)}): a layer cache reached through a link "
+                              "may be another build's, so it is left alone: remove the link and run again")
     if d.exists() and not store.has_marker(d) and (not d.is_dir() or any(d.iterdir())):
         raise FileExistsError(f"{d} exists but was not created by rain build (no {store.MARKER_NAME} "
                               f"marker), so it is left alone: move it away (or choose another --out) and run again")
@@ -70,10 +78,16 @@ def _companions(path: Path) -> tuple[Path, Path]:
     return path.with_suffix(".json"), path.with_suffix(".sha256")
 
 
-def save_layer(path: Path, deltas: dict[str, ModuleDelta], stats: dict[str, dict]) -> None:
+def _layer_of(path: Path) -> int | None:
+    m = _LAYER_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def save_layer(path: Path, deltas: dict[str, ModuleDelta], stats: dict[str, dict], key: str | None = None) -> None:
     """Atomically write one finished layer of the partial cache: safetensors + stats json, then the
-    sidecar with both checksums (last, so it marks the layer done). A failure (a full disk) leaves
-    no temporary file and raises an OSError naming the file."""
+    sidecar with both checksums, ``key`` (the build's settings key) and the layer (last, so it
+    marks the layer done). A failure (a full disk) leaves no temporary file and raises an OSError
+    naming the file."""
     flat = {}
     for n, d in deltas.items():
         flat[n + ".delta"] = d.delta.contiguous()
@@ -86,7 +100,8 @@ def save_layer(path: Path, deltas: dict[str, ModuleDelta], stats: dict[str, dict
         with store.disk_errors(tmps[0]):
             save_file(flat, str(tmps[0]))
         tmps[1].write_text(json.dumps(stats))
-        tmps[2].write_text(json.dumps({path.name: file_sha256(tmps[0]), js.name: file_sha256(tmps[1])}))
+        tmps[2].write_text(json.dumps({path.name: file_sha256(tmps[0]), js.name: file_sha256(tmps[1]),
+                                       "key": key, "layer": _layer_of(path)}))
         for tmp, final in zip(tmps, (path, js, side)):
             os.replace(tmp, final)
     except BaseException:
@@ -95,10 +110,14 @@ def save_layer(path: Path, deltas: dict[str, ModuleDelta], stats: dict[str, dict
         raise
 
 
-def layer_problem(path: Path) -> str | None:
+def layer_problem(path: Path, key: str | None = None) -> str | None:
     """What is wrong with the cached layer ``path``, naming the file at fault (None: its files
-    exist and match the checksums of its sidecar)."""
+    exist, none is a symlink, they match the checksums of its sidecar, and with ``key`` the
+    sidecar names that key and this layer)."""
     js, side = _companions(path)
+    link = next((f for f in (path, js, side) if f.is_symlink()), None)
+    if link is not None:
+        return f"{link} is a symlink (to {os.path.realpath(link)}): an entry reached through a link may be another build's"
     try:
         sums = json.loads(side.read_text())
     except FileNotFoundError:
@@ -112,6 +131,10 @@ def layer_problem(path: Path) -> str | None:
             return f"{f} is missing"
         if file_sha256(f) != sums.get(f.name):
             return f"{f} does not match its checksum (corrupt or truncated)"
+    if key is not None and sums.get("key") != key:
+        return f"{path} was made by another build (key {sums.get('key')}, this build's is {key})"
+    if key is not None and sums.get("layer") != _layer_of(path):
+        return f"{path} holds layer {sums.get('layer')} (swapped with another layer's files)"
     return None
 
 
@@ -144,18 +167,29 @@ class PartialCache:
     def __init__(self, out: Path) -> None:
         self.out, self.dir = out, partial_dir(out)
         self.created = False  # this build made the directory (so a failure may remove it)
+        self.key: str | None = None  # the settings key, once :meth:`open` ran
+
+    def save_layer(self, layer: int, deltas: dict[str, ModuleDelta], stats: dict[str, dict]) -> None:
+        """:func:`save_layer` of ``layer`` under this cache's key."""
+        save_layer(self.layer_path(layer), deltas, stats, key=self.key)
 
     def layer_path(self, layer: int) -> Path:
         return self.dir / f"layer_{layer}.safetensors"
 
     def _key(self) -> str | None:
+        """``meta.json``'s key, when it is a file (not a link) whose settings hash to it."""
+        meta = self.dir / "meta.json"
         try:
-            return json.loads((self.dir / "meta.json").read_text()).get("key")
-        except (OSError, ValueError, AttributeError):
+            m = json.loads(meta.read_text())
+            key = m.get("key")
+            ok = not meta.is_symlink() and isinstance(m.get("settings"), dict) and settings_key(m["settings"]) == key
+            return key if ok else None
+        except (OSError, ValueError, AttributeError, TypeError):
             return None
 
     def verified_layers(self, log: Callable[[str], None]) -> set[int]:
-        """The cached layers whose files match their checksums. Each other layer is reported
+        """The cached layers whose files match their checksums and whose sidecars name this cache's
+        key and their layer (none a symlink). Each other layer is reported
         (file, problem, the command that clears the cache), its files dropped, so it is recomputed;
         leftover temporary files of an interrupted write are dropped silently."""
         for tmp in self.dir.glob("layer_*.tmp"):
@@ -164,7 +198,7 @@ class PartialCache:
         done = set()
         for layer in sorted(layers):
             path = self.layer_path(layer)
-            problem = layer_problem(path)
+            problem = layer_problem(path, self.key)
             if problem is None:
                 done.add(layer)
                 continue
@@ -178,7 +212,7 @@ class PartialCache:
         """Prepare the cache for ``settings``; returns the layers already done (only with
         ``resume``, a matching key and matching checksums). Any other existing cache of ours is
         removed; one without the marker is refused (:func:`check_partial`), never deleted."""
-        key = settings_key(settings)
+        key = self.key = settings_key(settings)
         done: set[int] = set()
         check_partial(self.out)
         if store.has_marker(self.dir):

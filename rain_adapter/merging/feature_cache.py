@@ -16,6 +16,13 @@ layer counts only when the sidecar exists and matches, when it holds every modul
 their fingerprints are the loaded LRM's. A corrupt layer, or one whose fingerprints differ, is a
 :class:`FeatureCacheWarning` naming the file, and is recomputed (and rewritten).
 
+Every entry records the key of the build that made it and is checked against the reader's
+(:mod:`.cache_trust`): ``meta.json`` must name its directory and this key (else the directory was
+renamed or copied: its entries are dropped, with a warning); each layer file and sidecar record
+the key and layer (an entry copied from another build's cache, e.g. another calibration set, is
+a warning naming it, and is recomputed); an entry reached through a symlink is never read (a
+linked key directory is left alone and not used; a linked file is unlinked and recomputed).
+
 The key leaves out the module set and the projected layers (checked per layer instead), so a
 ``--project-layers 0-1`` build reuses the layers of an all-layers build. A write that fails (a full
 or read-only disk) is one warning line (``store.disk_errors``) and the build goes on without
@@ -46,6 +53,7 @@ from torch import Tensor, nn
 from ..format import store
 from ..format.fingerprint import fingerprint_record
 from .cache import CacheError, file_sha256, settings_key
+from .cache_trust import clear_entries, first_link, link_problem, meta_problem, settings_diff, unlink_quietly
 from .calibration import CalibrationSet
 from .errors import BuildWarning
 
@@ -131,14 +139,28 @@ class FeatureCache:
         return self.dir / f"layer_{layer}.sha256"
 
     def ours(self, quiet: bool = False) -> bool:
-        """Whether ``dir`` may be used: absent, empty, or carrying our marker (else a warning, unless ``quiet``)."""
+        """Whether ``dir`` may be used: absent, empty, or carrying our marker, not a symlink, and its
+        ``meta.json`` (if any) names this key (else a warning, unless ``quiet``; a directory of ours
+        whose ``meta.json`` names another key, or none, is emptied of our entries first)."""
         d = self.dir
-        if not d.exists() or store.has_marker(d) or (d.is_dir() and not any(d.iterdir())):
+        if d.is_symlink():
+            if not quiet:
+                self.warn(f"feature cache: {link_problem(d)}, so it is left alone and not used; remove the "
+                          "link to use this cache")
+            return False
+        if not d.exists() or (d.is_dir() and not any(d.iterdir())):
             return True
-        if not quiet:
+        if not store.has_marker(d):
+            if not quiet:
                 self.warn(f"feature cache: {d} exists but was not created by rain build (no {store.MARKER_NAME} "
-                      "marker): it is left alone and not used; move it away to use this cache")
-        return False
+                          "marker): it is left alone and not used; move it away to use this cache")
+            return False
+        entries = any(d.glob("layer_*")) or (d / STAGE2_DIR).exists()
+        problem = meta_problem(d, self.key, self.settings, entries)
+        if problem is not None:
+            self.warn(f"feature cache: {problem}; its entries are not used and are recomputed")
+            clear_entries(d, STAGE2_DIR)
+        return True
 
     def open(self, what: str = "its features") -> bool:
         """Create ``dir`` (marker, ``meta.json``) for writing; False (with a warning) when it cannot be."""
@@ -169,31 +191,38 @@ class FeatureCache:
                   f"goes on without saving {what}")
 
     def _drop(self, layer: int) -> None:
-        for f in (self._sidecar(layer), self.layer_path(layer)):
-            try:
-                f.unlink(missing_ok=True)
-            except OSError:
-                pass
+        unlink_quietly((self._sidecar(layer), self.layer_path(layer)))
 
     def check_layer(self, layer: int, names: Sequence[str], fingerprint: dict[str, Any]) -> bool:
-        """Whether ``layer`` can serve ``names``: the sidecar exists and matches, the file holds
-        every name, their fingerprints are ``fingerprint``'s. A corrupt or mismatching layer is
-        warned about (naming the file) and dropped, so it is recomputed."""
+        """Whether ``layer`` can serve ``names``: neither its file nor its sidecar is a symlink, the
+        sidecar exists and matches, both record this cache's key and ``layer``, the file holds every
+        name and their fingerprints are ``fingerprint``'s. A corrupt, foreign or mismatching layer
+        is warned about (naming the file) and dropped, so it is recomputed."""
         path, side = self.layer_path(layer), self._sidecar(layer)
-        if not side.is_file():
+        if not side.is_file() and not side.is_symlink() and not path.is_symlink():
             return False
         problem = None
         try:
-            sums = json.loads(side.read_text())
-            if not path.is_file():
+            link = first_link((path, side))
+            sums = None if link else json.loads(side.read_text())
+            if link is not None:
+                problem = link_problem(link)
+            elif not side.is_file():
+                return False
+            elif not path.is_file():
                 problem = f"{path} is missing"
             elif file_sha256(path) != sums.get("sha256"):
                 problem = f"{path} does not match its checksum (corrupt or truncated)"
             else:
                 meta = _layer_meta(path)
-                if any(n not in meta["modules"] for n in names):
+                if meta.get("key") != self.key or sums.get("key") != self.key:
+                    problem = (f"{path} was made by another build (key {meta.get('key')}, this build's is "
+                               f"{self.key}{settings_diff(meta.get('settings'), self.settings)})")
+                elif meta.get("layer") != layer or sums.get("file") != path.name:
+                    problem = f"{path} holds layer {meta.get('layer')} (swapped with another layer's file)"
+                elif any(n not in meta["modules"] for n in names):
                     return False  # made with fewer modules: a miss, not a fault
-                if any(meta.get("fingerprint", {}).get(n) != fingerprint.get(n) for n in names):
+                elif any(meta.get("fingerprint", {}).get(n) != fingerprint.get(n) for n in names):
                     problem = f"{path} was made from other LRM weights (fingerprint differs)"
         except (OSError, ValueError, TypeError, KeyError, AttributeError, SafetensorError) as e:
             problem = f"{path} is unreadable ({e})"
@@ -228,7 +257,8 @@ class FeatureCache:
             k = modules[n] = first.setdefault((x.data_ptr() or id(x), tuple(x.shape), x.dtype), n)
             if k == n:
                 tensors[n] = x.contiguous()
-        meta = {"layer": layer, "modules": modules, "fingerprint": {n: fingerprint.get(n) for n in names}}
+        meta = {"key": self.key, "settings": self.settings, "layer": layer, "modules": modules,
+                "fingerprint": {n: fingerprint.get(n) for n in names}}
         path, side = self.layer_path(layer), self._sidecar(layer)
         tag = uuid.uuid4().hex[:8]
         tmps = (self.dir / f".{path.name}.{tag}.tmp", self.dir / f".{side.name}.{tag}.tmp")
@@ -237,7 +267,7 @@ class FeatureCache:
             with store.disk_errors(tmps[0]):
                 save_file(tensors, str(tmps[0]), metadata={META_KEY: json.dumps(meta)})
             with store.disk_errors(tmps[1]):
-                tmps[1].write_text(json.dumps({"file": path.name, "sha256": file_sha256(tmps[0])}))
+                tmps[1].write_text(json.dumps({"file": path.name, "sha256": file_sha256(tmps[0]), "key": self.key}))
                 os.replace(tmps[0], path)
                 os.replace(tmps[1], side)
         except OSError as e:
@@ -343,21 +373,23 @@ class Stage2StatsCache:
         return tuple(self.dir / f"{self.key}.{ext}" for ext in ("safetensors", "json", "sha256"))  # type: ignore[return-value]
 
     def _drop(self) -> None:
-        for f in self.files()[::-1]:
-            try:
-                f.unlink(missing_ok=True)
-            except OSError:
-                pass
+        # a linked stage2 directory: the link only, never what it points to
+        unlink_quietly([self.dir] if self.dir.is_symlink() else self.files()[::-1])
 
     def _read(self) -> dict[str, Any]:
         tensors, meta_p, side = self.files()
+        link = first_link((self.dir, *self.files()))
+        if link is not None:
+            raise ValueError(link_problem(link))
         sums = json.loads(side.read_text())
         for p in (tensors, meta_p):
             if file_sha256(p) != sums.get(p.name):
                 raise ValueError(f"{p} does not match its checksum (corrupt or truncated)")
         meta = json.loads(meta_p.read_text())
-        if meta.get("key") != self.key or not isinstance(meta.get("stats"), dict):
-            raise ValueError(f"{meta_p} holds another key")
+        if (meta.get("key") != self.key or not isinstance(meta.get("settings"), dict)
+                or settings_key(meta["settings"]) != self.key or not isinstance(meta.get("stats"), dict)):
+            raise ValueError(f"{meta_p} holds another build's statistics (key {meta.get('key')}, this build's is "
+                             f"{self.key}{settings_diff(meta.get('settings'), self.settings)}; renamed or copied)")
         with safe_open(str(tensors), framework="pt") as f:
             stats = {**meta["stats"], **{k: f.get_tensor(k) for k in f.keys()}}
         want = ("a1", "u1", "a0", "u0") if self.settings.get("alpha_grad") == "gain" else ("a1", "u1")
@@ -369,7 +401,7 @@ class Stage2StatsCache:
         """The cached statistics, or None (a miss; a corrupt entry is warned about and dropped)."""
         where = f"{self.dir} (key {self.key})"
         self.usable = self.fc.ours(quiet=True)
-        if not self.usable or not self.files()[2].is_file():
+        if not self.usable or not (self.files()[2].is_file() or first_link((self.dir, *self.files()))):
             self._log(f"[rain build] stage2: attention statistics not in the feature cache {where}; running the passes")
             return None
         try:

@@ -155,6 +155,8 @@ def cache_settings(opts: BuildOptions, method: MergeMethod, targets: Targets,
         "svd_dtype": opts.svd_dtype, "merge_bias": opts.merge_bias, "density": opts.density, "drop": opts.drop,
         "seed": opts.seed, "calib_hash": calib.info["calib_hash"] if calib else None, "dtype": opts.dtype,
         "project_layers": sorted(targets.proj_layers) if opts.project_layers is not None else None,
+        # the LRM's weights, not only its path (a checkpoint rewritten in place is another build)
+        "lrm_fingerprint": layer_cache.settings_key(getattr(targets, "fingerprint", None) or {}),
     }
 
 
@@ -210,8 +212,7 @@ class LayerWork:
     def layer(self, layer: int, names: list[str], feats: dict[str, torch.Tensor] | None) -> None:
         """All modules of ``layer`` → one cached layer file."""
         done = {n: self.module(n, layer, feats) for n in names}
-        layer_cache.save_layer(self.cache.layer_path(layer), {n: d for n, (d, _) in done.items()},
-                               {n: s for n, (_, s) in done.items()})
+        self.cache.save_layer(layer, {n: d for n, (d, _) in done.items()}, {n: s for n, (_, s) in done.items()})
 
 
 def stage1_features(o: BuildOptions, targets: Targets, feat_todo: list[int], calib: CalibrationSet,
