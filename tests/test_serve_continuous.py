@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rain_adapter import RainAdapter, RainConfig
-from rain_adapter.serve.continuous import TokenLambdaHook, cb_config, continuous_generate
+from rain_adapter.serve.cb_generate import continuous_generate
+from rain_adapter.serve.continuous import TokenLambdaHook, cb_config
 from rain_adapter.testing.tiny import random_deltas, tiny_model
 
 LAMS = [0.0, 0.5, 1.0, 1.5, 2.0]

@@ -52,8 +52,6 @@ bench/build_bench.py can patch or time them here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -84,6 +82,7 @@ from .options import MODEL_FIELDS, BuildError, BuildOptions
 from .report import (BuildLog, calibration_line, done_line, format_stats_table, kept_norm_check,
                      stage1_skipped_line)
 from .targets import Targets, load_lrm, needs_lrm_weights, wants_stage2
+from .threads import torch_threads
 
 __all__ = ["PARTIAL_SUFFIX", "BuildError", "BuildOptions", "build_adapter", "format_stats_table"]
 
@@ -389,21 +388,6 @@ def build_adapter(lrm: str | Path | None = None, itm: str | Path | None = None, 
                          "rain_adapter.cli.build.dry_run(options)) prints the plan instead", field="dry_run")
     with torch_threads(opts.threads):
         return _build(opts, t_start)
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` for the block, the previous setting restored after it; None:
-    leave torch's setting alone (``--threads``)."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _build(opts: BuildOptions, t_start: float) -> Path:

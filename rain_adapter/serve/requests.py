@@ -33,9 +33,11 @@ from ..evaluation.specs import SpecError
 from ..format.config import is_finite_number
 from .errors import APIError, bad_request
 from .field_policy import CHAT, COMPLETIONS, check_fields, flag
+from .feedback import FeedbackRequest, parse_feedback  # noqa: F401  (re-exported)
 from .fields import int_field, number_field, text_field
+from .inputs import read_messages, read_prompts
 from .limits import parse_json_body  # noqa: F401  (re-exported: the request parsers' entry point)
-from .limits import (MAX_CHOICES, MAX_COMMENT_CHARS, MAX_N, MAX_PROMPTS, MAX_RAIN_CHECKS, MAX_STOP_CHARS,
+from .limits import (MAX_CHOICES, MAX_N, MAX_RAIN_CHECKS, MAX_STOP_CHARS,
                      MAX_STOP_STRINGS, MAX_USER_CHARS)
 from .logprobs import parse_logprobs, parse_prompt_logprobs
 from .sampling import parse_logits_spec
@@ -43,8 +45,6 @@ from .scheduler import GenParams
 from .scoring import DEFAULT_SERVER_REGISTRY
 from .templates import TemplateLimits, TemplateRefused, render_chat, template_options
 
-CHAT_ROLES = ("system", "user", "assistant", "developer")
-MAX_FEEDBACK_ABS = 1e6
 #: the seeds a request may give (vLLM's: a signed 64-bit integer)
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 #: ``rain serve --reasoning-parser`` / ``rain_reasoning_parser``: split the thinking into
@@ -224,15 +224,6 @@ def _non_empty(ids: list[int], param: str) -> list[int]:
     return ids
 
 
-@dataclass(frozen=True)
-class FeedbackRequest:
-    """``POST /v1/rain/feedback``."""
-
-    request_id: str
-    score: float
-    comment: str | None = None
-
-
 # ----------------------------------------------------------------------------- field readers
 # (the generic ones, number_field / int_field / text_field, are in .fields)
 def _stop(body: dict) -> tuple[str, ...]:
@@ -276,61 +267,6 @@ def _model(body: dict, limits: RequestLimits) -> str:
         raise APIError(404, f"the model {m!r} does not exist; this server serves {limits.model_name!r}",
                        param="model", code="model_not_found")
     return m
-
-
-def _message_text(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}]
-        parts = []
-        for p in content:
-            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise bad_request(f"messages[{i}].content: only text parts are supported", "messages")
-            parts.append(p["text"])
-        return "".join(parts)
-    if content is None:
-        return ""
-    raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
-
-
-def _messages(body: dict) -> tuple[dict[str, str], ...]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise bad_request("messages must be a non-empty list", "messages", code="missing_required_parameter")
-    conv = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            raise bad_request(f"messages[{i}] needs a role of system|developer|user|assistant", "messages")
-        role = "system" if m["role"] == "developer" else m["role"]  # chat templates know no "developer"
-        conv.append({"role": role, "content": _message_text(m.get("content"), i)})
-    return tuple(conv)
-
-
-def _one_prompt(p: Any, where: str) -> str | tuple[int, ...]:
-    if isinstance(p, str):
-        if not p:
-            raise bad_request(f"the {where} is empty: it has no tokens", "prompt", code="empty_prompt")
-        return p
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        return tuple(p)
-    if isinstance(p, list) and not p:
-        raise bad_request(f"the {where} is empty: it has no tokens", "prompt", code="empty_prompt")
-    raise bad_request("prompt must be a string, a list of token ids, or a list of either (several prompts)",
-                      "prompt")
-
-
-def _prompts(body: dict) -> tuple[str | tuple[int, ...], ...]:
-    """The request's prompts: ``"text"``, ``[ids]``, ``["a", "b"]`` or ``[[ids], [ids]]`` (≤ MAX_PROMPTS)."""
-    p = body.get("prompt")
-    if not (isinstance(p, list) and p and isinstance(p[0], (str, list))):
-        return (_one_prompt(p, "prompt"),)
-    if len(p) > MAX_PROMPTS:
-        raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(p)}", "prompt",
-                          code="too_many_prompts")
-    if not (all(isinstance(q, str) for q in p) or all(isinstance(q, list) for q in p)):
-        raise bad_request("a list of prompts must be all strings or all lists of token ids", "prompt")
-    where = "prompt" if len(p) == 1 else "prompt[{}]"
-    return tuple(_one_prompt(q, where.format(i)) for i, q in enumerate(p))
 
 
 def _sampling(body: dict, limits: RequestLimits, chat: bool) -> SamplingParams:
@@ -459,7 +395,7 @@ def parse_chat(body: dict, limits: RequestLimits) -> ChatRequest:
     """A validated chat completions request."""
     model = _model(body, limits)
     check_fields(body, CHAT)
-    messages = _messages(body)
+    messages = read_messages(body)
     template_kwargs, template = template_options(body, limits.trust_request_chat_template)
     rp = body.get("rain_reasoning_parser", limits.reasoning_parser)
     if rp not in REASONING_PARSERS:
@@ -482,27 +418,13 @@ def parse_completion(body: dict, limits: RequestLimits) -> CompletionRequest:
     check_fields(body, COMPLETIONS)
     if body.get("rain_reasoning_parser") is not None:
         raise bad_request("rain_reasoning_parser applies to /v1/chat/completions only", "rain_reasoning_parser")
-    prompts = _prompts(body)
+    prompts = read_prompts(body)
     common = _common(body, limits, chat=False)
     if len(prompts) * common["sampling"].n > MAX_CHOICES:
         raise bad_request(f"n × the number of prompts is {len(prompts) * common['sampling'].n}; at most "
                           f"{MAX_CHOICES} choices per request", "n", code="too_many_choices")
     return CompletionRequest(model=model, prompt=prompts[0], prompts=prompts if len(prompts) > 1 else (),
                              **common)
-
-
-def parse_feedback(body: dict) -> FeedbackRequest:
-    """A validated feedback record."""
-    rid = body.get("request_id")
-    if not isinstance(rid, str) or not rid:
-        raise bad_request("request_id must be a non-empty string", "request_id", code="missing_required_parameter")
-    if len(rid) > 200:
-        raise bad_request("request_id is too long", "request_id")
-    score = number_field(body, "score", None, -MAX_FEEDBACK_ABS, MAX_FEEDBACK_ABS)
-    if score is None:
-        raise bad_request("score must be a number", "score", code="missing_required_parameter")
-    comment = text_field(body, "comment", MAX_COMMENT_CHARS)
-    return FeedbackRequest(request_id=rid, score=score, comment=comment)
 
 
 __all__ = ["REASONING_PARSERS", "skip_ids", "ChatRequest", "CompletionRequest", "FeedbackRequest", "GenerationRequest",

@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import APIError, bad_request
 from .limits import check_prompt_fits, min_prompt_tokens
-from .requests import _messages
+from .inputs import read_messages
 from .templates import TemplateLimits, TemplateRefused, render_chat, template_options
 
 
@@ -51,7 +51,7 @@ def _flag(body: dict, name: str, default: bool) -> bool:
 
 
 def _chat_text(body: dict, tokenizer, limits: TokenizeLimits) -> str:
-    messages = list(_messages(body))
+    messages = list(read_messages(body))
     kwargs, template = template_options(body, limits.trust_request_chat_template)
     check_prompt_fits(min_prompt_tokens([m["content"] for m in messages], limits.bytes_per_token),
                       limits.max_model_len, "messages")
