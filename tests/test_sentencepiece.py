@@ -207,3 +207,23 @@ def _serve_one_chat(triple, adapter, tok, tmp_path):
     assert 1 <= body["usage"]["completion_tokens"] <= 8
     msg = body["choices"][0]["message"]
     assert msg["role"] == "assistant" and isinstance(msg.get("content") or msg.get("reasoning_content") or "", str)
+
+
+def test_missing_protobuf_is_named_with_the_file(tmp_path, monkeypatch):
+    """A tokenizer.model-only checkpoint without protobuf: a ModuleNotFoundError naming protobuf and the
+    file (transformers' own error is a tiktoken parse error naming neither), which the CLI maps to the
+    `sentencepiece` extra."""
+    from rain_adapter.cli.main import missing_extra
+    from rain_adapter.format import tokenizer as tokmod
+
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0e not a model")
+    monkeypatch.setattr(tokmod, "_importable", lambda m: m != "google.protobuf")
+    with pytest.raises(ModuleNotFoundError) as e:
+        tokmod.load_tokenizer(tmp_path)
+    assert e.value.name == "protobuf" and "tokenizer.model" in str(e.value) and "protobuf" in str(e.value)
+    assert missing_extra(e.value) == "sentencepiece"
+    (tmp_path / "tokenizer.json").write_text("{}")  # a fast tokenizer beside it: no conversion, no check
+    monkeypatch.setattr(tokmod, "_importable", lambda m: False)
+    with pytest.raises(Exception) as e2:
+        tokmod.load_tokenizer(tmp_path)
+    assert not isinstance(e2.value, ModuleNotFoundError) or e2.value.name not in ("protobuf", "sentencepiece")

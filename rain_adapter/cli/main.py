@@ -35,7 +35,7 @@ COMMAND_MODULES = (
 
 #: optional top-level package -> the extra of pyproject.toml that installs it
 OPTIONAL_EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "matplotlib": "eval",
-                   "triton": "triton"}
+                   "triton": "triton", "sentencepiece": "sentencepiece", "protobuf": "sentencepiece"}
 
 #: Errors a command reports as ``rain CMD: error: …`` (exit 2) instead of a traceback. Input errors
 #: are ValueErrors (or subclasses) naming the file / field; a KeyError or TypeError is a bug and

@@ -95,11 +95,10 @@ def _count_tokens(args: argparse.Namespace, lrm_dir: str | None) -> CalibShape:
     """Exact lengths and Ω through the LRM's own tokenizer, as the build prepares them."""
     if lrm_dir is None:
         raise PlanError("--count-tokens needs --model DIR holding the LRM's tokenizer")
-    from transformers import AutoTokenizer
-
+    from ..format.tokenizer import load_tokenizer
     from ..merging.calibration import prepare_reasoning_calibration
 
-    c = prepare_reasoning_calibration(AutoTokenizer.from_pretrained(lrm_dir), args.reasoning_calib, radius=args.radius,
+    c = prepare_reasoning_calibration(load_tokenizer(lrm_dir), args.reasoning_calib, radius=args.radius,
                                       max_samples=args.max_samples, max_seq_len=args.max_seq_len, min_samples=1)
     return CalibShape(tuple(len(it.input_ids) for it in c.items), c.n_positions, "tokenized", True)
 

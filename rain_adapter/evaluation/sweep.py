@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ..format.dtypes import resolve_dtype
 from ..format.lambdas import LambdaRangeWarning, check_lambda
 from ..format.store import resolve_adapter
+from ..format.tokenizer import load_tokenizer
 from ..runtime.model import RainAdapter
 from .answers import Extractor, resolve_extractor
 from .registry import CheckRegistry, default_registry
@@ -400,9 +401,9 @@ def _count(r: dict[str, Any], k: str) -> str:
 
 def load_model(path: str | Path, device: str | None = None, dtype: str = "float32"):
     """An HF causal LM and its tokenizer, in ``dtype`` on ``device`` (eval mode)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
     if device:
         model.to(device)

@@ -43,6 +43,7 @@ from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
 from ..format.dtypes import resolve_dtype
 from ..format.store import load_adapter
+from ..format.tokenizer import load_tokenizer
 
 
 class FidelityError(ValueError):
@@ -156,7 +157,7 @@ def run_fidelity(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Load the LRM and the adapters (see the module doc for the modes) and :func:`compare` them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     cfg, deltas = load_adapter(adapter)
     is_low = any(d.is_lowrank for d in deltas.values())
@@ -189,7 +190,7 @@ def run_fidelity(
         raise FidelityError(
             f"{adapter} is dense: pass --rank R or --rank-energy E to see what that rank costs, or --dense-twin")
     torch_dtype = resolve_dtype(dtype, error=FidelityError)
-    tok = AutoTokenizer.from_pretrained(str(lrm))
+    tok = load_tokenizer(lrm)
     model = AutoModelForCausalLM.from_pretrained(str(lrm), dtype=torch_dtype).eval()
     if device is not None:
         model.to(device)

@@ -64,6 +64,7 @@ from ..format import store
 from ..format.arch import module_role
 from ..format.config import RainConfig
 from ..format.delta import ModuleDelta
+from ..format.tokenizer import load_tokenizer
 from . import cache as layer_cache
 from . import features, preflight, taskvector
 from .dispatch import (check_available, format_device_map, map_source, onloaded, parse_device_map,
@@ -120,11 +121,8 @@ def load_calibration(opts: BuildOptions, method: MergeMethod, log: BuildLog, voc
                      ) -> tuple[Any, CalibrationSet | None]:
     """The LRM's tokenizer, and (for projecting methods) the reasoning calibration set, every
     sample round-tripped through the tokenizer (ids below ``vocab_size``, the LRM's config)."""
-    # lazy: `import rain_adapter` stays free of transformers
-    from transformers import AutoTokenizer
-
     with fetching(opts.lrm, "lrm"):
-        tokenizer = AutoTokenizer.from_pretrained(str(opts.lrm))
+        tokenizer = load_tokenizer(opts.lrm)
     if not method.projects:
         return tokenizer, None
     calib = prepare_reasoning_calibration(tokenizer, opts.reasoning_calib, radius=opts.radius,

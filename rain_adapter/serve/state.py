@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..format.tokenizer import load_tokenizer
 from ..runtime.model import RainAdapter
 from .arms import Arm, ArmAssigner
 from .errors import APIError
@@ -207,7 +208,7 @@ def load_served_model(model_path: str, adapter: str | None, *, tokenizer_path: s
     """(RainModel or bare model, tokenizer): the model as ``rain serve`` loads it (``dtype="auto"``:
     bfloat16 on CUDA, float32 on the CPU), the adapter attached when given."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -215,7 +216,7 @@ def load_served_model(model_path: str, adapter: str | None, *, tokenizer_path: s
         torch_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    tok = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+    tok = load_tokenizer(tokenizer_path or model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
     if adapter:
         model = RainAdapter.attach(model, adapter, lam=lam, check_fingerprint=check_fingerprint)
