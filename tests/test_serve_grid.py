@@ -89,13 +89,15 @@ def test_lora_slots_exported_once_per_adapter_and_lambda(tmp_path, assets):
     from safetensors.torch import load_file
 
     from rain_adapter.format.store import load_adapter
-    from rain_adapter.serve.lora_slots import lora_slots, vllm_lora_rank
+    from rain_adapter.export.vllm_slots import lora_slots, vllm_lora_rank
     from rain_adapter.testing.tiny import random_deltas
     from rain_adapter.format.config import RainConfig
     from rain_adapter.format.store import save_adapter
     from transformers import AutoModelForCausalLM
 
-    _, model_dir, _ = assets
+    _, model_dir, dense = assets
+    with pytest.raises(ValueError, match=r"dense adapter .*rain build --storage lowrank"):
+        lora_slots(dense, (0.5,), root=tmp_path / "none")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     deltas = random_deltas(model, rank=4, seed=3)
     cfg = RainConfig(base_model_name_or_path=str(model_dir), layers=[0, 1], storage="lowrank", rank=4,
@@ -124,8 +126,8 @@ def test_vllm_scheduler_checks_slots_before_vllm(assets, tmp_path):
 
     from transformers import AutoTokenizer
 
+    from rain_adapter.export.vllm_slots import LoraSlot
     from rain_adapter.serve.engine_vllm import VLLMOptions, VLLMScheduler
-    from rain_adapter.serve.lora_slots import LoraSlot
 
     _, model_dir, _ = assets
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -136,6 +138,7 @@ def test_vllm_scheduler_checks_slots_before_vllm(assets, tmp_path):
     with pytest.raises(ValueError, match="below the adapter's rank 16"):
         VLLMScheduler(str(model_dir), tok, grid=(0.5,), slots=slots[:1], max_rank=16,
                       options=VLLMOptions(max_lora_rank=8))
-    s = VLLMScheduler(str(model_dir), tok, grid=(0.0, 0.5, 1.0, 1.5), slots=slots, max_rank=4)
+    s = VLLMScheduler(str(model_dir), tok, grid=(0.0, 0.5, 1.0, 1.5), slots=slots, max_rank=4,
+                      options=VLLMOptions(max_lora_rank=8))
     assert s.max_loras == 3 and s.max_lora_rank == 8
     assert not s.health().accepting

@@ -219,8 +219,8 @@ def _vllm_engine(args, grid):
 
     from ..format.config import RainConfig
     from ..format.store import resolve_adapter
+    from ..export.vllm_slots import lora_slots, vllm_lora_rank
     from ..serve.engine_vllm import VLLMOptions, VLLMScheduler
-    from ..serve.lora_slots import lora_slots
 
     if not args.adapter or grid is None:
         raise SystemExit("rain serve --engine vllm: needs --adapter and --lambda-grid (each grid λ other than 0 is "
@@ -237,7 +237,8 @@ def _vllm_engine(args, grid):
     opts = VLLMOptions(tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                        max_model_len=ctx, dtype=dtype, gpu_memory_utilization=args.gpu_memory_utilization,
                        kv_cache_space_gib=args.kv_cache_space, max_loras=args.max_loras,
-                       max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
+                       max_lora_rank=args.max_lora_rank if args.max_lora_rank is not None else vllm_lora_rank(max_rank),
+                       max_num_seqs=args.max_num_seqs,
                        enforce_eager=args.enforce_eager)
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     sched = VLLMScheduler(args.model, tok, grid=grid, slots=slots, max_rank=max_rank, options=opts,

@@ -11,8 +11,7 @@ prompt-length bounds), ``request_log`` (builds, scores and writes a row for ever
 metrics), ``scoring`` (checks; unscored when one cannot run), ``thompson`` (adaptive arms),
 ``sampling`` (the logits processor), ``logprobs``, ``tokenize`` (``/tokenize``, ``/detokenize``),
 ``choices`` (``n > 1`` and lists of prompts: one job and one log row per choice), ``engine_vllm``
-(``--engine vllm``: vLLM's async engine behind the scheduler protocol; imports vLLM), ``lora_slots``
-(the ``--lambda-grid`` values as cached LoRA exports).
+(``--engine vllm``: vLLM's async engine behind the scheduler protocol; imports vLLM).
 Format validity comes from :mod:`rain_adapter.evaluation.checks`, compliance from
 :mod:`rain_adapter.evaluation.scoring`.
 Needs the ``serve`` extra (fastapi, uvicorn) for ``app`` / ``rain serve``.

@@ -5,7 +5,7 @@ Generation runs in vLLM's async engine (``vllm.v1.engine.async_llm.AsyncLLM``) i
 request validation, arms, the request log, feedback, checks, the report — is the built-in engine's,
 unchanged. vLLM is imported only when this scheduler is built.
 
-λ: every served λ ≠ 0 is one LoRA module (:mod:`~rain_adapter.serve.lora_slots`: the adapter
+λ: every served λ ≠ 0 is one LoRA module (:mod:`~rain_adapter.export.vllm_slots`: the adapter
 exported with ``lora_B = λ·B``, so the LoRA adds ``λ (x Aᵀ) Bᵀ``); a job at λ = 0 runs the base
 model. A job's λ must be one of the grid's values (the request layer guarantees it:
 ``--lambda-grid`` makes an off-grid ``rain_lambda`` a 400); the scheduler refuses any other.
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import _RowState
-from .lora_slots import LoraSlot
 from .requests import GRID_TOL
 from .scheduler import GenEvent, GenJob, GenParams, JobRejected, SchedulerHealth, SchedulerUnavailable
 
@@ -47,8 +46,8 @@ class VLLMOptions:
 
     ``kv_cache_space_gib``: the KV cache on the CPU backend (``VLLM_CPU_KVCACHE_SPACE``, GiB; vLLM's
     default when None). ``max_loras``: LoRA slots resident at once (at least the grid's λ ≠ 0
-    values); ``max_lora_rank``: vLLM's rank bound (default: the smallest value vLLM accepts that
-    holds the adapter's rank)."""
+    values; default: their number); ``max_lora_rank``: vLLM's rank bound (the caller's default:
+    :func:`~rain_adapter.export.vllm_slots.vllm_lora_rank` of the adapter's rank)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -109,16 +108,15 @@ class VLLMScheduler:
     """A :class:`~rain_adapter.serve.scheduler.Scheduler` that generates with vLLM's ``AsyncLLM``.
 
     ``model``: the checkpoint vLLM loads; ``tokenizer``: the server's (HF) tokenizer (text, EOS);
-    ``slots``: the λ grid's LoRA modules (:func:`~rain_adapter.serve.lora_slots.lora_slots`);
+    ``slots``: the λ grid's LoRA modules, each with ``lam``, ``name``, ``int_id`` (≥ 1) and ``path``
+    (:func:`~rain_adapter.export.vllm_slots.lora_slots`);
     ``grid``: every served λ (0 may be among them: the base model). ``on_batch(size, seconds)`` is
     called as each job ends, with the number of jobs vLLM was running at that moment.
     """
 
-    def __init__(self, model: str, tokenizer, *, grid: tuple[float, ...], slots: list[LoraSlot], max_rank: int,
+    def __init__(self, model: str, tokenizer, *, grid: tuple[float, ...], slots: list, max_rank: int,
                  options: VLLMOptions = VLLMOptions(), tokenizer_path: str | None = None,
                  on_batch: Callable[[int, float], None] | None = None):
-        from .lora_slots import vllm_lora_rank
-
         self.model = model
         self.tok = tokenizer
         self.tokenizer_path = tokenizer_path or model
@@ -133,7 +131,7 @@ class VLLMScheduler:
             raise ValueError(f"--lambda-grid has {len(slots)} values ≠ 0 ({', '.join(f'{s.lam:g}' for s in slots)}), "
                              f"one LoRA slot each, but --max-loras is {self.max_loras}: raise --max-loras to "
                              f"{len(slots)} or serve fewer λ")
-        self.max_lora_rank = options.max_lora_rank if options.max_lora_rank is not None else vllm_lora_rank(max_rank)
+        self.max_lora_rank = options.max_lora_rank if options.max_lora_rank is not None else max_rank
         if slots and self.max_lora_rank < max_rank:
             raise ValueError(f"--max-lora-rank {self.max_lora_rank} is below the adapter's rank {max_rank}")
         self.on_batch = on_batch

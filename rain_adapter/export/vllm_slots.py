@@ -1,7 +1,7 @@
 """The λ grid as LoRA modules for the vLLM engine (``rain serve --engine vllm --lambda-grid …``).
 
 vLLM applies a LoRA at a fixed strength, so every served λ ≠ 0 is one exported PEFT LoRA
-(:func:`rain_adapter.export.peft.export_peft` with ``lam=λ``: ``lora_A = A``, ``lora_B = λ·B``,
+(:func:`~rain_adapter.export.peft.export_peft` with ``lam=λ``: ``lora_A = A``, ``lora_B = λ·B``,
 scaling 1, so the LoRA adds ``λ (x Aᵀ) Bᵀ`` to each targeted module — the adapter attached at λ).
 λ = 0 is the base model itself and takes no slot.
 
@@ -17,7 +17,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..export.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, VLLM_LORA_RANKS, export_peft
+from .peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, VLLM_LORA_RANKS, export_peft
 from ..format.lambdas import lambda_label
 from ..format.paths import cache_dir
 from ..format.store import load_adapter, resolve_adapter
@@ -67,8 +67,8 @@ def lora_slots(adapter: str | Path, grid: tuple[float, ...], *, base_model: str 
     dense = [n for n, d in deltas.items() if not d.is_lowrank]
     if dense:
         raise ValueError(f"--adapter {src}: a dense adapter ({len(dense)} dense module(s), e.g. {dense[0]!r}); the "
-                         "vLLM engine serves LoRAs: build it low-rank (rain build --storage lowrank) or give a "
-                         "low-rank export's source")
+                         "vLLM engine serves LoRAs: build it low-rank (rain build --storage lowrank --rank R; "
+                         "rain fidelity says what a rank costs)")
     max_rank = max(int(d.rank) for d in deltas.values())
     slots: list[LoraSlot] = []
     for lam in grid:
