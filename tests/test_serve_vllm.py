@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,24 @@ def _same_chat(a, b, lam):
     return ca.message.content
 
 
+def test_sampling_params_carry_every_field():
+    from rain_adapter.serve.engine_vllm import sampling_params
+    from rain_adapter.serve.sampling import LogitsSpec
+    from rain_adapter.serve.scheduler import GenParams
+
+    spec = LogitsSpec(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.1,
+                      logit_bias=((5, 2.0), (10**9, 1.0)), top_k=7, min_tokens=3)
+    sp = sampling_params(GenParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=42, processing=spec, logprobs=2,
+                                   prompt_logprobs=True), {2, 0}, vocab_size=100)
+    assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.n) == (9, 0.7, 0.9, 7, 42, 1)
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty, sp.min_tokens) == (0.5, 0.25, 1.1, 3)
+    assert sp.logit_bias == {5: 2.0}  # ids outside the vocabulary dropped, as the built-in engine ignores them
+    assert (sp.logprobs, sp.prompt_logprobs, sp.detokenize, sorted(sp.stop_token_ids)) == (2, 2, False, [0, 2])
+    assert not sp.stop  # stop strings are the row tracker's
+    eos = sampling_params(GenParams(max_tokens=9, temperature=0.0, processing=LogitsSpec(ignore_eos=True)), {2}, 100)
+    assert (eos.temperature, eos.ignore_eos, eos.min_tokens) == (0.0, True, 9)  # EOS masked at every step
+
+
 def test_token_identity_with_the_builtin_engine_at_every_grid_lambda(vllm_server, builtin_server):
     _, base, _ = vllm_server
     v, b = _client(base), _client(builtin_server)
@@ -225,6 +244,34 @@ def test_arms_log_feedback_and_report_on_vllm(vllm_server, builtin_server):
             assert a["lambda"] == next(x.lam for x in ARMS if x.name == arm)
             assert a["n"] >= 2 * len(ids)  # the arm's requests and the sticky repeats
             assert a["mean_feedback"]["n"] == len(ids)
+
+
+def _row_where(db: Path, status: str, timeout: float = WAIT) -> dict:
+    """The first log row with ``status``, polling the log until ``timeout`` (an upper bound)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(str(db)) as con:
+            con.row_factory = sqlite3.Row
+            r = con.execute("SELECT * FROM requests WHERE status = ?", (status,)).fetchone()
+        if r is not None:
+            return dict(r)
+        time.sleep(0.1)  # polling interval, not synchronisation
+    raise AssertionError(f"no {status} row within {timeout}s")
+
+
+def test_client_gone_after_one_chunk_is_logged_cancelled(vllm_server):
+    _, base, db = vllm_server
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "rain_lambda": 0.5,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=WAIT) as r:
+        assert r.status_code == 200
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+    assert '"text"' in first
+    row = _row_where(db, "cancelled")
+    assert row["reason"] == "the client disconnected" and row["http_status"] == 499
+    assert 1 <= row["completion_tokens"] < 64 and row["lam"] == 0.5
+    again = httpx.post(base + "/v1/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=WAIT)
+    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 2  # ignore_eos
 
 
 def test_kill_9_under_load_loses_no_acknowledged_row(vllm_server):
