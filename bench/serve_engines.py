@@ -2,7 +2,8 @@
 and adapter, throughput and p50 / p99 at a fixed concurrency, and the memory of an extra λ slot on vLLM.
 
     python bench/serve_engines.py [--concurrency 1,8,32] [--seconds 30] [--max-tokens 64]
-                                  [--engines dynamic,continuous,vllm] [--slots 1,4] [--out results.json]
+                                  [--engines dynamic,continuous,vllm] [--slots 1,4] [--slot-rank R]
+                                  [--out results.json]
 
 1. SmolLM2-135M-Instruct (real weights, float32) + a random rank-8 adapter
    (:func:`rain_adapter.testing.serve_vllm.build_smollm2_lora_adapter`);
@@ -107,21 +108,23 @@ def bench_engine(model_dir, adapter_dir, engine, work: Path, concurrency, second
         stop(proc)
 
 
-def bench_slots(model_dir, adapter_dir, work: Path, slots: list[int]) -> dict:
-    """Idle RSS of vLLM with k LoRA slots (grid of k values ≠ 0, --max-loras k), for each k."""
-    out = {}
+def bench_slots(model_dir, adapter_dir, work: Path, slots: list[int], rank: int | None = None) -> dict:
+    """Idle RSS of vLLM with k LoRA slots (grid of k values ≠ 0, --max-loras k), for each k; ``rank``:
+    ``--max-lora-rank`` (a large one makes a slot big enough for RSS to resolve)."""
+    out: dict = {"max_lora_rank": rank}
     for k in slots:
         grid = ",".join(["0"] + [f"{(i + 1) / k:g}" for i in range(k)])
         port = free_port()
         proc = start(model_dir, adapter_dir, "vllm", work / f"slots{k}.sqlite", port, 16, grid=grid,
-                     extra=["--max-loras", str(k)], log=work / f"slots{k}.log")
+                     extra=["--max-loras", str(k)] + (["--max-lora-rank", str(rank)] if rank else []),
+                     log=work / f"slots{k}.log")
         try:
             run_load(port, 1, 0.1, 4, [1.0])
             out[k] = round(tree_rss_mib(proc.pid), 1)
             print("slots", k, out[k], "MiB", flush=True)
         finally:
             stop(proc)
-    ks = sorted(out)
+    ks = sorted(k for k in out if isinstance(k, int))
     if len(ks) >= 2:
         out["mib_per_slot"] = round((out[ks[-1]] - out[ks[0]]) / (ks[-1] - ks[0]), 2)
     return out
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--engines", default="dynamic,continuous,vllm")
     ap.add_argument("--slots", default="1,4", help="LoRA slot counts for the memory measurement ('' skips it)")
+    ap.add_argument("--slot-rank", type=int, default=None, help="--max-lora-rank of the slot measurement")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                               args.max_tokens)
     if args.slots:
         res["vllm_rss_by_slots_mib"] = bench_slots(model_dir, adapter_dir, work,
-                                                   [int(k) for k in args.slots.split(",")])
+                                                   [int(k) for k in args.slots.split(",")], args.slot_rank)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
