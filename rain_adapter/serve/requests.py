@@ -65,6 +65,7 @@ class RequestLimits:
     reasoning_parser: str = "deepseek_r1"           # a chat request's default (REASONING_PARSERS)
     trust_request_chat_template: bool = False       # --trust-request-chat-template: a request may bring one
     vocab_size: int | None = None                   # logits width: logit_bias / allowed_token_ids ids below it
+    lambda_grid: tuple[float, ...] | None = None    # --lambda-grid: the only λ served (None: any in the range)
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,24 @@ def _arm_and_lambda(body: dict, limits: RequestLimits) -> tuple[str | None, floa
             raise bad_request(f"rain_lambda={lam} is outside the adapter's lambda_range [{lo}, {hi}]",
                               "rain_lambda", code="lambda_out_of_range")
         lam = float(lam)
+        if limits.lambda_grid is not None:
+            lam = on_grid(lam, limits.lambda_grid)
     return arm, lam
+
+
+#: how far a requested λ may be from a grid value and still be that value (JSON float round-off only)
+GRID_TOL = 1e-9
+
+
+def on_grid(lam: float, grid: tuple[float, ...]) -> float:
+    """The grid value ``lam`` names (within :data:`GRID_TOL`); anything else is a 400 listing the grid
+    (never a snap to the nearest value)."""
+    for g in grid:
+        if abs(lam - g) <= GRID_TOL:
+            return float(g)
+    raise bad_request(f"rain_lambda={lam:g} is not served: this server serves the λ grid "
+                      f"[{', '.join(f'{g:g}' for g in grid)}] (--lambda-grid)", "rain_lambda",
+                      code="lambda_not_served")
 
 
 def parse_rain_checks(value: Any, registry: CheckRegistry | None = None) -> tuple[RainCheck, ...]:

@@ -419,19 +419,23 @@ def health_body(model_name: str, queue_depth: int, in_flight: int, started: floa
 
 
 def model_card(model_name: str, started: float, lambda_range: tuple[float, float], arms,
-               max_model_len: int | None = None) -> dict[str, Any]:
-    """The served model's card (``GET /v1/models/{id}``), with ``max_model_len`` and the λ range / arms."""
+               max_model_len: int | None = None, lambda_grid: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """The served model's card (``GET /v1/models/{id}``), with ``max_model_len`` and the λ range / arms
+    (and ``lambda_grid``, the only λ served, when ``--lambda-grid`` set one)."""
     lo, hi = lambda_range
+    rain: dict[str, Any] = {"lambda_range": [lo, hi], "arms": [{"name": a.name, "lambda": a.lam, "weight": a.weight}
+                                                             for a in arms]}
+    if lambda_grid is not None:
+        rain["lambda_grid"] = list(lambda_grid)
     return {"id": model_name, "object": "model", "created": int(started), "owned_by": "rain-adapter",
-            "root": model_name, "parent": None, "max_model_len": max_model_len,
-            "rain": {"lambda_range": [lo, hi], "arms": [{"name": a.name, "lambda": a.lam, "weight": a.weight}
-                                                        for a in arms]}}
+            "root": model_name, "parent": None, "max_model_len": max_model_len, "rain": rain}
 
 
 def models_body(model_name: str, started: float, lambda_range: tuple[float, float], arms,
-                max_model_len: int | None = None) -> dict[str, Any]:
+                max_model_len: int | None = None, lambda_grid: tuple[float, ...] | None = None) -> dict[str, Any]:
     """``GET /v1/models``: the one served model."""
-    return {"object": "list", "data": [model_card(model_name, started, lambda_range, arms, max_model_len)]}
+    return {"object": "list", "data": [model_card(model_name, started, lambda_range, arms, max_model_len,
+                                                  lambda_grid)]}
 
 
 __all__ = ["ChunkWriter", "Exchange", "OutputScore", "RequestLog", "completion_body", "error_response",

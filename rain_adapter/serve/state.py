@@ -42,6 +42,8 @@ class ServeState:
     either (``rain_reasoning_parser``). ``trust_request_chat_template``
     (``--trust-request-chat-template``): a request may bring its own chat template (rendered in the
     bounded sandbox, :mod:`~rain_adapter.serve.templates`); without it that is a 400.
+    ``lambda_grid`` (``--lambda-grid``): the only λ values served; a ``rain_lambda`` off it is a 400
+    listing the grid, and every arm's λ must be on it (the vLLM engine serves one LoRA per value).
     """
 
     model: Any
@@ -71,6 +73,7 @@ class ServeState:
     reward_rate: tuple[int, float] = DEFAULT_RATE
     reasoning_parser: str = "deepseek_r1"
     trust_request_chat_template: bool = False
+    lambda_grid: tuple[float, ...] | None = None
     inflight: int = 0
     started: float = field(default_factory=time.time)
     limits: RequestLimits = field(init=False)
@@ -81,6 +84,8 @@ class ServeState:
         for a in self.arms:
             if not lo <= a.lam <= hi:
                 raise ValueError(f"arm {a.name!r}: λ={a.lam} outside the adapter's lambda_range [{lo}, {hi}]")
+        if self.lambda_grid is not None:
+            self.lambda_grid = check_grid(self.lambda_grid, (lo, hi), self.arms)
         if self.check_registry is None:
             self.check_registry = server_registry()
         if self.check_registry.allow_import:
@@ -107,7 +112,8 @@ class ServeState:
                                     default_temperature=self.default_temperature,
                                     check_registry=self.check_registry, reasoning_parser=self.reasoning_parser,
                                     trust_request_chat_template=self.trust_request_chat_template,
-                                    vocab_size=_vocab_size(self.model, self.tokenizer))
+                                    vocab_size=_vocab_size(self.model, self.tokenizer),
+                                    lambda_grid=self.lambda_grid)
         self.request_log = RequestLog(self.db, self.metrics, self.rewards)
         self.bytes_per_token = max_token_bytes(self.tokenizer)
         if self.policy is not None:
@@ -190,6 +196,25 @@ def _vocab_size(model, tokenizer) -> int | None:
         return None
 
 
+def check_grid(grid, lambda_range: tuple[float, float], arms: list[Arm]) -> tuple[float, ...]:
+    """``grid`` as a sorted tuple; a ValueError naming the value when one is outside ``lambda_range``
+    or an arm's λ is not on it (arms are fixed at start-up, so this fails before serving)."""
+    from .requests import GRID_TOL
+
+    vals = tuple(sorted(float(g) for g in grid))
+    if not vals:
+        raise ValueError("--lambda-grid: no values")
+    lo, hi = lambda_range
+    for g in vals:
+        if not lo <= g <= hi:
+            raise ValueError(f"--lambda-grid: λ={g:g} is outside the adapter's lambda_range [{lo}, {hi}]")
+    listed = ", ".join(f"{g:g}" for g in vals)
+    for a in arms:
+        if not any(abs(a.lam - g) <= GRID_TOL for g in vals):
+            raise ValueError(f"arm {a.name!r}: λ={a.lam:g} is not on the served λ grid [{listed}] (--lambda-grid)")
+    return vals
+
+
 def serve_state_from(model, tokenizer, *, model_name: str, db_path, arms: list[Arm] | None = None,
                      lam: float | None = None, **kw) -> ServeState:
     """A :class:`ServeState` for a RainModel: λ range from its config; one arm "default" when no arms."""
@@ -223,4 +248,4 @@ def load_served_model(model_path: str, adapter: str | None, *, tokenizer_path: s
     return model, tok
 
 
-__all__ = ["ServeState", "load_served_model", "serve_state_from"]
+__all__ = ["ServeState", "check_grid", "load_served_model", "serve_state_from"]
