@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..format.paths import cache_dir
-from ..format.store import atomic_dir
+from ..format.store import MARKER_NAME, atomic_dir
 from . import real_data as D
 
 WORLD_VERSION = 1
@@ -135,12 +135,17 @@ def recorded_sha256(model_dir: Path) -> str:
     return json.loads((model_dir / MODEL_RECORD).read_text())["sha256"]
 
 
+#: files of a model directory that are not the model: its record, and the atomic writer's marker (present
+#: while the directory is written, when the record is made; gone once it is renamed into place)
+_NOT_MODEL_FILES = frozenset({MODEL_RECORD, MARKER_NAME})
+
+
 def _file_record(model_dir: Path) -> dict[str, list]:
     """``{name: [bytes, sha256]}`` of every file of a model directory but its record."""
     from .shipped import file_sha256
 
     return {f.name: [f.stat().st_size, file_sha256(f)] for f in sorted(model_dir.iterdir())
-            if f.is_file() and f.name != MODEL_RECORD}
+            if f.is_file() and f.name not in _NOT_MODEL_FILES}
 
 
 def changed_file(model_dir: Path, r: dict[str, Any]) -> str | None:
@@ -155,7 +160,7 @@ def changed_file(model_dir: Path, r: dict[str, Any]) -> str | None:
             f"{where} differs from {MODEL_RECORD} (the weights' SHA-256)"
     from .shipped import file_sha256
 
-    present = {f.name: f for f in model_dir.iterdir() if f.name != MODEL_RECORD}
+    present = {f.name: f for f in model_dir.iterdir() if f.name not in _NOT_MODEL_FILES}
     for name, (size, sha) in files.items():
         f = present.get(name)
         if f is None or f.is_symlink() or not f.is_file():
