@@ -48,3 +48,12 @@ def calib(tmp_path_factory):
     from rain_adapter.testing.fixtures import write_reasoning_calib
 
     return write_reasoning_calib(tmp_path_factory.mktemp("calib") / "calib.json", n=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_serving(tmp_path_factory, request):
+    """A tiny served model + random adapter (``testing.serve_tiny.TinyServing``), built once per test
+    module; ``tiny_serving.state(name, **kw)`` serves it with its own request log."""
+    from rain_adapter.testing.serve_tiny import TinyServing
+
+    return TinyServing.build(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]))

@@ -118,8 +118,15 @@ def test_stage2_dispatched_equals_plain(triple, calib, tmp_path, device_map):
 def test_feature_cache_with_the_whole_lrm_on_disk(triple, calib, plain, tmp_path, capsys):
     """The feature cache's key fingerprints the input embedding: on disk it is loaded for that (the
     hook's pre/post_forward), and the key is the plain build's, so the caches are interchangeable."""
+    from rain_adapter.merging.dispatch import WHOLE_DISK_ACCELERATE, _accelerate_at_least
+
     fc = tmp_path / "fc"
     disk = json.dumps({"": "disk"})
+    if not _accelerate_at_least(WHOLE_DISK_ACCELERATE):  # the floors' accelerate: a clear refusal instead
+        with pytest.raises(BuildError, match=f"needs accelerate ≥ {WHOLE_DISK_ACCELERATE}") as e:
+            _build(triple, calib, tmp_path / "x", method="rain-stage1", device_map=disk, feature_cache=fc)
+        assert e.value.field == "device_map" and not (tmp_path / "x").exists()
+        return
     for i, dm in enumerate([disk, disk, None]):
         out = _build(triple, calib, tmp_path / f"o{i}", method="rain-stage1", device_map=dm, feature_cache=fc,
                      verbose=True)

@@ -15,23 +15,14 @@ httpx = pytest.importorskip("httpx")
 from rain_adapter.serve.app import create_app  # noqa: E402
 from rain_adapter.serve.choices import choice_seed  # noqa: E402
 from rain_adapter.testing.server import ServerThread  # noqa: E402
-from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state  # noqa: E402
 
 M = "tiny"
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("choices")
-    return (root,) + build_tiny_serving(root)
-
-
 @pytest.fixture(scope="module", params=["dynamic", "continuous"])
-def served(assets, request):
-    root, model_dir, adapter_dir = assets
-    state = tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=root / f"{request.param}.sqlite", max_tokens_cap=16,
-                             context_length=256, batching=request.param,
-                             reasoning_parser="none")  # chat text compared whole; the split: test_serve_reasoning
+def served(tiny_serving, request):
+    state = tiny_serving.state(request.param, model_name=M, max_tokens_cap=16, context_length=256,
+                               batching=request.param, reasoning_parser="none")  # chat text compared whole; the split: test_serve_reasoning
     srv = ServerThread(create_app(state)).start()
     yield srv, state
     srv.stop()

@@ -17,22 +17,13 @@ from rain_adapter.serve.arms import Arm  # noqa: E402
 from rain_adapter.serve.requests import on_grid  # noqa: E402
 from rain_adapter.serve.errors import APIError  # noqa: E402
 from rain_adapter.testing.server import ServerThread  # noqa: E402
-from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state  # noqa: E402
 
 M = "tiny"
 WAIT = 60.0
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grid")
-    return (root,) + build_tiny_serving(root)
-
-
-def _state(assets, name, **kw):
-    root, model_dir, adapter_dir = assets
-    return tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=root / f"{name}.sqlite",
-                            context_length=256, **kw)
+def _state(tiny_serving, name, **kw):
+    return tiny_serving.state(name, model_name=M, context_length=256, **kw)
 
 
 def test_on_grid_names_the_value_or_lists_the_grid():
@@ -46,8 +37,8 @@ def test_on_grid_names_the_value_or_lists_the_grid():
         on_grid(0.5 + 1e-6, grid)
 
 
-def test_builtin_engine_serves_only_the_grid(assets):
-    state = _state(assets, "grid", max_tokens_cap=8, lambda_grid=(1.0, 0.0, 0.5))
+def test_builtin_engine_serves_only_the_grid(tiny_serving):
+    state = _state(tiny_serving, "grid", max_tokens_cap=8, lambda_grid=(1.0, 0.0, 0.5))
     assert state.lambda_grid == (0.0, 0.5, 1.0)
     with ServerThread(create_app(state)) as srv:
         base = {"model": M, "prompt": "abc", "max_tokens": 3, "temperature": 0}
@@ -66,24 +57,24 @@ def test_builtin_engine_serves_only_the_grid(assets):
         assert any(r["http_status"] == 400 for r in rows)  # the refusal is logged too
 
 
-def test_arms_and_grid_values_must_be_on_the_grid(assets):
+def test_arms_and_grid_values_must_be_on_the_grid(tiny_serving):
     with pytest.raises(ValueError, match=r"arm 'b': λ=0.7 is not on the served λ grid \[0, 0.5, 1\]"):
-        _state(assets, "arms-off", arms=[Arm("a", 0.5), Arm("b", 0.7)], lambda_grid=(0.0, 0.5, 1.0))
+        _state(tiny_serving, "arms-off", arms=[Arm("a", 0.5), Arm("b", 0.7)], lambda_grid=(0.0, 0.5, 1.0))
     with pytest.raises(ValueError, match=r"--lambda-grid: λ=3 is outside the adapter's lambda_range"):
-        _state(assets, "grid-off", lambda_grid=(0.0, 3.0))
+        _state(tiny_serving, "grid-off", lambda_grid=(0.0, 3.0))
     with pytest.raises(ValueError, match="λ=1 is not on the served"):  # the default arm (default_lambda 1)
-        _state(assets, "default-off", lambda_grid=(0.0, 0.5))
+        _state(tiny_serving, "default-off", lambda_grid=(0.0, 0.5))
 
 
-def test_cli_grid_and_engine_errors(assets, capsys):
-    root, model_dir, adapter_dir = assets
+def test_cli_grid_and_engine_errors(tiny_serving, capsys):
+    root, model_dir, adapter_dir = tiny_serving
     with pytest.raises(SystemExit, match="needs --adapter and --lambda-grid"):
         serve_main(["serve", "--engine", "vllm", "--model", str(model_dir), "--adapter", str(adapter_dir)])
     with pytest.raises(SystemExit):
         serve_main(["serve", "--engine", "nope", "--model", str(model_dir)])
 
 
-def test_lora_slots_exported_once_per_adapter_and_lambda(tmp_path, assets):
+def test_lora_slots_exported_once_per_adapter_and_lambda(tmp_path, tiny_serving):
     peft = pytest.importorskip("peft")  # noqa: F841 - the export writes PEFT's config
     import torch
     from safetensors.torch import load_file
@@ -95,7 +86,7 @@ def test_lora_slots_exported_once_per_adapter_and_lambda(tmp_path, assets):
     from rain_adapter.format.store import save_adapter
     from transformers import AutoModelForCausalLM
 
-    _, model_dir, dense = assets
+    _, model_dir, dense = tiny_serving
     with pytest.raises(ValueError, match=r"dense adapter .*rain build --storage lowrank"):
         lora_slots(dense, (0.5,), root=tmp_path / "none")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
@@ -121,7 +112,7 @@ def test_lora_slots_exported_once_per_adapter_and_lambda(tmp_path, assets):
     assert rebuilt[0].path.parent != slots[0].path.parent
 
 
-def test_vllm_scheduler_checks_slots_before_vllm(assets, tmp_path):
+def test_vllm_scheduler_checks_slots_before_vllm(tiny_serving, tmp_path):
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -129,7 +120,7 @@ def test_vllm_scheduler_checks_slots_before_vllm(assets, tmp_path):
     from rain_adapter.export.vllm_slots import LoraSlot
     from rain_adapter.serve.engine_vllm import VLLMOptions, VLLMScheduler
 
-    _, model_dir, _ = assets
+    _, model_dir, _ = tiny_serving
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     slots = [LoraSlot(lam, f"rain-{lam:g}", i + 1, Path(tmp_path)) for i, lam in enumerate((0.5, 1.0, 1.5))]
     with pytest.raises(ValueError, match=r"3 values ≠ 0 .*--max-loras is 2"):

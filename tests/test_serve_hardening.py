@@ -3,7 +3,6 @@ body, a supervised continuous loop, a row for every request, disconnects, bounde
 
 from __future__ import annotations
 
-import json
 import socket
 import sqlite3
 
@@ -15,7 +14,6 @@ httpx = pytest.importorskip("httpx")
 from rain_adapter.serve.app import create_app  # noqa: E402
 from rain_adapter.serve.arms import Arm  # noqa: E402
 from rain_adapter.testing.server import ServerThread  # noqa: E402
-from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state  # noqa: E402
 
 KEY = "k"
 M = "tiny"
@@ -23,23 +21,15 @@ H = {"Authorization": f"Bearer {KEY}"}
 LIMIT = 100_000
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hard")
-    return (root,) + build_tiny_serving(root)
-
-
-def _server(assets, name, **kw):
-    root, model_dir, adapter_dir = assets
-    state = tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=root / f"{name}.sqlite", api_key=KEY,
-                             max_tokens_cap=16, context_length=256, max_body_bytes=LIMIT,
-                             arms=[Arm("a", 0.0), Arm("b", 1.0)], **kw)
+def _server(tiny_serving, name, **kw):
+    state = tiny_serving.state(name, model_name=M, api_key=KEY, max_tokens_cap=16, context_length=256,
+                               max_body_bytes=LIMIT, arms=[Arm("a", 0.0), Arm("b", 1.0)], **kw)
     return ServerThread(create_app(state)).start(), state
 
 
 @pytest.fixture(scope="module")
-def dyn(assets):
-    srv, state = _server(assets, "dyn")
+def dyn(tiny_serving):
+    srv, state = _server(tiny_serving, "dyn")
     yield srv, state
     srv.stop()
 
@@ -68,8 +58,8 @@ def test_empty_prompt_is_a_400_in_dynamic_mode(dyn, prompt):
     assert ok.status_code == 200, ok.text
 
 
-def test_continuous_empty_prompt_then_normal_request_and_loop_restart(assets):
-    srv, state = _server(assets, "cb", batching="continuous")
+def test_continuous_empty_prompt_then_normal_request_and_loop_restart(tiny_serving):
+    srv, state = _server(tiny_serving, "cb", batching="continuous")
     try:
         body = {"model": M, "prompt": "", "max_tokens": 3, "temperature": 0, "rain_lambda": 1.0}  # no random arm
         r = _post(srv, "/v1/completions", body)

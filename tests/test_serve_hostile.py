@@ -21,7 +21,6 @@ from rain_adapter.serve.scheduler import GenEvent, SchedulerHealth  # noqa: E402
 from rain_adapter.serve.templates import TemplateLimits, TemplateRefused, render_chat  # noqa: E402
 from rain_adapter.testing.fixtures import make_tokenizer  # noqa: E402
 from rain_adapter.testing.server import ServerThread  # noqa: E402
-from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state  # noqa: E402
 
 M = "tiny"
 BOMB = "{{ 'x' * 1500000000 }}"  # the issue's 130-byte request: 22 GB resident before
@@ -49,29 +48,22 @@ CHATML = """{%- if messages[0]['role'] == 'system' -%}
 {{- '' if ns.last_user >= 0 else ({'n': 1}|tojson) -}}"""
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    return (root,) + build_tiny_serving(root)
-
-
-def _server(assets, name, **kw):
-    root, model_dir, adapter_dir = assets
+def _server(tiny_serving, name, **kw):
     kw = {"max_tokens_cap": 16, "context_length": 256, "arms": [Arm("a", 0.0)], **kw}
-    state = tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=root / f"{name}.sqlite", **kw)
+    state = tiny_serving.state(name, model_name=M, **kw)
     return ServerThread(create_app(state)).start(), state
 
 
 @pytest.fixture(scope="module")
-def plain(assets):
-    srv, state = _server(assets, "plain", max_body_bytes=8 * 1024 * 1024)
+def plain(tiny_serving):
+    srv, state = _server(tiny_serving, "plain", max_body_bytes=8 * 1024 * 1024)
     yield srv, state
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def trusting(assets):
-    srv, state = _server(assets, "trusting", trust_request_chat_template=True)
+def trusting(tiny_serving):
+    srv, state = _server(tiny_serving, "trusting", trust_request_chat_template=True)
     yield srv, state
     srv.stop()
 
@@ -157,9 +149,9 @@ def test_the_sandbox_renders_what_transformers_renders(template, gen):
                     chat_template=template)
 
 
-def test_the_model_template_is_bounded_too(assets):
+def test_the_model_template_is_bounded_too(tiny_serving):
     """A model whose own template runs away (here: a loop) gets a 400 per request, not a frozen server."""
-    srv, state = _server(assets, "own-loop")
+    srv, state = _server(tiny_serving, "own-loop")
     try:
         state.tokenizer.chat_template = LOOP + "{{ messages[0].content }}"
         r, dt = _post(srv, "/v1/chat/completions", _chat())
@@ -211,8 +203,8 @@ class CannedScheduler:
         return SchedulerHealth(0, False, True)
 
 
-def test_a_catastrophic_regex_in_rain_checks_is_unscored_quickly(assets):
-    srv, state = _server(assets, "redos", scheduler=CannedScheduler())
+def test_a_catastrophic_regex_in_rain_checks_is_unscored_quickly(tiny_serving):
+    srv, state = _server(tiny_serving, "redos", scheduler=CannedScheduler())
     try:
         checks = [{"instruction_id": "spec:regex", "kwargs": {"pattern": p, "where": "response"}}
                   for p in (HARD_REDOS, ISSUE_REDOS)]
@@ -258,8 +250,8 @@ def test_a_seed_outside_64_bits_is_a_400(plain, seed):
 
 
 # ----------------------------------------------------------------------------- headers
-def test_headers_are_plain_ascii_and_the_arm_name_is_in_the_body(assets):
-    srv, _ = _server(assets, "arms", arms=[Arm("λ=0.6", 0.6), Arm("plain", 1.0)])
+def test_headers_are_plain_ascii_and_the_arm_name_is_in_the_body(tiny_serving):
+    srv, _ = _server(tiny_serving, "arms", arms=[Arm("λ=0.6", 0.6), Arm("plain", 1.0)])
     try:
         for arm, stream in (("λ=0.6", False), ("plain", False), ("λ=0.6", True)):
             body = {"model": M, "prompt": "hi", "max_tokens": 2, "rain_arm": arm, "stream": stream}

@@ -17,21 +17,13 @@ httpx = pytest.importorskip("httpx")
 from rain_adapter.serve.app import create_app  # noqa: E402
 from rain_adapter.serve.arms import Arm  # noqa: E402
 from rain_adapter.testing.server import ServerThread  # noqa: E402
-from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state  # noqa: E402
 
 M = "tiny"
 WAIT = 60.0  # seconds: an upper bound on any wait, never a duration the test relies on
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("life")
-    return (root,) + build_tiny_serving(root)
-
-
-def _state(assets, name, **kw):
-    root, model_dir, adapter_dir = assets
-    return tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=root / f"{name}.sqlite", context_length=256, **kw)
+def _state(tiny_serving, name, **kw):
+    return tiny_serving.state(name, model_name=M, context_length=256, **kw)
 
 
 def _post(srv, path, body):
@@ -41,10 +33,10 @@ def _post(srv, path, body):
 
 
 # ----------------------------------------------------------------------------- Thompson through the server
-def test_thompson_policy_end_to_end(assets):
+def test_thompson_policy_end_to_end(tiny_serving):
     arms = [Arm("a", 0.0), Arm("b", 1.5)]
     checks = ["punctuation:no_comma"]
-    state = _state(assets, "thompson", arms=arms, max_tokens_cap=8, arm_policy="thompson", arm_seed=1,
+    state = _state(tiny_serving, "thompson", arms=arms, max_tokens_cap=8, arm_policy="thompson", arm_seed=1,
                    reward_checks=checks)
     with ServerThread(create_app(state)) as srv:
         chosen = []
@@ -79,7 +71,7 @@ def test_thompson_policy_end_to_end(assets):
         assert sum(p["successes"] + p["failures"] for p in rep["posterior"].values()) == 7
         assert rep["reward_notes"] == {}
     # the posterior is rebuilt from the log at start
-    again_state = _state(assets, "thompson", arms=arms, max_tokens_cap=8, arm_policy="thompson", arm_seed=1,
+    again_state = _state(tiny_serving, "thompson", arms=arms, max_tokens_cap=8, arm_policy="thompson", arm_seed=1,
                          reward_checks=checks)
     try:
         got = again_state.policy.posterior()
@@ -96,8 +88,8 @@ MAX_TOKENS = 100
 
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("batching", ["dynamic", "continuous"])
-def test_stream_client_gone_after_one_chunk_is_logged_cancelled_and_generation_stops(assets, batching, n):
-    state = _state(assets, f"gone-{batching}-{n}", max_tokens_cap=128, batching=batching)
+def test_stream_client_gone_after_one_chunk_is_logged_cancelled_and_generation_stops(tiny_serving, batching, n):
+    state = _state(tiny_serving, f"gone-{batching}-{n}", max_tokens_cap=128, batching=batching)
     with ServerThread(create_app(state)) as srv:
         base = {"model": M, "max_tokens": MAX_TOKENS, "temperature": 0, "rain_lambda": 1.0}
         # a prompt whose greedy answer runs to max_tokens (no early EOS), so only the disconnect can end it

@@ -21,7 +21,6 @@ from rain_adapter.serve.app import create_app  # noqa: E402
 from rain_adapter.serve.arms import Arm  # noqa: E402
 from rain_adapter.serve.report import ab_report  # noqa: E402
 from rain_adapter.testing.server import ServerThread  # noqa: E402
-from rain_adapter.testing.serve_tiny import build_tiny_serving, tiny_serve_state  # noqa: E402
 
 M = "tiny"
 WAIT = 120.0
@@ -30,16 +29,8 @@ ARMS = [Arm("a", 0.0), Arm("b", 1.5)]
 ALWAYS_TRUE = [{"instruction_id": "spec:char_count", "kwargs": {"min": 0}}]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rewards")
-    return (root,) + build_tiny_serving(root)
-
-
-def _state(assets, name, **kw):
-    root, model_dir, adapter_dir = assets
-    return tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=root / f"{name}.sqlite",
-                            context_length=256, max_tokens_cap=8, arms=ARMS, arm_policy="thompson", arm_seed=3,
+def _state(tiny_serving, name, **kw):
+    return tiny_serving.state(name, model_name=M, context_length=256, max_tokens_cap=8, arms=ARMS, arm_policy="thompson", arm_seed=3,
                             batch_window_ms=5.0, **kw)
 
 
@@ -66,8 +57,8 @@ def _counts(state):
     return {a: (p["successes"], p["failures"]) for a, p in state.policy.posterior().items()}
 
 
-def test_the_attack_leaves_the_allocation_unmoved(assets):
-    state = _state(assets, "attack")
+def test_the_attack_leaves_the_allocation_unmoved(tiny_serving):
+    state = _state(tiny_serving, "attack")
     with ServerThread(create_app(state)) as srv:
         before = state.policy.allocation()
         got = _attack(srv, rain_arm="b")
@@ -89,10 +80,10 @@ def test_the_attack_leaves_the_allocation_unmoved(assets):
 NEVER = [{"instruction_id": "spec:char_count", "kwargs": {"min": 100000}}]
 
 
-def test_server_assigned_burst_gives_one_operator_reward_per_request_under_the_rate_limit(assets):
+def test_server_assigned_burst_gives_one_operator_reward_per_request_under_the_rate_limit(tiny_serving):
     """Without ``rain_arm``: the client's always-true check does not count, only the operator's (false
     here); one reward per request although n = 16; at most 5 from one anonymous address."""
-    state = _state(assets, "burst", reward_checks=NEVER)
+    state = _state(tiny_serving, "burst", reward_checks=NEVER)
     with ServerThread(create_app(state)) as srv:
         got = _attack(srv)
         assert all(c["rain"]["compliant"] is True for j in got for c in j["choices"])  # in the log only
@@ -107,8 +98,8 @@ def test_server_assigned_burst_gives_one_operator_reward_per_request_under_the_r
     assert {r["client"] for r in rows} == {"127.0.0.1"}
 
 
-def test_feedback_rewards_only_waiting_rows_under_the_rate_limit_and_survives_a_restart(assets):
-    state = _state(assets, "feedback", reward_rate=(2, 3600.0))
+def test_feedback_rewards_only_waiting_rows_under_the_rate_limit_and_survives_a_restart(tiny_serving):
+    state = _state(tiny_serving, "feedback", reward_rate=(2, 3600.0))
     with ServerThread(create_app(state)) as srv:
         mine = [_chat(srv, i, user="carol") for i in range(3)]
         chosen = _chat(srv, "x", user="dave", rain_arm="a")
@@ -128,7 +119,7 @@ def test_feedback_rewards_only_waiting_rows_under_the_rate_limit_and_survives_a_
     notes = [rows[j["rain"]["request_id"]]["reward_note"] for j in mine]
     assert notes == [None, None, "rate limited"]
     assert rows[chosen["rain"]["request_id"]]["reward_note"] == "client-chosen arm"
-    again = _state(assets, "feedback", reward_rate=(2, 3600.0))  # the posterior is rebuilt from the log
+    again = _state(tiny_serving, "feedback", reward_rate=(2, 3600.0))  # the posterior is rebuilt from the log
     try:
         assert _counts(again) == counts
     finally:
@@ -170,11 +161,9 @@ def test_reward_options_are_checked_at_start(tmp_path):
         assert msg in str(e.value)
 
 
-def test_reward_checks_need_the_adaptive_policy(assets):
-    root, model_dir, adapter_dir = assets
+def test_reward_checks_need_the_adaptive_policy(tiny_serving):
     with pytest.raises(ValueError, match="--arm-policy thompson"):
-        tiny_serve_state(model_dir, adapter_dir, model_name=M, db_path=root / "fixed.sqlite", arms=ARMS,
-                         reward_checks=NEVER)
+        tiny_serving.state("fixed", model_name=M, arms=ARMS, reward_checks=NEVER)
 
 
 def test_reward_of_reads_the_logged_decision_only():

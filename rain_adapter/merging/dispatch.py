@@ -195,6 +195,27 @@ def check_available(device_map: DeviceMap, where: str = "--device-map") -> None:
             if mod is None or not mod.is_available():
                 raise BuildError(f"{where}: {k or '<whole model>'!r} → {d!r} is not available here",
                                  field="device_map")
+    if device_map and all(d == "disk" for d in device_map.values()) and not _accelerate_at_least(WHOLE_DISK_ACCELERATE):
+        # accelerate < 1.15's dispatch_model refuses it ("Please use the `disk_offload` function instead")
+        raise BuildError(f"{where}: every module on 'disk' needs accelerate ≥ {WHOLE_DISK_ACCELERATE} (installed: "
+                         f"{_accelerate_version()}); upgrade it, or place at least one module on 'cpu'",
+                         field="device_map")
+
+
+#: the first accelerate whose ``dispatch_model`` takes a map with every module on ``disk``
+WHOLE_DISK_ACCELERATE = "1.15"
+
+
+def _accelerate_version() -> str:
+    from importlib.metadata import version
+
+    return version("accelerate")
+
+
+def _accelerate_at_least(v: str) -> bool:
+    from packaging.version import Version
+
+    return Version(_accelerate_version()) >= Version(v)
 
 
 def load_dispatched(lrm: Any, dtype: torch.dtype, device_map: DeviceMap, offload_folder: str | Path | None

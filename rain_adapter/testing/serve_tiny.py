@@ -8,6 +8,7 @@ vocab = tokenizer size, with the byte-level R1-style tokenizer of ``rain_adapter
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 
 def build_tiny_serving(root: str | Path, seed: int = 0, scale: float = 0.5,
@@ -45,3 +46,22 @@ def tiny_serve_state(model_dir: str | Path, adapter_dir: str | Path, **state_kw)
 
     model, tok = load_served_model(str(model_dir), str(adapter_dir), device="cpu", dtype="float32")
     return serve_state_from(model, tok, **state_kw)
+
+
+class TinyServing(NamedTuple):
+    """:func:`build_tiny_serving`'s files (unpacks as ``root, model_dir, adapter_dir``) and the served
+    states made from them, one SQLite log per ``name``."""
+
+    root: Path
+    model_dir: Path
+    adapter_dir: Path
+
+    @classmethod
+    def build(cls, root: str | Path, **kw) -> "TinyServing":
+        return cls(Path(root), *build_tiny_serving(root, **kw))
+
+    def state(self, name: str, **state_kw):
+        """:func:`tiny_serve_state` named ``tiny`` (unless ``model_name`` is given), logging to
+        ``root/<name>.sqlite``."""
+        state_kw.setdefault("model_name", "tiny")
+        return tiny_serve_state(self.model_dir, self.adapter_dir, db_path=self.root / f"{name}.sqlite", **state_kw)
