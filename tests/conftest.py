@@ -57,3 +57,18 @@ def tiny_serving(tmp_path_factory, request):
     from rain_adapter.testing.serve_tiny import TinyServing
 
     return TinyServing.build(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]))
+
+
+@pytest.fixture
+def forwards(monkeypatch):
+    """Records the modules each Stage 1 calibration forward was asked for (one entry per forward)."""
+    from rain_adapter.merging import features
+
+    calls = []
+    real = features.iter_layer_features
+
+    def counting(model, modules, calib, **kw):
+        calls.append(sorted(modules))
+        return real(model, modules, calib, **kw)
+    monkeypatch.setattr(features, "iter_layer_features", counting)
+    return calls

@@ -19,7 +19,6 @@ import shutil
 import pytest
 import torch
 
-from rain_adapter.merging import features
 from rain_adapter.merging import pipeline
 from rain_adapter.merging.cache import PartialCache, file_sha256
 from rain_adapter.merging.feature_cache import FeatureCache, FeatureCacheWarning, Stage2StatsCache
@@ -66,19 +65,6 @@ def cache_a(caches, tmp_path):
     shutil.copytree(caches[0], dst)
     (d,) = _key_dirs(dst)
     return dst, d
-
-
-@pytest.fixture
-def forwards(monkeypatch):
-    """The modules each calibration forward was asked for."""
-    calls = []
-    real = features.iter_layer_features
-
-    def counting(model, modules, calib, **kw):
-        calls.append(sorted(modules))
-        return real(model, modules, calib, **kw)
-    monkeypatch.setattr(features, "iter_layer_features", counting)
-    return calls
 
 
 def _rebuild_equals_clean(setup, caches, cache, tmp_path, match):

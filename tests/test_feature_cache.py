@@ -57,19 +57,6 @@ def _boom(*a, **k):
     raise AssertionError("the LRM forward ran although the features were cached")
 
 
-@pytest.fixture
-def forwards(monkeypatch):
-    """Count the forwards (and record the modules each was asked for)."""
-    calls = []
-    real = features.iter_layer_features
-
-    def counting(model, modules, calib, **kw):
-        calls.append(sorted(modules))
-        return real(model, modules, calib, **kw)
-    monkeypatch.setattr(features, "iter_layer_features", counting)
-    return calls
-
-
 _same_deltas = assert_same_adapter_tensors   # testing/fixtures.py
 
 
