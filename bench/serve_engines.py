@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import HOST, run_load  # noqa: E402
 
 from rain_adapter.format.paths import cache_dir  # noqa: E402
-from rain_adapter.testing.server import free_port, wait_healthy  # noqa: E402
+from rain_adapter.testing.server import free_port, stop_server_group as stop, wait_healthy  # noqa: E402
 from rain_adapter.testing.serve_vllm import build_smollm2_lora_adapter  # noqa: E402
 
 GRID = "0:1:0.5"
@@ -56,19 +55,6 @@ def start(model_dir: Path, adapter_dir: Path, engine: str, db: Path, port: int, 
     proc = subprocess.Popen(cmd + (extra or []), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     wait_healthy(f"http://{HOST}:{port}", timeout=1200, proc=proc)
     return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def tree_rss_mib(pid: int) -> float:

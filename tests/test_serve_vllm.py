@@ -38,7 +38,7 @@ from rain_adapter.format.paths import cache_dir  # noqa: E402
 from rain_adapter.serve.app import create_app  # noqa: E402
 from rain_adapter.serve.arms import Arm  # noqa: E402
 from rain_adapter.serve.state import load_served_model, serve_state_from  # noqa: E402
-from rain_adapter.testing.server import ServerThread, free_port, wait_healthy  # noqa: E402
+from rain_adapter.testing.server import ServerThread, free_port, stop_server_group, wait_healthy  # noqa: E402
 from rain_adapter.testing.serve_vllm import build_smollm2_lora_adapter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,16 +82,7 @@ def vllm_server(assets, tmp_path_factory):
         wait_healthy(base, timeout=START, proc=proc)
         yield proc, base, db
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of vLLM's children outlived the server
-        except ProcessLookupError:
-            pass
+        stop_server_group(proc)  # SIGINT, then SIGKILL to whatever of vLLM's children outlived it
         log.close()
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -12,6 +15,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def stop_server_group(proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Stop a ``rain serve`` started with ``start_new_session=True``: SIGINT (a clean shutdown, the
+    log flushed), up to ``timeout`` s for it, then SIGKILL to its whole process group (whatever of
+    its children, e.g. vLLM's engine core, outlived it)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def wait_healthy(base_url: str, timeout: float = 60.0, proc=None) -> None:
